@@ -1,0 +1,132 @@
+"""Our model's logits against transformers' own classes on the same checkpoint."""
+import json
+
+import pytest
+import torch
+
+import model as M
+from conftest import make_hf_model, save_hf
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+VARIANTS = {
+    # name: (kind, config overrides, save kwargs, old config keys)
+    "llama2-mha": ("llama", dict(num_key_value_heads=4), {}, True),
+    "llama3-gqa-rope-scaled": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), {}, False),
+    "llama3-old-keys": ("llama", dict(rope_scaling=LLAMA3_ROPE), {}, True),
+    "smollm-tied": ("llama", dict(tie_word_embeddings=True), {}, True),
+    "linear-rope-sharded": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                            dict(max_shard_size="100KB"), False),
+    "attention-bias-head-dim": ("llama", dict(attention_bias=True, head_dim=32), {}, False),
+    "qwen2-bias": ("qwen2", dict(), {}, True),
+    "qwen2-tied-sharded": ("qwen2", dict(tie_word_embeddings=True), dict(max_shard_size="100KB"), False),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_transformers(tmp_path, name):
+    kind, overrides, save_kwargs, old_keys = VARIANTS[name]
+    hf = make_hf_model(kind, **overrides)
+    path = save_hf(hf, tmp_path / name, old_config_keys=old_keys, **save_kwargs)
+    if save_kwargs:
+        assert (path / "model.safetensors.index.json").exists()
+    ours = M.load_model(path, dtype=torch.float32)
+    idx = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert got.shape == (2, 40, hf.config.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_transformers(tiny_llama, side):
+    path, hf = tiny_llama
+    ours = M.load_model(path)
+    idx = torch.randint(0, 384, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    pad = [0, 5, 9]
+    for row, n in enumerate(pad):
+        if n:
+            mask[row, :n] = 0 if side == "left" else 1
+            if side == "right":
+                mask[row, 12 - n:] = 0
+    with torch.no_grad():
+        expected = hf(idx, attention_mask=mask).logits
+        got = ours(idx, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+    # Each padded row's real tokens equal the same row run alone with no padding.
+    for row in range(3):
+        alone = ours(idx[row:row + 1, real[row]])
+        torch.testing.assert_close(got[row, real[row]], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_kv_cache_equals_full_forward(tiny_llama):
+    path, _ = tiny_llama
+    ours = M.load_model(path)
+    idx = torch.randint(0, 384, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding on row 1
+    full = ours(idx, attention_mask=mask)
+    cache = ours.new_cache(2, 16)
+    first = ours(idx[:, :6], attention_mask=mask[:, :6], cache=cache)
+    steps = [ours(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in range(6, 10)]
+    got = torch.cat([first] + steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=1e-4)
+
+
+def test_output_mask_selects_positions(tiny_llama):
+    path, _ = tiny_llama
+    ours = M.load_model(path)
+    idx = torch.randint(0, 384, (2, 8))
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[0, 3:] = True
+    keep[1, 6] = True
+    torch.testing.assert_close(ours(idx, output_mask=keep), ours(idx)[keep])
+
+
+def test_bf16_load_close_to_fp32(tiny_llama):
+    path, _ = tiny_llama
+    idx = torch.randint(0, 384, (1, 16))
+    fp32 = M.load_model(path, dtype=torch.float32)(idx)
+    bf16 = M.load_model(path, dtype="bfloat16")(idx)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+def test_pytorch_bin_fallback(tmp_path, tiny_llama):
+    path, hf = tiny_llama
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((path / "config.json").read_text())
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    idx = torch.randint(0, 384, (1, 8))
+    torch.testing.assert_close(M.load_model(bin_dir)(idx), M.load_model(path)(idx))
+
+
+def test_strict_loading_names_bad_keys(tmp_path, tiny_llama):
+    from safetensors.torch import load_file, save_file
+    path, _ = tiny_llama
+    state = load_file(path / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.extra"] = torch.zeros(1)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\].*q_proj.extra"):
+        M.load_model(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unsupported_config_is_a_clear_error(tiny_llama, change, message):
+    path, _ = tiny_llama
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(change)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        M.load_model(path)
