@@ -1,0 +1,332 @@
+"""Many LoRA adapters on one frozen base, each batch row routed to its own adapter.
+
+`add_adapters` swaps the targeted nn.Linear modules for MultiLoRALinear, which keeps the
+frozen `weight`/`bias` as its own attributes (so a merged model saves under the hub's key
+names) and holds any number of named adapters with their own rank, alpha and dropout.
+The base matmul runs once over the whole fused batch; each adapter's low-rank delta
+runs only over its own rows. Adapters are saved and loaded in PEFT's format.
+"""
+import json
+import math
+import os
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8                      # rank of the update B @ A
+    alpha: float = 16               # the update is scaled by alpha / r
+    dropout: float = 0.0            # dropout on the adapter's input (PEFT's lora_dropout)
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    init: str = "kaiming"           # "kaiming" (PEFT's default) or "gaussian" (the paper's)
+    use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA), as PEFT allows
+
+
+@dataclass
+class Routing:
+    """Which rows of the fused batch belong to which adapter, set by `route`."""
+    # (adapter name, its rows as a slice or index tensor, its own padded length, its RNG)
+    groups: list[tuple[str, slice | torch.Tensor, int | None, torch.Generator | None]]
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen Linear plus named LoRA adapters; y = x W^T + b + scale * drop(x) A^T B^T per row."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = nn.ModuleDict()   # name -> Linear(in, r)
+        self.lora_B = nn.ModuleDict()   # name -> Linear(r, out)
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.merged: set[str] = set()
+        self.routing: Routing | None = None
+
+    def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
+        device = self.weight.device
+        A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=dtype)
+        # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
+        # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian.
+        with torch.no_grad():
+            cpu_A = torch.empty(A.weight.shape, dtype=torch.float32)
+            if cfg.init == "gaussian":
+                cpu_A.normal_(0, 1 / cfg.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
+            A.weight.copy_(cpu_A)
+            nn.init.zeros_(B.weight)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.scaling[name] = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        self.dropout[name] = cfg.dropout
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight   # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)                                   # [B, T, out], all rows at once
+        if self.routing is None:
+            return out
+        for name, rows, own_len, generator in self.routing.groups:
+            if name not in self.lora_A or name in self.merged:
+                continue  # this adapter does not target this layer, or is already in `weight`
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            # Only the adapter's own padded length: its dropout mask then has the same
+            # shape, and so the same values, whatever longer rows it was fused with.
+            x_rows = x[rows, :own_len].to(A.dtype)                   # [b, t, in]
+            p = self.dropout[name]
+            if self.training and p > 0:
+                if generator is None:
+                    x_rows = F.dropout(x_rows, p)
+                else:
+                    keep = torch.empty_like(x_rows).bernoulli_(1 - p, generator=generator)
+                    x_rows = x_rows * keep / (1 - p)
+            delta = (x_rows @ A.t()) @ B.t() * self.scaling[name]   # [b, t, out]
+            if isinstance(rows, slice):
+                out[rows, :own_len] += delta.to(out.dtype)
+            else:
+                out[rows, :own_len] = out[rows, :own_len] + delta.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.out_features for n, a in self.lora_A.items()}
+        return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def lora_layers(model: nn.Module):
+    """(module path, MultiLoRALinear) for every LoRA-wrapped layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.lora_A.keys()))
+    return list(names)
+
+
+def adapter_seed(seed: int, name: str) -> int:
+    """A stable per-adapter seed, so an adapter's init never depends on its neighbours."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+    """Add each named adapter to the Linear layers named in its targets (HF module names)."""
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                           if isinstance(m, (nn.Linear, MultiLoRALinear)) and n != "lm_head"})
+    existing = adapter_names(model)
+    for name, cfg in configs.items():
+        if not name or "." in name:
+            raise ValueError(f"adapter name {name!r}: must be non-empty and contain no '.'")
+        if name in existing:
+            raise ValueError(f"adapter {name!r} already exists")
+        bad = [t for t in cfg.targets if t not in linear_names]
+        if bad or not cfg.targets:
+            raise ValueError(f"adapter {name!r}: targets {bad or cfg.targets} not in this model; "
+                             f"valid targets: {', '.join(linear_names)}")
+        if cfg.r < 1:
+            raise ValueError(f"adapter {name!r}: r must be >= 1, got {cfg.r}")
+        generator = torch.Generator().manual_seed(adapter_seed(seed, name))
+        for path, module in list(model.named_modules()):
+            if path.rsplit(".", 1)[-1] not in cfg.targets:
+                continue
+            if isinstance(module, nn.Linear):
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path)
+                module = MultiLoRALinear(module)
+                setattr(parent, child, module)
+            if isinstance(module, MultiLoRALinear):
+                module.add_adapter(name, cfg, generator, dtype)
+    mark_only_lora_trainable(model)
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str):
+    for _, layer in lora_layers(model):
+        if name in layer.merged:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before removing")
+        if name in layer.lora_A:
+            del layer.lora_A[name], layer.lora_B[name]
+            del layer.scaling[name], layer.dropout[name]
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    params = []
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    if not params:
+        raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
+    return params
+
+
+def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
+    """Freeze everything but the adapters' A and B; print the counts when verbose."""
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+    if verbose:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+
+@contextmanager
+def route(model: nn.Module, names: list[str | None], *, lengths=None,
+          generators: dict[str, torch.Generator] | None = None):
+    """Route batch row i to adapter names[i] (None: the base alone) inside the block.
+
+    lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
+    rows' padded length; generators gives each adapter its own dropout RNG stream.
+    """
+    known = set(adapter_names(model))
+    unknown = {n for n in names if n is not None and n not in known}
+    if unknown:
+        raise KeyError(f"route: no adapter named {sorted(unknown)}; adapters: {sorted(known)}")
+    device = next(model.parameters()).device
+    groups = []
+    for name in dict.fromkeys(n for n in names if n is not None):
+        idx = [i for i, n in enumerate(names) if n == name]
+        contiguous = idx == list(range(idx[0], idx[-1] + 1))
+        rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
+        own_len = None if lengths is None else int(max(int(lengths[i]) for i in idx))
+        groups.append((name, rows, own_len, (generators or {}).get(name)))
+    routing = Routing(groups) if groups else None
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(model: nn.Module, name: str):
+    """Fold adapter `name` into the base weights (every row then sees it)."""
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A and name not in layer.merged:
+            with torch.no_grad():
+                layer.weight += layer.delta_weight(name).to(layer.weight.dtype)
+            layer.merged.add(name)
+
+
+def unmerge(model: nn.Module, name: str):
+    for _, layer in lora_layers(model):
+        if name in layer.merged:
+            with torch.no_grad():
+                layer.weight -= layer.delta_weight(name).to(layer.weight.dtype)
+            layer.merged.discard(name)
+
+
+# ----------------------------------------------------------------------------- PEFT format
+
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_config(model: nn.Module, name: str) -> LoRAConfig:
+    """Recover an adapter's config from its layers (rank, alpha, dropout, targets)."""
+    layers = [(p, m) for p, m in lora_layers(model) if name in m.lora_A]
+    if not layers:
+        raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
+    _, first = layers[0]
+    r = first.lora_A[name].out_features
+    return LoRAConfig(r=r, alpha=first.scaling[name] * r, dropout=first.dropout[name],
+                      targets=sorted({p.rsplit(".", 1)[-1] for p, _ in layers}))
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None = None):
+    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config(model, name)
+    state = {}
+    for path, layer in lora_layers(model):
+        if name in layer.lora_A:
+            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
+            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": cfg.targets, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+    _atomic_write(out_dir / "adapter_model.safetensors",
+                  lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out_dir / "adapter_config.json",
+                  lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"))
+
+
+def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: torch.dtype = torch.float32) -> str:
+    """Load a PEFT LoRA folder as adapter `name` (default: the folder's name); returns the name."""
+    from safetensors.torch import load_file
+    adapter_dir = Path(adapter_dir)
+    name = name or adapter_dir.resolve().name
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: not found")
+    pc = json.loads(config_file.read_text())
+    if pc.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {pc.get('peft_type')!r} is not LORA")
+    for key in ("use_dora", "layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if pc.get(key):
+            raise ValueError(f"{config_file}: {key}={pc[key]!r} is not supported")
+    if pc.get("bias", "none") != "none":
+        raise ValueError(f"{config_file}: bias={pc['bias']!r} is not supported (only 'none')")
+    targets = pc["target_modules"]
+    if isinstance(targets, str):
+        raise ValueError(f"{config_file}: target_modules as a regex ({targets!r}) is not supported; give a list")
+    cfg = LoRAConfig(r=pc["r"], alpha=pc["lora_alpha"], dropout=pc.get("lora_dropout", 0.0),
+                     targets=list(targets), use_rslora=pc.get("use_rslora", False))
+    add_adapters(model, {name: cfg}, dtype=dtype)
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if weights_file.exists():
+        state = load_file(str(weights_file))
+    else:
+        state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    expected = {}
+    for path, layer in lora_layers(model):
+        if name in layer.lora_A:
+            expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+            expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+    # PEFT sometimes keeps the adapter name in keys ("lora_A.default.weight"); accept both.
+    state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+             for k, v in state.items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        remove_adapter(model, name)
+        raise KeyError(f"{weights_file}: keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if state[key].shape != param.shape:
+                remove_adapter(model, name)
+                raise ValueError(f"{weights_file}: {key} has shape {tuple(state[key].shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            param.copy_(state[key])
+    return name

@@ -1,0 +1,174 @@
+"""LoRA against PEFT on the same weights, and the multi-adapter routing invariants."""
+import json
+
+import pytest
+import torch
+
+import lora
+import model as M
+
+ALL = list(lora.LLAMA_TARGETS)
+
+
+def randomize_B(model, name, seed=0):
+    """B starts at zero; give it values so the adapter actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            if name in layer.lora_B:
+                w = layer.lora_B[name].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+
+
+@pytest.fixture
+def ours(tiny_llama):
+    path, _ = tiny_llama
+    return M.load_model(path, dtype=torch.float32)
+
+
+def test_init_equals_base(ours):
+    idx = torch.randint(0, 384, (2, 9))
+    base = ours(idx)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, targets=ALL)})
+    with lora.route(ours, ["a", "a"]):
+        torch.testing.assert_close(ours(idx), base)
+
+
+def test_forward_and_grads_match_peft(tmp_path, tiny_llama, ours):
+    import peft
+    path, hf = tiny_llama
+    cfg = lora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj", "o_proj"])
+    lora.add_adapters(ours, {"job": cfg})
+    randomize_B(ours, "job")
+    lora.save_peft(ours, "job", tmp_path / "job")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job", is_trainable=True)
+    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
+    expected = pm(idx).logits
+    with lora.route(ours, ["job", "job"]):
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # Gradients of the same loss reach the same A and B.
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
+    ours_grads = {f"base_model.model.{k.replace('.job', '')}": p.grad
+                  for k, p in ours.named_parameters() if p.requires_grad}
+    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * 4
+    for key in ours_grads:
+        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+
+
+def test_saved_adapter_format(tmp_path, ours):
+    from safetensors.torch import load_file
+    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=2, alpha=4, dropout=0.1, targets=["k_proj", "up_proj"])})
+    lora.save_peft(ours, "job", tmp_path / "job")
+    cfg = json.loads((tmp_path / "job" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (2, 4, 0.1, ["k_proj", "up_proj"])
+    keys = load_file(tmp_path / "job" / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight" in keys
+    assert len(keys) == 2 * 2 * 2
+    assert not list((tmp_path / "job").glob("*.tmp"))
+
+
+def test_peft_saved_adapter_loads_into_ours(tmp_path, tiny_llama, ours):
+    import peft
+    path, hf = tiny_llama
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["gate_proj", "k_proj"],
+                                                 init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "from_peft")
+    name = lora.load_peft(ours, tmp_path / "from_peft")
+    assert name == "from_peft"
+    idx = torch.randint(0, 384, (1, 10))
+    with lora.route(ours, [name]):
+        torch.testing.assert_close(ours(idx), pm(idx).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_batch_equals_each_adapter_alone(ours):
+    lora.add_adapters(ours, {
+        "a": lora.LoRAConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]),
+        "b": lora.LoRAConfig(r=8, alpha=8, targets=ALL),
+        "c": lora.LoRAConfig(r=4, alpha=32, targets=["down_proj"]),
+    })
+    for i, name in enumerate("abc"):
+        randomize_B(ours, name, seed=i)
+    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(6))
+    names = ["b", None, "a", "c", "b", "a"]  # non-contiguous rows and a base-only row
+    with lora.route(ours, names):
+        mixed = ours(idx)
+    for row, name in enumerate(names):
+        with lora.route(ours, [name]):
+            alone = ours(idx[row:row + 1])
+        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-4)
+    # And the adapters really differ from one another and from the base.
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3 and (mixed[2] - mixed[1]).abs().max() > 1e-3
+
+
+def test_base_weights_never_change(ours):
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, targets=ALL)}, seed=1)
+    before = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
+    params = lora.adapter_parameters(ours, "a")
+    assert all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in ours.parameters()) == len(params) == 2 * 7 * 2
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    idx = torch.randint(0, 384, (2, 8))
+    for _ in range(2):
+        with lora.route(ours, ["a", "a"]):
+            ours(idx).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = ours.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert lora.adapter_parameters(ours, "a")[1].abs().sum() > 0  # B moved
+
+
+def test_merge_equals_unmerged(ours):
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=ALL)})
+    randomize_B(ours, "a")
+    idx = torch.randint(0, 384, (2, 8))
+    base = ours(idx)
+    with lora.route(ours, ["a", "a"]):
+        unmerged = ours(idx)
+    lora.merge(ours, "a")
+    merged = ours(idx)  # no routing: the merged weights carry the adapter for every row
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    with lora.route(ours, ["a", "a"]):  # a merged adapter is not applied twice
+        torch.testing.assert_close(ours(idx), unmerged, atol=1e-5, rtol=1e-4)
+    lora.unmerge(ours, "a")
+    torch.testing.assert_close(ours(idx), base, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(base, unmerged, atol=1e-3)
+
+
+def test_dropout_mask_comes_from_the_job_rng_only(ours):
+    """Same generator seed -> same masks, whatever else shares the batch or how long it is."""
+    lora.add_adapters(ours, {n: lora.LoRAConfig(r=4, dropout=0.5, targets=ALL) for n in ("a", "b")})
+    randomize_B(ours, "a")
+    ours.train()
+    idx = torch.randint(0, 384, (3, 16))
+    short = idx[:1, :8]
+
+    def run(batch, names, lengths):
+        gens = {n: torch.Generator().manual_seed(7) for n in ("a", "b")}
+        with lora.route(ours, names, lengths=lengths, generators=gens):
+            return ours(batch)
+
+    alone = run(short, ["a"], [8])
+    padded = torch.cat([short, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    fused = run(torch.cat([padded, idx[1:]]), ["a", "b", "b"], [8, 16, 16])
+    torch.testing.assert_close(fused[0, :8], alone[0], atol=1e-5, rtol=1e-4)
+    other_seed = torch.Generator().manual_seed(8)
+    with lora.route(ours, ["a"], lengths=[8], generators={"a": other_seed}):
+        assert not torch.allclose(ours(short), alone, atol=1e-4)
+
+
+def test_bad_targets_and_names(ours):
+    with pytest.raises(ValueError, match="valid targets: down_proj, gate_proj, k_proj, o_proj"):
+        lora.add_adapters(ours, {"a": lora.LoRAConfig(targets=["q_proj", "qkv"])})
+    lora.add_adapters(ours, {"a": lora.LoRAConfig()})
+    with pytest.raises(ValueError, match="already exists"):
+        lora.add_adapters(ours, {"a": lora.LoRAConfig()})
+    with pytest.raises(KeyError, match="no adapter named \\['zz'\\]"):
+        with lora.route(ours, ["zz"]):
+            pass
