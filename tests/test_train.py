@@ -1,0 +1,176 @@
+"""The training loop: fused equals alone, exact accumulation, outputs, config errors."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import lora
+import model as M
+import train
+from conftest import make_hf_model, save_hf
+from tokenizer_util import write_tokenizer_json
+
+WORDS = "apple river stone cloud green small quick house music light paper ocean".split()
+
+
+def write_rows(path, n, seed, kind):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 6))
+        if kind == "reverse":
+            rows.append({"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])})
+        elif kind == "upper":
+            rows.append({"instruction": "Shout: " + " ".join(words), "output": " ".join(words).upper()})
+        else:
+            rows.append({"instruction": "Count the words.", "input": " ".join(words), "output": str(len(words))})
+    path.write_text(json.dumps(rows) if path.suffix == ".json" else "\n".join(map(json.dumps, rows)))
+    return str(path)
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    vocab = write_tokenizer_json(tmp_path / "base")
+    hf = make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True)
+    return save_hf(hf, tmp_path / "base")
+
+
+def job(name, data_path, **kw):
+    return train.JobConfig(**{"name": name, "data": data_path, "r": 4, "alpha": 8, "dropout": 0.1,
+                              "targets": ["q_proj", "v_proj"], "lr": 1e-2, "batch_size": 4,
+                              "micro_batch_size": 2, "epochs": 2, **kw})
+
+
+def run_cfg(base_dir, out, jobs, **kw):
+    sched = train.SchedulerConfig(**kw.pop("scheduler", {}))
+    return train.RunConfig(base_model=str(base_dir), jobs=jobs, dtype="float32", device="cpu",
+                           out_dir=str(out), scheduler=sched, **kw)
+
+
+def adapter(out, name):
+    return load_file(out / name / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_job_equals_job_alone(tmp_path, base_dir):
+    """Same seed, dropout on: fused with two other jobs or alone, the same final adapter."""
+    d = tmp_path
+    target = job("target", write_rows(d / "t.json", 12, 0, "reverse"))
+    others = [job("wide", write_rows(d / "w.jsonl", 10, 1, "upper"), r=8, lr=3e-3, micro_batch_size=4,
+                  targets=list(lora.LLAMA_TARGETS), optimizer="sgd", momentum=0.9),
+              job("count", write_rows(d / "c.json", 6, 2, "count"), lr_schedule="cosine", warmup_steps=1)]
+    train.train(run_cfg(base_dir, d / "fused", [others[0], target, others[1]],
+                        scheduler={"max_concurrent": 3, "max_candidates": 3}))
+    train.train(run_cfg(base_dir, d / "alone", [target]))
+    fused, alone = adapter(d / "fused", "target"), adapter(d / "alone", "target")
+    assert_same_adapter(fused, alone)
+    # It trained: B moved away from its zero init.
+    assert max(v.abs().max() for k, v in fused.items() if "lora_B" in k) > 1e-3
+
+
+def test_micro_batch_split_gives_the_same_update(tmp_path, base_dir):
+    rows = write_rows(tmp_path / "t.json", 8, 3, "reverse")
+    runs = {}
+    for mbs in (1, 4):
+        out = tmp_path / f"mbs{mbs}"
+        train.train(run_cfg(base_dir, out, [job("j", rows, dropout=0.0, micro_batch_size=mbs, epochs=1)]))
+        runs[mbs] = adapter(out, "j")
+    assert_same_adapter(runs[1], runs[4])
+
+
+def test_loss_only_on_response_tokens(base_dir, tmp_path):
+    tok = data.load_tokenizer(base_dir)
+    examples = data.load_job_data(write_rows(tmp_path / "t.json", 4, 4, "reverse"), tok)
+    batch = data.fuse([("a", examples)], tok.pad_id)
+    ours = M.load_model(base_dir)
+    losses, rows = train.token_losses(ours, batch)
+    response = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
+    assert losses.numel() == response < batch.num_tokens
+    assert rows.tolist() == sorted(rows.tolist()) and set(rows.tolist()) == {0, 1, 2, 3}
+
+
+def test_train_writes_outputs_and_adapters_load_in_peft(tmp_path, base_dir):
+    import peft
+    import transformers
+    rows = write_rows(tmp_path / "t.json", 16, 5, "reverse")
+    test_rows = write_rows(tmp_path / "test.json", 4, 6, "reverse")
+    out = tmp_path / "out"
+    summary = train.train(run_cfg(base_dir, out, [
+        job("a", rows, test_data=test_rows, epochs=3, dropout=0.0, lr=3e-2, eval_every=2, save_every=4),
+        job("b", rows, targets=["gate_proj", "down_proj"], max_steps=2)], scheduler={"max_candidates": 1}))
+    assert json.loads((out / "config.json").read_text())["jobs"][0]["name"] == "a"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["job"]) for r in lines if "event" in r and r["event"] != "eval"]
+    # max_candidates=1: b is admitted only when a finishes.
+    assert events == [("admit", "a"), ("finish", "a"), ("admit", "b"), ("finish", "b")]
+    steps = [r for r in lines if "step" in r and "event" not in r]
+    assert steps and all(r["tokens"] > 0 and r["peak_mem_mb"] > 0 for r in steps)
+    assert summary["a"]["steps"] == 12 and summary["b"]["steps"] == 2
+    assert summary["a"]["eval_loss"] < summary["a"]["initial_eval_loss"]  # it learned
+    assert (out / "a" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    assert sum(1 for r in lines if r.get("event") == "eval") == 6
+    # The saved adapter, loaded by PEFT onto transformers' model, gives our logits.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, out / "a")
+    ours = M.load_model(base_dir)
+    lora.load_peft(ours, out / "a")
+    idx = torch.randint(0, 300, (2, 10))
+    with lora.route(ours, ["a", "a"]):
+        torch.testing.assert_close(ours(idx), pm(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def write_config(tmp_path, base_dir, **changes):
+    cfg = {"base_model": str(base_dir), "out_dir": str(tmp_path / "o"),
+           "jobs": [{"name": "a", "data": write_rows(tmp_path / "t.json", 4, 7, "count")}]}
+    cfg.update(changes)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, overrides, message", [
+    ({"sede": 1}, [], "unknown key 'sede' (did you mean 'seed'?)"),
+    ({"seed": "x"}, [], "cfg.json.seed: expected int, got 'x'"),
+    ({}, ["--scheduler.max_concurent=2"], "did you mean 'max_concurrent'"),
+    ({}, ["--seed=abc"], "expected int, got 'abc'"),
+    ({}, ["--jobs.zz.lr=1"], "no job named 'zz'"),
+    ({"jobs": [{"name": "a", "data": "missing.json"}]}, [], "missing.json: file not found"),
+    ({"jobs": [{"name": "a", "dat": "x.json"}]}, [], "jobs[0]: unknown key 'dat' (did you mean 'data'?)"),
+])
+def test_config_errors_are_one_clear_line(tmp_path, base_dir, capsys, changes, overrides, message):
+    path = write_config(tmp_path, base_dir, **changes)
+    assert train.main(["--config", path, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_overrides_are_typed(tmp_path, base_dir):
+    path = write_config(tmp_path, base_dir)
+    cfg = train.load_config(path, ["--seed=7", "--scheduler.strategy=optimal-fit", "--jobs.a.lr=0.5",
+                                   "--jobs.a.targets=q_proj,up_proj", "--quant=null"])
+    assert (cfg.seed, cfg.scheduler.strategy, cfg.jobs[0].lr) == (7, "optimal-fit", 0.5)
+    assert cfg.jobs[0].targets == ["q_proj", "up_proj"] and cfg.quant is None
+
+
+def test_mlora_config_is_translated(tmp_path, base_dir):
+    rows = write_rows(tmp_path / "t.json", 4, 8, "count")
+    mlora = {"cutoff_len": 128, "save_step": 0, "train_lora_candidate_num": 3,
+             "train_lora_simultaneously_num": 2, "train_strategy": "optim",
+             "lora": [{"name": "x", "output": "x", "optim": "sgd", "lr": 0.01, "momentum": 0.5,
+                       "batch_size": 4, "micro_batch_size": 2, "num_epochs": 1, "r": 4, "alpha": 8,
+                       "dropout": 0.0, "target_modules": {"q_proj": True, "k_proj": False, "down_proj": True},
+                       "data": rows, "prompt": "alpaca"}]}
+    path = tmp_path / "mlora.json"
+    path.write_text(json.dumps(mlora))
+    cfg = train.load_config(str(path), [f"--base_model={base_dir}"])
+    j = cfg.jobs[0]
+    assert (j.optimizer, j.momentum, j.targets, j.cutoff_len, j.epochs) == ("sgd", 0.5, ["q_proj", "down_proj"], 128, 1)
+    assert (cfg.scheduler.strategy, cfg.scheduler.max_candidates, cfg.scheduler.max_concurrent) == ("optimal-fit", 3, 2)

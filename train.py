@@ -1,0 +1,429 @@
+"""Fine-tune many LoRA adapters at once on one frozen base: the config and the one loop.
+
+    python train.py --config cfg.json [--key=value ...]
+
+Each step fuses the next micro-batches of several jobs into one padded batch, runs one
+forward and one backward through the shared base (each row routed to its job's adapter),
+and steps each job's own optimizer when that job's gradient accumulation ends.
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import lora
+import model as M
+from scheduler import JobPlan, Scheduler
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class JobConfig:
+    name: str                              # adapter name; outputs go to out_dir/<name>/
+    data: str                              # Alpaca-style .json / .jsonl (instruction, input, output)
+    test_data: str | None = None           # held-out rows of the same format, for eval loss
+    template: str = "alpaca"               # alpaca | chat (the model's own) | plain | template .json file
+    cutoff_len: int = 256                  # tokens per example after truncation
+    train_on_inputs: bool = False          # also put loss on the prompt tokens
+    r: int = 8                             # LoRA rank
+    alpha: float = 16                      # LoRA scale is alpha / r
+    dropout: float = 0.05                  # dropout on the adapter input, drawn from the job's own RNG
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    optimizer: str = "adamw"               # adamw | sgd
+    lr: float = 3e-4                       # peak learning rate
+    weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
+    momentum: float = 0.0                  # sgd only
+    lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 after warmup)
+    warmup_steps: int = 0                  # linear warmup, in optimizer steps
+    max_grad_norm: float | None = 1.0      # clip this job's gradient norm (None: no clipping)
+    batch_size: int = 16                   # rows per optimizer step
+    micro_batch_size: int = 4              # rows per fused forward; batch_size must be a multiple
+    epochs: int = 3                        # passes over the data
+    max_steps: int | None = None           # stop after this many optimizer steps (None: all epochs)
+    eval_every: int = 0                    # held-out loss every N optimizer steps (0: only at the end)
+    save_every: int = 0                    # also write the adapter to <name>/checkpoint-<step>/ every N steps
+
+
+@dataclass
+class SchedulerConfig:
+    strategy: str = "trivial"              # trivial | optimal-fit (see scheduler.py)
+    max_candidates: int = 4                # jobs admitted at once (adapter + optimizer in memory)
+    max_concurrent: int = 2                # jobs fused into one step
+
+
+@dataclass
+class RunConfig:
+    base_model: str                        # Hugging Face checkpoint folder
+    jobs: list[JobConfig]                  # the adapters to train
+    dtype: str = "bfloat16"                # base weights: float32 | bfloat16 | float16 (adapters stay fp32)
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    quant: str | None = None               # quantized base (not implemented yet; must be null)
+    seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
+    out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
+    log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(value, hint, where: str):
+    """Check (and lightly coerce) a JSON value against a dataclass field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _fill(cls, raw: dict, where: str):
+    """Build dataclass `cls` from a dict; unknown keys name the closest valid one."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected an object, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        if key == "jobs":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}.jobs: expected a non-empty list of jobs")
+            kwargs[key] = [_fill(JobConfig, j, f"{where}.jobs[{i}]") for i, j in enumerate(value)]
+        elif key == "scheduler":
+            kwargs[key] = _fill(SchedulerConfig, value, f"{where}.scheduler")
+        else:
+            kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str, hint):
+    """`--key=value` text -> a JSON-like value; a bare string when it is not JSON."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if typing.get_origin(hint) is list and isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    return value
+
+
+def from_mlora(raw: dict) -> dict:
+    """Translate an m-LoRA config file (a "lora" list plus globals) into ours."""
+    globals_map = {"cutoff_len": "cutoff_len", "save_step": "save_every"}
+    jobs = []
+    for i, job in enumerate(raw["lora"]):
+        targets = [k for k, on in job.get("target_modules", {}).items() if on]
+        out = {"name": job["name"], "data": job["data"], "r": job["r"], "alpha": job["alpha"],
+               "dropout": job.get("dropout", 0.05), "targets": targets,
+               "optimizer": job.get("optim", "adamw"), "lr": job["lr"],
+               "batch_size": job["batch_size"], "micro_batch_size": job["micro_batch_size"],
+               "epochs": job["num_epochs"]}
+        if job.get("test_data"):
+            out["test_data"] = job["test_data"]
+        if job.get("prompt"):
+            out["template"] = job["prompt"]
+        if job.get("momentum") is not None:
+            out["momentum"] = job["momentum"]
+        for ours_key in ("cutoff_len", "save_step"):
+            if ours_key in raw:
+                out[globals_map[ours_key]] = raw[ours_key]
+        jobs.append(out)
+    strategy = {"optim": "optimal-fit", "none": "trivial"}.get(raw.get("train_strategy", "none"), "trivial")
+    return {"base_model": raw.get("base_model", ""), "jobs": jobs,
+            "scheduler": {"strategy": strategy,
+                          "max_candidates": raw.get("train_lora_candidate_num", 4),
+                          "max_concurrent": raw.get("train_lora_simultaneously_num", 2)}}
+
+
+def load_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """Read JSON/TOML (ours or m-LoRA's), apply `--key=value` overrides, type-check."""
+    if path is None:
+        raise ConfigError("no config: pass --config FILE")
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ConfigError(f"{file}: cannot parse: {e}") from None
+    if isinstance(raw, dict) and "lora" in raw and "jobs" not in raw:
+        raw = from_mlora(raw)
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected --key=value")
+        key, text_value = arg[2:].split("=", 1)
+        parts = key.split(".")
+        if parts[0] == "jobs":  # --jobs.NAME.field=value
+            if len(parts) != 3:
+                raise ConfigError(f"--{key}: expected --jobs.NAME.FIELD=value")
+            matches = [j for j in raw.get("jobs", []) if j.get("name") == parts[1]]
+            if not matches:
+                raise ConfigError(f"--{key}: no job named {parts[1]!r}")
+            target, cls, leaf = matches[0], JobConfig, parts[2]
+        elif parts[0] == "scheduler" and len(parts) == 2:
+            target, cls, leaf = raw.setdefault("scheduler", {}), SchedulerConfig, parts[1]
+        elif len(parts) == 1:
+            target, cls, leaf = raw, RunConfig, parts[0]
+        else:
+            raise ConfigError(f"--{key}: unknown key")
+        hints = typing.get_type_hints(cls)
+        if leaf not in hints or leaf in ("jobs", "scheduler"):
+            close = difflib.get_close_matches(leaf, hints, n=1)
+            raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
+        target[leaf] = _parse_override(text_value, hints[leaf])
+    cfg = _fill(RunConfig, raw, str(file))
+    names = [j.name for j in cfg.jobs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{file}: job names must be unique, got {names}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
+    """Warmup then constant / linear / cosine decay to 0 (as transformers' schedules)."""
+    if step < job.warmup_steps:
+        return job.lr * (step + 1) / job.warmup_steps
+    progress = (step - job.warmup_steps) / max(1, total_steps - job.warmup_steps)
+    if job.lr_schedule == "linear":
+        return job.lr * max(0.0, 1 - progress)
+    if job.lr_schedule == "cosine":
+        return job.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return job.lr
+
+
+def make_optimizer(params, job: JobConfig) -> torch.optim.Optimizer:
+    if job.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    raise ConfigError(f"job {job.name!r}: optimizer {job.optimizer!r}: expected adamw or sgd")
+
+
+def token_losses(model, batch: data.Batch):
+    """Next-token loss of every labelled position: (losses [N], row of each [N])."""
+    targets = batch.labels[:, 1:]                                       # [B, T-1]
+    keep = torch.zeros_like(batch.labels, dtype=torch.bool)             # [B, T]
+    keep[:, :-1] = targets != -100
+    logits = model(batch.input_ids, output_mask=keep)                   # [N, V]
+    losses = F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="none")
+    rows = torch.arange(keep.size(0), device=keep.device)[:, None].expand_as(keep)[keep]
+    return losses, rows
+
+
+@torch.no_grad()
+def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device, rows: int = 8) -> float:
+    """Mean token loss of adapter `name` on held-out examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), rows):
+        batch = data.fuse([(name, examples[start:start + rows])], pad_id).to(device)
+        with lora.route(model, batch.adapter_names):
+            losses, _ = token_losses(model, batch)
+        total += losses.sum().item()  # syncs the device
+        count += losses.numel()
+    return total / max(count, 1)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: RunConfig) -> dict:
+    """Train every job of `cfg`; returns the per-job summary (also in out_dir/summary.json)."""
+    from tqdm import tqdm
+    torch.manual_seed(cfg.seed)
+    device = M.resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = json.dumps(dataclasses.asdict(cfg), indent=2)
+    print(resolved)
+    (out_dir / "config.json").write_text(resolved + "\n")
+
+    tokenizer = data.load_tokenizer(cfg.base_model)
+    jobs = {j.name: j for j in cfg.jobs}
+    # All data is read and checked up front: a bad row fails now, not hours in.
+    train_sets, test_sets, plans = {}, {}, []
+    for job in cfg.jobs:
+        train_sets[job.name] = data.load_job_data(job.data, tokenizer, job.template, job.cutoff_len, job.train_on_inputs)
+        if job.test_data:
+            test_sets[job.name] = data.load_job_data(job.test_data, tokenizer, job.template, job.cutoff_len, False)
+        examples = train_sets[job.name]
+        plans.append(JobPlan(job.name, [len(e.input_ids) for e in examples],
+                             [sum(label != -100 for label in e.labels[1:]) for e in examples],
+                             job.batch_size, job.micro_batch_size, job.epochs, cfg.seed, job.max_steps))
+    total_steps = {p.name: p.total_steps for p in plans}
+    model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
+    sched = Scheduler(plans, cfg.scheduler.strategy, cfg.scheduler.max_candidates, cfg.scheduler.max_concurrent)
+
+    metrics = open(out_dir / "metrics.jsonl", "w")
+
+    def log(record: dict):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    state = {}      # name -> {optimizer, generator, step, counters} of admitted jobs
+    summary = {}
+    bar = tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True)
+    run_start, step = time.time(), 0
+    while not sched.done:
+        for name in sched.admit():
+            job = jobs[name]
+            lora.add_adapters(model, {name: lora.LoRAConfig(job.r, job.alpha, job.dropout, job.targets)},
+                              seed=cfg.seed)
+            generator = torch.Generator(device=device).manual_seed(lora.adapter_seed(cfg.seed, name) + 1)
+            state[name] = dict(optimizer=make_optimizer(lora.adapter_parameters(model, name), job),
+                               generator=generator, step=0, tokens=0, admitted=time.time(),
+                               loss_sum=torch.zeros((), device=device), last_loss=float("nan"),
+                               eval_loss=None, initial_eval_loss=None)
+            if name in test_sets:
+                state[name]["initial_eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
+            log({"event": "admit", "job": name, "time": time.time() - run_start,
+                 "initial_eval_loss": state[name]["initial_eval_loss"]})
+
+        # ---- one fused step: pick micro-batches, forward, per-job loss, one backward
+        t0 = time.time()
+        micro_batches = sched.next_step()
+        parts = [(mb.job, [train_sets[mb.job][i] for i in mb.indices]) for mb in micro_batches]
+        batch = data.fuse(parts, tokenizer.pad_id).to(device)
+        model.train()
+        generators = {mb.job: state[mb.job]["generator"] for mb in micro_batches}
+        lengths = [len(e.input_ids) for _, examples in parts for e in examples]
+        with lora.route(model, batch.adapter_names, lengths=lengths, generators=generators):
+            losses, rows = token_losses(model, batch)
+        # Each job's loss is its summed token loss over the whole optimizer step's tokens,
+        # so accumulating micro-batches gives exactly the mean over the step's batch.
+        job_of_row = torch.tensor([i for i, (_, ex) in enumerate(parts) for _ in ex], device=device)
+        loss_sums = torch.zeros(len(parts), device=device).index_add(0, job_of_row[rows], losses)
+        step_tokens = torch.tensor([mb.step_loss_tokens for mb in micro_batches], device=device, dtype=torch.float)
+        job_losses = loss_sums / step_tokens.clamp(min=1)
+        job_losses.sum().backward()
+
+        # ---- per-job optimizer steps where accumulation ends
+        for i, mb in enumerate(micro_batches):
+            s, job = state[mb.job], jobs[mb.job]
+            s["loss_sum"] = s["loss_sum"] + job_losses[i].detach()
+            s["tokens"] += sum(len(e.input_ids) for e in parts[i][1])
+            if not mb.last_in_step:
+                continue
+            params = lora.adapter_parameters(model, mb.job)
+            if job.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, job.max_grad_norm)
+            lr = get_lr(s["step"], total_steps[mb.job], job)
+            for group in s["optimizer"].param_groups:
+                group["lr"] = lr
+            s["optimizer"].step()
+            s["optimizer"].zero_grad(set_to_none=True)
+            s["last_loss"] = s["loss_sum"].item()  # syncs the device
+            s["loss_sum"] = torch.zeros((), device=device)
+            s["step"] += 1
+            s["lr"] = lr
+            if job.eval_every and mb.job in test_sets and s["step"] % job.eval_every == 0:
+                s["eval_loss"] = evaluate(model, mb.job, test_sets[mb.job], tokenizer.pad_id, device)
+                log({"event": "eval", "job": mb.job, "step": s["step"], "eval_loss": s["eval_loss"],
+                     "eval_ppl": math.exp(min(s["eval_loss"], 50))})
+            if job.save_every and s["step"] % job.save_every == 0:
+                lora.save_peft(model, mb.job, out_dir / mb.job / f"checkpoint-{s['step']}", cfg.base_model)
+
+        step += 1
+        elapsed = time.time() - t0
+        bar.update(len(micro_batches))
+        if step % cfg.log_every == 0:
+            active = {mb.job: round(state[mb.job]["last_loss"], 4) for mb in micro_batches}
+            bar.set_postfix(active)
+            log({"step": step, "time": time.time() - run_start, "ms": 1000 * elapsed,
+                 "tokens": sum(lengths), "padded_tokens": batch.input_ids.numel(),
+                 "tokens_per_s": sum(lengths) / max(elapsed, 1e-9),
+                 "peak_mem_mb": peak_memory_mb(device),
+                 "jobs": {mb.job: {"step": state[mb.job]["step"], "loss": state[mb.job]["last_loss"],
+                                   "lr": state[mb.job].get("lr")} for mb in micro_batches}})
+
+        # ---- finished jobs: save, free their slot (the next waiting job is admitted above)
+        for name in sched.pop_finished():
+            s = state.pop(name)
+            if name in test_sets:
+                s["eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
+            lora.save_peft(model, name, out_dir / name, cfg.base_model)
+            lora.remove_adapter(model, name)
+            latency = time.time() - s["admitted"]
+            summary[name] = {"steps": s["step"], "tokens": s["tokens"], "latency_s": latency,
+                             "tokens_per_s": s["tokens"] / max(latency, 1e-9), "final_loss": s["last_loss"],
+                             "initial_eval_loss": s["initial_eval_loss"], "eval_loss": s["eval_loss"],
+                             "peak_mem_mb": peak_memory_mb(device)}
+            log({"event": "finish", "job": name, "time": time.time() - run_start, **summary[name]})
+    bar.close()
+    metrics.close()
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
+    for name, s in summary.items():
+        eval_text = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
+        print(f"{name:<20} {s['steps']:>6} {s['tokens']:>9} {s['latency_s']:>10.1f} "
+              f"{s['tokens_per_s']:>9.1f} {s['final_loss']:>8.4f} {eval_text:>8}")
+    print(f"total {time.time() - run_start:.1f}s, peak memory {peak_memory_mb(device):.0f} MiB; adapters in {out_dir}/")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    config_path, overrides, args = None, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config" and args:
+            config_path = args.pop(0)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    try:
+        cfg = load_config(config_path, overrides)
+        train(cfg)
+    except (ConfigError, data.DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
