@@ -1,0 +1,438 @@
+"""Data: tokenizers, prompt templates, Alpaca-style json/jsonl, loss masks, fused batches.
+
+Text flows: row {instruction, input, output} -> template -> (prompt, response) text
+-> token ids with labels (-100 on the prompt) -> one Example per row -> fuse() pads
+the micro-batches of several jobs into one Batch, each row tagged with its adapter.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label of a position with no loss (torch's cross_entropy default ignore_index)
+
+
+class DataError(ValueError):
+    """Bad input data; the one-line message names the file and, where it applies, the row or line."""
+
+
+def _read_json(path: Path) -> dict:
+    # A checkpoint folder may lack any of its optional json files; a missing one reads as {}.
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json writes special tokens either as "<s>" or as {"content": "<s>", ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value) -> list[int]:
+    # config.json / generation_config.json token ids: an int, a list of ints, or null.
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """Text <-> ids for one Hugging Face checkpoint folder: tokenizer.json (the tokenizers
+    library: Llama 3, SmolLM, Qwen2) or sentencepiece tokenizer.model (Llama 1/2)."""
+
+    def __init__(self, path: str | Path):
+        folder = Path(path)
+        self.path = folder
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        model_config = _read_json(folder / "config.json")
+        generation_config = _read_json(folder / "generation_config.json")
+
+        self._tok = self._sp = None
+        # Special tokens written literally in text (e.g. "</s>" in Llama 2's chat template)
+        # must encode to their one id; the tokenizers library does this itself for its added
+        # tokens, for sentencepiece we split the text on them (_special_re).
+        self._special: dict[str, int] = {}
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as TokenizersTokenizer
+            self._tok = TokenizersTokenizer.from_file(str(folder / "tokenizer.json"))
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        elif (folder / "tokenizer.model").is_file():
+            import sentencepiece
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
+                             if self._sp.is_control(i) or self._sp.is_unknown(i)}
+            # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
+            for token_id, token in config.get("added_tokens_decoder", {}).items():
+                if _token_content(token) is not None:
+                    self._special[_token_content(token)] = int(token_id)
+            self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
+        else:
+            raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
+        self._special_by_id = {i: s for s, i in self._special.items()}
+        longest_first = sorted(self._special, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._special else None
+
+        def special_id(name: str) -> int | None:
+            # The tokenizer's own files name the token; config.json ids are the fallback.
+            token = _token_content(config.get(name)) or _token_content(special_map.get(name))
+            token_id = self.token_to_id(token) if token is not None else None
+            if token_id is None:
+                ids = _id_list(model_config.get(name + "_id")) or _id_list(generation_config.get(name + "_id"))
+                token_id = ids[0] if ids else None
+            return token_id
+
+        self.bos_id: int | None = special_id("bos_token")
+        self.eos_id: int | None = special_id("eos_token")
+        if self._sp is not None:  # the sentencepiece model knows its own <s> and </s> (-1 = none)
+            if self.bos_id is None and self._sp.bos_id() >= 0:
+                self.bos_id = self._sp.bos_id()
+            if self.eos_id is None and self._sp.eos_id() >= 0:
+                self.eos_id = self._sp.eos_id()
+        # Every id that ends generation: chat models stop on end-of-turn as well as end-of-text
+        # (Llama 3.1's generation_config.json lists three).
+        self.eos_ids: set[int] = {self.eos_id} if self.eos_id is not None else set()
+        for source in (model_config, generation_config):
+            self.eos_ids |= set(_id_list(source.get("eos_token_id")))
+        pad_id = special_id("pad_token")
+        self.pad_id: int = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.bos_token: str | None = self.id_to_token(self.bos_id) if self.bos_id is not None else None
+        self.eos_token: str | None = self.id_to_token(self.eos_id) if self.eos_id is not None else None
+
+        # Whether sequences start with BOS: the config says so, or else Llama 3 style
+        # tokenizer.json files show it by prepending BOS in their post-processor.
+        if isinstance(config.get("add_bos_token"), bool):
+            add_bos = config["add_bos_token"]
+        elif self._tok is not None:
+            add_bos = self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        else:
+            add_bos = True  # sentencepiece Llama 1/2 and HF's LlamaTokenizer default
+        self.add_bos: bool = add_bos and self.bos_id is not None
+
+        # Newer checkpoints keep the template in chat_template.jinja; older ones in the config,
+        # some as a list of named templates.
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self._compiled_template = None
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string, or None if it is not in the vocabulary."""
+        if self._tok is not None:
+            return self._tok.token_to_id(token)
+        if token in self._special:
+            return self._special[token]
+        token_id = self._sp.piece_to_id(token)  # unk's id for an unknown piece
+        return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token string of an id, or None if out of range."""
+        if self._tok is not None:
+            return self._tok.id_to_token(token_id)
+        if token_id in self._special_by_id:
+            return self._special_by_id[token_id]
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids of text, no special tokens added except BOS when bos=True (and one exists)."""
+        if self._tok is not None:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:
+            # Each piece between special tokens is encoded on its own, with sentencepiece's
+            # dummy-prefix space, as Meta's Llama 2 code does around its [INST] markers.
+            ids = []
+            for chunk in (self._special_re.split(text) if self._special_re else [text]):
+                if chunk in self._special:
+                    ids.append(self._special[chunk])
+                elif chunk:
+                    ids.extend(self._sp.encode(chunk))
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """Text of ids; skip_special drops special tokens (BOS, EOS, chat markers)."""
+        ids = [int(i) for i in ids]
+        if self._tok is not None:
+            return self._tok.decode(ids, skip_special_tokens=skip_special)
+        parts, run = [], []
+        for i in ids + [None]:  # None flushes the last run
+            if i is None or i in self._special_by_id:
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                if i is not None and not skip_special:
+                    parts.append(self._special_by_id[i])
+            else:
+                run.append(i)
+        return "".join(parts)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render messages with the checkpoint's jinja chat template, as transformers does."""
+        if self.chat_template is None:
+            raise DataError(f"{self.path}: the tokenizer has no chat template")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_chat_template(self.chat_template)
+        return self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _compile_chat_template(source: str):
+    # Same environment as transformers' chat templates: sandboxed, trim_blocks and
+    # lstrip_blocks, loop controls, a tojson that keeps non-ASCII text, raise_exception
+    # for the templates' own checks, strftime_now for Llama 3's "Today Date".
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"chat template: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return env.from_string(source)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint folder (tokenizer.json preferred over tokenizer.model)."""
+    return Tokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# Prompt templates
+
+# Alpaca-LoRA's templates/alpaca.json, verbatim.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+NAMED_TEMPLATES = ("alpaca", "chat", "plain")
+
+
+@lru_cache(maxsize=None)
+def _template_file(path: str) -> dict:
+    # An m-LoRA / alpaca-lora template file: {"prompt_input": ..., "prompt_no_input": ...,
+    # "description"?, "response_split"?}. Checked once, so a bad file fails before any row.
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: template file not found (named templates: {', '.join(NAMED_TEMPLATES)})")
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid template JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: a template file must be a JSON object")
+    for key in ("prompt_input", "prompt_no_input"):
+        if key not in spec:
+            raise DataError(f"{path}: missing key '{key}'")
+        if not isinstance(spec[key], str):
+            raise DataError(f"{path}: '{key}' must be a string")
+        try:
+            spec[key].format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(f"{path}: '{key}' has a bad placeholder ({e!r}); "
+                            "use {instruction} and {input}") from None
+    return spec
+
+
+def check_template(template: str, tokenizer: Tokenizer) -> None:
+    """Raise DataError if template is unusable: an unknown or bad template file, or 'chat' without a chat template."""
+    if template == "chat" and tokenizer.chat_template is None:
+        raise DataError(f"template 'chat': {tokenizer.path} has no chat template")
+    if template not in NAMED_TEMPLATES:
+        _template_file(str(template))
+
+
+def _chat_messages(instruction: str, input: str) -> list[dict]:
+    return [{"role": "user", "content": instruction + ("\n\n" + input if input else "")}]
+
+
+def build_prompt(template: str, tokenizer: Tokenizer, instruction: str, input: str = "") -> str:
+    """The text the model reads before its response: 'alpaca', 'chat', 'plain' or a template file's path."""
+    if template == "alpaca":
+        return (ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+    if template == "chat":
+        return tokenizer.apply_chat_template(_chat_messages(instruction, input), add_generation_prompt=True)
+    if template == "plain":
+        return instruction + ("\n" + input if input else "")
+    spec = _template_file(str(template))
+    return (spec["prompt_input"] if input else spec["prompt_no_input"]).format(instruction=instruction, input=input)
+
+
+def format_example(template: str, tokenizer: Tokenizer, instruction: str, input: str, output: str) -> tuple[str, str]:
+    """(prompt, response) texts of one row; for 'chat' the response is the whole assistant turn,
+    end-of-turn markup included."""
+    prompt = build_prompt(template, tokenizer, instruction, input)
+    if template != "chat":
+        return prompt, output
+    # The assistant's turn is whatever the template appends after the generation prompt.
+    messages = _chat_messages(instruction, input) + [{"role": "assistant", "content": output}]
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise DataError("template 'chat': the conversation rendered with the reply does not start "
+                        "with the prompt rendered with add_generation_prompt=True")
+    return prompt, full[len(prompt):]
+
+
+# -----------------------------------------------------------------------------
+# Examples: token ids and labels
+
+@dataclass
+class Example:
+    input_ids: list[int]  # [bos] + prompt + response (+ eos), at most cutoff_len long
+    # Aligned with input_ids, not shifted: the loss compares logits[t] with labels[t + 1]; -100 = no loss.
+    labels: list[int]
+
+
+def make_example(tokenizer: Tokenizer, prompt: str, response: str, cutoff_len: int, train_on_inputs: bool) -> Example:
+    """Token ids of prompt + response + EOS, truncated to cutoff_len, prompt labels -100 unless train_on_inputs."""
+    prompt_ids = tokenizer.encode(prompt)
+    # The response's ids are taken from the joint encoding, so its first token is the one
+    # the model sees after this prompt (sentencepiece would put a dummy-prefix space on a
+    # response encoded alone); if the two merged across the boundary, encode them apart.
+    full_ids = tokenizer.encode(prompt + response)
+    if full_ids[:len(prompt_ids)] == prompt_ids:
+        response_ids = full_ids[len(prompt_ids):]
+    else:
+        response_ids = tokenizer.encode(response)
+    if tokenizer.add_bos and prompt_ids[:1] != [tokenizer.bos_id]:  # chat templates may write BOS themselves
+        prompt_ids = [tokenizer.bos_id] + prompt_ids
+
+    # End on exactly one stop token. A chat turn already ends with one (ChatML's <|im_end|>
+    # is SmolLM2's and Qwen2's EOS) followed by a newline, which we drop so that the model
+    # learns to stop right there; any other response gets the tokenizer's EOS.
+    stops = [i for i, token_id in enumerate(response_ids) if token_id in tokenizer.eos_ids]
+    if stops and tokenizer.decode(response_ids[stops[-1] + 1:]).strip() == "":
+        response_ids = response_ids[:stops[-1] + 1]
+    elif tokenizer.eos_id is not None:
+        response_ids = response_ids + [tokenizer.eos_id]
+
+    prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+    return Example(input_ids=(prompt_ids + response_ids)[:cutoff_len],
+                   labels=(prompt_labels + response_ids)[:cutoff_len])
+
+
+def _read_rows(path: Path) -> list[tuple[int, object]]:
+    # (row number, parsed row): 1-based index in a .json list, the line number in a .jsonl.
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: expected a .json or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        return list(enumerate(data, start=1))
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {line_number}: invalid JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
+def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256,
+                  train_on_inputs: bool = False) -> list[Example]:
+    """Alpaca-style rows {instruction, input?, output} from a .json list or .jsonl file, as Examples in file order."""
+    path = Path(path)
+    what = "line" if path.suffix == ".jsonl" else "row"
+    check_template(template, tokenizer)
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    examples = []
+    for number, row in rows:
+        where = f"{path}: {what} {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        for field in ("instruction", "output"):
+            if field not in row:
+                raise DataError(f"{where}: missing field '{field}'")
+        if row.get("input") is None:  # converted datasets often write "input": null
+            row = {**row, "input": ""}
+        for field in ("instruction", "input", "output"):
+            if not isinstance(row[field], str):
+                raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+        try:
+            prompt, response = format_example(template, tokenizer, row["instruction"], row["input"], row["output"])
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        examples.append(make_example(tokenizer, prompt, response, cutoff_len, train_on_inputs))
+
+    # labels[0] never enters the shifted loss, so an example needs a label past position 0.
+    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex.labels[1:])]
+    if not kept:
+        raise DataError(f"{path}: no example has a response token within cutoff_len={cutoff_len}")
+    if len(kept) < len(examples):
+        print(f"warning: {path}: dropped {len(examples) - len(kept)} of {len(examples)} examples "
+              f"with no response token within cutoff_len={cutoff_len}")
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# Fusing the micro-batches of several jobs
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long, right-padded with pad_id
+    labels: torch.Tensor  # [B, T] long, aligned with input_ids (not shifted), -100 = no loss
+    lengths: torch.Tensor  # [B] long, real tokens per row; kept on the CPU (bookkeeping, not model input)
+    adapter_names: list[str | None]  # one per row; None = the bare base model
+
+    def to(self, device: str | torch.device) -> "Batch":
+        """A copy with input_ids and labels on device."""
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.lengths, self.adapter_names)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def fuse(parts: list[tuple[str | None, list[Example]]], pad_id: int, multiple_of: int = 8) -> Batch:
+    """One right-padded batch of every job's examples, rows in order, T rounded up to multiple_of."""
+    rows = [(name, example) for name, examples in parts for example in examples]
+    if not rows:
+        raise ValueError("fuse: no examples")
+    longest = max(len(example.input_ids) for _, example in rows)
+    T = -(-longest // multiple_of) * multiple_of  # round up: fewer distinct shapes, friendlier kernels
+    # Right padding keeps every real token at the same position as when the row runs alone,
+    # and with causal attention no real token attends to the padding after it, so no mask is needed.
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (_, example) in enumerate(rows):
+        n = len(example.input_ids)
+        input_ids[b, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[b, :n] = torch.tensor(example.labels, dtype=torch.long)
+    lengths = torch.tensor([len(example.input_ids) for _, example in rows], dtype=torch.long)
+    return Batch(input_ids, labels, lengths, [name for name, _ in rows])

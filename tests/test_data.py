@@ -1,0 +1,405 @@
+"""data.py against the tokenizers/sentencepiece libraries and transformers (oracle), plus
+exact prompts, loss masks, fused batches and error messages."""
+
+import json
+
+import pytest
+import torch
+
+from data import DataError, Example, build_prompt, fuse, load_job_data, load_tokenizer, make_example
+from tokenizer_util import CHATML_TEMPLATE, write_sentencepiece, write_tokenizer_json
+
+TEXTS = [
+    "Hello world",
+    "The capital of France is Paris.",
+    "a\n\nb  c\t d",
+    "héllo wörld ✓ 日本",
+    "",
+]
+SPECIAL_TEXTS = [
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more<|im_end|>",
+]
+ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Translate the sentence into French.", "input": "the cat sits on the mat", "output": "le chat"},
+    {"instruction": "Give three tips for staying healthy.", "output": "Eat well, exercise and sleep."},
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bpe")
+    write_tokenizer_json(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sp")
+    write_sentencepiece(path)
+    return path
+
+
+def write_rows(path, rows):
+    path.write_text(json.dumps(rows) if path.suffix == ".json" else "\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def unmasked(example: Example) -> list[int]:
+    return [label for label in example.labels if label != -100]
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_tokenizer_json_matches_tokenizers_and_transformers(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    vocab_size = write_tokenizer_json(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS + SPECIAL_TEXTS:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False).ids
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert tok.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True)
+    # Special tokens written in text are single ids, not their characters' bytes.
+    assert tok.encode("<|im_start|>") == [1]
+    assert tok.encode("x<|im_end|>")[-1] == 2
+    assert tok.vocab_size == vocab_size == len(hf)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 2, 0)
+    assert (tok.bos_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert tok.eos_ids == {2}
+    assert tok.add_bos is False
+    assert tok.encode("Hello world", bos=True) == [0] + tok.encode("Hello world")
+
+
+def test_bos_detected_from_post_processor(tmp_path):
+    # Llama 3 style: no add_bos_token in the config, the tokenizer.json post-processor adds BOS.
+    from transformers import AutoTokenizer
+
+    write_tokenizer_json(tmp_path, add_bos=True)
+    tok = load_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.add_bos is True
+    for text in TEXTS:
+        assert tok.encode(text, bos=True) == hf.encode(text)
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False)
+    example = make_example(tok, "Say hi.\n", "hi", cutoff_len=64, train_on_inputs=False)
+    assert example.input_ids[0] == tok.bos_id and example.input_ids[1] != tok.bos_id
+
+
+def test_sentencepiece_matches_sentencepiece(sp_dir):
+    import sentencepiece
+
+    tok = load_tokenizer(sp_dir)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    for text in TEXTS:
+        assert tok.encode(text) == reference.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)  # no pad token: pad with EOS
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert tok.add_bos is True and tok.vocab_size == reference.get_piece_size() == 400
+    assert tok.chat_template is None
+    # "<s>" and "</s>" in text (Llama 2's chat template writes them) are the special ids.
+    assert tok.encode("<s>hi there</s>") == [1] + reference.encode("hi there") + [2]
+    assert tok.decode(tok.encode("<s>hi there</s>")) == "<s>hi there</s>"
+    assert tok.decode(tok.encode("<s>hi there</s>"), skip_special=True) == "hi there"
+    assert tok.encode("hi", bos=True) == [1] + reference.encode("hi")
+
+
+def test_sentencepiece_matches_transformers(sp_dir):
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read tokenizer.model")
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(sp_dir)
+    hf = AutoTokenizer.from_pretrained(sp_dir)
+    # transformers 5 drops sentencepiece's dummy prefix before a leading space and after
+    # special tokens; on ordinary text the two agree.
+    for text in TEXTS:
+        assert tok.encode(text, bos=True) == hf.encode(text)
+    assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+
+
+def test_prefers_tokenizer_json(tmp_path):
+    write_sentencepiece(tmp_path)
+    vocab_size = write_tokenizer_json(tmp_path)  # overwrites tokenizer_config.json too
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == vocab_size and tok.encode("<|im_end|>") == [2]
+
+
+def test_special_ids_from_other_files(tmp_path):
+    write_tokenizer_json(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 2, 2)  # pad falls back to the primary EOS
+    assert tok.eos_ids == {0, 1, 2}
+    assert tok.add_bos is False  # no config flag, and the post-processor adds no BOS
+    assert tok.chat_template is None
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(DataError, match="no tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# chat templates
+
+# Exercises what real templates use: bos_token, namespace, loop controls, whitespace control
+# under trim_blocks/lstrip_blocks, tojson on non-ASCII, raise_exception (not raised here).
+LLAMA3_LIKE_TEMPLATE = """{{- bos_token }}
+{%- set ns = namespace(system='') %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set ns.system = message['content'] %}
+        {%- continue %}
+    {%- endif %}
+    {%- if message['role'] not in ['user', 'assistant'] %}
+        {{- raise_exception('unknown role ' + message['role']) }}
+    {%- endif %}
+    {{- '<|im_start|>' + message['role'] + '\\n' }}
+    {%- if loop.index0 == 1 and ns.system %}{{ ns.system | tojson }}
+{% endif %}
+    {{- message['content'] | trim + '<|im_end|>' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {% endif %}"""
+
+MESSAGES = [
+    {"role": "system", "content": "Réponds en français."},
+    {"role": "user", "content": "  Hello there  "},
+    {"role": "assistant", "content": "Bonjour !"},
+    {"role": "user", "content": "Count to 3."},
+]
+
+
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, LLAMA3_LIKE_TEMPLATE])
+def test_chat_template_matches_transformers(tmp_path, template):
+    from transformers import AutoTokenizer
+
+    write_tokenizer_json(tmp_path, chat_template=template)
+    tok = load_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for add_generation_prompt in (False, True):
+        ours = tok.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
+        assert ours == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.rstrip("\n").endswith("<|im_start|>assistant")
+    if template == LLAMA3_LIKE_TEMPLATE:
+        with pytest.raises(DataError, match="unknown role tool"):
+            tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_chat_template_sources(tmp_path):
+    write_tokenizer_json(tmp_path, chat_template=None)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).chat_template == "D"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages[0]['content'] }}")
+    tok = load_tokenizer(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "Jx"
+
+
+# -----------------------------------------------------------------------------
+# prompts and examples
+
+def test_alpaca_prompt_exact(bpe_dir):
+    tok = load_tokenizer(bpe_dir)
+    assert build_prompt("alpaca", tok, "Add the numbers.", "2 and 3") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert build_prompt("alpaca", tok, "Say {hi}.", "") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSay {hi}.\n\n### Response:\n")
+    assert build_prompt("plain", tok, "Q", "ctx") == "Q\nctx"
+    assert build_prompt("plain", tok, "Q", "") == "Q"
+
+
+def test_template_file(bpe_dir, tmp_path):
+    tok = load_tokenizer(bpe_dir)
+    template = tmp_path / "tpl.json"
+    template.write_text(json.dumps({
+        "description": "m-LoRA style", "response_split": "### Output:",
+        "prompt_input": "### Task:\n{instruction}\n### Context:\n{input}\n### Output:\n",
+        "prompt_no_input": "### Task:\n{instruction}\n### Output:\n"}))
+    assert build_prompt(str(template), tok, "Do it", "now") == "### Task:\nDo it\n### Context:\nnow\n### Output:\n"
+    assert build_prompt(str(template), tok, "Do it", "") == "### Task:\nDo it\n### Output:\n"
+    examples = load_job_data(write_rows(tmp_path / "d.json", ROWS), tok, template=str(template))
+    prompt = "### Task:\nWhat is the capital of France?\n### Output:\n"
+    assert examples[0].input_ids[:len(tok.encode(prompt))] == tok.encode(prompt)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_labels_mask_exactly_the_prompt(bpe_dir, sp_dir, tmp_path, kind):
+    tok = load_tokenizer(bpe_dir if kind == "bpe" else sp_dir)
+    examples = load_job_data(write_rows(tmp_path / "d.jsonl", ROWS), tok, cutoff_len=512)
+    assert len(examples) == len(ROWS)
+    for row, example in zip(ROWS, examples):
+        prompt = build_prompt("alpaca", tok, row["instruction"], row.get("input", ""))
+        prompt_ids = tok.encode(prompt, bos=tok.add_bos)
+        assert example.input_ids[:len(prompt_ids)] == prompt_ids
+        assert len(example.labels) == len(example.input_ids)
+        assert example.labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+        assert example.labels[len(prompt_ids):] == example.input_ids[len(prompt_ids):]  # aligned, not shifted
+        assert tok.decode(unmasked(example)) == row["output"] + tok.eos_token
+        assert example.input_ids[-1] == tok.eos_id and example.input_ids.count(tok.eos_id) == 1
+    if kind == "sp":  # Llama: one BOS first; after "Response:\n" no dummy-prefix space on the response
+        assert examples[0].input_ids[0] == 1 and examples[0].input_ids[1] != 1
+        assert not tok.id_to_token(unmasked(examples[0])[0]).startswith("\u2581")
+
+
+def test_train_on_inputs_and_cutoff(bpe_dir, tmp_path, capsys):
+    tok = load_tokenizer(bpe_dir)
+    path = write_rows(tmp_path / "d.json", ROWS)
+    full = load_job_data(path, tok, train_on_inputs=True, cutoff_len=512)
+    assert all(example.labels == example.input_ids for example in full)
+
+    # The alpaca header alone is > 20 tokens: every prompt is cut, no loss token is left.
+    with pytest.raises(DataError, match=f"{path}: no example"):
+        load_job_data(path, tok, cutoff_len=20)
+    # A cutoff that fits the short rows drops the long one, with one warning.
+    long_row = {"instruction": "word " * 200, "output": "ok"}
+    capsys.readouterr()
+    cutoff_len = max(len(example.input_ids) for example in full)
+    examples = load_job_data(write_rows(path, ROWS + [long_row]), tok, cutoff_len=cutoff_len)
+    assert len(examples) == len(ROWS)
+    warning = capsys.readouterr().out
+    assert warning.count("\n") == 1 and "dropped 1 of 4" in warning and str(path) in warning
+    # Truncation keeps the first cutoff_len tokens of ids and labels alike.
+    cut = load_job_data(path, tok, cutoff_len=60, train_on_inputs=True)
+    assert all(len(c.input_ids) == min(60, len(f.input_ids)) for c, f in zip(cut, full))
+    assert cut[0].input_ids == full[0].input_ids[:60] and cut[0].labels == full[0].labels[:60]
+
+
+def test_chat_example_ends_at_eos(bpe_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(bpe_dir)
+    examples = load_job_data(write_rows(tmp_path / "d.json", ROWS), tok, template="chat")
+    hf = AutoTokenizer.from_pretrained(bpe_dir)
+    row, example = ROWS[1], examples[1]
+    messages = [{"role": "user", "content": row["instruction"] + "\n\n" + row["input"]},
+                {"role": "assistant", "content": row["output"]}]
+    rendered = hf.apply_chat_template(messages, tokenize=False)
+    assert rendered.endswith("<|im_end|>\n")
+    # The sequence is the rendered conversation up to and including the final <|im_end|> (EOS).
+    assert tok.decode(example.input_ids) == rendered[:-1]
+    assert example.input_ids[-1] == tok.eos_id and example.input_ids.count(tok.eos_id) == 2
+    assert tok.decode(unmasked(example)) == row["output"] + "<|im_end|>"
+
+
+def test_llama2_chat_on_sentencepiece(tmp_path):
+    # Llama 2's template writes "<s>" and "</s>" as text: no double BOS, no extra EOS.
+    write_sentencepiece(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                               "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}"
+                               "{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    examples = load_job_data(write_rows(tmp_path / "d.json", ROWS[:1]), tok, template="chat")
+    ids = examples[0].input_ids
+    assert ids[0] == 1 and ids.count(1) == 1 and ids[-1] == 2 and ids.count(2) == 1
+    assert tok.decode(ids) == "<s>[INST] What is the capital of France? [/INST] The capital of France is Paris. </s>"
+    assert tok.decode(unmasked(examples[0])) == "The capital of France is Paris. </s>"
+
+
+def test_chat_without_template(sp_dir, tmp_path):
+    with pytest.raises(DataError, match="template 'chat': .* has no chat template"):
+        load_job_data(write_rows(tmp_path / "d.json", ROWS), load_tokenizer(sp_dir), template="chat")
+
+
+def test_chat_template_prefix_mismatch(tmp_path):
+    # A template that renders the last user turn differently once a reply follows.
+    write_tokenizer_json(tmp_path, chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                         "{% if loop.last %}!{% endif %}\n{% endfor %}")
+    path = write_rows(tmp_path / "d.json", ROWS)
+    with pytest.raises(DataError, match=f"{path}: row 1: template 'chat'"):
+        load_job_data(path, load_tokenizer(tmp_path), template="chat")
+
+
+# -----------------------------------------------------------------------------
+# fuse
+
+def test_fuse():
+    def example(n, start):
+        return Example(input_ids=list(range(start, start + n)), labels=[-100] * 2 + list(range(start + 2, start + n)))
+
+    a = [example(3, 10), example(11, 20)]
+    b = [example(5, 40)]
+    batch = fuse([("a", a), (None, b)], pad_id=7)
+    assert batch.input_ids.shape == batch.labels.shape == (3, 16)
+    assert batch.input_ids.dtype == batch.labels.dtype == torch.long
+    assert batch.adapter_names == ["a", "a", None]
+    assert batch.lengths.tolist() == [3, 11, 5] and batch.num_tokens == 19
+    for row, ex in enumerate(a + b):
+        n = len(ex.input_ids)
+        assert batch.input_ids[row, :n].tolist() == ex.input_ids
+        assert batch.labels[row, :n].tolist() == ex.labels
+        assert (batch.input_ids[row, n:] == 7).all() and (batch.labels[row, n:] == -100).all()
+    assert fuse([("a", a)], pad_id=0, multiple_of=1).input_ids.shape == (2, 11)
+    assert fuse([("x", [example(16, 0)])], pad_id=0).input_ids.shape == (1, 16)
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids) and moved.adapter_names == batch.adapter_names
+
+
+# -----------------------------------------------------------------------------
+# errors: one line naming the file and the row or line
+
+def bad_json(path):
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
+
+
+def bad_jsonl(path):
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": }\n')
+
+
+@pytest.mark.parametrize("name, write, expected", [
+    ("missing.json", None, "file not found"),
+    ("d.json", bad_json, "line 3: invalid JSON (Expecting ','"),
+    ("d.jsonl", bad_jsonl, "line 3: invalid JSON (Expecting value"),
+    ("d.json", lambda p: write_rows(p, [ROWS[0], {"instruction": "x"}]), "row 2: missing field 'output'"),
+    ("d.jsonl", lambda p: p.write_text('\n{"instruction": "x", "output": 1}\n'),
+     "line 2: field 'output' must be a string, got int"),
+    ("d.json", lambda p: write_rows(p, [ROWS[0], ROWS[1], ["x"]]), "row 3: expected an object, got list"),
+    ("d.json", lambda p: write_rows(p, [{"instruction": "x", "input": 3, "output": "y"}]),
+     "row 1: field 'input' must be a string"),
+    ("d.json", lambda p: p.write_text(""), "file is empty"),
+    ("d.json", lambda p: p.write_text("[]"), "no rows"),
+    ("d.json", lambda p: p.write_text('{"instruction": "x"}'), "expected a JSON list of objects, got dict"),
+    ("d.txt", lambda p: p.write_text("x"), "expected a .json or .jsonl file"),
+])
+def test_data_errors(bpe_dir, tmp_path, name, write, expected):
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    with pytest.raises(DataError) as error:
+        load_job_data(path, load_tokenizer(bpe_dir))
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"prompt_input": "{instruction} {input}"}, "missing key 'prompt_no_input'"),
+    ({"prompt_input": "{instruction}", "prompt_no_input": 3}, "'prompt_no_input' must be a string"),
+    ({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}"}, "bad placeholder"),
+    (None, "template file not found"),
+])
+def test_template_file_errors(bpe_dir, tmp_path, content, expected):
+    template = tmp_path / "tpl.json"
+    if content is not None:
+        template.write_text(json.dumps(content))
+    with pytest.raises(DataError) as error:
+        load_job_data(write_rows(tmp_path / "d.json", ROWS), load_tokenizer(bpe_dir), template=str(template))
+    message = str(error.value)
+    assert message.startswith(f"{template}: ") and expected in message and "\n" not in message
