@@ -81,26 +81,40 @@ class MultiLoRALinear(nn.Module):
         out = self.base_forward(x)                                   # [B, T, out], all rows at once
         if self.routing is None:
             return out
+        B, T, _ = x.shape
+        pieces, covered = [], 0   # deltas of consecutive row ranges, zeros where no adapter applies
         for name, rows, own_len, generator in self.routing.groups:
             if name not in self.lora_A or name in self.merged:
                 continue  # this adapter does not target this layer, or is already in `weight`
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            A, B_ = self.lora_A[name].weight, self.lora_B[name].weight
             # Only the adapter's own padded length: its dropout mask then has the same
             # shape, and so the same values, whatever longer rows it was fused with.
+            own_len = T if own_len is None else min(own_len, T)
             x_rows = x[rows, :own_len].to(A.dtype)                   # [b, t, in]
-            p = self.dropout[name]
+            scale, p = self.scaling[name], self.dropout[name]
             if self.training and p > 0:
                 if generator is None:
-                    x_rows = F.dropout(x_rows, p)
+                    keep = torch.empty_like(x_rows).bernoulli_(1 - p)
                 else:
                     keep = torch.empty_like(x_rows).bernoulli_(1 - p, generator=generator)
-                    x_rows = x_rows * keep / (1 - p)
-            delta = (x_rows @ A.t()) @ B.t() * self.scaling[name]   # [b, t, out]
-            if isinstance(rows, slice):
-                out[rows, :own_len] += delta.to(out.dtype)
-            else:
-                out[rows, :own_len] = out[rows, :own_len] + delta.to(out.dtype)
-        return out
+                x_rows = x_rows * keep
+                scale = scale / (1 - p)  # dropout's 1/(1-p), folded into the small [b, t, r] product
+            delta = ((x_rows @ A.t()) * scale) @ B_.t()              # [b, t, out]
+            delta = F.pad(delta.to(out.dtype), (0, 0, 0, T - own_len))  # [b, T, out]
+            if not isinstance(rows, slice):  # rows scattered through the batch: add in place of a slice
+                out = out.index_add(0, rows, delta)
+                continue
+            if rows.start > covered:
+                pieces.append(out.new_zeros(rows.start - covered, T, out.size(-1)))
+            pieces.append(delta)
+            covered = rows.stop
+        if not pieces:
+            return out
+        if covered < B:
+            pieces.append(out.new_zeros(B - covered, T, out.size(-1)))
+        # One add of the assembled deltas: slicing `out` in place per adapter would make
+        # autograd copy the whole output gradient once per adapter.
+        return out + torch.cat(pieces)
 
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}
