@@ -1,0 +1,181 @@
+"""Batched generation where every row has its own adapter (or none), with a KV cache.
+
+All rows run as one batch: prompts are left padded so that each row's next token lands
+in the same column, the cache holds past keys/values, and `lora.route` sends row i
+through adapter adapters[i]. Greedy by default; temperature + top-p sampling on request.
+
+    python generate.py --base DIR --adapter out/a --adapter out/b --with-base --prompt "Hi"
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import lora
+import model as M
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row [B] from logits [B, V]: argmax, or temperature + nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)             # [B, V]
+    if top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2019, section 3.1): keep the smallest set of
+        # most likely tokens whose mass reaches top_p. A token goes when the mass before it
+        # already does, so the most likely one always stays (top_p -> 0 is greedy).
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max_new_tokens: int = 128,
+             stop_ids: set[int] | None = None, pad_id: int = 0, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt, row i through adapter adapters[i] (None: the base).
+
+    A row ends at its first stop id, which is kept in its output (as transformers'
+    generate keeps EOS); seed makes sampling reproducible.
+    """
+    if len(prompts) != len(adapters):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(adapters)} adapters")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: empty prompt (give at least one token, e.g. BOS)")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    stop_ids = set(stop_ids or ())
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    # Left padding: each row's last prompt token sits in column T-1, so the new tokens of
+    # all rows form one column per step; the mask hides the padding from attention.
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[b, T - len(prompt):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    last_column = torch.zeros(B, T, dtype=torch.bool, device=device)
+    last_column[:, -1] = True  # only the last position's logits are needed: skip the vocab matmul elsewhere
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    generator = None
+    if temperature > 0 and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    cache = model.new_cache(B, T + max_new_tokens)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    was_training = model.training
+    model.eval()
+    try:
+        with lora.route(model, adapters):
+            logits = model(input_ids, attention_mask=attention_mask, cache=cache, output_mask=last_column)  # [B, V]
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_p, generator)          # [B]
+                new_tokens.append(token)
+                if stop_ids:  # finished rows run on with the rest; their extra tokens are cut off below
+                    done |= torch.isin(token, stop)
+                    if done.all().item():  # syncs the device: one small check per step
+                        break
+                if step == max_new_tokens - 1:
+                    break  # the last token needs no forward pass of its own
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # [B, T_past+1]
+                logits = model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]  # [B, V]
+    finally:
+        model.train(was_training)
+
+    outputs = []
+    for row in torch.stack(new_tokens, dim=1).tolist():                      # [B, steps]
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        outputs.append(row[:end])
+    return outputs
+
+
+def encode_prompt(tokenizer: data.Tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt as training sees it: optional chat wrapping, then BOS if the tokenizer adds one."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    # BOS (ChatGLM: [gMASK] sop) unless the chat template already wrote it.
+    return tokenizer.add_prefix(tokenizer.encode(text))
+
+
+def generate_text(model, tokenizer: data.Tokenizer, texts: list[str], adapters: list[str | None], *,
+                  chat: bool = False, **kw) -> list[str]:
+    """Encode texts, generate (stopping at the tokenizer's EOS ids), decode without special tokens."""
+    prompts = [encode_prompt(tokenizer, text, chat) for text in texts]
+    kw = {"stop_ids": tokenizer.eos_ids, "pad_id": tokenizer.pad_id, **kw}
+    outputs = generate(model, prompts, adapters, **kw)
+    return [tokenizer.decode(ids, skip_special=True) for ids in outputs]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def unique_name(folder: str, taken: set[str]) -> str:
+    """The folder's name as adapter name ('.' is not allowed in one); name-2, name-3 ... on a clash."""
+    base = Path(folder).resolve().name.replace(".", "_")
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Batched generation, one row per (prompt, adapter).")
+    parser.add_argument("--base", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--adapter", action="append", default=[], help="PEFT LoRA folder (repeatable)")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    parser.add_argument("--with-base", action="store_true", help="also answer each prompt with the bare base")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (the default); 1 when only --top-p or --seed is given")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling RNG")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args(argv)
+    if args.temperature is None:  # greedy unless a sampling flag asks otherwise
+        args.temperature = 1.0 if args.top_p < 1.0 or args.seed is not None else 0.0
+
+    device = M.resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    try:
+        tokenizer = data.load_tokenizer(args.base)
+        model = M.load_model(args.base, dtype=dtype, device=device)
+        names = []
+        for folder in args.adapter:
+            names.append(lora.load_peft(model, folder, unique_name(folder, set(names))))
+        # Prompt-major rows, so the answers to one prompt print together.
+        row_adapters = ([None] if args.with_base or not names else []) + names
+        rows = [(text, name) for text in args.prompt for name in row_adapters]
+        prompts = [encode_prompt(tokenizer, text, args.chat) for text, _ in rows]
+    except (FileNotFoundError, KeyError, ValueError) as e:  # data.DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    t0 = time.time()
+    outputs = generate(model, prompts, [name for _, name in rows], max_new_tokens=args.max_new_tokens,
+                       stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed)  # returns python lists: the device has synced
+    elapsed = time.time() - t0
+    for i, text in enumerate(args.prompt):
+        print(f"\n=== prompt {i + 1}: {text!r}")
+        for j, name in enumerate(row_adapters):
+            answer = tokenizer.decode(outputs[i * len(row_adapters) + j], skip_special=True)
+            print(f"[{name or 'base'}] {answer}")
+    n_tokens = sum(len(ids) for ids in outputs)
+    print(f"\n{n_tokens} new tokens in {len(rows)} rows, {elapsed:.2f}s, {n_tokens / elapsed:.1f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Generation: greedy against transformers (+ PEFT), mixed adapters, KV cache, sampling, CLI."""
+import pytest
+import torch
+
+import data
+import generate as G
+import lora
+import model as M
+from conftest import make_hf_model, save_hf
+from test_lora import randomize_B
+from tokenizer_util import write_tokenizer_json
+
+LENGTHS = (5, 9, 3, 7)  # different prompt lengths, so every batch is left padded
+PAD = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Generation is hundreds of tiny sequential ops: on a shared, busy CPU two intra-op threads
+    wait on each other at every op (seen: 10x slower), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_prompts(lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 384, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_generate(hf, prompts, max_new_tokens, eos_ids):
+    """transformers' greedy generate on left-padded prompts; new tokens per row, cut after the first EOS."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[PAD] * (T - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=PAD, eos_token_id=sorted(eos_ids))
+    rows = []
+    for row in out[:, T:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def pick_eos(outputs):
+    """A token generated mid-way by row 1 but never by row 0, so rows stop at different steps."""
+    for i in range(2, len(outputs[1]) - 2):
+        token = outputs[1][i]
+        if token not in outputs[1][:i] and token not in outputs[0]:
+            return token
+    raise AssertionError("no suitable eos token in the greedy outputs")
+
+
+def with_adapters(path):
+    """Our model with two adapters of different ranks and targets, B randomized."""
+    ours = M.load_model(path, dtype=torch.float32)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=list(lora.LLAMA_TARGETS)),
+                             "b": lora.LoRAConfig(r=2, alpha=16, targets=["q_proj", "v_proj", "down_proj"])})
+    randomize_B(ours, "a", seed=1)
+    randomize_B(ours, "b", seed=2)
+    return ours
+
+
+def test_greedy_equals_transformers_with_per_row_eos(tiny_llama):
+    path, hf = tiny_llama
+    ours = M.load_model(path, dtype=torch.float32)
+    prompts = random_prompts()
+    free = G.generate(ours, prompts, [None] * 4, max_new_tokens=12)
+    assert free == hf_generate(hf, prompts, 12, set())
+    eos = pick_eos(free)
+    stopped = G.generate(ours, prompts, [None] * 4, max_new_tokens=12, stop_ids={eos}, pad_id=PAD)
+    assert stopped == hf_generate(hf, prompts, 12, {eos})
+    # Row 1 stops on the eos, which it keeps; row 0 runs to max_new_tokens.
+    assert stopped[1][-1] == eos and len(stopped[1]) < 12 and stopped[0] == free[0]
+
+
+def test_greedy_with_adapter_equals_peft(tmp_path, tiny_llama):
+    import peft
+    path, hf = tiny_llama
+    ours = with_adapters(path)
+    lora.save_peft(ours, "a", tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "a")
+    prompts = random_prompts(seed=2)
+    got = G.generate(ours, prompts, ["a"] * 4, max_new_tokens=10)
+    assert got == hf_generate(pm, prompts, 10, set())
+    assert got != G.generate(ours, prompts, [None] * 4, max_new_tokens=10)  # the adapter matters
+
+
+def test_mixed_adapters_equal_each_row_alone(tiny_llama):
+    ours = with_adapters(tiny_llama[0])
+    prompts = random_prompts((6, 2, 6, 9, 4, 6), seed=3)
+    prompts[2] = prompts[5] = prompts[0]  # one prompt under b, None and a
+    names = ["b", "a", None, "b", "a", "a"]
+    mixed = G.generate(ours, prompts, names, max_new_tokens=10)
+    for prompt, name, row in zip(prompts, names, mixed):
+        assert row == G.generate(ours, [prompt], [name], max_new_tokens=10)[0]
+    assert len({tuple(mixed[i]) for i in (0, 2, 5)}) == 3  # b, base and a answer differently
+
+
+def test_kv_cache_equals_recomputing(tiny_llama):
+    ours = with_adapters(tiny_llama[0])
+    prompts = random_prompts(seed=4)
+    names = ["a", None, "b", "a"]
+    cached = G.generate(ours, prompts, names, max_new_tokens=10)
+    # Reference: the whole left-padded sequence through the model at every step, no cache.
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad(), lora.route(ours, names):
+        for _ in range(10):
+            token = ours(ids, attention_mask=mask)[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
+    assert cached == ids[:, T:].tolist()
+
+
+def test_sampling_seeds_and_top_p(tiny_llama):
+    ours = M.load_model(tiny_llama[0], dtype=torch.float32)
+    prompts = random_prompts(seed=5)
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    first = G.generate(ours, prompts, [None] * 4, seed=0, **kw)
+    assert first == G.generate(ours, prompts, [None] * 4, seed=0, **kw)
+    assert first != G.generate(ours, prompts, [None] * 4, seed=1, **kw)
+    greedy = G.generate(ours, prompts, [None] * 4, max_new_tokens=8)
+    assert first != greedy
+    assert G.generate(ours, prompts, [None] * 4, seed=0, top_p=1e-6, **kw) == greedy
+    # generate puts the model in eval mode and gives back the mode it found.
+    ours.train()
+    G.generate(ours, prompts[:1], [None], max_new_tokens=2)
+    assert ours.training
+
+
+def test_generate_text_adds_bos_and_chat_template(tmp_path):
+    vocab = write_tokenizer_json(tmp_path / "base", add_bos=True)  # Llama 3 style: BOS from the post-processor
+    save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
+    tokenizer = data.load_tokenizer(tmp_path / "base")
+    ours = M.load_model(tmp_path / "base", dtype=torch.float32)
+    texts = ["What is the capital of France?", "hello"]
+    chat_texts = [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in texts]
+    for chat, prompts in ((False, texts), (True, chat_texts)):
+        ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+        expected = G.generate(ours, ids, [None, None], max_new_tokens=6, stop_ids=tokenizer.eos_ids,
+                              pad_id=tokenizer.pad_id)
+        got = G.generate_text(ours, tokenizer, texts, [None, None], chat=chat, max_new_tokens=6)
+        assert got == [tokenizer.decode(e, skip_special=True) for e in expected]
+
+
+def test_cli_with_two_adapters_and_base(tmp_path, capsys):
+    vocab = write_tokenizer_json(tmp_path / "base")
+    save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
+    ours = with_adapters(tmp_path / "base")
+    # Two folders with the same name: the second loads as "job-2".
+    lora.save_peft(ours, "a", tmp_path / "x" / "job")
+    lora.save_peft(ours, "b", tmp_path / "y" / "job")
+    rc = G.main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "x" / "job"),
+                 "--adapter", str(tmp_path / "y" / "job"), "--with-base", "--prompt", "hello world",
+                 "--prompt", "The quick brown fox", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for label in ("[base] ", "[job] ", "[job-2] "):
+        assert out.count(label) == 2, out
+    assert out.index("prompt 1") < out.index("[job-2]") < out.index("prompt 2")
+    assert "tokens/s" in out
