@@ -43,9 +43,30 @@ def _id_list(value) -> list[int]:
 # -----------------------------------------------------------------------------
 # Tokenizer
 
+# ChatGLM2/3's tokenization_chatglm.py adds these ids right after the sentencepiece vocabulary,
+# in this order; ChatGLM3 adds its role tokens after them.
+CHATGLM_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+
+def _chatglm_version(folder: Path, config: dict, model_config: dict) -> int | None:
+    """2 or 3 for a THUDM ChatGLM sentencepiece folder, None for any other.
+
+    A ChatGLM folder says model_type "chatglm" (config.json) or tokenizer_class
+    "ChatGLMTokenizer"; it is ChatGLM3 when its tokenizer defines the role tokens, i.e.
+    "<|user|>" appears in tokenization_chatglm.py (the code that adds them) or in
+    tokenizer_config.json (added_tokens_decoder, chat_template); otherwise ChatGLM2.
+    """
+    if model_config.get("model_type") != "chatglm" and config.get("tokenizer_class") != "ChatGLMTokenizer":
+        return None
+    code = folder / "tokenization_chatglm.py"
+    sources = [json.dumps(config, ensure_ascii=False)] + ([code.read_text(encoding="utf-8")] if code.is_file() else [])
+    return 3 if any("<|user|>" in text for text in sources) else 2
+
+
 class Tokenizer:
     """Text <-> ids for one Hugging Face checkpoint folder: tokenizer.json (the tokenizers
-    library: Llama 3, SmolLM, Qwen2) or sentencepiece tokenizer.model (Llama 1/2)."""
+    library: Llama 3, SmolLM, Qwen2) or sentencepiece tokenizer.model (Llama 1/2, ChatGLM2/3)."""
 
     def __init__(self, path: str | Path):
         folder = Path(path)
@@ -56,6 +77,7 @@ class Tokenizer:
         generation_config = _read_json(folder / "generation_config.json")
 
         self._tok = self._sp = None
+        self.chatglm: int | None = None  # 2 or 3 for ChatGLM2/3 (sentencepiece plus THUDM's special tokens)
         # Special tokens written literally in text (e.g. "</s>" in Llama 2's chat template)
         # must encode to their one id; the tokenizers library does this itself for its added
         # tokens, for sentencepiece we split the text on them (_special_re).
@@ -66,19 +88,31 @@ class Tokenizer:
             self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            try:
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            except RuntimeError:  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
+                raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
+                                "which is not supported; use a folder with tokenizer.json)") from None
             self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
                              if self._sp.is_control(i) or self._sp.is_unknown(i)}
             # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
             for token_id, token in config.get("added_tokens_decoder", {}).items():
                 if _token_content(token) is not None:
                     self._special[_token_content(token)] = int(token_id)
+            self.chatglm = _chatglm_version(folder, config, model_config)
+            if self.chatglm is not None:
+                added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if self.chatglm == 3 else ())
+                n = self._sp.get_piece_size()
+                self._special.update({token: n + i for i, token in enumerate(added)})
             self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
         else:
             raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
         self._special_by_id = {i: s for s, i in self._special.items()}
-        longest_first = sorted(self._special, key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._special else None
+        # Which special tokens text may spell out. Not ChatGLM's masks and "sop"/"eop": THUDM's
+        # tokenizer reads none of them from text, and "eop" is part of words ("people").
+        self._in_text = {s: i for s, i in self._special.items() if not (self.chatglm and s in CHATGLM_SPECIAL)}
+        longest_first = sorted(self._in_text, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._in_text else None
 
         def special_id(name: str) -> int | None:
             # The tokenizer's own files name the token; config.json ids are the fallback.
@@ -101,7 +135,11 @@ class Tokenizer:
         self.eos_ids: set[int] = {self.eos_id} if self.eos_id is not None else set()
         for source in (model_config, generation_config):
             self.eos_ids |= set(_id_list(source.get("eos_token_id")))
+        if self.chatglm == 3:  # a ChatGLM3 turn ends where the next one starts (THUDM's chat() stops on these)
+            self.eos_ids |= {self._special["<|user|>"], self._special["<|observation|>"]}
         pad_id = special_id("pad_token")
+        if pad_id is None and self.chatglm is not None:
+            pad_id = self._sp.unk_id()  # THUDM's ChatGLM tokenizer pads with <unk>
         self.pad_id: int = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
         self.bos_token: str | None = self.id_to_token(self.bos_id) if self.bos_id is not None else None
         self.eos_token: str | None = self.id_to_token(self.eos_id) if self.eos_id is not None else None
@@ -114,7 +152,14 @@ class Tokenizer:
             add_bos = self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         else:
             add_bos = True  # sentencepiece Llama 1/2 and HF's LlamaTokenizer default
-        self.add_bos: bool = add_bos and self.bos_id is not None
+        # The ids every sequence starts with: BOS, or ChatGLM's [gMASK] sop, which THUDM's
+        # tokenizer always prepends (build_inputs_with_special_tokens), whatever add_bos_token says.
+        if self.chatglm is not None:
+            self.prefix_ids: list[int] = [self._special["[gMASK]"], self._special["sop"]]
+            add_bos = True
+        else:
+            self.prefix_ids = [self.bos_id] if self.bos_id is not None else []
+        self.add_bos: bool = add_bos and bool(self.prefix_ids)
 
         # Newer checkpoints keep the template in chat_template.jinja; older ones in the config,
         # some as a list of named templates.
@@ -144,21 +189,35 @@ class Tokenizer:
         return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Token ids of text, no special tokens added except BOS when bos=True (and one exists)."""
+        """Token ids of text, no special tokens added except prefix_ids (BOS) when bos=True."""
         if self._tok is not None:
             ids = self._tok.encode(text, add_special_tokens=False).ids
         else:
             # Each piece between special tokens is encoded on its own, with sentencepiece's
             # dummy-prefix space, as Meta's Llama 2 code does around its [INST] markers.
-            ids = []
+            ids, after_role = [], False
             for chunk in (self._special_re.split(text) if self._special_re else [text]):
-                if chunk in self._special:
-                    ids.append(self._special[chunk])
+                if chunk in self._in_text:
+                    ids.append(self._in_text[chunk])
+                    after_role = chunk in CHATGLM3_ROLES
                 elif chunk:
-                    ids.extend(self._sp.encode(chunk))
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
+                    if self.chatglm == 3 and after_role and "\n" in chunk:
+                        # ChatGLM3 encodes a message as role token, metadata line (usually
+                        # empty) and content, each on its own (build_single_message).
+                        line, content = chunk.split("\n", 1)
+                        ids.extend(self._sp.encode(line + "\n") + self._sp.encode(content))
+                    else:
+                        ids.extend(self._sp.encode(chunk))
+                    after_role = False
+        if bos:
+            ids = self.prefix_ids + ids
         return ids
+
+    def add_prefix(self, ids: list[int]) -> list[int]:
+        """ids starting with prefix_ids when the tokenizer adds them (unless a template wrote them)."""
+        if not self.add_bos or ids[:len(self.prefix_ids)] == self.prefix_ids:
+            return ids
+        return self.prefix_ids + ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Text of ids; skip_special drops special tokens (BOS, EOS, chat markers)."""
@@ -178,7 +237,10 @@ class Tokenizer:
         return "".join(parts)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render messages with the checkpoint's jinja chat template, as transformers does."""
+        """Render messages with the checkpoint's jinja chat template, as transformers does
+        (ChatGLM2/3: their own prompt formats, see _chatglm_chat)."""
+        if self.chatglm is not None:
+            return _chatglm_chat(self.chatglm, messages, add_generation_prompt)
         if self.chat_template is None:
             raise DataError(f"{self.path}: the tokenizer has no chat template")
         if self._compiled_template is None:
@@ -186,6 +248,27 @@ class Tokenizer:
         return self._compiled_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _chatglm_chat(version: int, messages: list[dict], add_generation_prompt: bool) -> str:
+    """ChatGLM2's rounds ("[Round 1]\\n\\n问：...\\n\\n答：...", its build_prompt) or ChatGLM3's role
+    messages ("<|user|>\\n...<|assistant|>\\n...", its build_chat_input); [gMASK] sop come from prefix_ids.
+
+    A ChatGLM folder's jinja chat_template, if it has one, is not used: the prefix comes from
+    prefix_ids, and each message must be encoded apart as build_single_message does (encode).
+    """
+    if version == 3:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+    rounds = []
+    for m in messages:
+        if m["role"] == "user":
+            rounds.append(f"[Round {len(rounds) + 1}]\n\n问：{m['content']}\n\n答：")
+        elif m["role"] == "assistant" and rounds:
+            rounds[-1] += m["content"]
+        else:
+            raise DataError(f"ChatGLM2's prompt format has no {m['role']!r} message here (only user, assistant turns)")
+    return "\n\n".join(rounds)
 
 
 def _compile_chat_template(source: str):
@@ -256,7 +339,7 @@ def _template_file(path: str) -> dict:
 
 def check_template(template: str, tokenizer: Tokenizer) -> None:
     """Raise DataError if template is unusable: an unknown or bad template file, or 'chat' without a chat template."""
-    if template == "chat" and tokenizer.chat_template is None:
+    if template == "chat" and tokenizer.chat_template is None and tokenizer.chatglm is None:
         raise DataError(f"template 'chat': {tokenizer.path} has no chat template")
     if template not in NAMED_TEMPLATES:
         _template_file(str(template))
@@ -309,13 +392,13 @@ def make_example(tokenizer: Tokenizer, prompt: str, response: str, cutoff_len: i
     # The response's ids are taken from the joint encoding, so its first token is the one
     # the model sees after this prompt (sentencepiece would put a dummy-prefix space on a
     # response encoded alone); if the two merged across the boundary, encode them apart.
+    # ChatGLM2's own fine-tuning script (ptuning/main.py) always encodes the answer apart.
     full_ids = tokenizer.encode(prompt + response)
-    if full_ids[:len(prompt_ids)] == prompt_ids:
+    if full_ids[:len(prompt_ids)] == prompt_ids and tokenizer.chatglm != 2:
         response_ids = full_ids[len(prompt_ids):]
     else:
         response_ids = tokenizer.encode(response)
-    if tokenizer.add_bos and prompt_ids[:1] != [tokenizer.bos_id]:  # chat templates may write BOS themselves
-        prompt_ids = [tokenizer.bos_id] + prompt_ids
+    prompt_ids = tokenizer.add_prefix(prompt_ids)  # chat templates may write BOS themselves
 
     # End on exactly one stop token. A chat turn already ends with one (ChatML's <|im_end|>
     # is SmolLM2's and Qwen2's EOS) followed by a newline, which we drop so that the model

@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+# The vocabulary projections are never LoRA targets (PEFT would need modules_to_save for them).
+OUTPUT_LAYERS = ("lm_head", "transformer.output_layer")
 
 
 @dataclass
@@ -144,7 +147,7 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
                  dtype: torch.dtype = torch.float32):
     """Add each named adapter to the Linear layers named in its targets (HF module names)."""
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                           if isinstance(m, (nn.Linear, MultiLoRALinear)) and n != "lm_head"})
+                           if isinstance(m, (nn.Linear, MultiLoRALinear)) and n not in OUTPUT_LAYERS})
     existing = adapter_names(model)
     for name, cfg in configs.items():
         if not name or "." in name:

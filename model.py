@@ -1,5 +1,7 @@
 """The frozen base model: LLaMA family in plain PyTorch, loaded from a Hugging Face folder.
 
+ChatGLM2/3 and GLM-4 live in chatglm.py; build_model dispatches on config.json's model_type.
+
 Llama 1/2/3.x, Mistral, SmolLM, TinyLlama and Qwen2 share one architecture: pre-norm
 RMSNorm blocks, rotate-half RoPE over the whole head, grouped-query attention and a
 SwiGLU MLP. Parameter names follow the checkpoint's keys, so loading is a strict
@@ -107,6 +109,30 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+# ----------------------------------------------------------------------------- positions and mask
+
+def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
+    """Position ids [B, T] and the attention mask for SDPA: None (causal fast path) or [B, 1, T, T_past+T].
+
+    Without attention_mask every row is taken as unpadded (right padding needs no mask under
+    causal attention); with it, positions count real tokens only, so a left-padded row starts at 0.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        pos = torch.arange(past, past + T, device=device).expand(B, T)      # [B, T]
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+        return pos, mask
+    key_mask = attention_mask.bool()                                        # [B, T_past+T]
+    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]            # [B, T]
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+    mask = causal[None] & key_mask[:, None, :]                               # [B, T, T_past+T]
+    # A padding query would see no key at all (NaN softmax); let it see itself.
+    itself = torch.arange(T, device=device)[:, None] + past == torch.arange(past + T, device=device)
+    mask = mask | itself[None]
+    return pos, mask[:, None]                                                # [B, 1, T, T_past+T]
 
 
 # ----------------------------------------------------------------------------- kv cache
@@ -218,6 +244,10 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def reset_buffers(self, device):
+        """Recompute what is not in the checkpoint (rope frequencies, fp32) on device."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
     def new_cache(self, B: int, max_T: int) -> KVCache:
         cfg, w = self.config, self.model.embed_tokens.weight
         return KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_T, cfg.head_dim, w.dtype, w.device)
@@ -230,22 +260,9 @@ class Llama(nn.Module):
         it every row is taken as unpadded. output_mask [B, T] (bool) keeps only those
         positions and returns [N, V], which saves the big vocab matmul on prompt tokens.
         """
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         past = cache.length if cache is not None else 0
-        device = input_ids.device
-        if attention_mask is None:
-            pos = torch.arange(past, past + T, device=device).expand(B, T)  # [B, T]
-            mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-        else:
-            key_mask = attention_mask.bool()                                # [B, T_past+T]
-            # Positions count real tokens only, so a left-padded row starts at 0 too.
-            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]    # [B, T]
-            causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-            mask = causal[None] & key_mask[:, None, :]                       # [B, T, T_past+T]
-            # A padding query would see no key at all (NaN softmax); let it see itself.
-            itself = torch.arange(T, device=device)[:, None] + past == torch.arange(past + T, device=device)
-            mask = mask | itself[None]
-            mask = mask[:, None]                                             # [B, 1, T, T_past+T]
+        pos, mask = positions_and_mask(input_ids, attention_mask, past)
         freqs = pos[..., None].float() * self.inv_freq                       # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)                              # [B, T, hd]
         x = self.model.embed_tokens(input_ids)                               # [B, T, C]
@@ -297,7 +314,8 @@ def resolve_device(device: str) -> str:
 def build_model(hf_config: dict) -> nn.Module:
     """Pick the family from config.json's model_type (an explicit switch, no registry)."""
     if hf_config.get("model_type") == "chatglm":
-        raise ValueError("config.json: model_type 'chatglm' is not implemented yet")
+        import chatglm  # imports this module; chatglm.py holds ChatGLM2/3 and GLM-4
+        return chatglm.ChatGLM(chatglm.ChatGLMConfig.from_hf(hf_config))
     return Llama(LlamaConfig.from_hf(hf_config))
 
 
@@ -327,8 +345,9 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
         state = {}
         for key, tensor in _read_shard(file, "cpu" if file.suffix != ".safetensors" else device):
             if key not in expected:
-                # Some tied checkpoints still carry lm_head.weight; rotary inv_freq is recomputed.
-                if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
+                # Some tied checkpoints still carry lm_head.weight; rotary inv_freq is recomputed
+                # (ChatGLM's transformer.rotary_pos_emb.inv_freq too).
+                if key == "lm_head.weight" or key.endswith(("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")):
                     continue
                 unexpected.append(key)
                 continue
@@ -343,7 +362,7 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
                        f"{' ...' if len(unexpected) > 10 else ''}")
     model.tie_weights()
     # Buffers built on meta are recomputed on the real device (always fp32 for rope).
-    model.inv_freq = rope_inv_freq(model.config).to(device)
+    model.reset_buffers(device)
     model.requires_grad_(False)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
