@@ -138,6 +138,13 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def default_targets(model: nn.Module) -> list[str]:
+    """The attention projections, as Alpaca-LoRA and m-LoRA's examples target by default."""
+    if any(n.endswith(".query_key_value") for n, _ in model.named_modules()):
+        return ["query_key_value", "dense"]  # ChatGLM: fused qkv and the attention output
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 def adapter_seed(seed: int, name: str) -> int:
     """A stable per-adapter seed, so an adapter's init never depends on its neighbours."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)

@@ -1,6 +1,8 @@
 """Fine-tune many LoRA adapters at once on one frozen base: the config and the one loop.
 
+    python train.py                                  the bundled demo (demo.py)
     python train.py --config cfg.json [--key=value ...]
+    python train.py --merge out/JOB --to DIR [--base DIR]   export base + adapter merged
 
 Each step fuses the next micro-batches of several jobs into one padded batch, runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
@@ -41,7 +43,7 @@ class JobConfig:
     r: int = 8                             # LoRA rank
     alpha: float = 16                      # LoRA scale is alpha / r
     dropout: float = 0.05                  # dropout on the adapter input, drawn from the job's own RNG
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets: list[str] | None = None       # module names; None: the attention projections (lora.default_targets)
     optimizer: str = "adamw"               # adamw | sgd
     lr: float = 3e-4                       # peak learning rate
     weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
@@ -135,7 +137,8 @@ def _parse_override(text: str, hint):
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text
-    if typing.get_origin(hint) is list and isinstance(value, str):
+    wants_list = list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
+    if wants_list and isinstance(value, str):
         value = [v for v in value.split(",") if v]
     return value
 
@@ -312,7 +315,8 @@ def train(cfg: RunConfig) -> dict:
     while not sched.done:
         for name in sched.admit():
             job = jobs[name]
-            lora.add_adapters(model, {name: lora.LoRAConfig(job.r, job.alpha, job.dropout, job.targets)},
+            targets = job.targets or lora.default_targets(model)
+            lora.add_adapters(model, {name: lora.LoRAConfig(job.r, job.alpha, job.dropout, targets)},
                               seed=cfg.seed)
             generator = torch.Generator(device=device).manual_seed(lora.adapter_seed(cfg.seed, name) + 1)
             state[name] = dict(optimizer=make_optimizer(lora.adapter_parameters(model, name), job),
@@ -363,7 +367,8 @@ def train(cfg: RunConfig) -> dict:
             s["lr"] = lr
             if job.eval_every and mb.job in test_sets and s["step"] % job.eval_every == 0:
                 s["eval_loss"] = evaluate(model, mb.job, test_sets[mb.job], tokenizer.pad_id, device)
-                log({"event": "eval", "job": mb.job, "step": s["step"], "eval_loss": s["eval_loss"],
+                log({"event": "eval", "job": mb.job, "step": s["step"], "fused_step": step + 1,
+                     "eval_loss": s["eval_loss"],
                      "eval_ppl": math.exp(min(s["eval_loss"], 50))})
             if job.save_every and s["step"] % job.save_every == 0:
                 lora.save_peft(model, mb.job, out_dir / mb.job / f"checkpoint-{s['step']}", cfg.base_model)
@@ -397,6 +402,7 @@ def train(cfg: RunConfig) -> dict:
     bar.close()
     metrics.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
     for name, s in summary.items():
         eval_text = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
@@ -406,19 +412,93 @@ def train(cfg: RunConfig) -> dict:
     return summary
 
 
+def plot_losses(metrics_file: Path, png: Path):
+    """One training-loss line per job (and its held-out loss as dots) against fused steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss.png")
+        return
+    curves, evals = {}, {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        for name, job in record.get("jobs", {}).items():
+            if job["loss"] == job["loss"]:  # NaN until the job's first optimizer step
+                curves.setdefault(name, []).append((record["step"], job["loss"]))
+        if record.get("event") == "eval":
+            evals.setdefault(record["job"], []).append((record["fused_step"], record["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in curves.items():
+        line, = ax.plot(*zip(*points), label=f"{name} (train)")
+        if name in evals:
+            ax.plot(*zip(*evals[name]), "o--", color=line.get_color(), label=f"{name} (held-out)")
+    ax.set_xlabel("fused step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def export_merged(adapter_dir: str, to: str, base: str | None = None):
+    """Write base + adapter merged into a Hugging Face folder (config, weights, tokenizer)."""
+    import shutil
+    from safetensors.torch import save_file
+    adapter_dir, to = Path(adapter_dir), Path(to)
+    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = base or peft_config.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --base DIR")
+    net = M.load_model(base, dtype=torch.float32)
+    name = lora.load_peft(net, adapter_dir)
+    lora.merge(net, name)
+    state = {k: v.contiguous() for k, v in net.state_dict().items() if ".lora_" not in k}
+    if getattr(net.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once, as on the hub
+    stored = json.loads((Path(base) / "config.json").read_text())
+    dtype = stored.get("torch_dtype") or stored.get("dtype") or "float32"
+    state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
+    tmp = to.with_name(f".{to.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in Path(base).iterdir():  # config and tokenizer files, not the old weights
+        if file.is_file() and not file.name.startswith(("model", "pytorch_model")) and file.suffix != ".safetensors":
+            shutil.copy(file, tmp / file.name)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if to.exists():
+        shutil.rmtree(to)
+    tmp.rename(to)
+    print(f"merged {adapter_dir} into {base} -> {to} ({dtype})")
+
+
 def main(argv: list[str]) -> int:
-    config_path, overrides, args = None, [], list(argv)
+    config_path, overrides, args, merge_args = None, [], list(argv), {}
     while args:
         arg = args.pop(0)
-        if arg == "--config" and args:
-            config_path = args.pop(0)
+        if arg in ("--config", "--merge", "--to", "--base") and args:
+            value = args.pop(0)
+            if arg == "--config":
+                config_path = value
+            else:
+                merge_args[arg[2:]] = value
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
     try:
-        cfg = load_config(config_path, overrides)
-        train(cfg)
+        if merge_args:
+            if "merge" not in merge_args or "to" not in merge_args:
+                raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR]")
+            export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"))
+        elif config_path is None:
+            import demo  # no config: the bundled demo
+            demo.run_demo(overrides)
+        else:
+            train(load_config(config_path, overrides))
     except (ConfigError, data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

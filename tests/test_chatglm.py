@@ -296,6 +296,7 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
     from safetensors.torch import load_file
     path, _ = mqa
     ours = M.load_model(path)
+    assert lora.default_targets(ours) == ["query_key_value", "dense"]
     with pytest.raises(ValueError, match="valid targets: dense, dense_4h_to_h, dense_h_to_4h, query_key_value$"):
         lora.add_adapters(ours, {"x": lora.LoRAConfig(targets=["output_layer"])})
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=["query_key_value", "dense", "dense_4h_to_h"]),

@@ -164,6 +164,7 @@ def test_dropout_mask_comes_from_the_job_rng_only(ours):
 
 
 def test_bad_targets_and_names(ours):
+    assert lora.default_targets(ours) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     with pytest.raises(ValueError, match="valid targets: down_proj, gate_proj, k_proj, o_proj"):
         lora.add_adapters(ours, {"a": lora.LoRAConfig(targets=["q_proj", "qkv"])})
     lora.add_adapters(ours, {"a": lora.LoRAConfig()})
