@@ -18,6 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
+# (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
+FUSE_ADAPTERS = "cuda"
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 # The vocabulary projections are never LoRA targets (PEFT would need modules_to_save for them).
@@ -39,6 +43,23 @@ class Routing:
     """Which rows of the fused batch belong to which adapter, set by `route`."""
     # (adapter name, its rows as a slice or index tensor, its own padded length, its RNG)
     groups: list[tuple[str, slice | torch.Tensor, int | None, torch.Generator | None]]
+    cache: dict = field(default_factory=dict)
+
+    def coefficients(self, layer: "MultiLoRALinear", names: list[str], B: int, training: bool) -> torch.Tensor:
+        """[B, 1, sum r]: row i's coefficient is its adapter's scale on that adapter's r columns
+        (with dropout's 1/(1-p) folded in while training), 0 elsewhere. Cached per adapter set."""
+        key = (tuple(names), tuple(layer.scaling[n] for n in names), training)
+        if key not in self.cache:
+            ranks = [layer.lora_A[n].out_features for n in names]
+            coef = torch.zeros(B, 1, sum(ranks))
+            start = 0
+            for name, r in zip(names, ranks):
+                rows = next(g[1] for g in self.groups if g[0] == name)
+                p = layer.dropout[name] if training else 0.0
+                coef[rows.cpu() if torch.is_tensor(rows) else rows, :, start:start + r] = layer.scaling[name] / (1 - p)
+                start += r
+            self.cache[key] = coef.to(device=layer.lora_A[names[0]].weight.device)
+        return self.cache[key]
 
 
 class MultiLoRALinear(nn.Module):
@@ -82,42 +103,76 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)                                   # [B, T, out], all rows at once
-        if self.routing is None:
+        groups = [g for g in self.routing.groups if g[0] in self.lora_A and g[0] not in self.merged] \
+            if self.routing is not None else []
+        if not groups:
             return out
+        # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
+        # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
+        # wasted flops of that cost more than small per-adapter matmuls.
+        concatenated = FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and x.is_cuda)
+        delta = self.delta_concatenated(x, groups) if concatenated else self.delta_per_adapter(x, groups)
+        return out + delta.to(out.dtype)
+
+    def delta_concatenated(self, x: torch.Tensor, groups) -> torch.Tensor:
+        """Every row through the concatenated A's; a per-row coefficient keeps only its own
+        adapter's r columns (times its scale) and zeroes the rest, so B_cat adds exactly that
+        adapter's update. Two matmuls per layer whatever the number of adapters."""
+        names = [g[0] for g in groups]
+        A = torch.cat([self.lora_A[n].weight for n in names])               # [sum r, in]
+        B = torch.cat([self.lora_B[n].weight for n in names], dim=1)        # [out, sum r]
+        coef = self.routing.coefficients(self, names, x.size(0), self.training)  # [B, 1, sum r]
+        x = x.to(A.dtype)
+        if self.training and any(self.dropout[n] > 0 for n in names):
+            x = x * self.dropout_keep(groups, x, A.dtype)
+        return ((x @ A.t()) * coef) @ B.t()                                 # [B, T, out]
+
+    def delta_per_adapter(self, x: torch.Tensor, groups) -> torch.Tensor:
+        """Each adapter's update on its own rows only, assembled into one [B, T, out] tensor."""
         B, T, _ = x.shape
+        dtype = self.lora_A[groups[0][0]].weight.dtype
+        keep = self.dropout_keep(groups, x, dtype) if self.training and any(self.dropout[g[0]] > 0 for g in groups) else None
         pieces, covered = [], 0   # deltas of consecutive row ranges, zeros where no adapter applies
-        for name, rows, own_len, generator in self.routing.groups:
-            if name not in self.lora_A or name in self.merged:
-                continue  # this adapter does not target this layer, or is already in `weight`
+        delta = None
+        for name, rows, _, _ in groups:
             A, B_ = self.lora_A[name].weight, self.lora_B[name].weight
-            # Only the adapter's own padded length: its dropout mask then has the same
-            # shape, and so the same values, whatever longer rows it was fused with.
-            own_len = T if own_len is None else min(own_len, T)
-            x_rows = x[rows, :own_len].to(A.dtype)                   # [b, t, in]
-            scale, p = self.scaling[name], self.dropout[name]
-            if self.training and p > 0:
-                if generator is None:
-                    keep = torch.empty_like(x_rows).bernoulli_(1 - p)
-                else:
-                    keep = torch.empty_like(x_rows).bernoulli_(1 - p, generator=generator)
-                x_rows = x_rows * keep
-                scale = scale / (1 - p)  # dropout's 1/(1-p), folded into the small [b, t, r] product
-            delta = ((x_rows @ A.t()) * scale) @ B_.t()              # [b, t, out]
-            delta = F.pad(delta.to(out.dtype), (0, 0, 0, T - own_len))  # [b, T, out]
-            if not isinstance(rows, slice):  # rows scattered through the batch: add in place of a slice
-                out = out.index_add(0, rows, delta)
+            x_rows = x[rows].to(A.dtype)                                      # [b, T, in]
+            scale = self.scaling[name]
+            if keep is not None and self.dropout[name] > 0:
+                x_rows = x_rows * keep[rows]
+                scale = scale / (1 - self.dropout[name])  # dropout's 1/(1-p), on the small [b, T, r]
+            piece = ((x_rows @ A.t()) * scale) @ B_.t()                        # [b, T, out]
+            if not isinstance(rows, slice):  # rows scattered through the batch
+                delta = piece.new_zeros(B, T, piece.size(-1)) if delta is None else delta
+                delta = delta.index_add(0, rows, piece)
                 continue
             if rows.start > covered:
-                pieces.append(out.new_zeros(rows.start - covered, T, out.size(-1)))
-            pieces.append(delta)
+                pieces.append(piece.new_zeros(rows.start - covered, T, piece.size(-1)))
+            pieces.append(piece)
             covered = rows.stop
-        if not pieces:
-            return out
-        if covered < B:
-            pieces.append(out.new_zeros(B - covered, T, out.size(-1)))
-        # One add of the assembled deltas: slicing `out` in place per adapter would make
-        # autograd copy the whole output gradient once per adapter.
-        return out + torch.cat(pieces)
+        if pieces:
+            if covered < B:
+                pieces.append(pieces[0].new_zeros(B - covered, T, pieces[0].size(-1)))
+            # One cat, not an in-place add per adapter: autograd would copy the whole output
+            # gradient once per adapter for in-place slices.
+            delta = torch.cat(pieces) if delta is None else delta + torch.cat(pieces)
+        return delta
+
+    def dropout_keep(self, groups, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dropout mask [B, T, in]: each adapter's rows drawn from its own RNG, over its
+        own padded length only, so the mask does not depend on what the rows were fused with."""
+        B, T, d = x.shape
+        keep = torch.zeros(B, T, d, dtype=dtype, device=x.device)
+        for name, rows, own_len, generator in groups:
+            own_len = T if own_len is None else min(own_len, T)
+            p = self.dropout[name]
+            if p == 0:
+                keep[rows, :own_len] = 1
+                continue
+            n_rows = len(range(B)[rows]) if isinstance(rows, slice) else len(rows)
+            mask = torch.empty(n_rows, own_len, d, dtype=dtype, device=x.device)
+            keep[rows, :own_len] = mask.bernoulli_(1 - p, generator=generator)
+        return keep
 
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}

@@ -173,3 +173,31 @@ def test_bad_targets_and_names(ours):
     with pytest.raises(KeyError, match="no adapter named \\['zz'\\]"):
         with lora.route(ours, ["zz"]):
             pass
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_concatenated_and_per_adapter_paths_agree(ours, monkeypatch, dropout):
+    """The GPU path (all adapters in two matmuls) and the CPU path (a loop) give the same
+    outputs and gradients, dropout masks included."""
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
+                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
+                             "c": lora.LoRAConfig(r=4, alpha=32, dropout=0.0, targets=["down_proj"])})
+    for i, name in enumerate("abc"):
+        randomize_B(ours, name, seed=i)
+    ours.train()
+    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(9))
+    names, lengths = ["b", "b", None, "a", "c", "a"], [11, 9, 11, 5, 11, 7]
+    results = []
+    for mode in ("always", "never"):
+        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
+        gens = {n: torch.Generator().manual_seed(3) for n in "abc"}
+        with lora.route(ours, names, lengths=lengths, generators=gens):
+            logits = ours(idx)
+        real = torch.arange(11)[None, :] < torch.tensor(lengths)[:, None]
+        logits[real].square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in ours.named_parameters() if p.requires_grad}
+        ours.zero_grad()
+        results.append((logits[real].detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    for key in results[0][1]:
+        torch.testing.assert_close(results[0][1][key], results[1][1][key], atol=1e-5, rtol=1e-4)
