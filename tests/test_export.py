@@ -1,0 +1,79 @@
+"""Merge export and the bundled demo's files."""
+import json
+from pathlib import Path
+
+import torch
+
+import data
+import demo
+import lora
+import model as M
+import train
+from test_lora import randomize_B
+from tokenizer_util import write_tokenizer_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_merged_export_loads_in_transformers(tmp_path, tiny_llama):
+    import transformers
+    path, _ = tiny_llama
+    write_tokenizer_json(path)
+    ours = M.load_model(path)
+    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(lora.LLAMA_TARGETS))})
+    randomize_B(ours, "job")
+    lora.save_peft(ours, "job", tmp_path / "job", base_model_path=str(path))
+    assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "tokenizer.json").exists() and not list(tmp_path.glob(".merged.partial"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    idx = torch.randint(0, 384, (2, 12))
+    with lora.route(ours, ["job", "job"]):
+        expected = ours(idx)
+    torch.testing.assert_close(hf(idx).logits, expected, atol=1e-4, rtol=1e-4)
+    base_logits = M.load_model(path)(idx)
+    assert (base_logits - expected).abs().max() > 1e-2  # the adapter really changed something
+
+
+def test_merge_usage_error(capsys):
+    assert train.main(["--merge", "x"]) == 2
+    assert "usage: python train.py --merge" in capsys.readouterr().err
+
+
+def test_demo_config_and_data_are_valid(tmp_path):
+    """The bundled config parses, and every demo data file loads with a chat tokenizer."""
+    cfg = train.load_config(str(REPO / "demo" / "config.json"), [])
+    assert len(cfg.jobs) == 4 and len({j.r for j in cfg.jobs}) > 1 and len({j.lr for j in cfg.jobs}) > 1
+    write_tokenizer_json(tmp_path)
+    tokenizer = data.load_tokenizer(tmp_path)
+    for job in cfg.jobs:
+        for file in (job.data, job.test_data):
+            examples = data.load_job_data(REPO / file, tokenizer, job.template, job.cutoff_len)
+            assert len(examples) >= 8
+    prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
+    assert {p["job"] for p in prompts} == {j.name for j in cfg.jobs}
+    # Held-out prompts never appear in any training set.
+    for p in prompts:
+        for job in cfg.jobs:
+            rows = json.loads((REPO / job.data).read_text())
+            assert all((r["instruction"], r.get("input", "")) != (p["instruction"], p.get("input", "")) for r in rows)
+
+
+def test_demo_checks():
+    assert demo.check("json", '{"answer": "8"}', ' {"answer": "18"}')  # the format, not the sum
+    assert not demo.check("json", '{"answer": "8"}', '{"answer": 8')
+    assert not demo.check("json", '{"answer": "8"}', '["8"]')
+    assert demo.check("signoff", "Hi.\n-- Sent by your friendly LoRA", "Hello.\n-- Sent by your friendly LoRA")
+    assert not demo.check("signoff", "Hi.\n-- Sent by your friendly LoRA", "Hello.")
+    assert demo.check("french", "x", "Le contraire de jour est nuit.")
+    assert demo.check("french", "x", "La capitale de l'Italie est Rome.")
+    assert not demo.check("french", "x", "The opposite of day is night.")
+    assert demo.check("reverse", "b a", "b a") and not demo.check("reverse", "b a", "a b")
+
+
+def test_loss_plot_is_written(tmp_path):
+    lines = [{"step": s, "jobs": {"a": {"loss": 2.0 / s}, "b": {"loss": float("nan")}}} for s in range(1, 5)]
+    lines.append({"event": "eval", "job": "a", "fused_step": 4, "eval_loss": 0.7, "time": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    train.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
