@@ -1,60 +1,122 @@
-"""Side-by-side measurements of fused multi-LoRA training.
+"""Measure the claims side by side: fused multi-LoRA training vs PEFT baselines.
 
-    python bench.py [--base DIR | --shape smollm2-135m] [--jobs 4] [--rows 2] [--seq 128]
+    python bench.py --quick            # one workload, under 5 minutes on 2 CPU cores
+    python bench.py                    # k in {1, 2, 4, 8} and several workloads
+    python bench.py --tiny --quick     # a tiny random model (the test suite runs this)
 
-Systems, each on the same tokens in one run:
-  ours       k jobs' micro-batches fused into one step: forward, per-job loss, one
-             backward, k optimizer steps (what train.py does each step)
-  base-only  forward + backward of the frozen base alone, no LoRA: the ceiling
+Systems, all on the same base, the same synthetic data and the same hyperparameters:
+  ours           k jobs' micro-batches fused into one step (what train.py does each step)
+  ours-seq       the same k jobs through our code, one after another
+  peft-seq       transformers + PEFT, one job after another (the Alpaca-LoRA baseline)
+  peft-parallel  k concurrent processes of transformers + PEFT, one job each
+  base-only      forward + backward of the frozen base alone over the fused tokens: the ceiling
 
-Prints a markdown table and writes all records as JSON (--out).
+Every system runs in fresh processes, so peak memory (CPU: the process's RSS high-water
+mark; CUDA: max_memory_allocated) is its own. Each job makes `--steps` optimizer steps per
+repeat; the first repeat is warm-up and excluded; figures are the median over the rest,
+with the min-max spread. Writes a markdown table (stdout), JSON (--out) and a PNG chart.
 """
 import argparse
 import json
+import multiprocessing as mp
+import os
 import statistics
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
-import data
-import lora
-import model as M
-import train
-
-# Random-weight shapes for runs without a checkpoint (config.json fields of the real models).
+# config.json fields for random-weight models of a real shape (runs without a checkpoint).
 SHAPES = {
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
+SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-parallel", "base-only")
+DEFAULT_BASE = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str):
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = M.build_model(SHAPES[shape])
-    for name, p in net.named_parameters():
-        with torch.no_grad():
-            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.02)
-    net.tie_weights()
-    return net.to(dtype).requires_grad_(False)
+# ----------------------------------------------------------------------------- workload
+
+def job_batches(args, job: int, vocab: int) -> list[tuple[list[list[int]], list[int]]]:
+    """Job `job`'s micro-batches, one per optimizer step: (token rows, prompt length per row).
+
+    Row lengths are fixed (--seq N) or drawn from an Alpaca-like distribution (--seq alpaca:
+    prompt+response lengths of Alpaca under a 256-token cutoff are roughly lognormal around
+    ~120 tokens). The first 40% of each row is prompt (no loss), as with train_on_inputs=False.
+    """
+    g = torch.Generator().manual_seed(1000 + job)
+    steps = []
+    for _ in range(args.steps):
+        if args.seq == "alpaca":
+            normal = torch.randn(args.rows, generator=g)
+            lengths = (4.8 + 0.45 * normal).exp().clamp(24, 256).long().tolist()
+        else:
+            lengths = [int(args.seq)] * args.rows
+        rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+        steps.append((rows, [int(n * 0.4) for n in lengths]))
+    return steps
 
 
-def synthetic_batch(jobs: list[str], rows: int, seq: int, vocab: int, seed: int = 0) -> data.Batch:
-    """Alpaca-like rows: the first ~40% is prompt (no loss), the rest response."""
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for name in jobs:
-        examples = []
-        for _ in range(rows):
-            ids = torch.randint(0, vocab, (seq,), generator=g).tolist()
-            prompt = int(seq * 0.4)
-            examples.append(data.Example(ids, [-100] * prompt + ids[prompt:]))
-        parts.append((name, examples))
-    return data.fuse(parts, pad_id=0)
+def make_examples(rows, prompt_lens):
+    import data
+    return [data.Example(ids, [-100] * p + ids[p:]) for ids, p in zip(rows, prompt_lens)]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def reset_peak(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: resets VmHWM to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class GPUSampler:
+    """Average GPU utilization while timing (CUDA only; needs pynvml through torch)."""
+
+    def __init__(self, device: str):
+        self.samples, self.on = [], device.startswith("cuda")
+
+    def __enter__(self):
+        if self.on:
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.05):
+            try:
+                self.samples.append(torch.cuda.utilization())
+            except Exception:  # no pynvml: no utilization figure
+                return
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.stop.set()
+            self.thread.join()
+
+    @property
+    def mean(self):
+        return statistics.mean(self.samples) if self.samples else None
 
 
 def sync(device: str):
@@ -62,93 +124,314 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_steps(step, device: str, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+# ----------------------------------------------------------------------------- workers
 
+def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> dict:
+    """Our model: fused (all jobs each step), one after another, or the bare base."""
+    import data
+    import lora
+    import model as M
+    import train
+    device = M.resolve_device(args.device)
+    net = M.load_model(args.base, dtype=args.dtype, device=device, **({"quant": args.quant} if args.quant else {}))
+    names = [f"job{j}" for j in jobs]
+    work = {n: job_batches(args, j, net.config.vocab_size) for n, j in zip(names, jobs)}
+    if not base_only:
+        targets = args.targets.split(",")
+        lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, targets=targets)
+                                for n in names})
+        optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4) for n in names}
+        generators = {n: torch.Generator(device=device).manual_seed(i) for i, n in enumerate(names)}
+    else:  # backward through the frozen layers needs an input that requires grad
+        net.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="a Hugging Face checkpoint folder (default: random weights of --shape)")
-    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    p.add_argument("--jobs", type=int, default=4, help="k adapters fused per step")
-    p.add_argument("--rows", type=int, default=1, help="micro-batch rows per job")
-    p.add_argument("--seq", type=int, default=128, help="tokens per row")
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--targets", default=",".join(lora.LLAMA_TARGETS))
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="bench.json")
-    args = p.parse_args()
-    device, dtype = M.resolve_device(args.device), getattr(torch, args.dtype)
-    net = (M.load_model(args.base, dtype=dtype, device=device) if args.base
-           else random_model(args.shape, dtype, device))
-    names = [f"job{i}" for i in range(args.jobs)]
-    batch = synthetic_batch(names, args.rows, args.seq, net.config.vocab_size).to(device)
-    tokens = batch.num_tokens
-    lengths = batch.lengths.tolist()
-
-    def base_only():
-        # Backward through the frozen layers needs something that requires grad: the
-        # embeddings' output, exactly the activation gradients LoRA training also pays for.
-        embed = net.model.embed_tokens
-        hook = embed.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-        try:
-            losses, _ = train.token_losses(net, batch)
-            losses.mean().backward()
-        finally:
-            hook.remove()
-
-    targets = args.targets.split(",")
-    lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=0.05, targets=targets)
-                            for n in names})
-    optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4) for n in names}
-    generators = {n: torch.Generator(device=device).manual_seed(i) for i, n in enumerate(names)}
-    job_of_row = torch.tensor([i for i, n in enumerate(names) for _ in range(args.rows)], device=device)
-
-    def ours():
+    def step(group: list[str], s: int):
+        parts = [(n, make_examples(*work[n][s])) for n in group]
+        batch = data.fuse(parts, pad_id=0).to(device)
         net.train()
+        if base_only:
+            losses, _ = train.token_losses(net, batch)
+            losses.sum().backward()
+            return batch
+        lengths = batch.lengths.tolist()
         with lora.route(net, batch.adapter_names, lengths=lengths, generators=generators):
             losses, rows = train.token_losses(net, batch)
-        sums = torch.zeros(len(names), device=device).index_add(0, job_of_row[rows], losses)
-        sums.sum().backward()
-        for n in names:
+        job_of_row = torch.tensor([i for i, (_, ex) in enumerate(parts) for _ in ex], device=device)
+        sums = torch.zeros(len(parts), device=device).index_add(0, job_of_row[rows], losses)
+        tokens = torch.tensor([sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
+                              device=device, dtype=torch.float)
+        (sums / tokens).sum().backward()
+        for n in group:
             optimizers[n].step()
             optimizers[n].zero_grad(set_to_none=True)
+        return batch
 
-    records = []
-    for system, step in (("base-only", base_only), ("ours", ours)):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        times = time_steps(step, device, args.warmup, args.repeats)
-        med = statistics.median(times)
-        records.append({"system": system, "jobs": args.jobs, "rows": args.rows, "seq": args.seq,
-                        "r": args.r, "dtype": args.dtype, "device": device, "tokens": tokens,
-                        "median_s": med, "spread_s": [min(times), max(times)], "tokens_per_s": tokens / med,
-                        "peak_mem_mb": train.peak_memory_mb(device)})
-    base_tps = records[0]["tokens_per_s"]
+    def one_repeat():
+        real = padded = 0
+        order = [names] if fused or base_only else [[n] for n in names]
+        sync(device)
+        t0 = time.perf_counter()
+        for group in order:
+            for s in range(args.steps):
+                batch = step(group, s)
+                real += batch.num_tokens
+                padded += batch.input_ids.numel()
+        sync(device)
+        return real, padded, time.perf_counter() - t0
+
+    return run_repeats(args, device, one_repeat)
+
+
+def peft_worker(args, jobs: list[int], barrier=None) -> dict:
+    """transformers + PEFT: one job after another in this process (Alpaca-LoRA style)."""
+    import gc
+    import peft
+    import transformers
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    quant = None
+    if args.quant:
+        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant,
+                                                bnb_4bit_compute_dtype=dtype)
+    current = {}
+
+    def fresh(job):  # each job is its own training run: load the base, add a new LoRA adapter
+        current.clear()
+        gc.collect()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype, quantization_config=quant,
+                                                               device_map=device if quant else None)
+        if not quant:
+            hf.to(device)
+        targets = args.targets.split(",")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                                     target_modules=targets, task_type="CAUSAL_LM"))
+        pm.train()
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        current.update(job=job, model=pm, opt=opt, work=job_batches(args, job, hf.config.vocab_size))
+
+    def one_repeat():
+        real = padded = 0
+        seconds = 0.0
+        for job in jobs:
+            if current.get("job") != job:
+                fresh(job)  # loading is not timed: only the training steps are
+            pm, opt = current["model"], current["opt"]
+            sync(device)
+            t0 = time.perf_counter()
+            for rows, prompt_lens in current["work"]:
+                T = max(map(len, rows))
+                ids = torch.zeros(len(rows), T, dtype=torch.long)
+                labels = torch.full((len(rows), T), -100)
+                mask = torch.zeros(len(rows), T, dtype=torch.long)
+                for i, (r, p) in enumerate(zip(rows, prompt_lens)):
+                    ids[i, :len(r)] = torch.tensor(r)
+                    labels[i, p:len(r)] = torch.tensor(r[p:])
+                    mask[i, :len(r)] = 1
+                out = pm(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                real += int(mask.sum())
+                padded += ids.numel()
+            sync(device)
+            seconds += time.perf_counter() - t0
+        return real, padded, seconds
+
+    return run_repeats(args, device, one_repeat, barrier)
+
+
+def run_repeats(args, device, one_repeat, barrier=None) -> dict:
+    """Warm-up once, then --repeats timed repeats; one_repeat returns (tokens, padded, seconds)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    one_repeat()  # warm-up: allocator, kernels, lazy init
+    times, sampler = [], GPUSampler(device)
+    with sampler:
+        for _ in range(args.repeats):
+            if barrier is not None:
+                barrier.wait()  # concurrent processes start each repeat together
+            real, padded, seconds = one_repeat()
+            times.append(seconds)
+    return {"times": times, "tokens": real, "padded_tokens": padded, "peak_mb": peak_mb(device),
+            "gpu_util": sampler.mean}
+
+
+def _child(system: str, args, jobs, barrier, queue):
+    reset_peak(args.device)
+    try:
+        if system == "peft":
+            result = peft_worker(args, jobs, barrier)
+        else:
+            result = ours_worker(args, jobs, fused=system == "ours", base_only=system == "base-only")
+    except Exception as e:  # report, don't hang the parent
+        result = {"error": f"{type(e).__name__}: {e}"}
+    queue.put(result)
+
+
+def run_system(system: str, args, k: int) -> dict:
+    """Run one system in fresh process(es); peft-parallel is k concurrent processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    if system == "peft-parallel":
+        barrier = ctx.Barrier(k)
+        threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else None
+        child_args = argparse.Namespace(**{**vars(args), "threads": args.threads or threads})
+        procs = [ctx.Process(target=_child, args=("peft", child_args, [j], barrier, queue)) for j in range(k)]
+    else:
+        kind = "peft" if system == "peft-seq" else system
+        procs = [ctx.Process(target=_child, args=(kind, args, list(range(k)), None, queue))]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"{system}: {errors[0]}")
+    # Concurrent processes: a repeat lasts as long as its slowest process; memory adds up.
+    times = [max(ts) for ts in zip(*(r["times"] for r in results))]
+    utils = [r["gpu_util"] for r in results if r["gpu_util"] is not None]
+    return {"times": times, "tokens": sum(r["tokens"] for r in results),
+            "padded_tokens": sum(r["padded_tokens"] for r in results),
+            "peak_mb": sum(r["peak_mb"] for r in results), "gpu_util": statistics.mean(utils) if utils else None}
+
+
+# ----------------------------------------------------------------------------- report
+
+def record(system: str, args, k: int, raw: dict, device: str) -> dict:
+    latency = statistics.median(raw["times"])
+    return {"system": system, "k": k, "rows": args.rows, "seq": args.seq, "steps": args.steps, "r": args.r,
+            "dtype": args.dtype, "quant": args.quant, "device": device, "tokens": raw["tokens"],
+            "latency_s": latency, "latency_spread_s": [min(raw["times"]), max(raw["times"])],
+            "tokens_per_s": raw["tokens"] / latency, "peak_mem_mb": raw["peak_mb"],
+            "padding_fraction": 1 - raw["tokens"] / raw["padded_tokens"], "gpu_util": raw["gpu_util"]}
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """ours / each other system, in the same run and workload; memory of k jobs / 1 job."""
+    out = []
+    key = lambda r: (r["rows"], r["seq"], r["dtype"], r["quant"])
+    for rec in records:
+        if rec["system"] != "ours":
+            continue
+        same = {r["system"]: r for r in records if key(r) == key(rec) and r["k"] == rec["k"]}
+        row = {"k": rec["k"], "rows": rec["rows"], "seq": rec["seq"], "dtype": rec["dtype"], "quant": rec["quant"]}
+        for other in ("peft-seq", "peft-parallel", "ours-seq", "base-only"):
+            if other in same:
+                row[f"ours/{other}"] = rec["tokens_per_s"] / same[other]["tokens_per_s"]
+        one = [r for r in records if key(r) == key(rec) and r["system"] == "ours" and r["k"] == 1]
+        if one:
+            row["mem_k/mem_1"] = rec["peak_mem_mb"] / one[0]["peak_mem_mb"]
+        out.append(row)
+    return out
+
+
+def print_tables(records, ratio_rows, title):
+    print(f"\n{title}\n")
+    print("| workload | system | k | tokens | latency s (min-max) | tokens/s | peak MiB | padding | GPU util |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        r["vs_base_only"] = r["tokens_per_s"] / base_tps
-    model_name = args.base or f"random {args.shape}"
-    print(f"\n{model_name}, {device}, {args.dtype}: {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
-          f"r={args.r} on {','.join(targets)}; median of {args.repeats} after {args.warmup} warm-up\n")
-    print("| system | tokens | step s (min-max) | tokens/s | vs base-only | peak MiB |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        print(f"| {r['system']} | {r['tokens']} | {r['median_s']:.3f} ({r['spread_s'][0]:.3f}-{r['spread_s'][1]:.3f}) "
-              f"| {r['tokens_per_s']:.0f} | {r['vs_base_only']:.3f} | {r['peak_mem_mb']:.0f} |")
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=2)
+        util = f"{r['gpu_util']:.0f}%" if r["gpu_util"] is not None else "-"
+        print(f"| {r['rows']}x{r['seq']} {r['dtype']}{' ' + r['quant'] if r['quant'] else ''} | {r['system']} | {r['k']} "
+              f"| {r['tokens']} | {r['latency_s']:.2f} ({r['latency_spread_s'][0]:.2f}-{r['latency_spread_s'][1]:.2f}) "
+              f"| {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['padding_fraction']:.1f}% | {util} |")
+    if ratio_rows:
+        cols = [c for c in ("ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "mem_k/mem_1")
+                if any(c in r for r in ratio_rows)]
+        print(f"\n| workload | k | {' | '.join(cols)} |")
+        print("|---|---|" + "---|" * len(cols))
+        for r in ratio_rows:
+            cells = " | ".join(f"{r[c]:.2f}" if c in r else "-" for c in cols)
+            print(f"| {r['rows']}x{r['seq']} {r['dtype']}{' ' + r['quant'] if r['quant'] else ''} | {r['k']} | {cells} |")
+
+
+def plot(records, png: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    workloads = sorted({(r["rows"], r["seq"], r["dtype"], r["quant"] or "") for r in records}, key=str)
+    for w in workloads:
+        for system in SYSTEMS:
+            pts = sorted((r["k"], r["tokens_per_s"], r["peak_mem_mb"]) for r in records
+                         if r["system"] == system and (r["rows"], r["seq"], r["dtype"], r["quant"] or "") == w)
+            if pts:
+                label = f"{system} {w[0]}x{w[1]} {w[2]} {w[3]}".strip()
+                ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+                ax2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=label)
+    ax1.set(xlabel="jobs k", ylabel="tokens/s", title="throughput")
+    ax2.set(xlabel="jobs k", ylabel="peak MiB", title="peak memory")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def ensure_base(args) -> str:
+    """A checkpoint folder for every system: --base, the demo's SmolLM2, or random weights."""
+    if args.base:
+        return args.base
+    if not args.tiny and not args.shape and (DEFAULT_BASE / "config.json").exists():
+        return str(DEFAULT_BASE)
+    import transformers
+    shape = "tiny" if args.tiny else (args.shape or "smollm2-135m")
+    folder = Path(tempfile.gettempdir()) / f"bench-random-{shape}"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=2048))
+        hf.save_pretrained(folder)
+    return str(folder)
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="checkpoint folder (default: the demo's SmolLM2, else random weights)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (for tests)")
+    p.add_argument("--quick", action="store_true", help="one workload (k=4): under 5 minutes on 2 CPU cores")
+    p.add_argument("--k", default=None, help="comma list of job counts (default 1,2,4,8; quick: 4)")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--rows", type=int, default=None, help="micro-batch rows per job")
+    p.add_argument("--seq", default=None, help="tokens per row, or 'alpaca' for a length distribution")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per job per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quant", default=None, help="nf4 / fp4 base (QLoRA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    args.base = ensure_base(args)
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    ks = [int(k) for k in args.k.split(",")] if args.k else ([4] if args.quick else [1, 2, 4, 8])
+    if args.tiny and not args.k:
+        ks = [2]
+    workloads = ([(args.rows or 1, args.seq or "64")] if args.quick or args.rows or args.seq
+                 else [(1, "64"), (2, "256"), (4, "alpaca")])
+    systems = args.systems.split(",")
+    records, t0 = [], time.time()
+    for rows, seq in workloads:
+        w = argparse.Namespace(**{**vars(args), "rows": rows, "seq": seq})
+        for k in ks:
+            for system in systems:
+                raw = run_system(system, w, k)
+                records.append(record(system, w, k, raw, device))
+                print(f"  {system:<14} k={k} {rows}x{seq}: {records[-1]['tokens_per_s']:.0f} tokens/s, "
+                      f"{records[-1]['peak_mem_mb']:.0f} MiB", flush=True)
+    ratio_rows = ratios(records)
+    title = (f"{args.base} on {device} ({torch.get_num_threads()} threads), {args.dtype}"
+             f"{', ' + args.quant if args.quant else ''}; r={args.r} on {args.targets}; {args.steps} steps per job "
+             f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all")
+    print_tables(records, ratio_rows, title)
+    Path(args.out).write_text(json.dumps({"title": title, "records": records, "ratios": ratio_rows}, indent=2) + "\n")
+    plot(records, Path(args.out).with_suffix(".png"))
+    return records, ratio_rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""bench.py's plumbing on a tiny model: the schema, and that every system ran the same tokens.
+(Speed is bench.py's business, never asserted in a unit test.)"""
+import json
+
+import bench
+
+
+def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--tiny", "--quick", "--k", "2", "--seq", "alpaca", "--rows", "2", "--steps", "1",
+                "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert {r["system"] for r in records} == set(bench.SYSTEMS)
+    fields = {"system", "k", "tokens", "latency_s", "latency_spread_s", "tokens_per_s", "peak_mem_mb",
+              "padding_fraction", "gpu_util", "dtype", "quant", "rows", "seq"}
+    for r in records:
+        assert fields <= r.keys()
+        assert r["latency_s"] > 0 and r["peak_mem_mb"] > 0 and 0 <= r["padding_fraction"] < 1
+    # Same work for every system: the same real tokens went through the forward pass.
+    assert len({r["tokens"] for r in records}) == 1 and records[0]["tokens"] > 0
+    # Fusing rows of different lengths pads more than running each job's rows alone.
+    by_system = {r["system"]: r for r in records}
+    assert by_system["ours"]["padding_fraction"] >= by_system["ours-seq"]["padding_fraction"]
+    (ratios,) = result["ratios"]
+    assert {"ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only"} <= ratios.keys()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
