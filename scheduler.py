@@ -1,20 +1,28 @@
-"""Which jobs' micro-batches share each training step. No model code here.
+"""Which jobs' micro-batches share each training step, and how much memory a step takes.
+No model code here.
 
 A job's plan is fixed by its own data and seed: per epoch a shuffled order (from an RNG
 seeded by the run seed and the job's name, so neighbours never change it), cut into
 optimizer steps of `batch_size` rows and those into micro-batches. The scheduler only
 decides which jobs' next micro-batches are fused into one forward/backward pass, so a
 job's result never depends on the strategy. Strategies (../shared/DESIGN.md):
-  trivial      the first max_concurrent admitted jobs, FIFO
-  optimal-fit  the max_concurrent admitted jobs whose next micro-batches have the most
+  trivial      the first max_concurrent candidates (priority, then admission order)
+  optimal-fit  the max_concurrent candidates whose next micro-batches have the most
                similar lengths (least padding; m-LoRA's MinPad)
+  fast-fit     the candidates' next micro-batches, longest first, first-fit into a budget
+               of padded tokens (rows x padded length) and/or predicted memory; how many
+               jobs share a step varies (still at most max_concurrent)
+Every strategy keeps a step under the budgets when they are set; a single micro-batch that
+is over budget on its own still runs, alone.
 """
 import math
 import random
-from collections import deque
 from dataclasses import dataclass
+from itertools import combinations
 
-STRATEGIES = ("trivial", "optimal-fit")
+import numpy as np
+
+STRATEGIES = ("trivial", "optimal-fit", "fast-fit")
 
 
 @dataclass
@@ -26,31 +34,48 @@ class MicroBatch:
     last_in_step: bool        # the job's optimizer steps after this micro-batch
     step_loss_tokens: int     # loss tokens of the whole optimizer step: the loss divides by it
     max_len: int              # longest row, for padding-aware strategies
+    tokens: int               # real tokens of its rows (padding excluded)
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
 
 
 class JobPlan:
     """One job's sequence of micro-batches over all its epochs, produced lazily."""
 
     def __init__(self, name: str, lengths: list[int], loss_tokens: list[int], batch_size: int,
-                 micro_batch_size: int, epochs: int, seed: int, max_steps: int | None = None):
+                 micro_batch_size: int, epochs: int, seed: int, max_steps: int | None = None, *,
+                 group_by_length: bool = False, priority: int = 0):
         if batch_size % micro_batch_size:
             raise ValueError(f"job {name!r}: batch_size {batch_size} is not a multiple of "
                              f"micro_batch_size {micro_batch_size}")
         self.name, self.lengths, self.loss_tokens = name, lengths, loss_tokens
         self.batch_size, self.micro_batch_size, self.epochs = batch_size, micro_batch_size, epochs
-        self.seed = seed
+        self.seed, self.group_by_length, self.priority = seed, group_by_length, priority
         self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
         self.total_steps = self.steps_per_epoch * epochs
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
         self.num_micro_batches = sum(1 for _ in self._micro_batches())
+        self.popped = 0
+        self.admission = -1       # the scheduler's admission counter, for FIFO order among candidates
         self._iter = self._micro_batches()
         self._next = next(self._iter, None)
 
     def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.lengths)))
         # A string seed is hashed with SHA-512 by `random`, stable across runs and machines.
-        random.Random(f"{self.seed}/{self.name}/{epoch}").shuffle(order)
+        rng = random.Random(f"{self.seed}/{self.name}/{epoch}")
+        rng.shuffle(order)
+        if self.group_by_length:
+            # Sort the shuffled rows by length (stable: equal lengths keep their random order),
+            # cut them into optimizer steps and shuffle the steps: every micro-batch holds rows
+            # of similar length, yet the steps still come in a fresh random order each epoch.
+            order.sort(key=lambda i: -self.lengths[i])
+            steps = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            rng.shuffle(steps)
+            order = [i for step in steps for i in step]
         return order
 
     def _micro_batches(self):
@@ -65,7 +90,8 @@ class JobPlan:
                 for m in range(0, len(batch), self.micro_batch_size):
                     rows = batch[m:m + self.micro_batch_size]
                     yield MicroBatch(self.name, rows, epoch, step, m + self.micro_batch_size >= len(batch),
-                                     tokens, max(self.lengths[i] for i in rows))
+                                     tokens, max(self.lengths[i] for i in rows),
+                                     sum(self.lengths[i] for i in rows))
                 step += 1
 
     def peek(self) -> MicroBatch | None:
@@ -73,26 +99,107 @@ class JobPlan:
 
     def pop(self) -> MicroBatch:
         mb, self._next = self._next, next(self._iter, None)
+        self.popped += 1
         return mb
 
     @property
     def done(self) -> bool:
         return self._next is None
 
+    @property
+    def remaining(self) -> int:
+        """Micro-batches not yet scheduled."""
+        return self.num_micro_batches - self.popped
+
+
+class MemoryModel:
+    """Peak memory of a fused step ~ b0 + b1*B*L + b2*B*L^2 (B rows, L padded length).
+
+    b0 is what stays (weights, adapters, optimizer states), b1 the activations that grow with
+    tokens, b2 attention scores where they are materialised. Fitted online by least squares
+    over the last `window` measured steps, with every coefficient kept >= 0 and the largest
+    under-prediction seen added as a margin. Until `min_points` steps of at least three
+    shapes are measured it answers with a bound that holds for any such model with
+    non-negative coefficients: a measured peak scaled by how much larger B*L and B*L^2 are.
+    """
+
+    def __init__(self, window: int = 64, min_points: int = 8):
+        self.window, self.min_points = window, min_points
+        self.points: list[tuple[float, float, float]] = []   # (B*L, B*L^2, peak bytes)
+        self.coefficients: tuple[float, float, float] | None = None
+        self.margin = 0.0
+
+    @staticmethod
+    def features(rows: int, length: int) -> tuple[float, float]:
+        return float(rows * length), float(rows * length * length)
+
+    def observe(self, rows: int, length: int, peak: float):
+        """Add one measured step (peak in bytes) and refit."""
+        self.points = (self.points + [(*self.features(rows, length), float(peak))])[-self.window:]
+        if len(self.points) < self.min_points or len({p[0] for p in self.points}) < 3:
+            self.coefficients = None
+            return
+        data = np.array(self.points)
+        X = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+        y = data[:, 2]
+        scale = X.max(axis=0)  # columns span 1 .. 1e6+: scale them for a well-conditioned solve
+        best = None
+        # Non-negative least squares for three unknowns: the best fit among the feature
+        # subsets whose unconstrained solution is non-negative.
+        for size in (1, 2, 3):
+            for subset in combinations(range(3), size):
+                cols = list(subset)
+                beta, *_ = np.linalg.lstsq(X[:, cols] / scale[cols], y, rcond=None)
+                if (beta < 0).any():
+                    continue
+                full = np.zeros(3)
+                full[cols] = beta / scale[cols]
+                error = float(((X @ full - y) ** 2).sum())
+                if best is None or error < best[0]:
+                    best = (error, full)
+        if best is None:
+            self.coefficients = None
+            return
+        self.coefficients = tuple(float(b) for b in best[1])
+        self.margin = max(0.0, float((y - X @ best[1]).max()))
+
+    def predict(self, rows: int, length: int) -> float:
+        """Predicted peak bytes of a step of `rows` rows padded to `length`; inf before any data."""
+        u, v = self.features(rows, length)
+        if self.coefficients is not None:
+            b0, b1, b2 = self.coefficients
+            return b0 + b1 * u + b2 * v + self.margin
+        if not self.points:
+            return math.inf
+        return min(peak * max(1.0, u / pu, v / pv) for pu, pv, peak in self.points)
+
 
 class Scheduler:
-    """FIFO admission of up to max_candidates jobs; each step fuses up to max_concurrent."""
+    """Admits up to max_candidates jobs (higher priority first, FIFO within a priority);
+    each step fuses the next micro-batches of up to max_concurrent of them, one per job."""
 
     def __init__(self, jobs: list[JobPlan], strategy: str = "trivial", max_candidates: int = 4,
-                 max_concurrent: int = 2):
+                 max_concurrent: int = 2, *, token_budget: int | None = None,
+                 memory_budget: float | None = None, pad_multiple: int = 1):
         if strategy not in STRATEGIES:
             raise ValueError(f"scheduler.strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
         if max_candidates < 1 or max_concurrent < 1:
             raise ValueError("scheduler: max_candidates and max_concurrent must be >= 1")
+        if strategy == "fast-fit" and token_budget is None and memory_budget is None:
+            raise ValueError("scheduler.strategy 'fast-fit' packs steps up to a budget: "
+                             "set scheduler.token_budget or scheduler.memory_budget_gb")
         self.strategy, self.max_candidates, self.max_concurrent = strategy, max_candidates, max_concurrent
-        self.waiting: deque[JobPlan] = deque(jobs)
-        self.candidates: list[JobPlan] = []
-        self.finished: list[str] = []        # finished since the last pop_finished()
+        self.token_budget = token_budget      # rows x padded length per step
+        self.memory_budget = memory_budget    # predicted peak bytes per step
+        self.pad_multiple = pad_multiple      # the fused batch's length is rounded up to this
+        self.memory = MemoryModel()
+        self.waiting: list[JobPlan] = sorted(jobs, key=lambda j: -j.priority)  # stable: FIFO within
+        self.candidates: list[JobPlan] = []   # kept in (priority, admission) order
+        self.finished: list[str] = []         # finished or stopped since the last pop_finished()
+        self.step_shape: tuple[int, int] | None = None   # (B, L) of the last step
+        self.predicted_peak: float | None = None         # the memory model's bytes for it
+        self._admitted = 0
+        self._warned = False
 
     @property
     def done(self) -> bool:
@@ -102,44 +209,98 @@ class Scheduler:
         """Admit waiting jobs into free candidate slots; returns the names admitted."""
         admitted = []
         while self.waiting and len(self.candidates) < self.max_candidates:
-            job = self.waiting.popleft()
+            job = self.waiting.pop(0)
             if job.done:  # nothing to train (e.g. max_steps=0): finishes at once
                 self.finished.append(job.name)
                 continue
+            job.admission = self._admitted
+            self._admitted += 1
             self.candidates.append(job)
             admitted.append(job.name)
+        self.candidates.sort(key=lambda j: (-j.priority, j.admission))
         return admitted
 
     def next_step(self) -> list[MicroBatch]:
-        """The micro-batches of the next fused step, one per chosen job."""
+        """The micro-batches of the next fused step, one per chosen job ([] with no candidates)."""
+        if not self.candidates:
+            return []
         chosen = self._choose()
         step = [job.pop() for job in chosen]
+        rows, length = self.shape(step)
+        self.step_shape = (rows, length)
+        predicted = self.memory.predict(rows, length)
+        self.predicted_peak = predicted if math.isfinite(predicted) else None
         for job in chosen:
             if job.done:
                 self.candidates.remove(job)
                 self.finished.append(job.name)
         return step
 
+    def shape(self, micro_batches: list[MicroBatch]) -> tuple[int, int]:
+        """(rows, padded length) of these micro-batches fused."""
+        rows = sum(len(mb.indices) for mb in micro_batches)
+        return rows, round_up(max(mb.max_len for mb in micro_batches), self.pad_multiple)
+
+    def padding(self, micro_batches: list[MicroBatch]) -> int:
+        rows, length = self.shape(micro_batches)
+        return rows * length - sum(mb.tokens for mb in micro_batches)
+
+    def fits(self, micro_batches: list[MicroBatch]) -> bool:
+        """Within the token budget and the memory budget (as the memory model predicts)."""
+        rows, length = self.shape(micro_batches)
+        if self.token_budget is not None and rows * length > self.token_budget:
+            return False
+        return self.memory_budget is None or self.memory.predict(rows, length) <= self.memory_budget
+
     def _choose(self) -> list[JobPlan]:
         k = self.max_concurrent
-        if self.strategy == "trivial" or len(self.candidates) <= k:
-            return self.candidates[:k]
-        # optimal-fit: in order of next length, the window of k jobs that pads least.
+        if self.strategy == "optimal-fit":
+            chosen = self._least_padding(k)
+        elif self.strategy == "fast-fit":
+            by_len = sorted(self.candidates, key=lambda j: -j.peek().max_len)  # stable: priority order
+            chosen = self._first_fit(by_len, k)
+        else:
+            chosen = self._first_fit(self.candidates, k)
+        rows, length = self.shape([chosen[0].peek()])
+        # Over budget on its own: more tokens than the budget, or a predicted peak above it (a
+        # memory model with no measurements yet predicts inf, which is not a reason to warn).
+        over = (self.token_budget is not None and rows * length > self.token_budget
+                or self.memory_budget is not None and math.inf > self.memory.predict(rows, length) > self.memory_budget)
+        if over and not self._warned:
+            print(f"warning: a micro-batch of job {chosen[0].name!r} ({rows} rows x {length}) is over "
+                  f"the scheduler's budget on its own; it runs alone (warned once)")
+            self._warned = True
+        return [j for j in self.candidates if j in chosen]  # priority/admission order within the step
+
+    def _first_fit(self, order: list[JobPlan], k: int) -> list[JobPlan]:
+        """The first job always runs; each following one joins if the step still fits."""
+        chosen = order[:1]
+        for job in order[1:]:
+            if len(chosen) == k:
+                break
+            if self.fits([j.peek() for j in chosen + [job]]):
+                chosen.append(job)
+        return chosen
+
+    def _least_padding(self, k: int) -> list[JobPlan]:
+        """In order of next length, the window of k jobs that pads least and fits the budget
+        (fewer jobs when no window of k fits)."""
         by_len = sorted(self.candidates, key=lambda j: j.peek().max_len)
+        for size in range(min(k, len(by_len)), 1, -1):
+            windows = [by_len[s:s + size] for s in range(len(by_len) - size + 1)]
+            windows = [w for w in windows if self.fits([j.peek() for j in w])]
+            if windows:
+                return min(windows, key=lambda w: self.padding([j.peek() for j in w]))
+        return self.candidates[:1]
 
-        def padding(window):
-            longest = max(j.peek().max_len for j in window)
-            return sum(len(j.peek().indices) * longest - sum(j.lengths[i] for i in j.peek().indices)
-                       for j in window)
-
-        best = min(range(len(by_len) - k + 1), key=lambda s: padding(by_len[s:s + k]))
-        window = by_len[best:best + k]
-        return [j for j in self.candidates if j in window]  # admission order within the step
-
-    def stop(self, name: str):
-        """Stop a job early: it frees its slot for the next waiting job."""
-        self.candidates = [j for j in self.candidates if j.name != name]
+    def stop(self, name: str) -> bool:
+        """Stop a job early: it frees its slot for the next waiting job. False if not running."""
+        job = next((j for j in self.candidates if j.name == name), None)
+        if job is None:
+            return False
+        self.candidates.remove(job)
         self.finished.append(name)
+        return True
 
     def pop_finished(self) -> list[str]:
         names, self.finished = self.finished, []

@@ -2,7 +2,7 @@
 
     python train.py                                  the bundled demo (demo.py)
     python train.py --config cfg.json [--key=value ...]
-    python train.py --merge out/JOB --to DIR [--base DIR]   export base + adapter merged
+    python train.py --merge out/JOB --to DIR [--base DIR] [--quant nf4]   export base + adapter merged
 
 Each step fuses the next micro-batches of several jobs into one padded batch, runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
@@ -28,6 +28,8 @@ import data
 import lora
 import model as M
 from scheduler import JobPlan, Scheduler
+
+PAD_MULTIPLE = 8  # data.fuse rounds a fused batch's length up to this; the scheduler plans with it
 
 # ----------------------------------------------------------------------------- config
 
@@ -57,13 +59,19 @@ class JobConfig:
     max_steps: int | None = None           # stop after this many optimizer steps (None: all epochs)
     eval_every: int = 0                    # held-out loss every N optimizer steps (0: only at the end)
     save_every: int = 0                    # also write the adapter to <name>/checkpoint-<step>/ every N steps
+    group_by_length: bool = False          # order each epoch so a micro-batch holds rows of similar length
+    priority: int = 0                      # higher is admitted first; FIFO within a priority
+    early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
+    diverge_factor: float = 2.0            # with early_stop: also stop when held-out loss > this x its best
 
 
 @dataclass
 class SchedulerConfig:
-    strategy: str = "trivial"              # trivial | optimal-fit (see scheduler.py)
+    strategy: str = "trivial"              # trivial | optimal-fit | fast-fit (see scheduler.py)
     max_candidates: int = 4                # jobs admitted at once (adapter + optimizer in memory)
     max_concurrent: int = 2                # jobs fused into one step
+    memory_budget_gb: float | None = None  # cap on each step's predicted peak memory, GiB (None: no cap)
+    token_budget: int | None = None        # cap on each step's rows x padded length; fast-fit fills up to it
 
 
 @dataclass
@@ -72,7 +80,7 @@ class RunConfig:
     jobs: list[JobConfig]                  # the adapters to train
     dtype: str = "bfloat16"                # base weights: float32 | bfloat16 | float16 (adapters stay fp32)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    quant: str | None = None               # quantized base (not implemented yet; must be null)
+    quant: str | None = None               # QLoRA base: nf4 | fp4 | nf4-dq | fp4-dq (double quant.) | int8 | null
     seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
     out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
     log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
@@ -160,6 +168,8 @@ def from_mlora(raw: dict) -> dict:
             out["template"] = job["prompt"]
         if job.get("momentum") is not None:
             out["momentum"] = job["momentum"]
+        if job.get("group_by_length") is not None:
+            out["group_by_length"] = job["group_by_length"]
         for ours_key in ("cutoff_len", "save_step"):
             if ours_key in raw:
                 out[globals_map[ours_key]] = raw[ours_key]
@@ -214,6 +224,11 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
         target[leaf] = _parse_override(text_value, hints[leaf])
     cfg = _fill(RunConfig, raw, str(file))
+    try:
+        import quant
+        quant.check_quant(cfg.quant)
+    except ValueError as e:
+        raise ConfigError(f"{file}: quant: {e}") from None
     names = [j.name for j in cfg.jobs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{file}: job names must be unique, got {names}")
@@ -267,9 +282,27 @@ def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device
     return total / max(count, 1)
 
 
-def peak_memory_mb(device: str) -> float:
+def reset_peak_memory(device: str):
+    """Start a new peak-memory window (CUDA: the allocator's counter; Linux: the RSS high-water mark)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # proc(5): "5" resets VmHWM to the current RSS
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then counts from the process start
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory since the last reset_peak_memory: CUDA tensors allocated, or the process's RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -291,16 +324,26 @@ def train(cfg: RunConfig) -> dict:
     # All data is read and checked up front: a bad row fails now, not hours in.
     train_sets, test_sets, plans = {}, {}, []
     for job in cfg.jobs:
+        if job.early_stop is not None and not (job.test_data and job.eval_every):
+            raise ConfigError(f"job {job.name!r}: early_stop needs test_data and eval_every > 0")
         train_sets[job.name] = data.load_job_data(job.data, tokenizer, job.template, job.cutoff_len, job.train_on_inputs)
         if job.test_data:
             test_sets[job.name] = data.load_job_data(job.test_data, tokenizer, job.template, job.cutoff_len, False)
         examples = train_sets[job.name]
         plans.append(JobPlan(job.name, [len(e.input_ids) for e in examples],
                              [sum(label != -100 for label in e.labels[1:]) for e in examples],
-                             job.batch_size, job.micro_batch_size, job.epochs, cfg.seed, job.max_steps))
+                             job.batch_size, job.micro_batch_size, job.epochs, cfg.seed, job.max_steps,
+                             group_by_length=job.group_by_length, priority=job.priority))
     total_steps = {p.name: p.total_steps for p in plans}
+    plan_of = {p.name: p for p in plans}
+    sc = cfg.scheduler
+    try:
+        sched = Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
+                          memory_budget=None if sc.memory_budget_gb is None else sc.memory_budget_gb * 2**30,
+                          pad_multiple=PAD_MULTIPLE)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
-    sched = Scheduler(plans, cfg.scheduler.strategy, cfg.scheduler.max_candidates, cfg.scheduler.max_concurrent)
 
     metrics = open(out_dir / "metrics.jsonl", "w")
 
@@ -312,6 +355,8 @@ def train(cfg: RunConfig) -> dict:
     summary = {}
     bar = tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True)
     run_start, step = time.time(), 0
+    run_tokens = run_padded = 0
+    run_peak_mb, prediction_errors = 0.0, []
     while not sched.done:
         for name in sched.admit():
             job = jobs[name]
@@ -320,19 +365,32 @@ def train(cfg: RunConfig) -> dict:
                               seed=cfg.seed)
             generator = torch.Generator(device=device).manual_seed(lora.adapter_seed(cfg.seed, name) + 1)
             state[name] = dict(optimizer=make_optimizer(lora.adapter_parameters(model, name), job),
-                               generator=generator, step=0, tokens=0, admitted=time.time(),
-                               loss_sum=torch.zeros((), device=device), last_loss=float("nan"),
-                               eval_loss=None, initial_eval_loss=None)
+                               generator=generator, step=0, tokens=0, padded_tokens=0, peak_mb=0.0,
+                               admitted=time.time(), loss_sum=torch.zeros((), device=device),
+                               last_loss=float("nan"), eval_loss=None, initial_eval_loss=None,
+                               best=None, evals_since_best=0, stopped=None)
             if name in test_sets:
                 state[name]["initial_eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
+            if job.early_stop is not None:  # the adapter at init (the base model) is the first "best"
+                state[name]["best"] = dict(loss=state[name]["initial_eval_loss"], step=0,
+                                           weights=[p.detach().clone() for p in lora.adapter_parameters(model, name)])
             log({"event": "admit", "job": name, "time": time.time() - run_start,
                  "initial_eval_loss": state[name]["initial_eval_loss"]})
+
+        if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
+            for name in sched.pop_finished():
+                log({"event": "finish", "job": name, "time": time.time() - run_start, "steps": 0})
+            continue
 
         # ---- one fused step: pick micro-batches, forward, per-job loss, one backward
         t0 = time.time()
         micro_batches = sched.next_step()
+        # The window since the last backward (optimizer steps, evals, admissions) counts toward
+        # the peaks too; then a fresh window for this step, whose peak the memory model learns.
+        between_mb = peak_memory_mb(device)
+        reset_peak_memory(device)
         parts = [(mb.job, [train_sets[mb.job][i] for i in mb.indices]) for mb in micro_batches]
-        batch = data.fuse(parts, tokenizer.pad_id).to(device)
+        batch = data.fuse(parts, tokenizer.pad_id, multiple_of=PAD_MULTIPLE).to(device)
         model.train()
         generators = {mb.job: state[mb.job]["generator"] for mb in micro_batches}
         lengths = [len(e.input_ids) for _, examples in parts for e in examples]
@@ -345,12 +403,19 @@ def train(cfg: RunConfig) -> dict:
         step_tokens = torch.tensor([mb.step_loss_tokens for mb in micro_batches], device=device, dtype=torch.float)
         job_losses = loss_sums / step_tokens.clamp(min=1)
         job_losses.sum().backward()
+        step_peak_mb = peak_memory_mb(device)  # forward + backward: where a step's memory peaks
+        B, L = batch.input_ids.shape
+        sched.memory.observe(B, L, step_peak_mb * 2**20)
+        run_peak_mb = max(run_peak_mb, between_mb, step_peak_mb)
+        for s in state.values():  # a job's peak: the run's peak while it was admitted
+            s["peak_mb"] = max(s["peak_mb"], between_mb, step_peak_mb)
 
         # ---- per-job optimizer steps where accumulation ends
         for i, mb in enumerate(micro_batches):
             s, job = state[mb.job], jobs[mb.job]
             s["loss_sum"] = s["loss_sum"] + job_losses[i].detach()
             s["tokens"] += sum(len(e.input_ids) for e in parts[i][1])
+            s["padded_tokens"] += len(parts[i][1]) * L
             if not mb.last_in_step:
                 continue
             params = lora.adapter_parameters(model, mb.job)
@@ -365,50 +430,106 @@ def train(cfg: RunConfig) -> dict:
             s["loss_sum"] = torch.zeros((), device=device)
             s["step"] += 1
             s["lr"] = lr
+            stop_reason = None
+            if job.early_stop is not None and not math.isfinite(s["last_loss"]):
+                stop_reason = f"diverged: training loss {s['last_loss']}"
             if job.eval_every and mb.job in test_sets and s["step"] % job.eval_every == 0:
                 s["eval_loss"] = evaluate(model, mb.job, test_sets[mb.job], tokenizer.pad_id, device)
                 log({"event": "eval", "job": mb.job, "step": s["step"], "fused_step": step + 1,
                      "eval_loss": s["eval_loss"],
                      "eval_ppl": math.exp(min(s["eval_loss"], 50))})
+                # Early stopping (ASPEN): a job whose held-out loss stalls or diverges stops and
+                # frees its slot for a waiting job; it keeps the best adapter it had.
+                best = s["best"]
+                if job.early_stop is not None:
+                    if not math.isfinite(s["eval_loss"]) or s["eval_loss"] > job.diverge_factor * best["loss"]:
+                        stop_reason = f"diverged: held-out loss {s['eval_loss']:.4g}, best {best['loss']:.4g}"
+                    elif s["eval_loss"] < best["loss"]:
+                        s["best"] = dict(loss=s["eval_loss"], step=s["step"],
+                                         weights=[p.detach().clone() for p in params])
+                        s["evals_since_best"] = 0
+                    else:
+                        s["evals_since_best"] += 1
+                        if s["evals_since_best"] >= job.early_stop:
+                            stop_reason = f"no better held-out loss in {job.early_stop} evaluations"
             if job.save_every and s["step"] % job.save_every == 0:
                 lora.save_peft(model, mb.job, out_dir / mb.job / f"checkpoint-{s['step']}", cfg.base_model)
+            if stop_reason and sched.stop(mb.job):
+                s["stopped"] = stop_reason
+                bar.total -= plan_of[mb.job].remaining
+                log({"event": "early_stop", "job": mb.job, "step": s["step"], "fused_step": step + 1,
+                     "reason": stop_reason, "best_eval_loss": s["best"]["loss"], "best_step": s["best"]["step"]})
 
         step += 1
         elapsed = time.time() - t0
         bar.update(len(micro_batches))
+        run_tokens, run_padded = run_tokens + sum(lengths), run_padded + B * L
+        # The memory model's prediction for this step, made before it ran (None until it has data).
+        predicted_mb = None if sched.predicted_peak is None else sched.predicted_peak / 2**20
+        prediction_error = None if predicted_mb is None else (predicted_mb - step_peak_mb) / step_peak_mb
+        if prediction_error is not None:
+            prediction_errors.append(prediction_error)
         if step % cfg.log_every == 0:
             active = {mb.job: round(state[mb.job]["last_loss"], 4) for mb in micro_batches}
             bar.set_postfix(active)
             log({"step": step, "time": time.time() - run_start, "ms": 1000 * elapsed,
-                 "tokens": sum(lengths), "padded_tokens": batch.input_ids.numel(),
+                 "tokens": sum(lengths), "padded_tokens": B * L, "padding": 1 - sum(lengths) / (B * L),
                  "tokens_per_s": sum(lengths) / max(elapsed, 1e-9),
-                 "peak_mem_mb": peak_memory_mb(device),
+                 "peak_mem_mb": step_peak_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
                  "jobs": {mb.job: {"step": state[mb.job]["step"], "loss": state[mb.job]["last_loss"],
                                    "lr": state[mb.job].get("lr")} for mb in micro_batches}})
 
         # ---- finished jobs: save, free their slot (the next waiting job is admitted above)
         for name in sched.pop_finished():
+            if name not in state:  # nothing to train (max_steps=0): never admitted, no adapter
+                log({"event": "finish", "job": name, "time": time.time() - run_start, "steps": 0})
+                continue
             s = state.pop(name)
             if name in test_sets:
                 s["eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
+            best = s["best"]
+            if best is not None and not s["eval_loss"] < best["loss"]:  # keep the best adapter, not the last
+                with torch.no_grad():
+                    for param, weight in zip(lora.adapter_parameters(model, name), best["weights"]):
+                        param.copy_(weight)
+                s["eval_loss"] = best["loss"]
+            elif best is not None:
+                best.update(loss=s["eval_loss"], step=s["step"])
             lora.save_peft(model, name, out_dir / name, cfg.base_model)
             lora.remove_adapter(model, name)
             latency = time.time() - s["admitted"]
             summary[name] = {"steps": s["step"], "tokens": s["tokens"], "latency_s": latency,
+                             "finish_s": time.time() - run_start,
                              "tokens_per_s": s["tokens"] / max(latency, 1e-9), "final_loss": s["last_loss"],
                              "initial_eval_loss": s["initial_eval_loss"], "eval_loss": s["eval_loss"],
-                             "peak_mem_mb": peak_memory_mb(device)}
+                             "padded_tokens": s["padded_tokens"],
+                             "padding": 1 - s["tokens"] / max(s["padded_tokens"], 1),
+                             "peak_mem_mb": max(s["peak_mb"], peak_memory_mb(device)),
+                             "stopped": s["stopped"], "best_step": None if best is None else best["step"]}
             log({"event": "finish", "job": name, "time": time.time() - run_start, **summary[name]})
     bar.close()
+    run_peak_mb = max(run_peak_mb, peak_memory_mb(device))
+    total_s = time.time() - run_start
+    # Run totals, the seed's table's columns: latency, throughput, padding, peak memory, and how
+    # well the memory model predicted each step's peak (relative error, predicted - measured).
+    run = {"total_s": total_s, "steps": step, "tokens": run_tokens, "padded_tokens": run_padded,
+           "padding": 1 - run_tokens / max(run_padded, 1), "tokens_per_s": run_tokens / max(total_s, 1e-9),
+           "peak_mem_mb": run_peak_mb, "strategy": cfg.scheduler.strategy,
+           "mem_pred_mean_abs_error": (sum(map(abs, prediction_errors)) / len(prediction_errors)
+                                       if prediction_errors else None),
+           "mem_model": sched.memory.coefficients}
+    log({"run": run})
     metrics.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
     for name, s in summary.items():
         eval_text = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
         print(f"{name:<20} {s['steps']:>6} {s['tokens']:>9} {s['latency_s']:>10.1f} "
               f"{s['tokens_per_s']:>9.1f} {s['final_loss']:>8.4f} {eval_text:>8}")
-    print(f"total {time.time() - run_start:.1f}s, peak memory {peak_memory_mb(device):.0f} MiB; adapters in {out_dir}/")
+    print(f"total {total_s:.1f}s, {run['tokens_per_s']:.0f} tokens/s, padding {100 * run['padding']:.1f}%, "
+          f"peak memory {run_peak_mb:.0f} MiB; adapters in {out_dir}/")
     return summary
 
 
@@ -444,21 +565,33 @@ def plot_losses(metrics_file: Path, png: Path):
     plt.close(fig)
 
 
-def export_merged(adapter_dir: str, to: str, base: str | None = None):
-    """Write base + adapter merged into a Hugging Face folder (config, weights, tokenizer)."""
+def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str | None = None) -> float:
+    """Write base + adapter merged into a Hugging Face folder (config, weights, tokenizer).
+
+    quant: the quantized base the adapter was trained on; it is then merged into the
+    dequantized weights. Returns (and prints) max |logits difference| between the written
+    model and base + adapter on a few prompts.
+    """
     import shutil
     from safetensors.torch import save_file
+    import quant as Q
     adapter_dir, to = Path(adapter_dir), Path(to)
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = base or peft_config.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --base DIR")
-    net = M.load_model(base, dtype=torch.float32)
+    net = M.load_model(base, dtype=torch.float32, quant=quant)
     name = lora.load_peft(net, adapter_dir)
+    net.eval()  # the adapter layers were just added, in training mode (dropout)
+    prompts = torch.randint(0, net.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), lora.route(net, [name] * len(prompts)):
+        expected = net(prompts)                                  # base + adapter, as trained
     lora.merge(net, name)
+    Q.dequantize(net)  # the layers the adapter does not touch (a no-op without quant)
     state = {k: v.contiguous() for k, v in net.state_dict().items() if ".lora_" not in k}
     if getattr(net.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once, as on the hub
+    del net
     stored = json.loads((Path(base) / "config.json").read_text())
     dtype = stored.get("torch_dtype") or stored.get("dtype") or "float32"
     state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
@@ -472,14 +605,19 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None):
     if to.exists():
         shutil.rmtree(to)
     tmp.rename(to)
-    print(f"merged {adapter_dir} into {base} -> {to} ({dtype})")
+    with torch.no_grad():
+        divergence = (M.load_model(to, dtype=torch.float32)(prompts) - expected).abs().max().item()
+    into = f"the DEQUANTIZED {quant} weights of {base}" if quant else base
+    print(f"merged {adapter_dir} into {into} -> {to} ({dtype}); max |logits difference| against "
+          f"base + adapter on {len(prompts)} random prompts of {prompts.size(1)} tokens: {divergence:.2e}")
+    return divergence
 
 
 def main(argv: list[str]) -> int:
     config_path, overrides, args, merge_args = None, [], list(argv), {}
     while args:
         arg = args.pop(0)
-        if arg in ("--config", "--merge", "--to", "--base") and args:
+        if arg in ("--config", "--merge", "--to", "--base", "--quant") and args:
             value = args.pop(0)
             if arg == "--config":
                 config_path = value
@@ -490,10 +628,12 @@ def main(argv: list[str]) -> int:
         else:
             overrides.append(arg)
     try:
+        if "quant" in merge_args and not merge_args.keys() & {"merge", "to", "base"}:
+            overrides.append(f"--quant={merge_args.pop('quant')}")  # `--quant nf4` for a training run
         if merge_args:
             if "merge" not in merge_args or "to" not in merge_args:
-                raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR]")
-            export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"))
+                raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
+            export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
         elif config_path is None:
             import demo  # no config: the bundled demo
             demo.run_demo(overrides)
