@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant
+
 # "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
 # (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
 FUSE_ADAPTERS = "cuda"
@@ -63,13 +65,18 @@ class Routing:
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen Linear plus named LoRA adapters; y = x W^T + b + scale * drop(x) A^T B^T per row."""
+    """A frozen Linear plus named LoRA adapters; y = x W^T + b + scale * drop(x) A^T B^T per row.
 
-    def __init__(self, base: nn.Linear):
+    The base may be quantized (quant.QuantLinear, QLoRA): it is then kept whole as `quantized`
+    and `weight` is None until a merge dequantizes it.
+    """
+
+    def __init__(self, base: nn.Linear | quant.QuantLinear):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        self.quantized = base if isinstance(base, quant.QuantLinear) else None
+        self.weight = base.weight if self.quantized is None else None
+        self.bias = base.bias if self.quantized is None else None
         self.lora_A = nn.ModuleDict()   # name -> Linear(in, r)
         self.lora_B = nn.ModuleDict()   # name -> Linear(r, out)
         self.scaling: dict[str, float] = {}
@@ -78,7 +85,7 @@ class MultiLoRALinear(nn.Module):
         self.routing: Routing | None = None
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
-        device = self.weight.device
+        device = (self.weight if self.quantized is None else self.quantized.weight).device
         A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=dtype)
         B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=dtype)
         # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
@@ -96,7 +103,17 @@ class MultiLoRALinear(nn.Module):
         self.dropout[name] = cfg.dropout
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:  # dequantizes once for the whole fused batch
+            return self.quantized(x)
         return F.linear(x, self.weight, self.bias)
+
+    def dequantize_base(self):
+        """Replace a quantized base by its dequantized weights (what the adapters were trained against)."""
+        base = self.quantized
+        del self.quantized
+        self.quantized = None
+        self.weight = nn.Parameter(base.dequantize(), requires_grad=False)
+        self.bias = base.bias
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight   # [out, in]
@@ -122,25 +139,24 @@ class MultiLoRALinear(nn.Module):
         A = torch.cat([self.lora_A[n].weight for n in names])               # [sum r, in]
         B = torch.cat([self.lora_B[n].weight for n in names], dim=1)        # [out, sum r]
         coef = self.routing.coefficients(self, names, x.size(0), self.training)  # [B, 1, sum r]
-        x = x.to(A.dtype)
         if self.training and any(self.dropout[n] > 0 for n in names):
-            x = x * self.dropout_keep(groups, x, A.dtype)
-        return ((x @ A.t()) * coef) @ B.t()                                 # [B, T, out]
+            x = x.masked_fill(~self.dropout_keep(groups, x), 0)
+        return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                                 # [B, T, out]
 
     def delta_per_adapter(self, x: torch.Tensor, groups) -> torch.Tensor:
         """Each adapter's update on its own rows only, assembled into one [B, T, out] tensor."""
         B, T, _ = x.shape
-        dtype = self.lora_A[groups[0][0]].weight.dtype
-        keep = self.dropout_keep(groups, x, dtype) if self.training and any(self.dropout[g[0]] > 0 for g in groups) else None
+        keep = self.dropout_keep(groups, x) if self.training and any(self.dropout[g[0]] > 0 for g in groups) else None
         pieces, covered = [], 0   # deltas of consecutive row ranges, zeros where no adapter applies
         delta = None
         for name, rows, _, _ in groups:
             A, B_ = self.lora_A[name].weight, self.lora_B[name].weight
-            x_rows = x[rows].to(A.dtype)                                      # [b, T, in]
+            x_rows = x[rows]                                                  # [b, T, in]
             scale = self.scaling[name]
             if keep is not None and self.dropout[name] > 0:
-                x_rows = x_rows * keep[rows]
+                x_rows = x_rows.masked_fill(~keep[rows], 0)
                 scale = scale / (1 - self.dropout[name])  # dropout's 1/(1-p), on the small [b, T, r]
+            x_rows = x_rows.to(A.dtype)
             piece = ((x_rows @ A.t()) * scale) @ B_.t()                        # [b, T, out]
             if not isinstance(rows, slice):  # rows scattered through the batch
                 delta = piece.new_zeros(B, T, piece.size(-1)) if delta is None else delta
@@ -158,19 +174,20 @@ class MultiLoRALinear(nn.Module):
             delta = torch.cat(pieces) if delta is None else delta + torch.cat(pieces)
         return delta
 
-    def dropout_keep(self, groups, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The dropout mask [B, T, in]: each adapter's rows drawn from its own RNG, over its
-        own padded length only, so the mask does not depend on what the rows were fused with."""
+    def dropout_keep(self, groups, x: torch.Tensor) -> torch.Tensor:
+        """The dropout mask [B, T, in] (bool: autograd keeps 1 byte an element, not 4): each
+        adapter's rows drawn from its own RNG, over its own padded length only, so the mask
+        does not depend on what the rows were fused with."""
         B, T, d = x.shape
-        keep = torch.zeros(B, T, d, dtype=dtype, device=x.device)
+        keep = torch.zeros(B, T, d, dtype=torch.bool, device=x.device)
         for name, rows, own_len, generator in groups:
             own_len = T if own_len is None else min(own_len, T)
             p = self.dropout[name]
             if p == 0:
-                keep[rows, :own_len] = 1
+                keep[rows, :own_len] = True
                 continue
             n_rows = len(range(B)[rows]) if isinstance(rows, slice) else len(rows)
-            mask = torch.empty(n_rows, own_len, d, dtype=dtype, device=x.device)
+            mask = torch.empty(n_rows, own_len, d, dtype=torch.bool, device=x.device)
             keep[rows, :own_len] = mask.bernoulli_(1 - p, generator=generator)
         return keep
 
@@ -209,7 +226,8 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
                  dtype: torch.dtype = torch.float32):
     """Add each named adapter to the Linear layers named in its targets (HF module names)."""
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                           if isinstance(m, (nn.Linear, MultiLoRALinear)) and n not in OUTPUT_LAYERS})
+                           if isinstance(m, (nn.Linear, quant.QuantLinear, MultiLoRALinear))
+                           and n not in OUTPUT_LAYERS and not n.endswith(".quantized")})
     existing = adapter_names(model)
     for name, cfg in configs.items():
         if not name or "." in name:
@@ -226,10 +244,11 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
         for path, module in list(model.named_modules()):
             if path.rsplit(".", 1)[-1] not in cfg.targets:
                 continue
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, quant.QuantLinear)):
                 parent_path, _, child = path.rpartition(".")
                 parent = model.get_submodule(parent_path)
                 module = MultiLoRALinear(module)
+                module.train(parent.training)  # a new module starts in training mode: follow the model
                 setattr(parent, child, module)
             if isinstance(module, MultiLoRALinear):
                 module.add_adapter(name, cfg, generator, dtype)
@@ -300,12 +319,23 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
 # ----------------------------------------------------------------------------- merge
 
 def merge(model: nn.Module, name: str):
-    """Fold adapter `name` into the base weights (every row then sees it)."""
+    """Fold adapter `name` into the base weights (every row then sees it).
+
+    A quantized base is dequantized first: the adapter goes into the dequantized weights,
+    which are what it was trained against (re-quantizing would lose most of the update).
+    """
+    dequantized = []
     for _, layer in lora_layers(model):
         if name in layer.lora_A and name not in layer.merged:
+            if layer.quantized is not None:
+                dequantized.append(layer.quantized.quant)
+                layer.dequantize_base()
             with torch.no_grad():
                 layer.weight += layer.delta_weight(name).to(layer.weight.dtype)
             layer.merged.add(name)
+    if dequantized:
+        print(f"merge {name!r}: {len(dequantized)} layers had a quantized ({', '.join(sorted(set(dequantized)))}) "
+              f"base; merged into their DEQUANTIZED weights, which the adapter was trained against")
 
 
 def unmerge(model: nn.Module, name: str):

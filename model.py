@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant as Q
+
 
 # ----------------------------------------------------------------------------- config
 
@@ -298,8 +300,13 @@ def _read_shard(file: Path, device: str):
     if file.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(file), framework="pt", device=device) as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+        for key in keys:
+            # The file is mapped afresh per tensor: mapped pages count as resident memory
+            # until unmapped, so one map for the whole shard would hold it all in RAM.
+            with safe_open(str(file), framework="pt", device=device) as f:
+                tensor = f.get_tensor(key)
+            yield key, tensor
     else:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         yield from state.items()
@@ -324,10 +331,10 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     """Build on the meta device and assign the checkpoint's tensors: one copy in memory.
 
     dtype None keeps the checkpoint's own dtype. Every parameter must come from the
-    checkpoint (tied lm_head excepted) and every checkpoint key must be used.
+    checkpoint (tied lm_head excepted) and every checkpoint key must be used. quant
+    (quant.QUANT_TYPES) quantizes each Linear but the output head as its weight is read.
     """
-    if quant is not None:
-        raise ValueError(f"quant={quant!r}: quantized loading is not implemented yet")
+    Q.check_quant(quant)
     path, device = Path(path), resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -337,6 +344,8 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     t0 = time.time()
     with torch.device("meta"):
         model = build_model(json.loads(config_file.read_text()))
+    quantized = Q.quantize_linears(model, quant) if quant else {}   # {weight key: QuantLinear}
+    memory_before = Q.reset_peak_memory(device)
     expected = set(model.state_dict().keys())
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
@@ -351,7 +360,12 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
                     continue
                 unexpected.append(key)
                 continue
-            state[key] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+            tensor = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+            if key in quantized:  # the full-precision tensor is dropped as soon as it is quantized
+                quantized[key].quantize_(tensor)
+                seen.add(key)
+                continue
+            state[key] = tensor
         model.load_state_dict(state, strict=False, assign=True)
         seen |= state.keys()
         del state
@@ -365,7 +379,11 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     model.reset_buffers(device)
     model.requires_grad_(False)
     model.eval()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(q.in_features * q.out_features
+                                                                for q in quantized.values())
+    peak = Q.peak_memory(device)
     print(f"loaded {path} ({type(model).__name__}, {n_params / 1e6:.1f}M params, "
-          f"{next(model.parameters()).dtype}, {device}) in {time.time() - t0:.1f}s")
+          f"{next(model.parameters()).dtype}{f', {quant} base' if quant else ''}, {device}) in {time.time() - t0:.1f}s; "
+          f"weights {Q.model_bytes(model) / 2**20:.1f} MiB, peak {'GPU memory' if device.startswith('cuda') else 'RSS'} "
+          f"{peak:.0f} MiB ({peak - memory_before:+.0f} MiB while loading)")
     return model
