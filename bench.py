@@ -3,6 +3,7 @@
     python bench.py --quick            # one workload, under 5 minutes on 2 CPU cores
     python bench.py                    # k in {1, 2, 4, 8} and several workloads
     python bench.py --tiny --quick     # a tiny random model (the test suite runs this)
+    python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
   ours           k jobs' micro-batches fused into one step (what train.py does each step)
@@ -370,6 +371,60 @@ def plot(records, png: Path):
     plt.close(fig)
 
 
+def strategies_scenario(args) -> list[dict]:
+    """The seed's batching-strategy experiment: four jobs whose data have different length
+    distributions, the same hyperparameters, trained by train.py under Seq (one job at a
+    time), trivial, optimal-fit and fast-fit. Reports the seed's table columns."""
+    import random
+    import train
+    folder = Path(tempfile.mkdtemp(prefix="bench-strategies-"))
+    rng = random.Random(0)
+    words = "apple river stone cloud green quick house music light paper ocean tiger moon garden".split()
+    spreads = {"short": (6, 3), "medium": (25, 8), "long": (60, 15), "mixed": (35, 30)}  # words: mean, sd
+    jobs = []
+    for name, (mean, sd) in spreads.items():
+        rows = []
+        for _ in range(args.scenario_rows):
+            n = max(2, int(rng.gauss(mean, sd)))
+            text = " ".join(rng.choice(words) for _ in range(n))
+            rows.append({"instruction": "Repeat the words.", "input": text, "output": text})
+        (folder / f"{name}.json").write_text(json.dumps(rows))
+        jobs.append({"name": name, "data": str(folder / f"{name}.json"), "r": 8, "alpha": 16, "dropout": 0.05,
+                     "targets": ["q_proj", "v_proj"], "lr": 3e-4, "batch_size": 8, "micro_batch_size": 4,
+                     "epochs": 1, "cutoff_len": 256, "group_by_length": True})
+    variants = {"Seq": {"strategy": "trivial", "max_candidates": 1, "max_concurrent": 1},
+                "trivial": {"strategy": "trivial", "max_candidates": 4, "max_concurrent": 2},
+                "optimal-fit": {"strategy": "optimal-fit", "max_candidates": 4, "max_concurrent": 2},
+                "fast-fit": {"strategy": "fast-fit", "max_candidates": 4, "max_concurrent": 4,
+                             "token_budget": args.token_budget}}
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    results = []
+    for variant, sched in variants.items():
+        raw = {"base_model": args.base, "dtype": args.dtype, "device": args.device, "seed": 42,
+               "out_dir": str(folder / variant), "scheduler": sched, "jobs": jobs}
+        (folder / f"{variant}.json").write_text(json.dumps(raw))
+        cfg = train.load_config(str(folder / f"{variant}.json"), [])
+        with GPUSampler(device) as sampler:
+            summary = train.train(cfg)
+        run = json.loads((folder / variant / "run.json").read_text())
+        results.append({"variant": variant, "job_latency_s": {n: s["finish_s"] for n, s in summary.items()},
+                        "total_s": run["total_s"], "peak_mem_mb": run["peak_mem_mb"], "gpu_util": sampler.mean,
+                        "tokens_per_s": run["tokens_per_s"], "padding": run["padding"], "steps": run["steps"]})
+    names = list(spreads)
+    print(f"\nbatching strategies: {args.base} on {device}, {args.dtype}; 4 jobs x {args.scenario_rows} rows, "
+          f"1 epoch, batch 8, micro-batch 4, r=8 on q,v; fast-fit token budget {args.token_budget}\n")
+    print(f"| strategy | {' | '.join(f'{n} job s' for n in names)} | total s | peak MiB | GPU util "
+          f"| tokens/s | padding | steps |")
+    print("|---|" + "---|" * (len(names) + 6))
+    for r in results:
+        util = f"{r['gpu_util']:.0f}%" if r["gpu_util"] is not None else "-"
+        jobs_s = " | ".join(f"{r['job_latency_s'][n]:.1f}" for n in names)
+        print(f"| {r['variant']} | {jobs_s} "
+              f"| {r['total_s']:.1f} | {r['peak_mem_mb']:.0f} | {util} | {r['tokens_per_s']:.0f} "
+              f"| {100 * r['padding']:.1f}% | {r['steps']} |")
+    return results
+
+
 def ensure_base(args) -> str:
     """A checkpoint folder for every system: --base, the demo's SmolLM2, or random weights."""
     if args.base:
@@ -406,8 +461,16 @@ def main(argv: list[str] | None = None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--scenario", choices=["systems", "strategies"], default="systems",
+                   help="strategies: the seed's batching-strategy table (needs a base with a tokenizer)")
+    p.add_argument("--scenario-rows", type=int, default=32, help="rows per job in the strategies scenario")
+    p.add_argument("--token-budget", type=int, default=1024, help="fast-fit's rows x padded length per step")
     args = p.parse_args(argv)
     args.base = ensure_base(args)
+    if args.scenario == "strategies":
+        results = strategies_scenario(args)
+        Path(args.out).write_text(json.dumps({"strategies": results}, indent=2) + "\n")
+        return results, []
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     ks = [int(k) for k in args.k.split(",")] if args.k else ([4] if args.quick else [1, 2, 4, 8])
     if args.tiny and not args.k:
