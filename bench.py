@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+import model as M
+
 # config.json fields for random-weight models of a real shape (runs without a checkpoint).
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -69,26 +71,6 @@ def make_examples(rows, prompt_lens):
 
 
 # ----------------------------------------------------------------------------- memory
-
-def reset_peak(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # Linux: resets VmHWM to the current RSS
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 class GPUSampler:
     """Average GPU utilization while timing (CUDA only; needs pynvml through torch)."""
@@ -131,10 +113,9 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
     """Our model: fused (all jobs each step), one after another, or the bare base."""
     import data
     import lora
-    import model as M
     import train
     device = M.resolve_device(args.device)
-    net = M.load_model(args.base, dtype=args.dtype, device=device, **({"quant": args.quant} if args.quant else {}))
+    net = M.load_model(args.base, dtype=args.dtype, device=device, quant=args.quant)
     names = [f"job{j}" for j in jobs]
     work = {n: job_batches(args, j, net.config.vocab_size) for n, j in zip(names, jobs)}
     if not base_only:
@@ -253,12 +234,12 @@ def run_repeats(args, device, one_repeat, barrier=None) -> dict:
                 barrier.wait()  # concurrent processes start each repeat together
             real, padded, seconds = one_repeat()
             times.append(seconds)
-    return {"times": times, "tokens": real, "padded_tokens": padded, "peak_mb": peak_mb(device),
+    return {"times": times, "tokens": real, "padded_tokens": padded, "peak_mb": M.peak_memory(device),
             "gpu_util": sampler.mean}
 
 
 def _child(system: str, args, jobs, barrier, queue):
-    reset_peak(args.device)
+    M.reset_peak_memory(M.resolve_device(args.device))
     try:
         if system == "peft":
             result = peft_worker(args, jobs, barrier)

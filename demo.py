@@ -11,7 +11,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 
 import data
 import generate

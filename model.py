@@ -12,6 +12,7 @@ nkv key/value heads, hd head size, V vocab.
 """
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def reset_peak_memory(device: str) -> float:
+    """Start a new peak-memory window; returns the memory in use now (MiB)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then peak_memory reports the process's lifetime peak
+    return _proc_status("VmRSS") or 0.0
+
+
+def peak_memory(device: str) -> float:
+    """Peak memory (MiB) since reset_peak_memory: CUDA max_memory_allocated, CPU peak RSS."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+
+
 def build_model(hf_config: dict) -> nn.Module:
     """Pick the family from config.json's model_type (an explicit switch, no registry)."""
     if hf_config.get("model_type") == "chatglm":
@@ -345,7 +376,7 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     with torch.device("meta"):
         model = build_model(json.loads(config_file.read_text()))
     quantized = Q.quantize_linears(model, quant) if quant else {}   # {weight key: QuantLinear}
-    memory_before = Q.reset_peak_memory(device)
+    memory_before = reset_peak_memory(device)
     expected = set(model.state_dict().keys())
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
@@ -381,7 +412,7 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     model.eval()
     n_params = sum(p.numel() for p in model.parameters()) + sum(q.in_features * q.out_features
                                                                 for q in quantized.values())
-    peak = Q.peak_memory(device)
+    peak = peak_memory(device)
     print(f"loaded {path} ({type(model).__name__}, {n_params / 1e6:.1f}M params, "
           f"{next(model.parameters()).dtype}{f', {quant} base' if quant else ''}, {device}) in {time.time() - t0:.1f}s; "
           f"weights {Q.model_bytes(model) / 2**20:.1f} MiB, peak {'GPU memory' if device.startswith('cuda') else 'RSS'} "

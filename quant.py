@@ -16,7 +16,6 @@ This is the only file that imports bitsandbytes, and only once something is quan
 """
 import functools
 import logging
-import resource
 
 import torch
 import torch.nn as nn
@@ -193,37 +192,4 @@ def model_bytes(model: nn.Module) -> int:
         else:
             total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
     return total
-
-
-# ----------------------------------------------------------------------------- peak memory
-
-def reset_peak_memory(device: str) -> float:
-    """Start a new peak-memory window; returns the memory in use now (MiB)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then peak_memory reports the process's lifetime peak
-    return _proc_status("VmRSS") or 0.0
-
-
-def peak_memory(device: str) -> float:
-    """Peak memory (MiB) since reset_peak_memory: CUDA max_memory_allocated, CPU peak RSS."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _proc_status(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        return None
     return None

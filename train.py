@@ -12,8 +12,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
-import resource
 import sys
 import time
 import types
@@ -282,30 +280,6 @@ def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device
     return total / max(count, 1)
 
 
-def reset_peak_memory(device: str):
-    """Start a new peak-memory window (CUDA: the allocator's counter; Linux: the RSS high-water mark)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # proc(5): "5" resets VmHWM to the current RSS
-    except OSError:
-        pass  # not Linux, or not allowed: the peak then counts from the process start
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak memory since the last reset_peak_memory: CUDA tensors allocated, or the process's RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: RunConfig) -> dict:
@@ -387,8 +361,8 @@ def train(cfg: RunConfig) -> dict:
         micro_batches = sched.next_step()
         # The window since the last backward (optimizer steps, evals, admissions) counts toward
         # the peaks too; then a fresh window for this step, whose peak the memory model learns.
-        between_mb = peak_memory_mb(device)
-        reset_peak_memory(device)
+        between_mb = M.peak_memory(device)
+        M.reset_peak_memory(device)
         parts = [(mb.job, [train_sets[mb.job][i] for i in mb.indices]) for mb in micro_batches]
         batch = data.fuse(parts, tokenizer.pad_id, multiple_of=PAD_MULTIPLE).to(device)
         model.train()
@@ -403,7 +377,7 @@ def train(cfg: RunConfig) -> dict:
         step_tokens = torch.tensor([mb.step_loss_tokens for mb in micro_batches], device=device, dtype=torch.float)
         job_losses = loss_sums / step_tokens.clamp(min=1)
         job_losses.sum().backward()
-        step_peak_mb = peak_memory_mb(device)  # forward + backward: where a step's memory peaks
+        step_peak_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
         B, L = batch.input_ids.shape
         sched.memory.observe(B, L, step_peak_mb * 2**20)
         run_peak_mb = max(run_peak_mb, between_mb, step_peak_mb)
@@ -504,11 +478,11 @@ def train(cfg: RunConfig) -> dict:
                              "initial_eval_loss": s["initial_eval_loss"], "eval_loss": s["eval_loss"],
                              "padded_tokens": s["padded_tokens"],
                              "padding": 1 - s["tokens"] / max(s["padded_tokens"], 1),
-                             "peak_mem_mb": max(s["peak_mb"], peak_memory_mb(device)),
+                             "peak_mem_mb": max(s["peak_mb"], M.peak_memory(device)),
                              "stopped": s["stopped"], "best_step": None if best is None else best["step"]}
             log({"event": "finish", "job": name, "time": time.time() - run_start, **summary[name]})
     bar.close()
-    run_peak_mb = max(run_peak_mb, peak_memory_mb(device))
+    run_peak_mb = max(run_peak_mb, M.peak_memory(device))
     total_s = time.time() - run_start
     # Run totals, the seed's table's columns: latency, throughput, padding, peak memory, and how
     # well the memory model predicted each step's peak (relative error, predicted - measured).
