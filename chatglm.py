@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, positions_and_mask
+from llama import KVCache, positions_and_mask
 
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass
 class ChatGLMConfig:
+    model_type: str                 # always "chatglm" (ChatGLM2/3, GLM-4)
     vocab_size: int                 # V: padded_vocab_size (65024 for ChatGLM2/3), larger than the tokenizer's
     hidden_size: int                # C
     ffn_hidden_size: int            # MLP width; dense_h_to_4h is twice this (gate and up)
@@ -71,6 +72,7 @@ class ChatGLMConfig:
         n_heads = hf["num_attention_heads"]
         multi_query = hf.get("multi_query_attention", False)
         return cls(
+            model_type="chatglm",
             vocab_size=hf["padded_vocab_size"],
             hidden_size=hf["hidden_size"],
             ffn_hidden_size=hf["ffn_hidden_size"],
@@ -202,12 +204,17 @@ class Transformer(nn.Module):
 
 
 class ChatGLM(nn.Module):
+    # What the rest of the code needs to know about this family, stated once:
+    LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    DEFAULT_TARGETS = ("query_key_value", "dense")   # the attention projections, as for LLaMA
+    OUTPUT_LAYER = "transformer.output_layer"        # never a LoRA target nor quantized
+    # THUDM's checkpoints store inv_freq, ignoring rope_ratio; we recompute it from the config.
+    RECOMPUTED_KEYS = ("rotary_pos_emb.inv_freq",)
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.config = cfg
         self.transformer = Transformer(cfg)
-        # Not loaded: the checkpoint's transformer.rotary_pos_emb.inv_freq ignores rope_ratio
-        # (THUDM's code recomputes the frequencies), so we compute ours from the config.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def tie_weights(self):

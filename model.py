@@ -1,284 +1,23 @@
-"""The frozen base model: LLaMA family in plain PyTorch, loaded from a Hugging Face folder.
+"""Load a Hugging Face checkpoint folder into our model: the one entry point, model.load_model.
 
-ChatGLM2/3 and GLM-4 live in chatglm.py; build_model dispatches on config.json's model_type.
-
-Llama 1/2/3.x, Mistral, SmolLM, TinyLlama and Qwen2 share one architecture: pre-norm
-RMSNorm blocks, rotate-half RoPE over the whole head, grouped-query attention and a
-SwiGLU MLP. Parameter names follow the checkpoint's keys, so loading is a strict
-`load_state_dict`. This file knows nothing about LoRA (lora.py swaps Linears in later).
-
-Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
-nkv key/value heads, hd head size, V vocab.
+Reads config.json, picks the family by its model_type (llama.py: llama, mistral, qwen2;
+chatglm.py: chatglm), builds the model on the meta device and assigns the checkpoint's
+tensors shard by shard (single or sharded safetensors, pytorch_model*.bin as a fallback)
+with a strict key check, quantizing Linears as they are read when asked (quant.py).
+Also the device and peak-memory helpers that train.py and bench.py share.
+The model files import nothing from here.
 """
 import json
-import math
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import quant as Q
-
-
-# ----------------------------------------------------------------------------- config
-
-@dataclass
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int                # C
-    intermediate_size: int          # MLP width
-    num_hidden_layers: int
-    num_attention_heads: int        # nh
-    num_key_value_heads: int        # nkv (< nh: grouped-query attention)
-    head_dim: int                   # hd (usually C // nh; Qwen/Llama 3 may say otherwise)
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict = field(default_factory=dict)   # {"rope_type": "linear"|"llama3", ...}
-    tie_word_embeddings: bool = False                  # lm_head shares embed_tokens' weight
-    qkv_bias: bool = False                             # Qwen2: bias on q/k/v projections
-    o_bias: bool = False                               # Llama's attention_bias puts one on o_proj too
-    mlp_bias: bool = False
-    max_position_embeddings: int = 4096
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """Map a hub config.json (llama, mistral, qwen2) onto our fields, one by one."""
-        model_type = hf.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json: model_type {model_type!r} is not a LLaMA-family model "
-                             f"(supported: llama, mistral, qwen2, chatglm)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        # Two styles for rope: hub folders have rope_theta + rope_scaling; transformers >= 5
-        # writes everything into rope_parameters.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
-                             f"(supported: default, linear, llama3)")
-        rope_scaling = {"rope_type": rope_type, **rope} if rope_type != "default" else {}
-        n_heads = hf["num_attention_heads"]
-        attention_bias = hf.get("attention_bias", False)
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            # LlamaConfig and Qwen2Config both default to untied when the key is absent.
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=(model_type == "qwen2") or attention_bias,
-            o_bias=(model_type != "qwen2") and attention_bias,
-            mlp_bias=hf.get("mlp_bias", False),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
-
-
-# ----------------------------------------------------------------------------- rope
-
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies [hd/2] (RoFormer, eq. 15), with linear or Llama 3 scaling."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    scaling = cfg.rope_scaling
-    if scaling.get("rope_type") == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif scaling.get("rope_type") == "llama3":
-        # Llama 3.1's long-context rule: low frequencies (long wavelengths) are divided by
-        # `factor`, high ones kept, and the band between is interpolated smoothly.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return inv_freq
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-# ----------------------------------------------------------------------------- positions and mask
-
-def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
-    """Position ids [B, T] and the attention mask for SDPA: None (causal fast path) or [B, 1, T, T_past+T].
-
-    Without attention_mask every row is taken as unpadded (right padding needs no mask under
-    causal attention); with it, positions count real tokens only, so a left-padded row starts at 0.
-    """
-    B, T = input_ids.shape
-    device = input_ids.device
-    if attention_mask is None:
-        pos = torch.arange(past, past + T, device=device).expand(B, T)      # [B, T]
-        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-        return pos, mask
-    key_mask = attention_mask.bool()                                        # [B, T_past+T]
-    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]            # [B, T]
-    causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-    mask = causal[None] & key_mask[:, None, :]                               # [B, T, T_past+T]
-    # A padding query would see no key at all (NaN softmax); let it see itself.
-    itself = torch.arange(T, device=device)[:, None] + past == torch.arange(past + T, device=device)
-    mask = mask | itself[None]
-    return pos, mask[:, None]                                                # [B, 1, T, T_past+T]
-
-
-# ----------------------------------------------------------------------------- kv cache
-
-class KVCache:
-    """Preallocated keys/values for generation: [B, nkv, max_T, hd] per layer."""
-
-    def __init__(self, n_layers: int, B: int, nkv: int, max_T: int, hd: int, dtype, device):
-        self.k = [torch.zeros(B, nkv, max_T, hd, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(B, nkv, max_T, hd, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.length = 0  # time steps already written (advanced by the model after the last layer)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.size(2)
-        self.k[layer][:, :, self.length:self.length + T] = k
-        self.v[layer][:, :, self.length:self.length + T] = v
-        end = self.length + T
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-# ----------------------------------------------------------------------------- blocks
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        # In fp32 for stability, then back (as the reference implementations do).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, C, bias=cfg.o_bias)
-
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        if mask is None:  # no padding anywhere: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        C, H = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(C, H, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(nn.Module):
-    """The body; named `model` inside Llama so keys read `model.layers.0...` as on the hub."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Not a checkpoint key: recomputed, and created again after meta-device loading.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    def tie_weights(self):
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def reset_buffers(self, device):
-        """Recompute what is not in the checkpoint (rope frequencies, fp32) on device."""
-        self.inv_freq = rope_inv_freq(self.config).to(device)
-
-    def new_cache(self, B: int, max_T: int) -> KVCache:
-        cfg, w = self.config, self.model.embed_tokens.weight
-        return KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_T, cfg.head_dim, w.dtype, w.device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, output_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V].
-
-        attention_mask [B, T_past+T] (1 = real token) handles left or right padding; without
-        it every row is taken as unpadded. output_mask [B, T] (bool) keeps only those
-        positions and returns [N, V], which saves the big vocab matmul on prompt tokens.
-        """
-        T = input_ids.size(1)
-        past = cache.length if cache is not None else 0
-        pos, mask = positions_and_mask(input_ids, attention_mask, past)
-        freqs = pos[..., None].float() * self.inv_freq                       # [B, T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                              # [B, T, hd]
-        x = self.model.embed_tokens(input_ids)                               # [B, T, C]
-        cos = emb.cos().to(x.dtype)[:, None]                                 # [B, 1, T, hd]
-        sin = emb.sin().to(x.dtype)[:, None]
-        for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        x = self.model.norm(x)
-        if output_mask is not None:
-            x = x[output_mask]                                               # [N, C]
-        return self.lm_head(x)
+from chatglm import ChatGLM, ChatGLMConfig
+from llama import Llama, LlamaConfig
 
 
 # ----------------------------------------------------------------------------- loading
@@ -352,8 +91,7 @@ def _proc_status(field: str) -> float | None:
 def build_model(hf_config: dict) -> nn.Module:
     """Pick the family from config.json's model_type (an explicit switch, no registry)."""
     if hf_config.get("model_type") == "chatglm":
-        import chatglm  # imports this module; chatglm.py holds ChatGLM2/3 and GLM-4
-        return chatglm.ChatGLM(chatglm.ChatGLMConfig.from_hf(hf_config))
+        return ChatGLM(ChatGLMConfig.from_hf(hf_config))
     return Llama(LlamaConfig.from_hf(hf_config))
 
 
@@ -375,19 +113,19 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     t0 = time.time()
     with torch.device("meta"):
         model = build_model(json.loads(config_file.read_text()))
-    quantized = Q.quantize_linears(model, quant) if quant else {}   # {weight key: QuantLinear}
+    quantized = Q.quantize_linears(model, quant, skip=model.OUTPUT_LAYER) if quant else {}  # {weight key: QuantLinear}
     memory_before = reset_peak_memory(device)
     expected = set(model.state_dict().keys())
+    output_weight = f"{model.OUTPUT_LAYER}.weight"
     if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        expected.discard(output_weight)
     seen, unexpected = set(), []
     for file in _checkpoint_files(path):
         state = {}
         for key, tensor in _read_shard(file, "cpu" if file.suffix != ".safetensors" else device):
             if key not in expected:
-                # Some tied checkpoints still carry lm_head.weight; rotary inv_freq is recomputed
-                # (ChatGLM's transformer.rotary_pos_emb.inv_freq too).
-                if key == "lm_head.weight" or key.endswith(("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")):
+                # Some tied checkpoints still carry the output weight; rope tables are recomputed.
+                if key == output_weight or key.endswith(model.RECOMPUTED_KEYS):
                     continue
                 unexpected.append(key)
                 continue
@@ -413,7 +151,7 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     n_params = sum(p.numel() for p in model.parameters()) + sum(q.in_features * q.out_features
                                                                 for q in quantized.values())
     peak = peak_memory(device)
-    print(f"loaded {path} ({type(model).__name__}, {n_params / 1e6:.1f}M params, "
+    print(f"loaded {path} ({model.config.model_type}, {n_params / 1e6:.1f}M params, "
           f"{next(model.parameters()).dtype}{f', {quant} base' if quant else ''}, {device}) in {time.time() - t0:.1f}s; "
           f"weights {Q.model_bytes(model) / 2**20:.1f} MiB, peak {'GPU memory' if device.startswith('cuda') else 'RSS'} "
           f"{peak:.0f} MiB ({peak - memory_before:+.0f} MiB while loading)")

@@ -23,7 +23,6 @@ import torch.nn as nn
 QUANT_TYPES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
 BLOCKSIZE = 64                  # weights per 4-bit block (QLoRA's and bitsandbytes' default)
 INT8_THRESHOLD = 6.0            # LLM.int8() outlier threshold (the paper's and transformers' default)
-OUTPUT_LAYERS = ("lm_head", "transformer.output_layer")   # stay unquantized (lora.OUTPUT_LAYERS too)
 
 
 @functools.cache
@@ -147,8 +146,8 @@ class QuantLinear(nn.Module):
                f"bias={self.bias is not None}, quant={self.quant}"
 
 
-def quantize_linears(model: nn.Module, quant: str) -> dict[str, QuantLinear]:
-    """Swap every Linear but the output head for an empty QuantLinear (before loading).
+def quantize_linears(model: nn.Module, quant: str, skip: str) -> dict[str, QuantLinear]:
+    """Swap every Linear but `skip` (the output head) for an empty QuantLinear (before loading).
 
     Returns {checkpoint key of its weight: layer}; the loader calls layer.quantize_ on each.
     """
@@ -156,7 +155,7 @@ def quantize_linears(model: nn.Module, quant: str) -> dict[str, QuantLinear]:
     _bnb()  # imported now, not inside the loader's peak-memory window
     layers = {}
     for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and path not in OUTPUT_LAYERS:
+        if isinstance(module, nn.Linear) and path != skip:
             parent_path, _, child = path.rpartition(".")
             layer = QuantLinear.like(module, quant)
             setattr(model.get_submodule(parent_path), child, layer)
@@ -167,14 +166,9 @@ def quantize_linears(model: nn.Module, quant: str) -> dict[str, QuantLinear]:
 def dequantize(model: nn.Module) -> int:
     """Replace every QuantLinear by an nn.Linear holding its dequantized weight; returns how many.
 
-    LoRA-wrapped layers keep their adapters (lora.MultiLoRALinear.dequantize_base).
+    A model with LoRA layers goes through lora.dequantize, which does their bases first.
     """
-    import lora  # lora imports this module
     count = 0
-    for _, layer in lora.lora_layers(model):
-        if layer.quantized is not None:
-            layer.dequantize_base()
-            count += 1
     for path, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             parent_path, _, child = path.rpartition(".")
@@ -192,4 +186,3 @@ def model_bytes(model: nn.Module) -> int:
         else:
             total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
     return total
-    return None

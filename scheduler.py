@@ -196,7 +196,6 @@ class Scheduler:
         self.waiting: list[JobPlan] = sorted(jobs, key=lambda j: -j.priority)  # stable: FIFO within
         self.candidates: list[JobPlan] = []   # kept in (priority, admission) order
         self.finished: list[str] = []         # finished or stopped since the last pop_finished()
-        self.step_shape: tuple[int, int] | None = None   # (B, L) of the last step
         self.predicted_peak: float | None = None         # the memory model's bytes for it
         self._admitted = 0
         self._warned = False
@@ -227,7 +226,6 @@ class Scheduler:
         chosen = self._choose()
         step = [job.pop() for job in chosen]
         rows, length = self.shape(step)
-        self.step_shape = (rows, length)
         predicted = self.memory.predict(rows, length)
         self.predicted_peak = predicted if math.isfinite(predicted) else None
         for job in chosen:
