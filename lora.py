@@ -6,13 +6,15 @@ names) and holds any number of named adapters with their own rank, alpha and dro
 The base matmul runs once over the whole fused batch; each adapter's low-rank delta
 runs only over its own rows. Adapters are saved and loaded in PEFT's format.
 """
+import dataclasses
 import json
 import math
 import os
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -23,11 +25,7 @@ import quant
 # "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
 # (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
 FUSE_ADAPTERS = "cuda"
-
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-# The vocabulary projections are never LoRA targets (PEFT would need modules_to_save for them).
-OUTPUT_LAYERS = ("lm_head", "transformer.output_layer")
+INITS = ("kaiming", "gaussian")
 
 
 @dataclass
@@ -35,72 +33,124 @@ class LoRAConfig:
     r: int = 8                      # rank of the update B @ A
     alpha: float = 16               # the update is scaled by alpha / r
     dropout: float = 0.0            # dropout on the adapter's input (PEFT's lora_dropout)
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    init: str = "kaiming"           # "kaiming" (PEFT's default) or "gaussian" (the paper's)
-    use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA), as PEFT allows
+    targets: list[str] | None = None  # module names (the family's LORA_TARGETS); None: its DEFAULT_TARGETS
+    init: str = "kaiming"           # A's init: "kaiming" (PEFT's default) or "gaussian" (the paper's)
+    use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA, Kalajdzievski 2023)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class Adapter(nn.Module):
+    """One adapter on one layer: its config and its weights A [r, in], B [out, r].
+
+    Everything that makes adapters differ lives here; a variant (e.g. DoRA) adds its
+    weights and overrides `delta_weight` / `update`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig,
+                 generator: torch.Generator, device, dtype: torch.dtype):
+        super().__init__()
+        self.config = cfg
+        self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=device, dtype=dtype)
+        # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
+        # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
+        # (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the
+        # adapter's own generator, so the init is the same on every device.
+        with torch.no_grad():
+            cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            if cfg.init == "gaussian":
+                cpu_A.normal_(0, 1 / cfg.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
+            self.lora_A.weight.copy_(cpu_A)
+            nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the base weight, [out, in] (what merge adds)."""
+        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+
+    def update(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's output on its own rows: scale * drop(x) A^T B^T, [b, T, out].
+
+        keep (bool, like x) is the dropout mask, or None outside training / without dropout.
+        """
+        scale = self.scaling
+        if keep is not None:
+            x = x.masked_fill(~keep, 0)
+            scale = scale / (1 - self.config.dropout)  # dropout's 1/(1-p), on the small [b, T, r]
+        x = x.to(self.lora_A.weight.dtype)
+        return ((x @ self.lora_A.weight.t()) * scale) @ self.lora_B.weight.t()
+
+
+class RouteGroup(NamedTuple):
+    """The rows of the fused batch that one adapter owns."""
+    name: str
+    rows: slice | torch.Tensor      # a slice when contiguous, else an index tensor
+    length: int | None              # the longest of its rows (right padding), None: all T
+    seed: int | None                # this forward's dropout seed, drawn from the job's RNG
 
 
 @dataclass
 class Routing:
     """Which rows of the fused batch belong to which adapter, set by `route`."""
-    # (adapter name, its rows as a slice or index tensor, its own padded length, its RNG)
-    groups: list[tuple[str, slice | torch.Tensor, int | None, torch.Generator | None]]
-    cache: dict = field(default_factory=dict)
+    groups: list[RouteGroup]
+    cache: dict                      # per-row coefficients of the concatenated path, by adapter set
 
     def coefficients(self, layer: "MultiLoRALinear", names: list[str], B: int, training: bool) -> torch.Tensor:
         """[B, 1, sum r]: row i's coefficient is its adapter's scale on that adapter's r columns
         (with dropout's 1/(1-p) folded in while training), 0 elsewhere. Cached per adapter set."""
-        key = (tuple(names), tuple(layer.scaling[n] for n in names), training)
+        adapters = [layer.adapters[n] for n in names]
+        key = (tuple(names), tuple(a.scaling for a in adapters), training)
         if key not in self.cache:
-            ranks = [layer.lora_A[n].out_features for n in names]
-            coef = torch.zeros(B, 1, sum(ranks))
+            coef = torch.zeros(B, 1, sum(a.config.r for a in adapters))
             start = 0
-            for name, r in zip(names, ranks):
-                rows = next(g[1] for g in self.groups if g[0] == name)
-                p = layer.dropout[name] if training else 0.0
-                coef[rows.cpu() if torch.is_tensor(rows) else rows, :, start:start + r] = layer.scaling[name] / (1 - p)
+            for name, adapter in zip(names, adapters):
+                rows = next(g.rows for g in self.groups if g.name == name)
+                p = adapter.config.dropout if training else 0.0
+                r = adapter.config.r
+                coef[rows.cpu() if torch.is_tensor(rows) else rows, :, start:start + r] = adapter.scaling / (1 - p)
                 start += r
-            self.cache[key] = coef.to(device=layer.lora_A[names[0]].weight.device)
+            self.cache[key] = coef.to(device=adapters[0].lora_A.weight.device)
         return self.cache[key]
 
 
+def mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across runs and machines)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63)
+    return seed
+
+
 class MultiLoRALinear(nn.Module):
-    """A frozen Linear plus named LoRA adapters; y = x W^T + b + scale * drop(x) A^T B^T per row.
+    """A frozen Linear plus named LoRA adapters; y = x W^T + b + adapter(x) per row.
 
     The base may be quantized (quant.QuantLinear, QLoRA): it is then kept whole as `quantized`
-    and `weight` is None until a merge dequantizes it.
+    and `weight` is None until a merge dequantizes it. `seed` (from the module's path) makes
+    each layer's dropout masks differ from the other layers'.
     """
 
-    def __init__(self, base: nn.Linear | quant.QuantLinear):
+    def __init__(self, base: nn.Linear | quant.QuantLinear, seed: int):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.quantized = base if isinstance(base, quant.QuantLinear) else None
         self.weight = base.weight if self.quantized is None else None
         self.bias = base.bias if self.quantized is None else None
-        self.lora_A = nn.ModuleDict()   # name -> Linear(in, r)
-        self.lora_B = nn.ModuleDict()   # name -> Linear(r, out)
-        self.scaling: dict[str, float] = {}
-        self.dropout: dict[str, float] = {}
+        self.adapters = nn.ModuleDict()   # name -> Adapter
         self.merged: set[str] = set()
         self.routing: Routing | None = None
+        self.seed = seed
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
-        A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=dtype)
-        B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=dtype)
-        # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
-        # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian.
-        with torch.no_grad():
-            cpu_A = torch.empty(A.weight.shape, dtype=torch.float32)
-            if cfg.init == "gaussian":
-                cpu_A.normal_(0, 1 / cfg.r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
-            A.weight.copy_(cpu_A)
-            nn.init.zeros_(B.weight)
-        self.lora_A[name], self.lora_B[name] = A, B
-        self.scaling[name] = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
-        self.dropout[name] = cfg.dropout
+        self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:  # dequantizes once for the whole fused batch
@@ -115,13 +165,17 @@ class MultiLoRALinear(nn.Module):
         self.weight = nn.Parameter(base.dequantize(), requires_grad=False)
         self.bias = base.bias
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight   # [out, in]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)                                   # [B, T, out], all rows at once
-        groups = [g for g in self.routing.groups if g[0] in self.lora_A and g[0] not in self.merged] \
-            if self.routing is not None else []
+        if self.routing is None:
+            if self.training and len(self.adapters) > len(self.merged):
+                # Training with adapters but no rows routed: surely a forward (or, under
+                # activation checkpointing, a backward) outside `with lora.route(...)`.
+                raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
+                                   "inside `with lora.route(model, names):` (under activation "
+                                   "checkpointing, run backward inside it too), or call model.eval()")
+            return out
+        groups = [g for g in self.routing.groups if g.name in self.adapters and g.name not in self.merged]
         if not groups:
             return out
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
@@ -131,33 +185,31 @@ class MultiLoRALinear(nn.Module):
         delta = self.delta_concatenated(x, groups) if concatenated else self.delta_per_adapter(x, groups)
         return out + delta.to(out.dtype)
 
-    def delta_concatenated(self, x: torch.Tensor, groups) -> torch.Tensor:
+    def uses_dropout(self, groups: list[RouteGroup]) -> bool:
+        return self.training and any(self.adapters[g.name].config.dropout > 0 for g in groups)
+
+    def delta_concatenated(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """Every row through the concatenated A's; a per-row coefficient keeps only its own
         adapter's r columns (times its scale) and zeroes the rest, so B_cat adds exactly that
         adapter's update. Two matmuls per layer whatever the number of adapters."""
-        names = [g[0] for g in groups]
-        A = torch.cat([self.lora_A[n].weight for n in names])               # [sum r, in]
-        B = torch.cat([self.lora_B[n].weight for n in names], dim=1)        # [out, sum r]
+        names = [g.name for g in groups]
+        A = torch.cat([self.adapters[n].lora_A.weight for n in names])          # [sum r, in]
+        B = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)   # [out, sum r]
         coef = self.routing.coefficients(self, names, x.size(0), self.training)  # [B, 1, sum r]
-        if self.training and any(self.dropout[n] > 0 for n in names):
+        if self.uses_dropout(groups):
             x = x.masked_fill(~self.dropout_keep(groups, x), 0)
-        return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                                 # [B, T, out]
+        return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                         # [B, T, out]
 
-    def delta_per_adapter(self, x: torch.Tensor, groups) -> torch.Tensor:
+    def delta_per_adapter(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """Each adapter's update on its own rows only, assembled into one [B, T, out] tensor."""
         B, T, _ = x.shape
-        keep = self.dropout_keep(groups, x) if self.training and any(self.dropout[g[0]] > 0 for g in groups) else None
+        keep = self.dropout_keep(groups, x) if self.uses_dropout(groups) else None
         pieces, covered = [], 0   # deltas of consecutive row ranges, zeros where no adapter applies
         delta = None
-        for name, rows, _, _ in groups:
-            A, B_ = self.lora_A[name].weight, self.lora_B[name].weight
-            x_rows = x[rows]                                                  # [b, T, in]
-            scale = self.scaling[name]
-            if keep is not None and self.dropout[name] > 0:
-                x_rows = x_rows.masked_fill(~keep[rows], 0)
-                scale = scale / (1 - self.dropout[name])  # dropout's 1/(1-p), on the small [b, T, r]
-            x_rows = x_rows.to(A.dtype)
-            piece = ((x_rows @ A.t()) * scale) @ B_.t()                        # [b, T, out]
+        for group in groups:
+            adapter, rows = self.adapters[group.name], group.rows
+            with_dropout = keep is not None and adapter.config.dropout > 0
+            piece = adapter.update(x[rows], keep[rows] if with_dropout else None)    # [b, T, out]
             if not isinstance(rows, slice):  # rows scattered through the batch
                 delta = piece.new_zeros(B, T, piece.size(-1)) if delta is None else delta
                 delta = delta.index_add(0, rows, piece)
@@ -174,25 +226,32 @@ class MultiLoRALinear(nn.Module):
             delta = torch.cat(pieces) if delta is None else delta + torch.cat(pieces)
         return delta
 
-    def dropout_keep(self, groups, x: torch.Tensor) -> torch.Tensor:
-        """The dropout mask [B, T, in] (bool: autograd keeps 1 byte an element, not 4): each
-        adapter's rows drawn from its own RNG, over its own padded length only, so the mask
-        does not depend on what the rows were fused with."""
+    def dropout_keep(self, groups: list[RouteGroup], x: torch.Tensor) -> torch.Tensor:
+        """The dropout mask [B, T, in] (bool: autograd keeps 1 byte an element, not 4).
+
+        Each adapter's rows are drawn over their own padded length only, from a generator
+        seeded by (this forward's seed for the adapter, this layer): the mask does not depend
+        on what the rows were fused with, and a recomputation (activation checkpointing)
+        draws exactly the same mask again.
+        """
         B, T, d = x.shape
         keep = torch.zeros(B, T, d, dtype=torch.bool, device=x.device)
-        for name, rows, own_len, generator in groups:
-            own_len = T if own_len is None else min(own_len, T)
-            p = self.dropout[name]
+        for group in groups:
+            length = T if group.length is None else min(group.length, T)
+            p = self.adapters[group.name].config.dropout
             if p == 0:
-                keep[rows, :own_len] = True
+                keep[group.rows, :length] = True
                 continue
-            n_rows = len(range(B)[rows]) if isinstance(rows, slice) else len(rows)
-            mask = torch.empty(n_rows, own_len, d, dtype=torch.bool, device=x.device)
-            keep[rows, :own_len] = mask.bernoulli_(1 - p, generator=generator)
+            if group.seed is None:
+                raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
+            generator = torch.Generator(device=x.device).manual_seed(mix_seed(group.seed, self.seed))
+            n_rows = len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
+            mask = torch.empty(n_rows, length, d, dtype=torch.bool, device=x.device)
+            keep[group.rows, :length] = mask.bernoulli_(1 - p, generator=generator)
         return keep
 
     def extra_repr(self) -> str:
-        ranks = {n: a.out_features for n, a in self.lora_A.items()}
+        ranks = {n: a.config.r for n, a in self.adapters.items()}
         return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
 
 
@@ -206,48 +265,46 @@ def lora_layers(model: nn.Module):
 def adapter_names(model: nn.Module) -> list[str]:
     names = {}
     for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.lora_A.keys()))
+        names.update(dict.fromkeys(layer.adapters.keys()))
     return list(names)
-
-
-def default_targets(model: nn.Module) -> list[str]:
-    """The attention projections, as Alpaca-LoRA and m-LoRA's examples target by default."""
-    if any(n.endswith(".query_key_value") for n, _ in model.named_modules()):
-        return ["query_key_value", "dense"]  # ChatGLM: fused qkv and the attention output
-    return ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def adapter_seed(seed: int, name: str) -> int:
     """A stable per-adapter seed, so an adapter's init never depends on its neighbours."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return mix_seed(seed, zlib.crc32(name.encode()))
 
 
 def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int = 0,
                  dtype: torch.dtype = torch.float32):
-    """Add each named adapter to the Linear layers named in its targets (HF module names)."""
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                           if isinstance(m, (nn.Linear, quant.QuantLinear, MultiLoRALinear))
-                           and n not in OUTPUT_LAYERS and not n.endswith(".quantized")})
+    """Add each named adapter to the layers named in its targets (the family's module names).
+
+    The model states its own facts (llama.Llama, chatglm.ChatGLM): LORA_TARGETS, the names
+    an adapter may target, and DEFAULT_TARGETS for a config that names none.
+    """
     existing = adapter_names(model)
     for name, cfg in configs.items():
         if not name or "." in name:
             raise ValueError(f"adapter name {name!r}: must be non-empty and contain no '.'")
         if name in existing:
             raise ValueError(f"adapter {name!r} already exists")
-        bad = [t for t in cfg.targets if t not in linear_names]
-        if bad or not cfg.targets:
-            raise ValueError(f"adapter {name!r}: targets {bad or cfg.targets} not in this model; "
-                             f"valid targets: {', '.join(linear_names)}")
+        targets = list(model.DEFAULT_TARGETS if cfg.targets is None else cfg.targets)
+        bad = [t for t in targets if t not in model.LORA_TARGETS]
+        if bad or not targets:
+            raise ValueError(f"adapter {name!r}: targets {bad or targets} are not LoRA targets of "
+                             f"{model.config.model_type}; valid targets: {', '.join(model.LORA_TARGETS)}")
         if cfg.r < 1:
             raise ValueError(f"adapter {name!r}: r must be >= 1, got {cfg.r}")
+        if cfg.init not in INITS:
+            raise ValueError(f"adapter {name!r}: init {cfg.init!r}: expected one of {', '.join(INITS)}")
+        cfg = dataclasses.replace(cfg, targets=targets)   # stored with the layers, saved by save_peft
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
         for path, module in list(model.named_modules()):
-            if path.rsplit(".", 1)[-1] not in cfg.targets:
+            if path.rsplit(".", 1)[-1] not in targets:
                 continue
             if isinstance(module, (nn.Linear, quant.QuantLinear)):
                 parent_path, _, child = path.rpartition(".")
                 parent = model.get_submodule(parent_path)
-                module = MultiLoRALinear(module)
+                module = MultiLoRALinear(module, seed=zlib.crc32(path.encode()))
                 module.train(parent.training)  # a new module starts in training mode: follow the model
                 setattr(parent, child, module)
             if isinstance(module, MultiLoRALinear):
@@ -260,25 +317,25 @@ def remove_adapter(model: nn.Module, name: str):
     for _, layer in lora_layers(model):
         if name in layer.merged:
             raise ValueError(f"adapter {name!r} is merged; unmerge it before removing")
-        if name in layer.lora_A:
-            del layer.lora_A[name], layer.lora_B[name]
-            del layer.scaling[name], layer.dropout[name]
+        if name in layer.adapters:
+            del layer.adapters[name]
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     params = []
     for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        if name in layer.adapters:
+            params += list(layer.adapters[name].parameters())
     if not params:
         raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
     return params
 
 
 def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
-    """Freeze everything but the adapters' A and B; print the counts when verbose."""
-    for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+    """Freeze everything but the adapters' weights; print the counts when verbose."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.adapters.requires_grad_(True)
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -291,7 +348,10 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
-    rows' padded length; generators gives each adapter its own dropout RNG stream.
+    rows' padded length. generators (CPU) gives each adapter its own dropout RNG stream: one
+    seed is drawn from it per `route`, and every layer's mask follows from that seed, so a
+    recomputed forward (activation checkpointing: run backward inside the block) draws the
+    same masks. Adapters without a generator draw their seed from torch's global RNG.
     """
     known = set(adapter_names(model))
     unknown = {n for n in names if n is not None and n not in known}
@@ -303,9 +363,12 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         idx = [i for i, n in enumerate(names) if n == name]
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
         rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
-        own_len = None if lengths is None else int(max(int(lengths[i]) for i in idx))
-        groups.append((name, rows, own_len, (generators or {}).get(name)))
-    routing = Routing(groups) if groups else None
+        length = None if lengths is None else int(max(int(lengths[i]) for i in idx))
+        seed = None
+        if model.training and adapter_config(model, name).dropout > 0:
+            seed = int(torch.randint(2**62, (), generator=(generators or {}).get(name)))
+        groups.append(RouteGroup(name, rows, length, seed))
+    routing = Routing(groups, cache={})
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
         layer.routing = routing
@@ -326,12 +389,12 @@ def merge(model: nn.Module, name: str):
     """
     dequantized = []
     for _, layer in lora_layers(model):
-        if name in layer.lora_A and name not in layer.merged:
+        if name in layer.adapters and name not in layer.merged:
             if layer.quantized is not None:
                 dequantized.append(layer.quantized.quant)
                 layer.dequantize_base()
             with torch.no_grad():
-                layer.weight += layer.delta_weight(name).to(layer.weight.dtype)
+                layer.weight += layer.adapters[name].delta_weight().to(layer.weight.dtype)
             layer.merged.add(name)
     if dequantized:
         print(f"merge {name!r}: {len(dequantized)} layers had a quantized ({', '.join(sorted(set(dequantized)))}) "
@@ -342,8 +405,19 @@ def unmerge(model: nn.Module, name: str):
     for _, layer in lora_layers(model):
         if name in layer.merged:
             with torch.no_grad():
-                layer.weight -= layer.delta_weight(name).to(layer.weight.dtype)
+                layer.weight -= layer.adapters[name].delta_weight().to(layer.weight.dtype)
             layer.merged.discard(name)
+
+
+def dequantize(model: nn.Module) -> int:
+    """Dequantize the whole base (quant.dequantize), LoRA layers included with their adapters
+    kept; returns how many layers."""
+    count = 0
+    for _, layer in lora_layers(model):
+        if layer.quantized is not None:
+            layer.dequantize_base()
+            count += 1
+    return count + quant.dequantize(model)
 
 
 # ----------------------------------------------------------------------------- PEFT format
@@ -352,14 +426,22 @@ PEFT_PREFIX = "base_model.model."
 
 
 def adapter_config(model: nn.Module, name: str) -> LoRAConfig:
-    """Recover an adapter's config from its layers (rank, alpha, dropout, targets)."""
-    layers = [(p, m) for p, m in lora_layers(model) if name in m.lora_A]
-    if not layers:
-        raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
-    _, first = layers[0]
-    r = first.lora_A[name].out_features
-    return LoRAConfig(r=r, alpha=first.scaling[name] * r, dropout=first.dropout[name],
-                      targets=sorted({p.rsplit(".", 1)[-1] for p, _ in layers}))
+    """The adapter's config, as it was added (targets resolved)."""
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            return layer.adapters[name].config
+    raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights under PEFT's keys (base_model.model.<module path>.lora_A.weight)."""
+    state = {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.weight
+            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B.weight
+    return state
 
 
 def _atomic_write(path: Path, write):
@@ -374,16 +456,13 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, name)
-    state = {}
-    for path, layer in lora_layers(model):
-        if name in layer.lora_A:
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": cfg.targets, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": cfg.use_rslora, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
     _atomic_write(out_dir / "adapter_model.safetensors",
@@ -411,19 +490,17 @@ def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: 
     targets = pc["target_modules"]
     if isinstance(targets, str):
         raise ValueError(f"{config_file}: target_modules as a regex ({targets!r}) is not supported; give a list")
+    init = pc.get("init_lora_weights", True)
     cfg = LoRAConfig(r=pc["r"], alpha=pc["lora_alpha"], dropout=pc.get("lora_dropout", 0.0),
-                     targets=list(targets), use_rslora=pc.get("use_rslora", False))
+                     targets=list(targets), use_rslora=pc.get("use_rslora", False),
+                     init=init if init in INITS else "kaiming")  # the weights come from the file
     add_adapters(model, {name: cfg}, dtype=dtype)
     weights_file = adapter_dir / "adapter_model.safetensors"
     if weights_file.exists():
         state = load_file(str(weights_file))
     else:
         state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    expected = {}
-    for path, layer in lora_layers(model):
-        if name in layer.lora_A:
-            expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
-            expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+    expected = adapter_state(model, name)
     # PEFT sometimes keeps the adapter name in keys ("lora_A.default.weight"); accept both.
     state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
              for k, v in state.items()}

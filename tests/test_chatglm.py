@@ -8,6 +8,7 @@ import torch
 
 import data
 import lora
+from chatglm import ChatGLM
 import model as M
 import train
 from test_train import assert_same_adapter, job, run_cfg, write_rows
@@ -287,8 +288,8 @@ def randomize_B(model, name, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
-            if name in layer.lora_B:
-                layer.lora_B[name].weight.copy_(torch.randn(layer.lora_B[name].weight.shape, generator=g) * 0.1)
+            if name in layer.adapters:
+                layer.adapters[name].lora_B.weight.copy_(torch.randn(layer.adapters[name].lora_B.weight.shape, generator=g) * 0.1)
 
 
 def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
@@ -296,8 +297,10 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
     from safetensors.torch import load_file
     path, _ = mqa
     ours = M.load_model(path)
-    assert lora.default_targets(ours) == ["query_key_value", "dense"]
-    with pytest.raises(ValueError, match="valid targets: dense, dense_4h_to_h, dense_h_to_4h, query_key_value$"):
+    lora.add_adapters(ours, {"d": lora.LoRAConfig()})  # no targets named: the family's default
+    assert lora.adapter_config(ours, "d").targets == ["query_key_value", "dense"]
+    lora.remove_adapter(ours, "d")
+    with pytest.raises(ValueError, match="valid targets: query_key_value, dense, dense_h_to_4h, dense_4h_to_h$"):
         lora.add_adapters(ours, {"x": lora.LoRAConfig(targets=["output_layer"])})
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=["query_key_value", "dense", "dense_4h_to_h"]),
                              "b": lora.LoRAConfig(r=2, alpha=4, targets=["query_key_value"])})
@@ -319,7 +322,7 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
     with torch.no_grad(), lora.route(ours, ["a"] * 4):
         torch.testing.assert_close(ours(idx), pm(idx), atol=1e-5, rtol=1e-4)
     peft_layers = {n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert peft_layers == {lora.PEFT_PREFIX + p for p, m in lora.lora_layers(ours) if "a" in m.lora_A}
+    assert peft_layers == {lora.PEFT_PREFIX + p for p, m in lora.lora_layers(ours) if "a" in m.adapters}
     # A mixed batch equals each row run alone with its own adapter (or none).
     names = ["b", None, "a", "b"]
     with torch.no_grad(), lora.route(ours, names):
@@ -334,7 +337,7 @@ def test_fused_chatglm_jobs_equal_each_alone(mqa, tmp_path):
     from safetensors.torch import load_file
     path, _ = mqa
     d = tmp_path
-    targets = list(lora.CHATGLM_TARGETS)
+    targets = list(ChatGLM.LORA_TARGETS)
     jobs = [job("chat", write_rows(d / "c.json", 8, 0, "reverse"), template="chat", targets=targets, epochs=1),
             job("alpaca", write_rows(d / "a.jsonl", 6, 1, "upper"), targets=["query_key_value", "dense"],
                 r=8, micro_batch_size=4, optimizer="sgd", momentum=0.9, epochs=1),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lora
+from llama import Llama
 import model as M
 import train
 from test_train import adapter, job, run_cfg, write_rows
@@ -43,7 +44,7 @@ def test_fused_job_equals_job_alone_on_cuda(tmp_path):
     vocab = write_tokenizer_json(tmp_path / "base")
     base = save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
     target = job("target", write_rows(tmp_path / "t.json", 12, 0, "reverse"))
-    other = job("other", write_rows(tmp_path / "o.json", 10, 1, "upper"), r=8, targets=list(lora.LLAMA_TARGETS))
+    other = job("other", write_rows(tmp_path / "o.json", 10, 1, "upper"), r=8, targets=list(Llama.LORA_TARGETS))
     for name, jobs in (("fused", [other, target]), ("alone", [target])):
         cfg = run_cfg(base, tmp_path / name, jobs, scheduler={"max_concurrent": 2})
         cfg.device = "cuda"

@@ -7,6 +7,7 @@ import torch
 import data
 import demo
 import lora
+from llama import Llama
 import model as M
 import train
 from test_lora import randomize_B
@@ -20,7 +21,7 @@ def test_merged_export_loads_in_transformers(tmp_path, tiny_llama):
     path, _ = tiny_llama
     write_tokenizer_json(path)
     ours = M.load_model(path)
-    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(lora.LLAMA_TARGETS))})
+    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(Llama.LORA_TARGETS))})
     randomize_B(ours, "job")
     lora.save_peft(ours, "job", tmp_path / "job", base_model_path=str(path))
     assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0

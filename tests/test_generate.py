@@ -5,6 +5,7 @@ import torch
 import data
 import generate as G
 import lora
+from llama import Llama
 import model as M
 from conftest import make_hf_model, save_hf
 from test_lora import randomize_B
@@ -55,7 +56,7 @@ def pick_eos(outputs):
 def with_adapters(path):
     """Our model with two adapters of different ranks and targets, B randomized."""
     ours = M.load_model(path, dtype=torch.float32)
-    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=list(lora.LLAMA_TARGETS)),
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, targets=list(Llama.LORA_TARGETS)),
                              "b": lora.LoRAConfig(r=2, alpha=16, targets=["q_proj", "v_proj", "down_proj"])})
     randomize_B(ours, "a", seed=1)
     randomize_B(ours, "b", seed=2)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import lora
+from llama import Llama
 import model as M
 
-ALL = list(lora.LLAMA_TARGETS)
+ALL = list(Llama.LORA_TARGETS)
 
 
 def randomize_B(model, name, seed=0):
@@ -15,8 +16,8 @@ def randomize_B(model, name, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
-            if name in layer.lora_B:
-                w = layer.lora_B[name].weight
+            if name in layer.adapters:
+                w = layer.adapters[name].lora_B.weight
                 w.copy_(torch.randn(w.shape, generator=g) * 0.1)
 
 
@@ -51,7 +52,7 @@ def test_forward_and_grads_match_peft(tmp_path, tiny_llama, ours):
     expected.square().mean().backward()
     got.square().mean().backward()
     peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
-    ours_grads = {f"base_model.model.{k.replace('.job', '')}": p.grad
+    ours_grads = {f"base_model.model.{k.replace('.adapters.job', '')}": p.grad
                   for k, p in ours.named_parameters() if p.requires_grad}
     assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * 4
     for key in ours_grads:
@@ -164,10 +165,12 @@ def test_dropout_mask_comes_from_the_job_rng_only(ours):
 
 
 def test_bad_targets_and_names(ours):
-    assert lora.default_targets(ours) == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    with pytest.raises(ValueError, match="valid targets: down_proj, gate_proj, k_proj, o_proj"):
+    with pytest.raises(ValueError, match="valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj$"):
         lora.add_adapters(ours, {"a": lora.LoRAConfig(targets=["q_proj", "qkv"])})
-    lora.add_adapters(ours, {"a": lora.LoRAConfig()})
+    lora.add_adapters(ours, {"a": lora.LoRAConfig()})  # no targets named: the family's default
+    assert lora.adapter_config(ours, "a").targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(ValueError, match="valid targets: q_proj, .*down_proj$"):  # adapter names are not targets
+        lora.add_adapters(ours, {"b": lora.LoRAConfig(targets=["a"])})
     with pytest.raises(ValueError, match="already exists"):
         lora.add_adapters(ours, {"a": lora.LoRAConfig()})
     with pytest.raises(KeyError, match="no adapter named \\['zz'\\]"):

@@ -6,6 +6,8 @@ import torch.nn as nn
 
 import generate as G
 import lora
+from chatglm import ChatGLM
+from llama import Llama
 import model as M
 import quant
 import train
@@ -14,7 +16,7 @@ from test_chatglm import make_glm, write_chatglm
 from test_lora import randomize_B
 from test_train import adapter, assert_same_adapter, base_dir, job, run_cfg, write_rows  # noqa: F401 (fixture)
 
-ALL = list(lora.LLAMA_TARGETS)
+ALL = list(Llama.LORA_TARGETS)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -100,12 +102,12 @@ def test_chatglm_quantizes_the_same_way(tmp_path):
     path = write_chatglm(glm, tmp_path / "chatglm", rope_ratio=1)
     glm.save_pretrained(tmp_path / "glm")
     ours = M.load_model(path, dtype=torch.float32, quant="nf4")
-    assert {n.rsplit(".", 1)[-1] for n in quantized_layers(ours)} == set(lora.CHATGLM_TARGETS)
+    assert {n.rsplit(".", 1)[-1] for n in quantized_layers(ours)} == set(ChatGLM.LORA_TARGETS)
     hf = hf_quantized(tmp_path / "glm", "nf4")
     idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-4)
-    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, targets=list(lora.CHATGLM_TARGETS))})
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, targets=list(ChatGLM.LORA_TARGETS))})
     assert len(lora.lora_layers(ours)) == 2 * 4
 
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import data
 import lora
+from llama import Llama
 import model as M
 import train
 from conftest import make_hf_model, save_hf
@@ -65,7 +66,7 @@ def test_fused_job_equals_job_alone(tmp_path, base_dir):
     d = tmp_path
     target = job("target", write_rows(d / "t.json", 12, 0, "reverse"))
     others = [job("wide", write_rows(d / "w.jsonl", 10, 1, "upper"), r=8, lr=3e-3, micro_batch_size=4,
-                  targets=list(lora.LLAMA_TARGETS), optimizer="sgd", momentum=0.9),
+                  targets=list(Llama.LORA_TARGETS), optimizer="sgd", momentum=0.9),
               job("count", write_rows(d / "c.json", 6, 2, "count"), lr_schedule="cosine", warmup_steps=1)]
     train.train(run_cfg(base_dir, d / "fused", [others[0], target, others[1]],
                         scheduler={"max_concurrent": 3, "max_candidates": 3}))
