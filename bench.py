@@ -123,26 +123,23 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
         lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, targets=targets)
                                 for n in names})
         optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4) for n in names}
-        generators = {n: torch.Generator(device=device).manual_seed(i) for i, n in enumerate(names)}
+        generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
+        configs = {n: train.JobConfig(name=n, data="-") for n in names}  # job_loss reads the objective
     else:  # backward through the frozen layers needs an input that requires grad
         net.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
     def step(group: list[str], s: int):
         parts = [(n, make_examples(*work[n][s])) for n in group]
-        batch = data.fuse(parts, pad_id=0).to(device)
-        net.train()
         if base_only:
+            batch = data.fuse(parts, pad_id=0, multiple_of=train.PAD_MULTIPLE).to(device)
+            net.train()
             losses, _ = train.token_losses(net, batch)
             losses.sum().backward()
             return batch
-        lengths = batch.lengths.tolist()
-        with lora.route(net, batch.adapter_names, lengths=lengths, generators=generators):
-            losses, rows = train.token_losses(net, batch)
-        job_of_row = torch.tensor([i for i, (_, ex) in enumerate(parts) for _ in ex], device=device)
-        sums = torch.zeros(len(parts), device=device).index_add(0, job_of_row[rows], losses)
-        tokens = torch.tensor([sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
-                              device=device, dtype=torch.float)
-        (sums / tokens).sum().backward()
+        # The same fused step as train.py's (one optimizer step per micro-batch here).
+        _, batch = train.fused_step(net, [configs[n] for n in group], [ex for _, ex in parts],
+                                    [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
+                                    generators, 0, device)
         for n in group:
             optimizers[n].step()
             optimizers[n].zero_grad(set_to_none=True)

