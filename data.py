@@ -85,7 +85,7 @@ class Tokenizer:
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as TokenizersTokenizer
             self._tok = TokenizersTokenizer.from_file(str(folder / "tokenizer.json"))
-            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # ids are 0 .. vocab_size-1
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece
             try:
@@ -183,7 +183,7 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         """The token string of an id, or None if out of range."""
         if self._tok is not None:
-            return self._tok.id_to_token(token_id)
+            return self._tok.id_to_token(token_id) if token_id >= 0 else None  # ids are unsigned there
         if token_id in self._special_by_id:
             return self._special_by_id[token_id]
         return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
@@ -220,8 +220,14 @@ class Tokenizer:
         return self.prefix_ids + ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        """Text of ids; skip_special drops special tokens (BOS, EOS, chat markers)."""
+        """Text of ids; skip_special drops special tokens (BOS, EOS, chat markers).
+        An id the tokenizer lacks (e.g. of a model's padded vocab) is a DataError."""
         ids = [int(i) for i in ids]
+        # sentencepiece would raise a bare IndexError and the tokenizers library drop the id silently.
+        unknown = [i for i in ids if self.id_to_token(i) is None]
+        if unknown:
+            raise DataError(f"{self.path}: ids {unknown[:8]} are not in the tokenizer's vocabulary "
+                            f"(vocab_size {self.vocab_size}); generate with vocab_size= to never choose them")
         if self._tok is not None:
             return self._tok.decode(ids, skip_special_tokens=skip_special)
         parts, run = [], []

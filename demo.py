@@ -77,7 +77,7 @@ def show_results(cfg, summary: dict):
             adapters.append(name)
     t0 = time.time()
     outputs = generate.generate(net, rows, adapters, max_new_tokens=48, stop_ids=tokenizer.eos_ids,
-                                pad_id=tokenizer.pad_id)
+                                pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     answers = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
     print(f"\n=== held-out prompts: base and each adapter, {len(rows)} rows in one batch "
           f"({time.time() - t0:.1f}s) ===")

@@ -37,11 +37,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max_new_tokens: int = 128,
              stop_ids: set[int] | None = None, pad_id: int = 0, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int | None = None, vocab_size: int | None = None) -> list[list[int]]:
     """New token ids for each prompt, row i through adapter adapters[i] (None: the base).
 
     A row ends at its first stop id, which is kept in its output (as transformers'
-    generate keeps EOS); seed makes sampling reproducible.
+    generate keeps EOS); seed makes sampling reproducible; only ids below vocab_size
+    (the tokenizer's size) are chosen.
     """
     if len(prompts) != len(adapters):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(adapters)} adapters")
@@ -49,6 +50,8 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
         raise ValueError("generate: empty prompt (give at least one token, e.g. BOS)")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if vocab_size is not None and vocab_size <= 0:
+        raise ValueError(f"generate: vocab_size must be positive, got {vocab_size}")
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     stop_ids = set(stop_ids or ())
@@ -78,7 +81,10 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
         with lora.route(model, adapters):
             logits = model(input_ids, attention_mask=attention_mask, cache=cache, output_mask=last_column)  # [B, V]
             for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, generator)          # [B]
+                # The output layer may have more rows than the tokenizer has ids (ChatGLM3: 65024
+                # for 64798): choosing among the first vocab_size logits is masking the rest to
+                # -inf, and leaves the argmax as it was whenever it is a real token.
+                token = sample(logits[:, :vocab_size], temperature, top_p, generator)  # [B]
                 new_tokens.append(token)
                 if stop_ids:  # finished rows run on with the rest; their extra tokens are cut off below
                     done |= torch.isin(token, stop)
@@ -108,9 +114,10 @@ def encode_prompt(tokenizer: data.Tokenizer, text: str, chat: bool = False) -> l
 
 def generate_text(model, tokenizer: data.Tokenizer, texts: list[str], adapters: list[str | None], *,
                   chat: bool = False, **kw) -> list[str]:
-    """Encode texts, generate (stopping at the tokenizer's EOS ids), decode without special tokens."""
+    """Encode texts, generate (stopping at the tokenizer's EOS ids, choosing only its ids), decode
+    without special tokens."""
     prompts = [encode_prompt(tokenizer, text, chat) for text in texts]
-    kw = {"stop_ids": tokenizer.eos_ids, "pad_id": tokenizer.pad_id, **kw}
+    kw = {"stop_ids": tokenizer.eos_ids, "pad_id": tokenizer.pad_id, "vocab_size": tokenizer.vocab_size, **kw}
     outputs = generate(model, prompts, adapters, **kw)
     return [tokenizer.decode(ids, skip_special=True) for ids in outputs]
 
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     outputs = generate(model, prompts, [name for _, name in rows], max_new_tokens=args.max_new_tokens,
                        stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed)  # returns python lists: the device has synced
+                       top_p=args.top_p, seed=args.seed, vocab_size=tokenizer.vocab_size)  # python lists: synced
     elapsed = time.time() - t0
     for i, text in enumerate(args.prompt):
         print(f"\n=== prompt {i + 1}: {text!r}")

@@ -27,6 +27,10 @@ INT8_THRESHOLD = 6.0            # LLM.int8() outlier threshold (the paper's and 
 
 @functools.cache
 def _bnb():
+    # On CPUs with AVX512-BF16 bitsandbytes logs at import that the optional `kernels` package is
+    # missing, then uses its own 4-bit CPU kernel: harmless. Set before the import, which logs it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
     import bitsandbytes
     # LLM.int8() quantizes activations through fp16 by design; bitsandbytes warns on every matmul.
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(

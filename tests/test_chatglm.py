@@ -201,6 +201,35 @@ def test_greedy_generation_equal_with_and_without_cache(mqa):
         assert [greedy(ours, [p], 8, use_cache=True)[0] for p in prompts] == cached  # padding changes nothing
 
 
+
+def test_generation_never_picks_an_id_the_tokenizer_lacks(mqa, capsys):
+    """The model's padded vocab (512) outgrows its tokenizer (~430 ids), as ChatGLM's does
+    (65024 vs 64798): the CLI crashed decoding such an id; generation now masks them."""
+    import generate as G
+    path, _ = mqa
+    tok = data.load_tokenizer(path)
+    questions = ["What is the capital of France?", "hello", "people shop", "The quick brown fox"]
+    assert G.main(["--base", str(path), "--chat", "--max-new-tokens", "16"]
+                  + [arg for q in questions for arg in ("--prompt", q)]) == 0
+    assert capsys.readouterr().out.count("[base] ") == len(questions)
+
+    ours = M.load_model(path)
+    prompts = [G.encode_prompt(tok, q, chat=True) for q in questions]
+    free = G.generate(ours, prompts, [None] * 4, max_new_tokens=16)  # all of the model's 512 ids
+    assert tok.vocab_size < V and any(t >= tok.vocab_size for row in free for t in row)  # the crash's cause
+    with pytest.raises(data.DataError, match=f"ids \\[{V - 1}\\] are not in the tokenizer's vocabulary"):
+        tok.decode([5, V - 1, 6])
+    kept = G.generate(ours, prompts, [None] * 4, max_new_tokens=16, vocab_size=tok.vocab_size)
+    assert all(t < tok.vocab_size for row in kept for t in row)
+    for before, after in zip(free, kept):  # the same tokens up to the first one the tokenizer lacks
+        n = next((i for i, t in enumerate(before) if t >= tok.vocab_size), len(before))
+        assert after[:n] == before[:n]
+    assert all(isinstance(tok.decode(row, skip_special=True), str) for row in kept)
+    sampled = G.generate(ours, prompts, [None] * 4, max_new_tokens=16, temperature=1.5, seed=0,
+                         vocab_size=tok.vocab_size)
+    assert all(t < tok.vocab_size for row in sampled for t in row)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"position_encoding_2d": True}, "ChatGLM-6B v1"),
     ({"rmsnorm": False}, "rmsnorm=False .LayerNorm"),

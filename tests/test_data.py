@@ -76,6 +76,9 @@ def test_tokenizer_json_matches_tokenizers_and_transformers(tmp_path):
     assert tok.eos_ids == {2}
     assert tok.add_bos is False
     assert tok.encode("Hello world", bos=True) == [0] + tok.encode("Hello world")
+    # An id past the vocabulary (a model's padded output ids) is an error, not silently dropped.
+    with pytest.raises(DataError, match=f"ids \\[{vocab_size}, -1\\] are not in the tokenizer's vocabulary"):
+        tok.decode([5, vocab_size, -1])
 
 
 def test_bos_detected_from_post_processor(tmp_path):
@@ -110,6 +113,8 @@ def test_sentencepiece_matches_sentencepiece(sp_dir):
     assert tok.decode(tok.encode("<s>hi there</s>")) == "<s>hi there</s>"
     assert tok.decode(tok.encode("<s>hi there</s>"), skip_special=True) == "hi there"
     assert tok.encode("hi", bos=True) == [1] + reference.encode("hi")
+    with pytest.raises(DataError, match="ids \\[400\\] are not in the tokenizer's vocabulary .vocab_size 400"):
+        tok.decode([5, 400])  # sentencepiece itself raises a bare IndexError
 
 
 def test_sentencepiece_matches_transformers(sp_dir):

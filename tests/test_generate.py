@@ -133,6 +133,7 @@ def test_sampling_seeds_and_top_p(tiny_llama):
 
 def test_generate_text_adds_bos_and_chat_template(tmp_path):
     vocab = write_tokenizer_json(tmp_path / "base", add_bos=True)  # Llama 3 style: BOS from the post-processor
+    # The model's 384 output ids outnumber the tokenizer's 300: generate_text chooses among the 300.
     save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
     tokenizer = data.load_tokenizer(tmp_path / "base")
     ours = M.load_model(tmp_path / "base", dtype=torch.float32)
@@ -141,7 +142,8 @@ def test_generate_text_adds_bos_and_chat_template(tmp_path):
     for chat, prompts in ((False, texts), (True, chat_texts)):
         ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
         expected = G.generate(ours, ids, [None, None], max_new_tokens=6, stop_ids=tokenizer.eos_ids,
-                              pad_id=tokenizer.pad_id)
+                              pad_id=tokenizer.pad_id, vocab_size=vocab)
+        assert all(t < vocab for row in expected for t in row)
         got = G.generate_text(ours, tokenizer, texts, [None, None], chat=chat, max_new_tokens=6)
         assert got == [tokenizer.decode(e, skip_special=True) for e in expected]
 
