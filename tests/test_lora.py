@@ -6,18 +6,9 @@ import torch
 
 import lora
 import model as M
+from conftest import randomize_B
 
 ALL = list(lora.LLAMA_TARGETS)
-
-
-def randomize_B(model, name, seed=0):
-    """B starts at zero; give it values so the adapter actually changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            if name in layer.lora_B:
-                w = layer.lora_B[name].weight
-                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
 
 
 @pytest.fixture
