@@ -2,7 +2,7 @@
 
     python bench.py --quick            # one workload, under 5 minutes on 2 CPU cores
     python bench.py                    # full: k in {1, 2, 4, 8} at 1x64 tokens, k=4 at 2x256 and 2 x alpaca lengths
-    python bench.py --tiny --quick     # a tiny random model (the test suite runs this)
+    python bench.py --tiny --quick     # a tiny random model (RUN_SLOW=1 tests run this)
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
@@ -13,9 +13,12 @@ Systems, all on the same base, the same synthetic data and the same hyperparamet
   base-only      forward + backward of the frozen base alone over the fused tokens: the ceiling
 
 Every system runs in fresh processes, so peak memory (CPU: the process's RSS high-water
-mark; CUDA: max_memory_allocated) is its own. Each job makes `--steps` optimizer steps per
-repeat; the first repeat is warm-up and excluded; figures are the median over the rest,
-with the min-max spread. Writes a markdown table (stdout), JSON (--out) and a PNG chart.
+mark; CUDA: max_memory_allocated) is its own. --in-process (for tests) runs the same workers
+in this one process, one after another: the same work and output in seconds, but peak memory
+and peft-parallel's concurrency are then not each system's own. Each job makes `--steps`
+optimizer steps per repeat; the first repeat is warm-up and excluded; figures are the median
+over the rest, with the min-max spread. Writes a markdown table (stdout), JSON (--out) and a
+PNG chart.
 """
 import argparse
 import json
@@ -235,35 +238,43 @@ def run_repeats(args, device, one_repeat, barrier=None) -> dict:
             "gpu_util": sampler.mean}
 
 
-def _child(system: str, args, jobs, barrier, queue):
+def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
+    """One worker: "peft" (transformers + PEFT) or one of our systems ("ours", "ours-seq", "base-only")."""
     M.reset_peak_memory(M.resolve_device(args.device))
+    if kind == "peft":
+        return peft_worker(args, jobs, barrier)
+    return ours_worker(args, jobs, fused=kind == "ours", base_only=kind == "base-only")
+
+
+def _child(kind: str, args, jobs, barrier, queue):
     try:
-        if system == "peft":
-            result = peft_worker(args, jobs, barrier)
-        else:
-            result = ours_worker(args, jobs, fused=system == "ours", base_only=system == "base-only")
+        result = run_worker(kind, args, jobs, barrier)
     except Exception as e:  # report, don't hang the parent
         result = {"error": f"{type(e).__name__}: {e}"}
     queue.put(result)
 
 
 def run_system(system: str, args, k: int) -> dict:
-    """Run one system in fresh process(es); peft-parallel is k concurrent processes."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    """Run one system in fresh process(es); peft-parallel is k concurrent processes.
+    With --in-process the same workers run here, one after another."""
     if system == "peft-parallel":
-        barrier = ctx.Barrier(k)
         threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else None
         child_args = argparse.Namespace(**{**vars(args), "threads": args.threads or threads})
-        procs = [ctx.Process(target=_child, args=("peft", child_args, [j], barrier, queue)) for j in range(k)]
+        workers = [("peft", child_args, [j]) for j in range(k)]
     else:
-        kind = "peft" if system == "peft-seq" else system
-        procs = [ctx.Process(target=_child, args=(kind, args, list(range(k)), None, queue))]
-    for p in procs:
-        p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
+        workers = [("peft" if system == "peft-seq" else system, args, list(range(k)))]
+    if args.in_process:  # args, not child_args: the thread count of this process stays as it is
+        results = [run_worker(kind, args, jobs) for kind, _, jobs in workers]
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        barrier = ctx.Barrier(k) if system == "peft-parallel" else None
+        procs = [ctx.Process(target=_child, args=(kind, a, jobs, barrier, queue)) for kind, a, jobs in workers]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"{system}: {errors[0]}")
@@ -438,6 +449,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quant", default=None, help="nf4 / fp4 base (QLoRA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--in-process", action="store_true",
+                   help="run every system in this process, one after another (tests: the same work in seconds; "
+                        "memory and peft-parallel's speed are not comparable)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--scenario", choices=["systems", "strategies"], default="systems",
                    help="strategies: the seed's batching-strategy table (needs a base with a tokenizer)")
@@ -468,7 +482,8 @@ def main(argv: list[str] | None = None):
     ratio_rows = ratios(records)
     title = (f"{args.base} on {device} ({torch.get_num_threads()} threads), {args.dtype}"
              f"{', ' + args.quant if args.quant else ''}; r={args.r} on {args.targets}; {args.steps} steps per job "
-             f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all")
+             f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all"
+             f"{'; in-process: memory and peft-parallel not comparable' if args.in_process else ''}")
     print_tables(records, ratio_rows, title)
     Path(args.out).write_text(json.dumps({"title": title, "records": records, "ratios": ratio_rows}, indent=2) + "\n")
     plot(records, Path(args.out).with_suffix(".png"))

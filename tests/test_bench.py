@@ -1,14 +1,24 @@
 """bench.py's plumbing on a tiny model: the schema, and that every system ran the same tokens.
 (Speed is bench.py's business, never asserted in a unit test.)"""
 import json
+import os
+
+import pytest
 
 import bench
 
+# Each system in fresh processes that import torch, transformers and PEFT: ~40 s on 2 CPU cores.
+slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="spawns a process per system; set RUN_SLOW=1")
 
-def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
+
+def run_tiny_bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
     bench.main(["--tiny", "--quick", "--k", "2", "--seq", "alpaca", "--rows", "2", "--steps", "1",
-                "--repeats", "1", "--out", str(out)])
+                "--repeats", "1", "--out", str(out), *extra])
+    return out
+
+
+def assert_schema_and_equal_work(out):
     result = json.loads(out.read_text())
     records = result["records"]
     assert {r["system"] for r in records} == set(bench.SYSTEMS)
@@ -25,3 +35,14 @@ def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
     (ratios,) = result["ratios"]
     assert {"ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only"} <= ratios.keys()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_tiny_bench_schema_and_equal_work_in_process(tmp_path):
+    """Every system's workers, run in this process: the same checks in seconds."""
+    assert_schema_and_equal_work(run_tiny_bench(tmp_path, "--in-process"))
+
+
+@slow
+def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
+    """The real thing: each system in fresh processes, peft-parallel as k concurrent ones."""
+    assert_schema_and_equal_work(run_tiny_bench(tmp_path))

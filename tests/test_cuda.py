@@ -6,7 +6,7 @@ import lora
 from llama import Llama
 import model as M
 import train
-from test_train import adapter, job, run_cfg, write_rows
+from conftest import adapter, job, run_cfg, write_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

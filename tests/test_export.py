@@ -10,7 +10,7 @@ import lora
 from llama import Llama
 import model as M
 import train
-from test_lora import randomize_B
+from conftest import randomize_B
 from tokenizer_util import write_tokenizer_json
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,4 @@
 """Generation: greedy against transformers (+ PEFT), mixed adapters, KV cache, sampling, CLI."""
-import pytest
 import torch
 
 import data
@@ -7,22 +6,11 @@ import generate as G
 import lora
 from llama import Llama
 import model as M
-from conftest import make_hf_model, save_hf
-from test_lora import randomize_B
+from conftest import make_hf_model, randomize_B, save_hf
 from tokenizer_util import write_tokenizer_json
 
 LENGTHS = (5, 9, 3, 7)  # different prompt lengths, so every batch is left padded
 PAD = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Generation is hundreds of tiny sequential ops: on a shared, busy CPU two intra-op threads
-    wait on each other at every op (seen: 10x slower), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_prompts(lengths=LENGTHS, seed=1):

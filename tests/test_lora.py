@@ -7,18 +7,9 @@ import torch
 import lora
 from llama import Llama
 import model as M
+from conftest import randomize_B
 
 ALL = list(Llama.LORA_TARGETS)
-
-
-def randomize_B(model, name, seed=0):
-    """B starts at zero; give it values so the adapter actually changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            if name in layer.adapters:
-                w = layer.adapters[name].lora_B.weight
-                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from llama import Llama
 import model as M
 import quant
 import train
-from conftest import make_hf_model, save_hf
-from test_chatglm import make_glm, write_chatglm
-from test_lora import randomize_B
-from test_train import adapter, assert_same_adapter, base_dir, job, run_cfg, write_rows  # noqa: F401 (fixture)
+from conftest import (adapter, assert_same_adapter, job, make_glm, make_hf_model, randomize_B, run_cfg, save_hf,
+                      write_chatglm, write_rows)
 
 ALL = list(Llama.LORA_TARGETS)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,15 +42,6 @@ def hf_quantized(path, q: str, device: str = "cpu"):
 
 def quantized_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: on a shared, busy CPU two intra-op threads wait on each other at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import lora
 import model as M
 import train
 from scheduler import JobPlan, MemoryModel, Scheduler
-from test_train import adapter, assert_same_adapter, base_dir, job, run_cfg, write_rows  # noqa: F401
+from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
 
 STRATEGY_KW = {"trivial": {}, "optimal-fit": {}, "fast-fit": {"token_budget": 120}}
 

@@ -1,64 +1,15 @@
 """The training loop: fused equals alone, exact accumulation, outputs, config errors."""
 import json
-import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import data
 import lora
 from llama import Llama
 import model as M
 import train
-from conftest import make_hf_model, save_hf
-from tokenizer_util import write_tokenizer_json
-
-WORDS = "apple river stone cloud green small quick house music light paper ocean".split()
-
-
-def write_rows(path, n, seed, kind):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = rng.sample(WORDS, rng.randint(2, 6))
-        if kind == "reverse":
-            rows.append({"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])})
-        elif kind == "upper":
-            rows.append({"instruction": "Shout: " + " ".join(words), "output": " ".join(words).upper()})
-        else:
-            rows.append({"instruction": "Count the words.", "input": " ".join(words), "output": str(len(words))})
-    path.write_text(json.dumps(rows) if path.suffix == ".json" else "\n".join(map(json.dumps, rows)))
-    return str(path)
-
-
-@pytest.fixture
-def base_dir(tmp_path):
-    vocab = write_tokenizer_json(tmp_path / "base")
-    hf = make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True)
-    return save_hf(hf, tmp_path / "base")
-
-
-def job(name, data_path, **kw):
-    return train.JobConfig(**{"name": name, "data": data_path, "r": 4, "alpha": 8, "dropout": 0.1,
-                              "targets": ["q_proj", "v_proj"], "lr": 1e-2, "batch_size": 4,
-                              "micro_batch_size": 2, "epochs": 2, **kw})
-
-
-def run_cfg(base_dir, out, jobs, **kw):
-    sched = train.SchedulerConfig(**kw.pop("scheduler", {}))
-    return train.RunConfig(base_model=str(base_dir), jobs=jobs, dtype="float32", device="cpu",
-                           out_dir=str(out), scheduler=sched, **kw)
-
-
-def adapter(out, name):
-    return load_file(out / name / "adapter_model.safetensors")
-
-
-def assert_same_adapter(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
 
 
 def test_fused_job_equals_job_alone(tmp_path, base_dir):
