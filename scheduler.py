@@ -5,7 +5,7 @@ A job's plan is fixed by its own data and seed: per epoch a shuffled order (from
 seeded by the run seed and the job's name, so neighbours never change it), cut into
 optimizer steps of `batch_size` rows and those into micro-batches. The scheduler only
 decides which jobs' next micro-batches are fused into one forward/backward pass, so a
-job's result never depends on the strategy. Strategies (../shared/DESIGN.md):
+job's result never depends on the strategy. Strategies:
   trivial      the first max_concurrent candidates (priority, then admission order)
   optimal-fit  the max_concurrent candidates whose next micro-batches have the most
                similar lengths (least padding; m-LoRA's MinPad)

@@ -342,6 +342,7 @@ class Run:
     test_sets: dict[str, list[data.Example]]
     metrics: typing.TextIO                 # metrics.jsonl
     start: float                           # time.time() at the first step
+    bar: typing.Any                        # the tqdm progress bar, in micro-batches
     jobs: dict[str, JobState] = field(default_factory=dict)   # admitted, not finished
     summary: dict[str, dict] = field(default_factory=dict)    # finished jobs
     step: int = 0                          # fused steps taken
@@ -441,8 +442,21 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     return stop_reason
 
 
+def stop_early(run: Run, s: JobState, reason: str):
+    """Take the job off the scheduler; finish() then saves its best adapter and frees its slot."""
+    name = s.config.name
+    if run.sched.stop(name):
+        s.stopped = reason
+        run.bar.total -= run.plans[name].remaining
+        run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
+                 "reason": reason, "best_eval_loss": s.best.loss, "best_step": s.best.step})
+
+
 def finish(run: Run, name: str):
     """Final held-out loss, the best adapter restored under early stopping, saved; slot freed."""
+    if name not in run.jobs:  # nothing to train (max_steps=0): never admitted, no adapter
+        run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
+        return
     s = run.jobs.pop(name)
     if s.test_set:
         s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
@@ -517,18 +531,18 @@ def train(cfg: RunConfig) -> dict:
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     print(describe(cfg, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
-              train_sets, test_sets, metrics=open(out_dir / "metrics.jsonl", "w"), start=time.time())
-    bar = tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True)
+              train_sets, test_sets, metrics=open(out_dir / "metrics.jsonl", "w"), start=time.time(),
+              bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))
 
     while not sched.done:
         for name in sched.admit():
             admit(run, name)
         if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
             for name in sched.pop_finished():
-                run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
+                finish(run, name)
             continue
 
-        # ---- pick the micro-batches, then one fused forward + backward
+        # ---- one forward + backward over the next micro-batches of several jobs, fused
         t0 = time.time()
         micro_batches = sched.next_step()
         # The window since the last backward (optimizer steps, evals, admissions) counts toward
@@ -541,60 +555,54 @@ def train(cfg: RunConfig) -> dict:
                                    [mb.step_loss_tokens for mb in micro_batches],
                                    {s.config.name: s.generator for s in states}, run.pad_id, device)
         step_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
-        B, L = batch.input_ids.shape
-        sched.memory.observe(B, L, step_mb * 2**20)
-        run.peak_mb = max(run.peak_mb, between_mb, step_mb)
 
-        # ---- per job: count, and step its optimizer where its accumulation ends
-        row = 0
-        for i, mb in enumerate(micro_batches):
-            s = run.jobs[mb.job]
-            s.loss_sum = s.loss_sum + losses[i]
-            s.tokens += int(batch.lengths[row:row + len(mb.indices)].sum())
-            s.padded_tokens += len(mb.indices) * L
-            row += len(mb.indices)
-            if not mb.last_in_step:
-                continue
-            optimizer_step(run, s)
-            stop_reason = evaluate_and_stop(run, s)
-            if stop_reason and sched.stop(mb.job):
-                s.stopped = stop_reason
-                bar.total -= run.plans[mb.job].remaining
-                run.log({"event": "early_stop", "job": mb.job, "step": s.step, "fused_step": run.step + 1,
-                         "reason": stop_reason, "best_eval_loss": s.best.loss, "best_step": s.best.step})
-        for s in run.jobs.values():  # a job's peak: the run's peak while it was admitted
-            s.peak_mb = max(s.peak_mb, between_mb, step_mb)
+        # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
+        row_lengths = batch.lengths.split([len(mb.indices) for mb in micro_batches])
+        for s, mb, loss, lengths in zip(states, micro_batches, losses, row_lengths):
+            s.loss_sum = s.loss_sum + loss
+            s.tokens += int(lengths.sum())
+            s.padded_tokens += len(lengths) * batch.input_ids.size(1)
+            if mb.last_in_step:
+                optimizer_step(run, s)
+                stop_reason = evaluate_and_stop(run, s)
+                if stop_reason:
+                    stop_early(run, s, stop_reason)
 
-        # ---- log
-        run.step += 1
-        elapsed, tokens = time.time() - t0, batch.num_tokens
-        run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + B * L
-        bar.update(len(micro_batches))
-        # The memory model's prediction for this step, made before it ran (None until it has data).
-        predicted_mb = None if sched.predicted_peak is None else sched.predicted_peak / 2**20
-        prediction_error = None if predicted_mb is None else (predicted_mb - step_mb) / step_mb
-        if prediction_error is not None:
-            run.prediction_errors.append(prediction_error)
-        if run.step % cfg.log_every == 0:
-            # A job shows no loss before its first optimizer step.
-            bar.set_postfix({mb.job: round(run.jobs[mb.job].last_loss, 4) for mb in micro_batches
-                             if mb.job in run.jobs and run.jobs[mb.job].last_loss is not None})
-            run.log({"step": run.step, "time": run.now(), "ms": 1000 * elapsed,
-                     "tokens": tokens, "padded_tokens": B * L, "padding": 1 - tokens / (B * L),
-                     "tokens_per_s": tokens / max(elapsed, 1e-9),
-                     "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
-                     "jobs": {mb.job: {"step": run.jobs[mb.job].step, "loss": run.jobs[mb.job].last_loss,
-                                       "lr": run.jobs[mb.job].lr} for mb in micro_batches}})
-
+        log_step(run, micro_batches, batch, time.time() - t0, between_mb, step_mb)
         # ---- finished jobs: save, free their slot (the next waiting job is admitted above)
         for name in sched.pop_finished():
-            if name not in run.jobs:  # nothing to train (max_steps=0): never admitted, no adapter
-                run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
-                continue
             finish(run, name)
-    bar.close()
+    run.bar.close()
     write_results(run)
     return run.summary
+
+
+def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, between_mb: float, step_mb: float):
+    """Count the step, teach the memory model its peak, and log a line (every log_every steps)."""
+    B, L = batch.input_ids.shape
+    tokens = batch.num_tokens
+    run.step += 1
+    run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + B * L
+    run.peak_mb = max(run.peak_mb, between_mb, step_mb)
+    for s in run.jobs.values():  # a job's peak: the run's peak while it was admitted
+        s.peak_mb = max(s.peak_mb, between_mb, step_mb)
+    # The memory model's prediction for this step, made before it ran (None until it has data).
+    predicted_mb = None if run.sched.predicted_peak is None else run.sched.predicted_peak / 2**20
+    prediction_error = None if predicted_mb is None else (predicted_mb - step_mb) / step_mb
+    if prediction_error is not None:
+        run.prediction_errors.append(prediction_error)
+    run.sched.memory.observe(B, L, step_mb * 2**20)
+    run.bar.update(len(micro_batches))
+    if run.step % run.cfg.log_every:
+        return
+    jobs = {mb.job: run.jobs[mb.job] for mb in micro_batches}
+    # A job shows no loss before its first optimizer step.
+    run.bar.set_postfix({name: round(s.last_loss, 4) for name, s in jobs.items() if s.last_loss is not None})
+    run.log({"step": run.step, "time": run.now(), "ms": 1000 * elapsed,
+             "tokens": tokens, "padded_tokens": B * L, "padding": 1 - tokens / (B * L),
+             "tokens_per_s": tokens / max(elapsed, 1e-9),
+             "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
+             "jobs": {name: {"step": s.step, "loss": s.last_loss, "lr": s.lr} for name, s in jobs.items()}})
 
 
 def write_results(run: Run):

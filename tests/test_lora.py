@@ -195,3 +195,72 @@ def test_concatenated_and_per_adapter_paths_agree(ours, monkeypatch, dropout):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
     for key in results[0][1]:
         torch.testing.assert_close(results[0][1][key], results[1][1][key], atol=1e-5, rtol=1e-4)
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing on every block (torch's non-reentrant checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.model.layers:
+        forward = block.forward
+        block.forward = lambda *args, forward=forward: checkpoint(forward, *args, use_reentrant=False)
+
+
+def test_routing_is_safe_under_activation_checkpointing(tiny_llama):
+    """Recomputed layers (backward inside the route block) see the same routing and redraw the
+    same dropout masks: gradients equal those of the plain forward/backward."""
+    path, _ = tiny_llama
+    grads = []
+    for checkpointed in (False, True):
+        net = M.load_model(path, dtype=torch.float32)
+        lora.add_adapters(net, {"a": lora.LoRAConfig(r=4, dropout=0.3, targets=ALL),
+                                "b": lora.LoRAConfig(r=2, dropout=0.3, targets=["q_proj", "down_proj"])})
+        randomize_B(net, "a")
+        randomize_B(net, "b", seed=1)
+        if checkpointed:
+            checkpoint_blocks(net)
+        net.train()
+        idx = torch.randint(0, 384, (3, 10), generator=torch.Generator().manual_seed(2))
+        gens = {n: torch.Generator().manual_seed(5) for n in "ab"}
+        with lora.route(net, ["a", "b", "a"], lengths=[10, 7, 9], generators=gens):
+            net(idx).square().mean().backward()
+        grads.append({k: p.grad for k, p in net.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * (7 + 2)
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5)
+
+
+def test_training_without_routing_is_a_clear_error(ours):
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, dropout=0.1, targets=ALL)})
+    idx = torch.randint(0, 384, (2, 8))
+    ours.eval()
+    ours(idx)  # evaluation without routing: every row sees the base alone
+    ours.train()
+    with pytest.raises(RuntimeError, match="no routing: call the model inside `with lora.route"):
+        ours(idx)
+    # Under activation checkpointing, a backward outside the block recomputes without routing.
+    checkpoint_blocks(ours)
+    with lora.route(ours, ["a", "a"]):
+        loss = ours(idx).square().mean()
+    with pytest.raises(RuntimeError, match="no routing"):
+        loss.backward()
+
+
+def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path, tiny_llama, ours):
+    """r=16, alpha=8 with rsLoRA scales by 8/4, not 8/16: the saved config must say use_rslora,
+    or PEFT would load a different adapter."""
+    import peft
+    path, hf = tiny_llama
+    cfg = lora.LoRAConfig(r=16, alpha=8, targets=["q_proj", "up_proj"], use_rslora=True, init="gaussian")
+    lora.add_adapters(ours, {"rs": cfg})
+    assert lora.adapter_config(ours, "rs") == cfg
+    randomize_B(ours, "rs")
+    lora.save_peft(ours, "rs", tmp_path / "rs")
+    saved = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["use_rslora"], saved["init_lora_weights"]) == (16, 8, True, "gaussian")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "rs")
+    idx = torch.randint(0, 384, (2, 9))
+    with lora.route(ours, ["rs", "rs"]):
+        torch.testing.assert_close(ours(idx), pm(idx).logits, atol=1e-5, rtol=1e-4)
+    # And back: our loader reads the same fields.
+    name = lora.load_peft(ours, tmp_path / "rs", "again")
+    assert lora.adapter_config(ours, name) == cfg

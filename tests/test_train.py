@@ -1,4 +1,5 @@
 """The training loop: fused equals alone, exact accumulation, outputs, config errors."""
+import dataclasses
 import json
 
 import pytest
@@ -126,3 +127,36 @@ def test_mlora_config_is_translated(tmp_path, base_dir):
     j = cfg.jobs[0]
     assert (j.optimizer, j.momentum, j.targets, j.cutoff_len, j.epochs) == ("sgd", 0.5, ["q_proj", "down_proj"], 128, 1)
     assert (cfg.scheduler.strategy, cfg.scheduler.max_candidates, cfg.scheduler.max_concurrent) == ("optimal-fit", 3, 2)
+
+
+def test_lora_fields_of_a_job_reach_the_adapter(tmp_path, base_dir):
+    """Every LoRAConfig field is a job field of the same name, from a file or an override, and
+    reaches the trained adapter and its saved config."""
+    assert {f.name for f in dataclasses.fields(lora.LoRAConfig)} <= {f.name for f in dataclasses.fields(train.JobConfig)}
+    rows = write_rows(tmp_path / "t.json", 4, 0, "reverse")
+    config = {"base_model": str(base_dir), "dtype": "float32", "device": "cpu", "out_dir": str(tmp_path / "out"),
+              "jobs": [{"name": "a", "data": rows, "r": 16, "alpha": 8, "use_rslora": True, "init": "gaussian",
+                        "targets": ["q_proj"], "batch_size": 2, "micro_batch_size": 2, "epochs": 1}]}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    cfg = train.load_config(str(path), ["--jobs.a.dropout=0.2"])
+    assert cfg.jobs[0].lora_config() == lora.LoRAConfig(r=16, alpha=8, dropout=0.2, targets=["q_proj"],
+                                                         init="gaussian", use_rslora=True)
+    train.train(cfg)
+    saved = json.loads((tmp_path / "out" / "a" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"], saved["use_rslora"], saved["init_lora_weights"]) \
+        == (16, 8, 0.2, True, "gaussian")
+    with pytest.raises(train.ConfigError, match="use_rslora: expected bool"):
+        train.load_config(str(path), ["--jobs.a.use_rslora=7"])
+
+
+def test_metrics_hold_null_loss_before_a_jobs_first_step(tmp_path, base_dir):
+    """metrics.jsonl holds JSON (null, never NaN) for a job that has not stepped yet."""
+    d = tmp_path
+    jobs = [job("slow", write_rows(d / "s.json", 8, 0, "reverse"), batch_size=8, micro_batch_size=2, epochs=1),
+            job("fast", write_rows(d / "f.json", 4, 1, "count"), batch_size=2, micro_batch_size=2, epochs=1)]
+    train.train(run_cfg(base_dir, d / "out", jobs, scheduler={"max_concurrent": 2}))
+    steps = [json.loads(line) for line in (d / "out" / "metrics.jsonl").read_text().splitlines()
+             if line.startswith('{"step"')]
+    assert steps[0]["jobs"]["slow"] == {"step": 0, "loss": None, "lr": None}
+    assert steps[0]["jobs"]["fast"]["step"] == 1 and steps[0]["jobs"]["fast"]["loss"] > 0
