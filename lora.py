@@ -191,7 +191,8 @@ class MultiLoRALinear(nn.Module):
     def delta_concatenated(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """Every row through the concatenated A's; a per-row coefficient keeps only its own
         adapter's r columns (times its scale) and zeroes the rest, so B_cat adds exactly that
-        adapter's update. Two matmuls per layer whatever the number of adapters."""
+        adapter's update. Two matmuls per layer whatever the number of adapters. (Plain LoRA
+        only: a variant whose `update` is not x A^T B^T needs the per-adapter path.)"""
         names = [g.name for g in groups]
         A = torch.cat([self.adapters[n].lora_A.weight for n in names])          # [sum r, in]
         B = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)   # [out, sum r]
