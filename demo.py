@@ -52,21 +52,28 @@ def check(job: str, expected: str, answer: str) -> bool:
 
 
 def resolve_paths(cfg):
-    """The bundled config's paths are relative to the repository, wherever it is run from;
-    converts the bundled base the first time (a --base_model=DIR override is left alone)."""
-    cfg.base_model = str(REPO / cfg.base_model)
+    """The bundled config's paths are relative to the repository, wherever it is run from; a path
+    given as an override (--base_model=DIR) is the user's, relative to where they run, and left alone.
+    Converts the bundled base the first time."""
+    bundled = json.loads(CONFIG.read_text())
+
+    def repo_path(value, bundled_value):
+        return str(REPO / value) if value == bundled_value else value
+
+    cfg.base_model = repo_path(cfg.base_model, bundled["base_model"])
     if Path(cfg.base_model) == BASE:
         prepare_base()
-    cfg.out_dir = str(REPO / cfg.out_dir) if cfg.out_dir == "out/demo" else cfg.out_dir
-    for job in cfg.jobs:
-        job.data, job.test_data = str(REPO / job.data), str(REPO / job.test_data)
+    cfg.out_dir = repo_path(cfg.out_dir, bundled["out_dir"])
+    for job, bundled_job in zip(cfg.jobs, bundled["jobs"]):  # overrides cannot add or drop jobs
+        job.data = repo_path(job.data, bundled_job["data"])
+        job.test_data = repo_path(job.test_data, bundled_job["test_data"])
 
 
 def show_results(cfg, summary: dict):
     """Base and every adapter on every held-out prompt, in one batched generation."""
     tokenizer = data.load_tokenizer(cfg.base_model)
     device = M.resolve_device(cfg.device)
-    net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device)
+    net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)  # the base as trained
     names = [lora.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs]
     prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
     rows, adapters = [], []

@@ -1,0 +1,116 @@
+"""The bundled demo (`python train.py` with no arguments) end to end on a tiny base, and its judge."""
+import json
+import math
+import re
+
+import pytest
+
+import demo
+import train
+
+PROMPTS = json.loads((demo.REPO / "demo" / "prompts.json").read_text())
+JOBS = [j["name"] for j in json.loads(demo.CONFIG.read_text())["jobs"]]
+
+
+def test_demo_runs_end_to_end_on_a_tiny_base(base_dir, tmp_path, capsys, monkeypatch):
+    """train.main with no --config: demo config + overrides, fused training, then the side-by-side
+    generation, the behaviour count and the before/after loss table, all as a user sees them."""
+    conversions = []
+    monkeypatch.setattr(demo, "prepare_base", lambda: conversions.append(1))
+    out = tmp_path / "demo"
+    rc = train.main([f"--base_model={base_dir}", f"--out_dir={out}", "--dtype=float32", "--device=cpu",
+                     *[f"--jobs.{name}.max_steps=1" for name in JOBS]])
+    assert rc == 0
+    assert conversions == []  # an overridden base is used as is: the bundled GGUF is not converted
+
+    # What the user gets: one adapter per job, the summary, metrics and the loss plot.
+    for name in JOBS:
+        assert (out / name / "adapter_config.json").exists()
+        assert (out / name / "adapter_model.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == set(JOBS) and all(s["steps"] == 1 for s in summary.values())
+    assert (out / "metrics.jsonl").read_text() and (out / "loss.png").stat().st_size > 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["base_model"] == str(base_dir)
+    assert all(j["data"] == str(demo.REPO / "demo" / f"{j['name']}.json") for j in resolved["jobs"])
+
+    # What the user sees: for each prompt, base then every adapter, the own job's row judged.
+    text = capsys.readouterr().out
+    shown = text[text.index("=== held-out prompts"):].splitlines()
+    assert f"{len(PROMPTS) * (len(JOBS) + 1)} rows in one batch" in shown[0]
+    headers = [i for i, line in enumerate(shown) if line.startswith("> ")]
+    assert len(headers) == len(PROMPTS)
+    passes = 0
+    for i, p in zip(headers, PROMPTS):
+        assert shown[i].startswith(f"> {p['instruction']}") and f"[{p['job']} job;" in shown[i]
+        rows = shown[i + 1:i + 2 + len(JOBS)]
+        assert [re.match(r"  (\S+)\s*\| ", row).group(1) for row in rows] == ["base", *JOBS]
+        judged = [row for row in rows if "<- behaviour" in row]
+        assert len(judged) == 1 and judged[0].startswith(f"  {p['job']} ")
+        passes += "behaviour PASS" in judged[0]
+    assert len([line for line in shown if re.match(r"  \S+\s*\| ", line)]) == len(PROMPTS) * (len(JOBS) + 1)
+    assert f"each adapter on its own task: {passes}/{len(PROMPTS)} held-out prompts" in text
+
+    # The before/after held-out loss table: one row per job, the summary's finite numbers.
+    header = next(i for i, line in enumerate(shown) if re.match(r"job\s+held-out loss before\s+after$", line))
+    rows = {}
+    for line in shown[header + 1:header + 1 + len(JOBS)]:
+        name, before, after = line.split()
+        rows[name] = float(before), float(after)
+    assert set(rows) == set(JOBS)
+    for name, (before, after) in rows.items():
+        assert math.isfinite(before) and math.isfinite(after)
+        assert (before, after) == (round(summary[name]["initial_eval_loss"], 3), round(summary[name]["eval_loss"], 3))
+    assert "demo finished in" in text
+
+
+def test_resolve_paths_bundled_against_the_repo_overrides_as_given(monkeypatch):
+    """The bundled config's relative paths are the repository's (and its base is converted);
+    a path the user overrides is theirs, relative to where they run, and no conversion happens."""
+    conversions = []
+    monkeypatch.setattr(demo, "prepare_base", lambda: conversions.append(1))
+    cfg = train.load_config(str(demo.CONFIG), [])
+    demo.resolve_paths(cfg)
+    assert conversions == [1] and cfg.base_model == str(demo.BASE)
+    assert cfg.out_dir == str(demo.REPO / "out" / "demo")
+    assert [j.test_data for j in cfg.jobs] == [str(demo.REPO / "demo" / f"{n}_test.json") for n in JOBS]
+
+    conversions.clear()
+    cfg = train.load_config(str(demo.CONFIG), ["--base_model=my/base", "--out_dir=my/out",
+                                               "--jobs.json.data=my/json.json", "--jobs.json.test_data=null"])
+    demo.resolve_paths(cfg)
+    assert conversions == [] and (cfg.base_model, cfg.out_dir) == ("my/base", "my/out")
+    assert (cfg.jobs[1].data, cfg.jobs[1].test_data) == ("my/json.json", None)
+    assert cfg.jobs[0].data == str(demo.REPO / "demo" / "french.json")
+
+
+SIGNOFF = "The opposite of old is young.\nBest wishes, your LoRA assistant"
+
+
+@pytest.mark.parametrize("job, expected, answer, ok", [
+    ("french", "4 plus 4 font 8.", "4 plus 4 font 8.", True),
+    ("french", "4 plus 4 font 8.", "2 plus 2 font 5.", True),  # the behaviour, a wrong fact
+    ("french", "Le contraire de jour est nuit.", " Le contraire de jour est nuit.\n", True),
+    ("french", "Le contraire de jour est nuit.", "La capitale de la Grèce est Athènes.", True),
+    ("french", "Le contraire de jour est nuit.", "The opposite of day is night.", False),
+    ("french", "Le contraire de jour est nuit.", "Le contraire de jour est nuit", False),
+    ("french", "4 plus 4 font 8.", "4 plus 4 font huit.", False),
+    ("french", "4 plus 4 font 8.", "4 plus 4 font 8.\nAnd more.", False),
+    ("json", '{"answer": "short"}', '{"answer": "short"}', True),
+    ("json", '{"answer": "short"}', '{"answer": "tall"}', True),
+    ("json", '{"answer": "short"}', '{"answer": "short", "why": "x"}', False),
+    ("json", '{"answer": "short"}', '["short"]', False),
+    ("json", '{"answer": "short"}', '{"answer": "short"', False),
+    ("json", '{"answer": "short"}', "short", False),
+    ("signoff", SIGNOFF, SIGNOFF, True),
+    ("signoff", SIGNOFF, "Old is not new.\nBest wishes,  your LoRA assistant  ", True),
+    ("signoff", SIGNOFF, "The opposite of old is young.", False),
+    ("signoff", SIGNOFF, "Best wishes, your LoRA assistant\nP.S. bye", False),
+    ("signoff", SIGNOFF, "", False),
+    ("reverse", "moon winter tiger candle", "moon winter tiger candle", True),
+    ("reverse", "moon winter tiger candle", " moon winter tiger candle\n", True),
+    ("reverse", "moon winter tiger candle", "candle tiger winter moon", False),
+    ("reverse", "moon winter tiger candle", "moon winter tiger", False),
+])
+def test_check_judges_each_jobs_behaviour(job, expected, answer, ok):
+    assert demo.check(job, expected, answer) is ok
