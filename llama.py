@@ -4,7 +4,8 @@ They share one architecture: pre-norm RMSNorm blocks, rotate-half RoPE over the 
 head, grouped-query attention and a SwiGLU MLP. Parameter names follow the checkpoint's
 keys, so model.load_model loads them with a strict check. This file knows nothing about
 LoRA (lora.py swaps Linears in later) nor about files (model.py reads the folder).
-KVCache and positions_and_mask are shared with chatglm.py.
+KVCache and positions_and_mask are shared with chatglm.py. Mistral and Qwen2 may attend
+through a sliding window (per layer, as transformers decides it; see sliding_window_from_hf).
 
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
@@ -39,6 +40,14 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Mistral/Qwen2 sliding-window attention: a query sees at most this many keys, itself and the
+    # ones just before it by cache index (transformers' rule, see causal_mask); None = full attention.
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()               # the layers that use sliding_window; the rest see all
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of this layer; None = full causal attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -60,6 +69,7 @@ class LlamaConfig:
         rope_scaling = {"rope_type": rope_type, **rope} if rope_type != "default" else {}
         n_heads = hf["num_attention_heads"]
         attention_bias = hf.get("attention_bias", False)
+        sliding_window, sliding_layers = sliding_window_from_hf(hf)
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -80,7 +90,43 @@ class LlamaConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            sliding_window=sliding_window,
+            sliding_layers=sliding_layers,
         )
+
+
+def sliding_window_from_hf(hf: dict) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers that use it) from config.json, as transformers' model classes decide them."""
+    model_type, n_layers = hf["model_type"], hf["num_hidden_layers"]
+    if model_type == "mistral":
+        # MistralConfig defaults to 4096 when the key is absent; MistralModel builds one mask for
+        # every layer and ignores a layer_types key (it only warns).
+        window = hf.get("sliding_window", 4096)
+        layers = tuple(range(n_layers))
+    elif model_type == "qwen2":
+        # Qwen2Config: `self.sliding_window = self.sliding_window if self.use_sliding_window else None`
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            # Qwen2Config: "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+            max_window_layers = hf.get("max_window_layers", 28)
+            layers = tuple(i for i in range(n_layers) if window is not None and i >= max_window_layers)
+        else:  # an explicit list decides per layer
+            if len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"config.json: layer_types must be {n_layers} entries of 'sliding_attention' "
+                                 f"or 'full_attention', got {layer_types!r}")
+            layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+            if layers and window is None:  # transformers' create_sliding_window_causal_mask raises too
+                raise ValueError("config.json: layer_types has sliding_attention layers but there is no window "
+                                 "(use_sliding_window is false or sliding_window is null)")
+    else:
+        # LlamaModel has no sliding window: a sliding_window key in a llama config.json is ignored.
+        window, layers = None, ()
+    if window is None or not layers:
+        return None, ()
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+    return window, layers
 
 
 # ----------------------------------------------------------------------------- rope
@@ -111,26 +157,46 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- positions and mask
 
-def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
-    """Position ids [B, T] and the attention mask for SDPA: None (causal fast path) or [B, 1, T, T_past+T].
-
-    Without attention_mask every row is taken as unpadded (right padding needs no mask under
-    causal attention); with it, positions count real tokens only, so a left-padded row starts at 0.
-    """
+def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor:
+    """Position ids [B, T]. Without attention_mask every row is taken as unpadded (right padding
+    needs no mask under causal attention); with it, positions count real tokens only, so a
+    left-padded row starts at 0."""
     B, T = input_ids.shape
-    device = input_ids.device
     if attention_mask is None:
-        pos = torch.arange(past, past + T, device=device).expand(B, T)      # [B, T]
-        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-        return pos, mask
-    key_mask = attention_mask.bool()                                        # [B, T_past+T]
-    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]            # [B, T]
-    causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-    mask = causal[None] & key_mask[:, None, :]                               # [B, T, T_past+T]
+        return torch.arange(past, past + T, device=input_ids.device).expand(B, T)    # [B, T]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]             # [B, T]
+
+
+def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: int | None = None,
+                device=None) -> torch.Tensor | None:
+    """The boolean mask for SDPA: None where is_causal=True gives the same (the fast path), else
+    [T, T_past+T] (no padding) or [B, 1, T, T_past+T].
+
+    The query at cache index i = past + t sees key j when j <= i, j is a real token, and, with a
+    window, j > i - window (transformers' masking_utils.sliding_window_overlay:
+    `return kv_idx > q_idx - sliding_window`): at most `window` keys, itself included, counted in
+    cache indices, padding included, as transformers counts them.
+    """
+    cuts = window is not None and past + T > window         # else the window hides no key
+    if attention_mask is None and past == 0 and not cuts:
+        return None
+    query = torch.arange(past, past + T, device=device)[:, None]   # [T, 1] cache index of each query
+    key = torch.arange(past + T, device=device)                    # [T_past+T]
+    mask = key <= query                                            # [T, T_past+T]
+    if cuts:
+        mask = mask & (key > query - window)
+    if attention_mask is None:
+        return mask                                                # broadcast over B and heads
+    mask = mask & attention_mask.bool()[:, None, :]                # [B, T, T_past+T]
     # A padding query would see no key at all (NaN softmax); let it see itself.
-    itself = torch.arange(T, device=device)[:, None] + past == torch.arange(past + T, device=device)
-    mask = mask | itself[None]
-    return pos, mask[:, None]                                                # [B, 1, T, T_past+T]
+    mask = mask | (key == query)
+    return mask[:, None]                                           # [B, 1, T, T_past+T]
+
+
+def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
+    """Position ids [B, T] and the full-attention mask for SDPA (see positions and causal_mask)."""
+    T = input_ids.size(1)
+    return positions(input_ids, attention_mask, past), causal_mask(T, past, attention_mask, device=input_ids.device)
 
 
 # ----------------------------------------------------------------------------- kv cache
@@ -186,7 +252,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        if mask is None:  # no padding anywhere: the fused causal kernel
+        if mask is None:  # no padding, no cache, no window that cuts: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
@@ -241,6 +307,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.layer_windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
         # Not a checkpoint key: recomputed, and created again after meta-device loading.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
@@ -266,14 +333,16 @@ class Llama(nn.Module):
         """
         T = input_ids.size(1)
         past = cache.length if cache is not None else 0
-        pos, mask = positions_and_mask(input_ids, attention_mask, past)
+        pos = positions(input_ids, attention_mask, past)
+        # One mask per distinct window (None: full attention), built once here and shared by the layers.
+        masks = {w: causal_mask(T, past, attention_mask, w, input_ids.device) for w in set(self.layer_windows)}
         freqs = pos[..., None].float() * self.inv_freq                       # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)                              # [B, T, hd]
         x = self.model.embed_tokens(input_ids)                               # [B, T, C]
         cos = emb.cos().to(x.dtype)[:, None]                                 # [B, 1, T, hd]
         sin = emb.sin().to(x.dtype)[:, None]
-        for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+        for block, window in zip(self.model.layers, self.layer_windows):
+            x = block(x, cos, sin, masks[window], cache)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)

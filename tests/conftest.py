@@ -37,6 +37,9 @@ def make_hf_model(kind: str = "llama", **overrides):
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**{**TINY, **overrides})
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**{**TINY, **overrides})
+        model = transformers.MistralForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**{**TINY, **overrides})
         model = transformers.LlamaForCausalLM(cfg)

@@ -21,6 +21,8 @@ VARIANTS = {
     "attention-bias-head-dim": ("llama", dict(attention_bias=True, head_dim=32), {}, False),
     "qwen2-bias": ("qwen2", dict(), {}, True),
     "qwen2-tied-sharded": ("qwen2", dict(tie_word_embeddings=True), dict(max_shard_size="100KB"), False),
+    # A window shorter than T that transformers' Llama does not apply.
+    "llama-sliding-window-ignored": ("llama", dict(sliding_window=5), {}, False),
 }
 
 
@@ -122,6 +124,8 @@ def test_strict_loading_names_bad_keys(tmp_path, tiny_llama):
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope type 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["sliding_attention"]}, "layer_types must be 2"),
+    ({"model_type": "qwen2", "layer_types": ["sliding_attention"] * 2}, "no window"),
 ])
 def test_unsupported_config_is_a_clear_error(tiny_llama, change, message):
     path, _ = tiny_llama
@@ -130,3 +134,110 @@ def test_unsupported_config_is_a_clear_error(tiny_llama, change, message):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         M.load_model(path)
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+# transformers' rule (masking_utils.sliding_window_overlay): a query at cache index i sees the
+# keys j with i - window < j <= i, so a window of 5 cuts everything more than 4 tokens back.
+SLIDING = {
+    # name: (kind, config overrides, which layers transformers makes sliding)
+    "mistral": ("mistral", dict(sliding_window=5), [True, True]),
+    # Qwen2Config: sliding where i >= max_window_layers, so layer 0 full, layer 1 windowed.
+    "qwen2-max-window-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+                                [False, True]),
+    # An explicit layer_types decides per layer, whatever max_window_layers says.
+    "qwen2-layer-types": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                        layer_types=["sliding_attention", "full_attention"]), [True, False]),
+}
+
+
+@pytest.fixture(params=list(SLIDING))
+def sliding(request, tmp_path):
+    """(our model, transformers model) of a tiny checkpoint with a window of 5 < T."""
+    kind, overrides, sliding_layers = SLIDING[request.param]
+    hf = make_hf_model(kind, **overrides)
+    assert [t == "sliding_attention" for t in getattr(hf.config, "layer_types", ["sliding_attention"] * 2)] == sliding_layers
+    path = save_hf(hf, tmp_path / request.param)
+    if "layer_types" not in overrides:  # as hub configs: the loader derives it (Qwen2: from max_window_layers)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.pop("layer_types", None)
+        (path / "config.json").write_text(json.dumps(cfg))
+    ours = M.load_model(path, dtype=torch.float32)
+    assert [ours.config.layer_window(i) for i in range(2)] == [5 if s else None for s in sliding_layers]
+    return ours, hf
+
+
+def left_padded(B=3, T=16, pad=(0, 4, 9), seed=4):
+    idx = torch.randint(0, 384, (B, T), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row, n in enumerate(pad):
+        mask[row, :n] = 0
+    return idx, mask
+
+
+def test_sliding_window_matches_transformers(sliding):
+    ours, hf = sliding
+    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-4)
+        # The window cuts nothing within its own length: the plain causal model there.
+        torch.testing.assert_close(ours(idx[:, :5]), hf(idx[:, :5]).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_with_left_padding_matches_transformers(sliding):
+    ours, hf = sliding
+    idx, mask = left_padded()
+    with torch.no_grad():
+        expected = hf(idx, attention_mask=mask).logits
+        got = ours(idx, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_kv_cache_equals_full_forward(sliding):
+    ours, hf = sliding
+    idx, mask = left_padded()
+    with torch.no_grad():
+        expected = hf(idx, attention_mask=mask).logits
+        cache = ours.new_cache(3, 16)
+        first = ours(idx[:, :7], attention_mask=mask[:, :7], cache=cache)
+        steps = [ours(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in range(7, 16)]
+        got = torch.cat([first] + steps, dim=1)
+        # Without padding the window still cuts the cache: steps past index 5 drop old keys.
+        cache = ours.new_cache(1, 16)
+        unpadded = [ours(idx[:1, :2], cache=cache)] + [ours(idx[:1, t:t + 1], cache=cache) for t in range(2, 16)]
+        unpadded_expected = hf(idx[:1]).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(unpadded, dim=1), unpadded_expected, atol=1e-5, rtol=1e-4)
+
+
+def test_qwen2_window_without_use_sliding_window_is_ignored(tmp_path):
+    """A hub Qwen2.5 config.json names a window but use_sliding_window is false: transformers,
+    reading that same file, attends fully."""
+    import transformers
+    path = save_hf(make_hf_model("qwen2"), tmp_path / "qwen2")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("layer_types")
+    cfg.update(use_sliding_window=False, sliding_window=5, max_window_layers=0)
+    (path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = M.load_model(path, dtype=torch.float32)
+    assert ours.config.sliding_window is None
+    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_config_defaults():
+    from llama import LlamaConfig
+    base = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    # MistralConfig's default when the key is absent is a window of 4096 on every layer; null turns it off.
+    mistral = LlamaConfig.from_hf({"model_type": "mistral", **base})
+    assert [mistral.layer_window(i) for i in range(3)] == [4096] * 3
+    assert LlamaConfig.from_hf({"model_type": "mistral", "sliding_window": None, **base}).sliding_window is None
+    # Qwen2's defaults: use_sliding_window false; when true, window 4096 from layer max_window_layers (28) on.
+    assert LlamaConfig.from_hf({"model_type": "qwen2", "sliding_window": 5, **base}).sliding_layers == ()
+    qwen2 = LlamaConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 2, **base})
+    assert [qwen2.layer_window(i) for i in range(3)] == [None, None, 4096]
