@@ -79,7 +79,7 @@ class SchedulerConfig:
 class RunConfig:
     base_model: str                        # Hugging Face checkpoint folder
     jobs: list[JobConfig]                  # the adapters to train
-    dtype: str = "bfloat16"                # base weights: float32 | bfloat16 | float16 (adapters stay fp32)
+    dtype: str = "auto"                    # base weights: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; adapters stay fp32
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     quant: str | None = None               # QLoRA base: nf4 | fp4 | nf4-dq | fp4-dq (double quant.) | int8 | null
     seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
@@ -230,6 +230,10 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         quant.check_quant(cfg.quant)
     except ValueError as e:
         raise ConfigError(f"{file}: quant: {e}") from None
+    try:
+        M.resolve_dtype(cfg.dtype, "cpu")
+    except ValueError as e:
+        raise ConfigError(f"{file}: {e}") from None
     names = [j.name for j in cfg.jobs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{file}: job names must be unique, got {names}")
@@ -507,10 +511,11 @@ def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], 
     return tokenizer, train_sets, test_sets, plans, sched
 
 
-def describe(cfg: RunConfig, train_sets: dict) -> str:
+def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     """A few lines on what will run (the whole resolved config goes to out_dir/config.json)."""
     sc = cfg.scheduler
-    lines = [f"base {cfg.base_model} ({cfg.dtype}, {cfg.device}{f', {cfg.quant} base' if cfg.quant else ''}), "
+    dtype = str(M.resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
              f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
     for j in cfg.jobs:
         lines.append(f"  {j.name}: {len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} alpha={j.alpha:g} "
@@ -529,7 +534,7 @@ def train(cfg: RunConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    print(describe(cfg, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
+    print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
               train_sets, test_sets, metrics=open(out_dir / "metrics.jsonl", "w"), start=time.time(),
               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))

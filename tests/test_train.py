@@ -97,6 +97,7 @@ def write_config(tmp_path, base_dir, **changes):
     ({}, ["--jobs.zz.lr=1"], "no job named 'zz'"),
     ({"jobs": [{"name": "a", "data": "missing.json"}]}, [], "missing.json: file not found"),
     ({"jobs": [{"name": "a", "dat": "x.json"}]}, [], "jobs[0]: unknown key 'dat' (did you mean 'data'?)"),
+    ({}, ["--dtype=bf16"], "dtype 'bf16': expected auto, float32, bfloat16 or float16"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, base_dir, capsys, changes, overrides, message):
     path = write_config(tmp_path, base_dir, **changes)
@@ -160,3 +161,8 @@ def test_metrics_hold_null_loss_before_a_jobs_first_step(tmp_path, base_dir):
              if line.startswith('{"step"')]
     assert steps[0]["jobs"]["slow"] == {"step": 0, "loss": None, "lr": None}
     assert steps[0]["jobs"]["fast"]["step"] == 1 and steps[0]["jobs"]["fast"]["loss"] > 0
+
+
+def test_dtype_auto_is_fp32_on_cpu(base_dir):
+    assert M.resolve_dtype("auto", "cpu") == torch.float32 and M.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert M.load_model(base_dir, dtype="auto").lm_head.weight.dtype == torch.float32
