@@ -241,3 +241,9 @@ def test_sliding_window_config_defaults():
     assert LlamaConfig.from_hf({"model_type": "qwen2", "sliding_window": 5, **base}).sliding_layers == ()
     qwen2 = LlamaConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 2, **base})
     assert [qwen2.layer_window(i) for i in range(3)] == [None, None, 4096]
+
+
+def test_load_message_names_the_family(tmp_path, capsys):
+    path = save_hf(make_hf_model("qwen2"), tmp_path / "qwen2")
+    M.load_model(path)
+    assert "(qwen2, " in capsys.readouterr().out
