@@ -83,8 +83,8 @@ class Adapter(nn.Module):
         """
         scale = self.scaling
         if keep is not None:
-            x = x.masked_fill(~keep, 0)
-            scale = scale / (1 - self.config.dropout)  # dropout's 1/(1-p), on the small [b, T, r]
+            x = x * keep
+            scale = scale / (1 - drawn_p(self.config.dropout))  # dropout's 1/(1-p), on the small [b, T, r]
         x = x.to(self.lora_A.weight.dtype)
         return ((x @ self.lora_A.weight.t()) * scale) @ self.lora_B.weight.t()
 
@@ -119,6 +119,25 @@ class Routing:
                 start += r
             self.cache[key] = coef.to(device=adapters[0].lora_A.weight.device)
         return self.cache[key]
+
+
+def drawn_p(p: float) -> float:
+    """The dropout probability as keep_mask draws it: p rounded to a multiple of 2^-16
+    (0.05 -> 0.0500031); the 1/(1-p) rescaling uses this value, so dropout stays unbiased."""
+    return round(p * 2**16) / 2**16
+
+
+def keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> torch.Tensor:
+    """A dropout keep mask (bool, True with probability 1 - drawn_p(p)) drawn from `seed`.
+
+    From random 16-bit integers, four per 64-bit word, rather than bernoulli_: on a 2-core CPU
+    0.2 ms instead of 1.85 ms for a 2 x 256 x 576 mask, where masks took 14% of a fused step.
+    """
+    n = math.prod(shape)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    words = torch.randint(-2**63, 2**63 - 1, (-(-n // 4),), dtype=torch.int64, generator=generator, device=device)
+    uniform = words.view(torch.int16)[:n].view(shape)                 # each in [-2^15, 2^15), uniform
+    return uniform >= round(p * 2**16) - 2**15
 
 
 def mix_seed(*parts: int) -> int:
@@ -185,9 +204,6 @@ class MultiLoRALinear(nn.Module):
         delta = self.delta_concatenated(x, groups) if concatenated else self.delta_per_adapter(x, groups)
         return out + delta.to(out.dtype)
 
-    def uses_dropout(self, groups: list[RouteGroup]) -> bool:
-        return self.training and any(self.adapters[g.name].config.dropout > 0 for g in groups)
-
     def delta_concatenated(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """Every row through the concatenated A's; a per-row coefficient keeps only its own
         adapter's r columns (times its scale) and zeroes the rest, so B_cat adds exactly that
@@ -197,59 +213,69 @@ class MultiLoRALinear(nn.Module):
         A = torch.cat([self.adapters[n].lora_A.weight for n in names])          # [sum r, in]
         B = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)   # [out, sum r]
         coef = self.routing.coefficients(self, names, x.size(0), self.training)  # [B, 1, sum r]
-        if self.uses_dropout(groups):
-            x = x.masked_fill(~self.dropout_keep(groups, x), 0)
+        if self.training and any(self.adapters[n].config.dropout > 0 for n in names):
+            keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)     # [B, T, in]
+            for group in groups:
+                length = self.own_length(group, x.size(1))
+                mask = self.dropout_keep(group, keep[group.rows, :length].shape, x.device)
+                keep[group.rows, :length] = True if mask is None else mask
+            x = x * keep
         return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                         # [B, T, out]
 
     def delta_per_adapter(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
-        """Each adapter's update on its own rows only, assembled into one [B, T, out] tensor."""
+        """Each adapter's update on its own rows and their own padded length only, assembled
+        into one [B, T, out] tensor (zeros where no adapter applies)."""
         B, T, _ = x.shape
-        keep = self.dropout_keep(groups, x) if self.uses_dropout(groups) else None
-        pieces, covered = [], 0   # deltas of consecutive row ranges, zeros where no adapter applies
-        delta = None
-        for group in groups:
-            adapter, rows = self.adapters[group.name], group.rows
-            with_dropout = keep is not None and adapter.config.dropout > 0
-            piece = adapter.update(x[rows], keep[rows] if with_dropout else None)    # [b, T, out]
-            if not isinstance(rows, slice):  # rows scattered through the batch
-                delta = piece.new_zeros(B, T, piece.size(-1)) if delta is None else delta
-                delta = delta.index_add(0, rows, piece)
-                continue
-            if rows.start > covered:
-                pieces.append(piece.new_zeros(rows.start - covered, T, piece.size(-1)))
-            pieces.append(piece)
-            covered = rows.stop
-        if pieces:
-            if covered < B:
-                pieces.append(pieces[0].new_zeros(B - covered, T, pieces[0].size(-1)))
-            # One cat, not an in-place add per adapter: autograd would copy the whole output
-            # gradient once per adapter for in-place slices.
-            delta = torch.cat(pieces) if delta is None else delta + torch.cat(pieces)
+        dtype = self.adapters[groups[0].name].lora_A.weight.dtype
+        # Contiguous groups: split x at their boundaries and cat their updates. (Autograd joins
+        # a split's gradients with one cat; slicing would zero-fill a whole [B, T, in] gradient
+        # per group and add them up: 0.7 s of a 16 s step, measured.)
+        contiguous = sorted((g for g in groups if isinstance(g.rows, slice)), key=lambda g: g.rows.start)
+        sizes, owners, covered = [], [], 0
+        for group in contiguous:
+            if group.rows.start > covered:
+                sizes.append(group.rows.start - covered)
+                owners.append(None)
+            sizes.append(group.rows.stop - group.rows.start)
+            owners.append(group)
+            covered = group.rows.stop
+        if covered < B:
+            sizes.append(B - covered)
+            owners.append(None)
+        delta = torch.cat([self.group_update(group, rows) if group else
+                           rows.new_zeros(rows.size(0), T, self.out_features, dtype=dtype)
+                           for group, rows in zip(owners, x.split(sizes))])         # [B, T, out]
+        for group in groups:  # rows scattered through the batch
+            if not isinstance(group.rows, slice):
+                delta = delta.index_add(0, group.rows, self.group_update(group, x[group.rows]))
         return delta
 
-    def dropout_keep(self, groups: list[RouteGroup], x: torch.Tensor) -> torch.Tensor:
-        """The dropout mask [B, T, in] (bool: autograd keeps 1 byte an element, not 4).
+    def group_update(self, group: RouteGroup, x_rows: torch.Tensor) -> torch.Tensor:
+        """One group's update [b, T, out], computed over its own padded length (zeros after)."""
+        T = x_rows.size(1)
+        length = self.own_length(group, T)
+        if length < T:
+            x_rows = x_rows.split([length, T - length], dim=1)[0]                 # [b, length, in]
+        keep = self.dropout_keep(group, x_rows.shape, x_rows.device) if self.training else None
+        piece = self.adapters[group.name].update(x_rows, keep)                    # [b, length, out]
+        return piece if length == T else F.pad(piece, (0, 0, 0, T - length))
 
-        Each adapter's rows are drawn over their own padded length only, from a generator
-        seeded by (this forward's seed for the adapter, this layer): the mask does not depend
-        on what the rows were fused with, and a recomputation (activation checkpointing)
-        draws exactly the same mask again.
-        """
-        B, T, d = x.shape
-        keep = torch.zeros(B, T, d, dtype=torch.bool, device=x.device)
-        for group in groups:
-            length = T if group.length is None else min(group.length, T)
-            p = self.adapters[group.name].config.dropout
-            if p == 0:
-                keep[group.rows, :length] = True
-                continue
-            if group.seed is None:
-                raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
-            generator = torch.Generator(device=x.device).manual_seed(mix_seed(group.seed, self.seed))
-            n_rows = len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-            mask = torch.empty(n_rows, length, d, dtype=torch.bool, device=x.device)
-            keep[group.rows, :length] = mask.bernoulli_(1 - p, generator=generator)
-        return keep
+    @staticmethod
+    def own_length(group: RouteGroup, T: int) -> int:
+        """The group's own padded length: positions after it are padding for all its rows."""
+        return T if group.length is None else min(group.length, T)
+
+    def dropout_keep(self, group: RouteGroup, shape: torch.Size, device) -> torch.Tensor | None:
+        """The group's dropout mask (bool, `shape` = its rows x its own length x in), or None
+        without dropout. Drawn from (this forward's seed for the adapter, this layer): it does
+        not depend on what the rows were fused with, and a recomputation (activation
+        checkpointing) draws exactly the same mask again."""
+        p = self.adapters[group.name].config.dropout
+        if p == 0:
+            return None
+        if group.seed is None:
+            raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
+        return keep_mask(tuple(shape), p, mix_seed(group.seed, self.seed), device)
 
     def extra_repr(self) -> str:
         ranks = {n: a.config.r for n, a in self.adapters.items()}

@@ -264,3 +264,19 @@ def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path
     # And back: our loader reads the same fields.
     name = lora.load_peft(ours, tmp_path / "rs", "again")
     assert lora.adapter_config(ours, name) == cfg
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_keep_mask_rate_and_reproducibility(p):
+    """keep_mask draws 16-bit integers: each element kept with probability 1 - drawn_p(p), and
+    drawn_p(p) is within 2^-17 of p; the same seed gives the same mask, another seed another."""
+    assert abs(lora.drawn_p(p) - p) <= 2**-17
+    mask = lora.keep_mask((32, 64, 96), p, seed=11, device="cpu")
+    n = mask.numel()
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - lora.drawn_p(p))) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(mask, lora.keep_mask((32, 64, 96), p, seed=11, device="cpu"))
+    assert not torch.equal(mask, lora.keep_mask((32, 64, 96), p, seed=12, device="cpu"))
+    # Neighbouring elements (from the same 64-bit word) are uncorrelated.
+    flat = mask.flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
