@@ -10,7 +10,8 @@ Systems, all on the same base, the same synthetic data and the same hyperparamet
   ours-seq       the same k jobs through our code, one after another
   peft-seq       transformers + PEFT, one job after another (the Alpaca-LoRA baseline)
   peft-parallel  k concurrent processes of transformers + PEFT, one job each
-  base-only      forward + backward of the frozen base alone over the fused tokens: the ceiling
+  base-only      forward + backward of our frozen base alone over the fused tokens: the ceiling
+  hf-base-only   the same with transformers' frozen base (what our base must beat)
 
 Every system runs in fresh processes, so peak memory (CPU: the process's RSS high-water
 mark; CUDA: max_memory_allocated) is its own. --in-process (for tests) runs the same workers
@@ -42,7 +43,7 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-parallel", "base-only")
+SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-parallel", "base-only", "hf-base-only")
 DEFAULT_BASE = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 
 
@@ -209,7 +210,11 @@ def peft_worker(args, jobs: list[int], barrier=None) -> dict:
                     ids[i, :len(r)] = torch.tensor(r)
                     labels[i, p:len(r)] = torch.tensor(r[p:])
                     mask[i, :len(r)] = 1
-                out = pm(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+                # A mask only where a row is padded: an all-ones mask sends transformers' attention
+                # down its slower masked path, which a competent user would not do.
+                padded_rows = bool((mask == 0).any())
+                out = pm(input_ids=ids.to(device), attention_mask=mask.to(device) if padded_rows else None,
+                         labels=labels.to(device))
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -220,6 +225,41 @@ def peft_worker(args, jobs: list[int], barrier=None) -> dict:
         return real, padded, seconds
 
     return run_repeats(args, device, one_repeat, barrier)
+
+
+def hf_base_worker(args, jobs: list[int]) -> dict:
+    """transformers' frozen base alone: forward + backward over the same fused rows as base-only."""
+    import transformers
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.base, dtype=getattr(torch, args.dtype)).to(device)
+    hf.requires_grad_(False)
+    hf.train()
+    # Backward through the frozen layers needs an input that requires grad (as base-only's).
+    hf.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    work = [job_batches(args, j, hf.config.vocab_size) for j in jobs]
+
+    def one_repeat():
+        real = padded = 0
+        sync(device)
+        t0 = time.perf_counter()
+        for s in range(args.steps):
+            rows = [(r, p) for job in work for r, p in zip(*job[s])]
+            T = -(-max(len(r) for r, _ in rows) // 8) * 8   # padded as data.fuse pads
+            ids = torch.zeros(len(rows), T, dtype=torch.long)
+            labels = torch.full((len(rows), T), -100)
+            mask = torch.zeros(len(rows), T, dtype=torch.long)
+            for i, (r, p) in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                labels[i, p:len(r)] = torch.tensor(r[p:])
+                mask[i, :len(r)] = 1
+            # Right padding needs no mask under causal attention (as ours): its best path.
+            hf(input_ids=ids.to(device), labels=labels.to(device)).loss.backward()
+            real += int(mask.sum())
+            padded += ids.numel()
+        sync(device)
+        return real, padded, time.perf_counter() - t0
+
+    return run_repeats(args, device, one_repeat)
 
 
 def run_repeats(args, device, one_repeat, barrier=None) -> dict:
@@ -243,6 +283,8 @@ def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
     M.reset_peak_memory(M.resolve_device(args.device))
     if kind == "peft":
         return peft_worker(args, jobs, barrier)
+    if kind == "hf-base-only":
+        return hf_base_worker(args, jobs)
     return ours_worker(args, jobs, fused=kind == "ours", base_only=kind == "base-only")
 
 
@@ -309,6 +351,8 @@ def ratios(records: list[dict]) -> list[dict]:
         for other in ("peft-seq", "peft-parallel", "ours-seq", "base-only"):
             if other in same:
                 row[f"ours/{other}"] = rec["tokens_per_s"] / same[other]["tokens_per_s"]
+        if "base-only" in same and "hf-base-only" in same:
+            row["base/hf-base"] = same["base-only"]["tokens_per_s"] / same["hf-base-only"]["tokens_per_s"]
         one = [r for r in records if key(r) == key(rec) and r["system"] == "ours" and r["k"] == 1]
         if one:
             row["mem_k/mem_1"] = rec["peak_mem_mb"] / one[0]["peak_mem_mb"]
@@ -326,7 +370,8 @@ def print_tables(records, ratio_rows, title):
               f"| {r['tokens']} | {r['latency_s']:.2f} ({r['latency_spread_s'][0]:.2f}-{r['latency_spread_s'][1]:.2f}) "
               f"| {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['padding_fraction']:.1f}% | {util} |")
     if ratio_rows:
-        cols = [c for c in ("ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "mem_k/mem_1")
+        cols = [c for c in ("ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "base/hf-base",
+                            "mem_k/mem_1")
                 if any(c in r for r in ratio_rows)]
         print(f"\n| workload | k | {' | '.join(cols)} |")
         print("|---|---|" + "---|" * len(cols))

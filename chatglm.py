@@ -229,8 +229,9 @@ class ChatGLM(nn.Module):
         return KVCache(cfg.num_layers, B, cfg.num_key_value_heads, max_T, cfg.head_dim, w.dtype, w.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, output_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]; attention_mask, cache, output_mask as model.Llama."""
+                cache: KVCache | None = None, output_mask: torch.Tensor | None = None,
+                head: bool = True) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; attention_mask, cache, output_mask, head as llama.Llama."""
         T = input_ids.size(1)
         past = cache.length if cache is not None else 0
         pos, mask = positions_and_mask(input_ids, attention_mask, past)
@@ -246,4 +247,4 @@ class ChatGLM(nn.Module):
         x = self.transformer.encoder.final_layernorm(x)
         if output_mask is not None:
             x = x[output_mask]                                               # [N, C]
-        return self.transformer.output_layer(x)
+        return self.transformer.output_layer(x) if head else x

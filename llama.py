@@ -324,12 +324,15 @@ class Llama(nn.Module):
         return KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_T, cfg.head_dim, w.dtype, w.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, output_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, output_mask: torch.Tensor | None = None,
+                head: bool = True) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, T_past+T] (1 = real token) handles left or right padding; without
         it every row is taken as unpadded. output_mask [B, T] (bool) keeps only those
         positions and returns [N, V], which saves the big vocab matmul on prompt tokens.
+        head=False returns the final hidden states ([B, T, C] or [N, C]) instead, for a loss
+        that applies the output layer itself (train.chunked_token_losses).
         """
         T = input_ids.size(1)
         past = cache.length if cache is not None else 0
@@ -348,4 +351,4 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if output_mask is not None:
             x = x[output_mask]                                               # [N, C]
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x

@@ -267,10 +267,56 @@ def token_losses(model, batch: data.Batch):
     targets = batch.labels[:, 1:]                                       # [B, T-1]
     keep = torch.zeros_like(batch.labels, dtype=torch.bool)             # [B, T]
     keep[:, :-1] = targets != -100
-    logits = model(batch.input_ids, output_mask=keep)                   # [N, V]
-    losses = F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="none")
+    hidden = model(batch.input_ids, output_mask=keep, head=False)       # [N, C]
+    output_layer = model.get_submodule(model.OUTPUT_LAYER)
+    losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]])
     rows = torch.arange(keep.size(0), device=keep.device)[:, None].expand_as(keep)[keep]
     return losses, rows
+
+
+LOSS_CHUNK_ELEMENTS = 2**22  # logits per chunk of chunked_token_losses (16 MiB in fp32)
+
+
+class ChunkedTokenLosses(torch.autograd.Function):
+    """Cross-entropy of hidden [N, C] through a frozen output layer [V, C], chunk by chunk.
+
+    The [N, V] logits never exist at once (a fused batch of 8 x 256 over SmolLM2's 49k
+    vocabulary would hold 1.6 GB of them with their softmax and gradient). The losses are the
+    graph's last op and each token's gradient is its loss's weight times (softmax - onehot) W,
+    so forward computes that [N, C] term right after each chunk's logits and backward only
+    scales it: no logits are kept, none recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        N, V = hidden.size(0), weight.size(0)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // V)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)          # softmax in fp32 at least
+        losses = torch.empty(N, dtype=dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, N, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).to(dtype)                             # [n, V]
+            lse = logits.logsumexp(-1)                                      # [n]
+            losses[start:start + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
+            if grad_hidden is not None:
+                probs = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None
+
+
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] of hidden [N, C] through the (frozen) output weight [V, C]."""
+    if weight.requires_grad:
+        raise ValueError("chunked_token_losses: the output layer must be frozen (its gradient is not computed)")
+    return ChunkedTokenLosses.apply(hidden, weight, targets)
 
 
 def job_loss(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor, step_loss_tokens: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ def assert_schema_and_equal_work(out):
     by_system = {r["system"]: r for r in records}
     assert by_system["ours"]["padding_fraction"] >= by_system["ours-seq"]["padding_fraction"]
     (ratios,) = result["ratios"]
-    assert {"ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only"} <= ratios.keys()
+    assert {"ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "base/hf-base"} <= ratios.keys()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -10,7 +10,7 @@ import lora
 from llama import Llama
 import model as M
 import train
-from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
+from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 
 
 def test_fused_job_equals_job_alone(tmp_path, base_dir):
@@ -166,3 +166,34 @@ def test_metrics_hold_null_loss_before_a_jobs_first_step(tmp_path, base_dir):
 def test_dtype_auto_is_fp32_on_cpu(base_dir):
     assert M.resolve_dtype("auto", "cpu") == torch.float32 and M.resolve_dtype("auto", "cuda:0") == torch.bfloat16
     assert M.load_model(base_dir, dtype="auto").lm_head.weight.dtype == torch.float32
+
+
+def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
+    """The output layer + loss in chunks gives the losses and adapter gradients of the plain
+    [N, V] logits and F.cross_entropy, with chunks that do not divide N."""
+    net = M.load_model(base_dir, dtype=torch.float32)
+    lora.add_adapters(net, {"a": lora.LoRAConfig(r=4, targets=["q_proj", "down_proj"])})
+    randomize_B(net, "a")
+    ids = torch.randint(0, net.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :7] = -100
+    labels[2, 15:] = -100
+    batch = data.Batch(ids, labels, torch.tensor([20, 20, 15]), ["a"] * 3)
+    monkeypatch.setattr(train, "LOSS_CHUNK_ELEMENTS", 5 * net.config.vocab_size + 1)  # chunks of 5 rows
+    results = []
+    for chunked in (True, False):
+        with lora.route(net, batch.adapter_names):
+            if chunked:
+                losses, rows = train.token_losses(net, batch)
+            else:
+                keep = torch.zeros_like(labels, dtype=torch.bool)
+                keep[:, :-1] = labels[:, 1:] != -100
+                losses = torch.nn.functional.cross_entropy(net(ids, output_mask=keep), labels[:, 1:][keep[:, :-1]],
+                                                           reduction="none")
+            (losses * torch.linspace(0.5, 2, len(losses))).sum().backward()
+        results.append((losses.detach(), [p.grad.clone() for p in lora.adapter_parameters(net, "a")]))
+        net.zero_grad(set_to_none=True)
+    assert len(results[0][0]) == 13 + 13 + 8  # labels 7..19, 7..19 and 7..14
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
