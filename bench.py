@@ -120,6 +120,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
     import train
     device = M.resolve_device(args.device)
     net = M.load_model(args.base, dtype=args.dtype, device=device, quant=args.quant)
+    net.checkpoint_blocks = args.checkpointing
     names = [f"job{j}" for j in jobs]
     work = {n: job_batches(args, j, net.config.vocab_size) for n, j in zip(names, jobs)}
     if not base_only:
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quant", default=None, help="nf4 / fp4 base (QLoRA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our systems")
     p.add_argument("--in-process", action="store_true",
                    help="run every system in this process, one after another (tests: the same work in seconds; "
                         "memory and peft-parallel's speed are not comparable)")
@@ -528,6 +530,7 @@ def main(argv: list[str] | None = None):
     title = (f"{args.base} on {device} ({torch.get_num_threads()} threads), {args.dtype}"
              f"{', ' + args.quant if args.quant else ''}; r={args.r} on {args.targets}; {args.steps} steps per job "
              f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all"
+             f"{'; ours with activation checkpointing' if args.checkpointing else ''}"
              f"{'; in-process: memory and peft-parallel not comparable' if args.in_process else ''}")
     print_tables(records, ratio_rows, title)
     Path(args.out).write_text(json.dumps({"title": title, "records": records, "ratios": ratio_rows}, indent=2) + "\n")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import KVCache, positions_and_mask
+from llama import KVCache, positions_and_mask, run_block
 
 
 # ----------------------------------------------------------------------------- config
@@ -216,6 +216,7 @@ class ChatGLM(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.checkpoint_blocks = False  # activation checkpointing while training (llama.run_block)
 
     def tie_weights(self):
         pass  # ChatGLM's output_layer is its own weight (from_hf rejects tie_word_embeddings)
@@ -241,7 +242,7 @@ class ChatGLM(nn.Module):
         cos = freqs.cos().to(x.dtype)[:, None]                               # [B, 1, T, rd/2]
         sin = freqs.sin().to(x.dtype)[:, None]
         for block in self.transformer.encoder.layers:
-            x = block(x, cos, sin, mask, cache)
+            x = run_block(self, block, x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         x = self.transformer.encoder.final_layernorm(x)

@@ -85,6 +85,7 @@ class RunConfig:
     seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
     out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
     log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -577,6 +578,7 @@ def train(cfg: RunConfig) -> dict:
     device = M.resolve_device(cfg.device)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -197,14 +197,6 @@ def test_concatenated_and_per_adapter_paths_agree(ours, monkeypatch, dropout):
         torch.testing.assert_close(results[0][1][key], results[1][1][key], atol=1e-5, rtol=1e-4)
 
 
-def checkpoint_blocks(model):
-    """Activation checkpointing on every block (torch's non-reentrant checkpoint)."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.model.layers:
-        forward = block.forward
-        block.forward = lambda *args, forward=forward: checkpoint(forward, *args, use_reentrant=False)
-
-
 def test_routing_is_safe_under_activation_checkpointing(tiny_llama):
     """Recomputed layers (backward inside the route block) see the same routing and redraw the
     same dropout masks: gradients equal those of the plain forward/backward."""
@@ -216,8 +208,7 @@ def test_routing_is_safe_under_activation_checkpointing(tiny_llama):
                                 "b": lora.LoRAConfig(r=2, dropout=0.3, targets=["q_proj", "down_proj"])})
         randomize_B(net, "a")
         randomize_B(net, "b", seed=1)
-        if checkpointed:
-            checkpoint_blocks(net)
+        net.checkpoint_blocks = checkpointed  # llama.run_block: torch's non-reentrant checkpoint
         net.train()
         idx = torch.randint(0, 384, (3, 10), generator=torch.Generator().manual_seed(2))
         gens = {n: torch.Generator().manual_seed(5) for n in "ab"}
@@ -238,7 +229,7 @@ def test_training_without_routing_is_a_clear_error(ours):
     with pytest.raises(RuntimeError, match="no routing: call the model inside `with lora.route"):
         ours(idx)
     # Under activation checkpointing, a backward outside the block recomputes without routing.
-    checkpoint_blocks(ours)
+    ours.checkpoint_blocks = True
     with lora.route(ours, ["a", "a"]):
         loss = ours(idx).square().mean()
     with pytest.raises(RuntimeError, match="no routing"):

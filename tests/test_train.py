@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import data
 import lora
@@ -197,3 +198,20 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for got, expected in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, monkeypatch):
+    """A run option: each block recomputed in backward, dropout masks redrawn the same; the
+    adapters end as without it."""
+    import llama
+    calls = []
+    monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    d = tmp_path
+    jobs = [job("a", write_rows(d / "a.json", 8, 0, "reverse"), dropout=0.2, targets=list(Llama.LORA_TARGETS)),
+            job("b", write_rows(d / "b.json", 6, 1, "count"))]
+    for name, checkpointing in (("plain", False), ("ckpt", True)):
+        train.train(run_cfg(base_dir, d / name, jobs, activation_checkpointing=checkpointing,
+                            scheduler={"max_concurrent": 2}))
+    assert calls  # the checkpointed run really went through torch's checkpoint
+    for name in ("a", "b"):
+        assert_same_adapter(adapter(d / "ckpt", name), adapter(d / "plain", name))
