@@ -6,12 +6,21 @@
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
-  ours           k jobs' micro-batches fused into one step (what train.py does each step)
+  ours           k jobs' micro-batches fused into one step (what train.py does each step),
+                 packed end to end in one row without padding (--no-packing: padded rows)
   ours-seq       the same k jobs through our code, one after another
-  peft-seq       transformers + PEFT, one job after another (the Alpaca-LoRA baseline)
-  peft-parallel  k concurrent processes of transformers + PEFT, one job each
-  base-only      forward + backward of our frozen base alone over the fused tokens: the ceiling
-  hf-base-only   the same with transformers' frozen base (what our base must beat)
+  peft-seq       transformers + PEFT, one job after another (the Alpaca-LoRA baseline), each
+                 micro-batch padded to its longest row (an attention mask only where a row is padded)
+  peft-seq-packed  the same, each micro-batch's rows end to end in one row, position_ids
+                 restarting, no mask: transformers' own padding-free path (SDPA with the
+                 block-diagonal mask it builds from position_ids)
+  peft-parallel  k concurrent processes of transformers + PEFT, one job each (padded as peft-seq)
+  peft-parallel-packed  the same, packed as peft-seq-packed
+  base-only      forward + backward of our frozen base alone over the fused tokens (packed as
+                 ours): the ceiling
+  hf-base-only   transformers' frozen base over the same rows padded, no mask (on rows of one
+                 length: the same batch as base-only, what our base must beat)
+Every transformers model runs with use_cache=False, as a training script sets it.
 
 Every system runs in fresh processes, so peak memory (CPU: the process's RSS high-water
 mark; CUDA: max_memory_allocated) is its own. --in-process (for tests) runs the same workers
@@ -43,7 +52,9 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-parallel", "base-only", "hf-base-only")
+SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed",
+           "base-only", "hf-base-only")
+DEFAULT_SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "base-only", "hf-base-only")
 DEFAULT_BASE = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 
 
@@ -136,7 +147,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
     def step(group: list[str], s: int):
         parts = [(n, make_examples(*work[n][s])) for n in group]
         if base_only:
-            batch = data.fuse(parts, pad_id=0, multiple_of=train.PAD_MULTIPLE).to(device)
+            batch = train.make_batch(parts, 0, args.packing).to(device)
             net.train()
             losses, _ = train.token_losses(net, batch)
             losses.sum().backward()
@@ -144,7 +155,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
         # The same fused step as train.py's (one optimizer step per micro-batch here).
         _, batch = train.fused_step(net, [configs[n] for n in group], [ex for _, ex in parts],
                                     [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
-                                    generators, 0, device)
+                                    generators, 0, device, args.packing)
         for n in group:
             optimizers[n].step()
             optimizers[n].zero_grad(set_to_none=True)
@@ -166,7 +177,28 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
     return run_repeats(args, device, one_repeat)
 
 
-def peft_worker(args, jobs: list[int], barrier=None) -> dict:
+def hf_inputs(rows: list[list[int]], prompt_lens: list[int], packed: bool, multiple_of: int = 1) -> dict:
+    """transformers' inputs for these rows: padded (right, T rounded up to multiple_of, a mask
+    only if a row is padded) or packed end to end in one row with restarting position_ids."""
+    if packed:
+        ids = torch.tensor([[t for r in rows for t in r]])
+        labels = torch.tensor([[t if i >= p else -100 for r, p in zip(rows, prompt_lens) for i, t in enumerate(r)]])
+        positions = torch.tensor([[i for r in rows for i in range(len(r))]])
+        return dict(input_ids=ids, labels=labels, position_ids=positions)
+    T = -(-max(map(len, rows)) // multiple_of) * multiple_of
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, prompt_lens)):
+        ids[i, :len(r)] = torch.tensor(r)
+        labels[i, p:len(r)] = torch.tensor(r[p:])
+        mask[i, :len(r)] = 1
+    # A mask only where a row is padded: an all-ones mask sends transformers' attention
+    # down its slower masked path, which a competent user would not do.
+    return dict(input_ids=ids, labels=labels, attention_mask=mask if bool((mask == 0).any()) else None)
+
+
+def peft_worker(args, jobs: list[int], barrier=None, packed: bool = False) -> dict:
     """transformers + PEFT: one job after another in this process (Alpaca-LoRA style)."""
     import gc
     import peft
@@ -203,24 +235,13 @@ def peft_worker(args, jobs: list[int], barrier=None) -> dict:
             sync(device)
             t0 = time.perf_counter()
             for rows, prompt_lens in current["work"]:
-                T = max(map(len, rows))
-                ids = torch.zeros(len(rows), T, dtype=torch.long)
-                labels = torch.full((len(rows), T), -100)
-                mask = torch.zeros(len(rows), T, dtype=torch.long)
-                for i, (r, p) in enumerate(zip(rows, prompt_lens)):
-                    ids[i, :len(r)] = torch.tensor(r)
-                    labels[i, p:len(r)] = torch.tensor(r[p:])
-                    mask[i, :len(r)] = 1
-                # A mask only where a row is padded: an all-ones mask sends transformers' attention
-                # down its slower masked path, which a competent user would not do.
-                padded_rows = bool((mask == 0).any())
-                out = pm(input_ids=ids.to(device), attention_mask=mask.to(device) if padded_rows else None,
-                         labels=labels.to(device))
+                inputs = hf_inputs(rows, prompt_lens, packed)
+                out = pm(**{k: v.to(device) for k, v in inputs.items() if v is not None}, use_cache=False)
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                real += int(mask.sum())
-                padded += ids.numel()
+                real += sum(map(len, rows))
+                padded += inputs["input_ids"].numel()
             sync(device)
             seconds += time.perf_counter() - t0
         return real, padded, seconds
@@ -245,18 +266,11 @@ def hf_base_worker(args, jobs: list[int]) -> dict:
         t0 = time.perf_counter()
         for s in range(args.steps):
             rows = [(r, p) for job in work for r, p in zip(*job[s])]
-            T = -(-max(len(r) for r, _ in rows) // 8) * 8   # padded as data.fuse pads
-            ids = torch.zeros(len(rows), T, dtype=torch.long)
-            labels = torch.full((len(rows), T), -100)
-            mask = torch.zeros(len(rows), T, dtype=torch.long)
-            for i, (r, p) in enumerate(rows):
-                ids[i, :len(r)] = torch.tensor(r)
-                labels[i, p:len(r)] = torch.tensor(r[p:])
-                mask[i, :len(r)] = 1
-            # Right padding needs no mask under causal attention (as ours): its best path.
-            hf(input_ids=ids.to(device), labels=labels.to(device)).loss.backward()
-            real += int(mask.sum())
-            padded += ids.numel()
+            # Padded as data.fuse pads; right padding needs no mask under causal attention.
+            inputs = hf_inputs([r for r, _ in rows], [p for _, p in rows], packed=False, multiple_of=8)
+            hf(**{k: v.to(device) for k, v in inputs.items() if v is not None}, use_cache=False).loss.backward()
+            real += sum(len(r) for r, _ in rows)
+            padded += inputs["input_ids"].numel()
         sync(device)
         return real, padded, time.perf_counter() - t0
 
@@ -282,8 +296,8 @@ def run_repeats(args, device, one_repeat, barrier=None) -> dict:
 def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
     """One worker: "peft" (transformers + PEFT) or one of our systems ("ours", "ours-seq", "base-only")."""
     M.reset_peak_memory(M.resolve_device(args.device))
-    if kind == "peft":
-        return peft_worker(args, jobs, barrier)
+    if kind in ("peft", "peft-packed"):
+        return peft_worker(args, jobs, barrier, packed=kind == "peft-packed")
     if kind == "hf-base-only":
         return hf_base_worker(args, jobs)
     return ours_worker(args, jobs, fused=kind == "ours", base_only=kind == "base-only")
@@ -300,18 +314,21 @@ def _child(kind: str, args, jobs, barrier, queue):
 def run_system(system: str, args, k: int) -> dict:
     """Run one system in fresh process(es); peft-parallel is k concurrent processes.
     With --in-process the same workers run here, one after another."""
-    if system == "peft-parallel":
+    parallel = system.startswith("peft-parallel")
+    if parallel:
         threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else None
         child_args = argparse.Namespace(**{**vars(args), "threads": args.threads or threads})
-        workers = [("peft", child_args, [j]) for j in range(k)]
+        kind = "peft-packed" if system.endswith("-packed") else "peft"
+        workers = [(kind, child_args, [j]) for j in range(k)]
     else:
-        workers = [("peft" if system == "peft-seq" else system, args, list(range(k)))]
+        kind = {"peft-seq": "peft", "peft-seq-packed": "peft-packed"}.get(system, system)
+        workers = [(kind, args, list(range(k)))]
     if args.in_process:  # args, not child_args: the thread count of this process stays as it is
         results = [run_worker(kind, args, jobs) for kind, _, jobs in workers]
     else:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        barrier = ctx.Barrier(k) if system == "peft-parallel" else None
+        barrier = ctx.Barrier(k) if parallel else None
         procs = [ctx.Process(target=_child, args=(kind, a, jobs, barrier, queue)) for kind, a, jobs in workers]
         for p in procs:
             p.start()
@@ -349,7 +366,7 @@ def ratios(records: list[dict]) -> list[dict]:
             continue
         same = {r["system"]: r for r in records if key(r) == key(rec) and r["k"] == rec["k"]}
         row = {"k": rec["k"], "rows": rec["rows"], "seq": rec["seq"], "dtype": rec["dtype"], "quant": rec["quant"]}
-        for other in ("peft-seq", "peft-parallel", "ours-seq", "base-only"):
+        for other in ("peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed", "ours-seq", "base-only"):
             if other in same:
                 row[f"ours/{other}"] = rec["tokens_per_s"] / same[other]["tokens_per_s"]
         if "base-only" in same and "hf-base-only" in same:
@@ -371,8 +388,8 @@ def print_tables(records, ratio_rows, title):
               f"| {r['tokens']} | {r['latency_s']:.2f} ({r['latency_spread_s'][0]:.2f}-{r['latency_spread_s'][1]:.2f}) "
               f"| {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['padding_fraction']:.1f}% | {util} |")
     if ratio_rows:
-        cols = [c for c in ("ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "base/hf-base",
-                            "mem_k/mem_1")
+        cols = [c for c in ("ours/peft-seq", "ours/peft-seq-packed", "ours/peft-parallel", "ours/peft-parallel-packed",
+                            "ours/ours-seq", "ours/base-only", "base/hf-base", "mem_k/mem_1")
                 if any(c in r for r in ratio_rows)]
         print(f"\n| workload | k | {' | '.join(cols)} |")
         print("|---|---|" + "---|" * len(cols))
@@ -483,7 +500,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--tiny", action="store_true", help="a tiny random model (for tests)")
     p.add_argument("--quick", action="store_true", help="one workload (k=4): under 5 minutes on 2 CPU cores")
     p.add_argument("--k", default=None, help="comma list of job counts (default 1,2,4,8; quick: 4)")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma list of: {', '.join(SYSTEMS)}")
     p.add_argument("--rows", type=int, default=None, help="micro-batch rows per job")
     p.add_argument("--seq", default=None, help="tokens per row, or 'alpaca' for a length distribution")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per job per repeat")
@@ -496,6 +513,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our systems")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="our systems fuse padded rows instead of packing the examples end to end")
     p.add_argument("--in-process", action="store_true",
                    help="run every system in this process, one after another (tests: the same work in seconds; "
                         "memory and peft-parallel's speed are not comparable)")
@@ -531,6 +550,7 @@ def main(argv: list[str] | None = None):
              f"{', ' + args.quant if args.quant else ''}; r={args.r} on {args.targets}; {args.steps} steps per job "
              f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all"
              f"{'; ours with activation checkpointing' if args.checkpointing else ''}"
+             f"{'; ours packed (no padding)' if args.packing else '; ours on padded rows'}"
              f"{'; in-process: memory and peft-parallel not comparable' if args.in_process else ''}")
     print_tables(records, ratio_rows, title)
     Path(args.out).write_text(json.dumps({"title": title, "records": records, "ratios": ratio_rows}, indent=2) + "\n")

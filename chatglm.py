@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import KVCache, positions_and_mask, run_block
+from llama import KVCache, attend, positions_and_mask, run_block
 
 
 # ----------------------------------------------------------------------------- config
@@ -144,11 +144,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                           # [B, ng, T_past+T, hd]
         # Query head h reads group h // (nh/ng): THUDM expands each group over consecutive heads.
-        gqa = self.ng != self.nh
-        if mask is None:  # no padding anywhere: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attend(q, k, v, mask, gqa=self.ng != self.nh)                   # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
         return self.dense(y)
 
@@ -231,11 +227,12 @@ class ChatGLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, output_mask: torch.Tensor | None = None,
-                head: bool = True) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]; attention_mask, cache, output_mask, head as llama.Llama."""
+                head: bool = True, segments: tuple[int, ...] | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; attention_mask, cache, output_mask, head, segments
+        as llama.Llama."""
         T = input_ids.size(1)
         past = cache.length if cache is not None else 0
-        pos, mask = positions_and_mask(input_ids, attention_mask, past)
+        pos, mask = positions_and_mask(input_ids, attention_mask, past, segments)
         freqs = pos[..., None].float() * self.inv_freq                       # [B, T, rd/2]
         x = self.transformer.embedding.word_embeddings(input_ids)            # [B, T, C]
         # Rounded to the model's dtype before use, as THUDM's rope cache is.

@@ -1,10 +1,12 @@
 """Data: tokenizers, prompt templates, Alpaca-style json/jsonl, loss masks, fused batches.
 
 Text flows: row {instruction, input, output} -> template -> (prompt, response) text
--> token ids with labels (-100 on the prompt) -> one Example per row -> fuse() pads
-the micro-batches of several jobs into one Batch, each row tagged with its adapter.
+-> token ids with labels (-100 on the prompt) -> one Example per row -> pack() lays the
+micro-batches of several jobs end to end in one row (fuse() pads them into rows instead),
+each example tagged with its adapter.
 """
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -494,18 +496,37 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [B, T] long, right-padded with pad_id
-    labels: torch.Tensor  # [B, T] long, aligned with input_ids (not shifted), -100 = no loss
-    lengths: torch.Tensor  # [B] long, real tokens per row; kept on the CPU (bookkeeping, not model input)
-    adapter_names: list[str | None]  # one per row; None = the bare base model
+    """A fused batch, one of two layouts:
+    padded  one example per row, right-padded to a common length: input_ids [B, T]
+    packed  every example laid end to end in ONE row with no padding: input_ids [1, N];
+            positions restart and attention stays inside each example (`segments`)
+    Either way lengths and adapter_names describe the examples in order, so a job's rows are
+    the same examples in the same order whatever the layout."""
+    input_ids: torch.Tensor  # [B, T] long, right-padded with pad_id, or [1, N] packed
+    labels: torch.Tensor  # like input_ids, aligned (not shifted), -100 = no loss
+    lengths: torch.Tensor  # [E] long, real tokens per example; kept on the CPU (bookkeeping, not model input)
+    adapter_names: list[str | None]  # one per example; None = the bare base model
+    packed: bool = False
 
     def to(self, device: str | torch.device) -> "Batch":
         """A copy with input_ids and labels on device."""
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.lengths, self.adapter_names)
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device), labels=self.labels.to(device))
 
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def segments(self) -> tuple[int, ...] | None:
+        """The examples' lengths in a packed row (the model's `segments`), None when padded."""
+        return tuple(self.lengths.tolist()) if self.packed else None
+
+    def example_of(self, keep: torch.Tensor) -> torch.Tensor:
+        """The example index of each True position of keep (a bool mask like input_ids)."""
+        if self.packed:
+            example = torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths).to(keep.device)
+            return example[keep[0]]
+        return torch.arange(keep.size(0), device=keep.device)[:, None].expand_as(keep)[keep]
 
 
 def fuse(parts: list[tuple[str | None, list[Example]]], pad_id: int, multiple_of: int = 8) -> Batch:
@@ -525,3 +546,21 @@ def fuse(parts: list[tuple[str | None, list[Example]]], pad_id: int, multiple_of
         labels[b, :n] = torch.tensor(example.labels, dtype=torch.long)
     lengths = torch.tensor([len(example.input_ids) for _, example in rows], dtype=torch.long)
     return Batch(input_ids, labels, lengths, [name for name, _ in rows])
+
+
+def pack(parts: list[tuple[str | None, list[Example]]]) -> Batch:
+    """Every job's examples end to end in one row [1, N], in order: no padding at all.
+
+    Each example keeps its own positions (the model restarts them per segment) and attends to
+    itself only, so it computes what it computes alone. Its first label is set to -100: the
+    token before it belongs to the previous example and must not learn to predict it (in a
+    padded row that label is never read either: the loss compares logits[t] with labels[t+1]).
+    """
+    rows = [(name, example) for name, examples in parts for example in examples]
+    if not rows:
+        raise ValueError("pack: no examples")
+    input_ids = torch.tensor([[t for _, example in rows for t in example.input_ids]], dtype=torch.long)
+    labels = torch.tensor([[t for _, example in rows for t in [IGNORE_INDEX] + example.labels[1:]]],
+                          dtype=torch.long)
+    lengths = torch.tensor([len(example.input_ids) for _, example in rows], dtype=torch.long)
+    return Batch(input_ids, labels, lengths, [name for name, _ in rows], packed=True)

@@ -94,11 +94,12 @@ class Adapter(nn.Module):
 
 
 class RouteGroup(NamedTuple):
-    """The rows of the fused batch that one adapter owns."""
+    """The rows of the fused batch that one adapter owns (in a packed batch: its tokens)."""
     name: str
     rows: slice | torch.Tensor      # a slice when contiguous, else an index tensor
     length: int | None              # the longest of its rows (right padding), None: all T
     seed: int | None                # this forward's dropout seed, drawn from the job's RNG
+    row_lengths: tuple[int, ...] | None = None   # real tokens of each of its rows (right padding)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Routing:
     """Which rows of the fused batch belong to which adapter, set by `route`."""
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
+    packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
 
     def coefficients(self, layer: "MultiLoRALinear", names: list[str], B: int, training: bool) -> torch.Tensor:
         """[B, 1, sum r]: row i's coefficient is its adapter's scale on that adapter's r columns
@@ -201,6 +203,13 @@ class MultiLoRALinear(nn.Module):
         groups = [g for g in self.routing.groups if g.name in self.adapters and g.name not in self.merged]
         if not groups:
             return out
+        if self.routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
+            flat = self.route_rows(out.reshape(-1, 1, out.size(-1)), x.reshape(-1, 1, x.size(-1)), groups)
+            return flat.view(out.shape)
+        return self.route_rows(out, x, groups)
+
+    def route_rows(self, out: torch.Tensor, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
+        """out [B, T, out] plus each group's adapter update on its rows of x [B, T, in]."""
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
         # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
         # wasted flops of that cost more than small per-adapter matmuls.
@@ -274,15 +283,23 @@ class MultiLoRALinear(nn.Module):
 
     def dropout_keep(self, group: RouteGroup, shape: torch.Size, device) -> torch.Tensor | None:
         """The group's dropout mask (bool, `shape` = its rows x its own length x in), or None
-        without dropout. Drawn from (this forward's seed for the adapter, this layer): it does
-        not depend on what the rows were fused with, and a recomputation (activation
-        checkpointing) draws exactly the same mask again."""
+        without dropout. Drawn from (this forward's seed for the adapter, this layer), over its
+        real tokens in order, then laid out in its rows: it does not depend on what the rows were
+        fused with, nor on padding or packing, and a recomputation (activation checkpointing)
+        draws exactly the same mask again."""
         p = self.adapters[group.name].config.dropout
         if p == 0:
             return None
         if group.seed is None:
             raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
-        return keep_mask(tuple(shape), p, mix_seed(group.seed, self.seed), device)
+        seed = mix_seed(group.seed, self.seed)
+        rows, length, width = shape
+        lengths = group.row_lengths
+        if lengths is None or all(n >= length for n in lengths):   # no padding inside: one draw as is
+            return keep_mask(tuple(shape), p, seed, device)
+        real = torch.arange(length) < torch.tensor(lengths)[:, None]               # [rows, length]
+        flat = keep_mask((sum(min(n, length) for n in lengths), width), p, seed, device)
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
 
     def extra_repr(self) -> str:
         ranks = {n: a.config.r for n, a in self.adapters.items()}
@@ -378,32 +395,43 @@ def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
 
 @contextmanager
 def route(model: nn.Module, names: list[str | None], *, lengths=None,
-          generators: dict[str, torch.Generator] | None = None):
+          generators: dict[str, torch.Generator] | None = None, packed: bool = False):
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
-    rows' padded length. generators (CPU) gives each adapter its own dropout RNG stream: one
-    seed is drawn from it per `route`, and every layer's mask follows from that seed, so a
-    recomputed forward (activation checkpointing: run backward inside the block) draws the
-    same masks. Adapters without a generator draw their seed from torch's global RNG.
+    rows' padded length. With packed (data.pack: every example end to end in one row), names
+    and lengths are per example and each adapter owns its examples' tokens. generators (CPU)
+    gives each adapter its own dropout RNG stream: one seed is drawn from it per `route`, and
+    every layer's mask follows from that seed, so a recomputed forward (activation
+    checkpointing: run backward inside the block) draws the same masks. Adapters without a
+    generator draw their seed from torch's global RNG.
     """
     layers = [layer for _, layer in lora_layers(model)]
     configs = {name: adapter.config for layer in layers for name, adapter in layer.adapters.items()}
     unknown = {n for n in names if n is not None and n not in configs}
     if unknown:
         raise KeyError(f"route: no adapter named {sorted(unknown)}; adapters: {sorted(configs)}")
+    if packed and lengths is None:
+        raise ValueError("route: a packed batch needs the examples' lengths")
+    lengths = None if lengths is None else [int(n) for n in lengths]
     device = next(model.parameters()).device
+    ends = None if lengths is None else [sum(lengths[:i + 1]) for i in range(len(lengths))]   # packed token ends
     groups = []
     for name in dict.fromkeys(n for n in names if n is not None):
         idx = [i for i, n in enumerate(names) if n == name]
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
-        rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
-        length = None if lengths is None else int(max(int(lengths[i]) for i in idx))
         seed = None
         if model.training and configs[name].dropout > 0:
             seed = int(torch.randint(2**62, (), generator=(generators or {}).get(name)))
-        groups.append(RouteGroup(name, rows, length, seed))
-    routing = Routing(groups, cache={})
+        if packed:  # its examples' tokens, laid end to end: rows of one token each
+            if not contiguous:
+                raise ValueError(f"route: adapter {name!r}'s examples must be adjacent in a packed batch")
+            groups.append(RouteGroup(name, slice(ends[idx[0]] - lengths[idx[0]], ends[idx[-1]]), None, seed))
+            continue
+        rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
+        own = None if lengths is None else tuple(lengths[i] for i in idx)
+        groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own))
+    routing = Routing(groups, cache={}, packed=packed)
     for layer in layers:
         layer.routing = routing
     try:

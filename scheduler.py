@@ -10,10 +10,14 @@ job's result never depends on the strategy. Strategies:
   optimal-fit  the max_concurrent candidates whose next micro-batches have the most
                similar lengths (least padding; m-LoRA's MinPad)
   fast-fit     the candidates' next micro-batches, longest first, first-fit into a budget
-               of padded tokens (rows x padded length) and/or predicted memory; how many
-               jobs share a step varies (still at most max_concurrent)
+               of processed tokens and/or predicted memory; how many jobs share a step
+               varies (still at most max_concurrent)
 Every strategy keeps a step under the budgets when they are set; a single micro-batch that
 is over budget on its own still runs, alone.
+
+A step is measured in processed tokens: padded (rows x padded length) or, with `packed`
+(data.pack: every example end to end, no padding), its real tokens. Packed, no choice pads,
+so optimal-fit's windows are all equal and it takes the first that fits, in order of length.
 """
 import math
 import random
@@ -35,6 +39,7 @@ class MicroBatch:
     step_loss_tokens: int     # loss tokens of the whole optimizer step: the loss divides by it
     max_len: int              # longest row, for padding-aware strategies
     tokens: int               # real tokens of its rows (padding excluded)
+    squares: int              # sum of its rows' squared lengths (attention's work when packed)
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -91,7 +96,7 @@ class JobPlan:
                     rows = batch[m:m + self.micro_batch_size]
                     yield MicroBatch(self.name, rows, epoch, step, m + self.micro_batch_size >= len(batch),
                                      tokens, max(self.lengths[i] for i in rows),
-                                     sum(self.lengths[i] for i in rows))
+                                     sum(self.lengths[i] for i in rows), sum(self.lengths[i] ** 2 for i in rows))
                 step += 1
 
     def peek(self) -> MicroBatch | None:
@@ -113,29 +118,27 @@ class JobPlan:
 
 
 class MemoryModel:
-    """Peak memory of a fused step ~ b0 + b1*B*L + b2*B*L^2 (B rows, L padded length).
+    """Peak memory of a fused step ~ b0 + b1*U + b2*Q, U its processed tokens and Q the sum of
+    its sequences' squared lengths (padded: U = B*L, Q = B*L^2 for B rows of padded length L;
+    packed: U = the real tokens, Q = the sum of each example's length squared).
 
     b0 is what stays (weights, adapters, optimizer states), b1 the activations that grow with
     tokens, b2 attention scores where they are materialised. Fitted online by least squares
     over the last `window` measured steps, with every coefficient kept >= 0 and the largest
     under-prediction seen added as a margin. Until `min_points` steps of at least three
     shapes are measured it answers with a bound that holds for any such model with
-    non-negative coefficients: a measured peak scaled by how much larger B*L and B*L^2 are.
+    non-negative coefficients: a measured peak scaled by how much larger U and Q are.
     """
 
     def __init__(self, window: int = 64, min_points: int = 8):
         self.window, self.min_points = window, min_points
-        self.points: list[tuple[float, float, float]] = []   # (B*L, B*L^2, peak bytes)
+        self.points: list[tuple[float, float, float]] = []   # (U, Q, peak bytes)
         self.coefficients: tuple[float, float, float] | None = None
         self.margin = 0.0
 
-    @staticmethod
-    def features(rows: int, length: int) -> tuple[float, float]:
-        return float(rows * length), float(rows * length * length)
-
-    def observe(self, rows: int, length: int, peak: float):
+    def observe(self, tokens: float, squares: float, peak: float):
         """Add one measured step (peak in bytes) and refit."""
-        self.points = (self.points + [(*self.features(rows, length), float(peak))])[-self.window:]
+        self.points = (self.points + [(float(tokens), float(squares), float(peak))])[-self.window:]
         if len(self.points) < self.min_points or len({p[0] for p in self.points}) < 3:
             self.coefficients = None
             return
@@ -163,9 +166,9 @@ class MemoryModel:
         self.coefficients = tuple(float(b) for b in best[1])
         self.margin = max(0.0, float((y - X @ best[1]).max()))
 
-    def predict(self, rows: int, length: int) -> float:
-        """Predicted peak bytes of a step of `rows` rows padded to `length`; inf before any data."""
-        u, v = self.features(rows, length)
+    def predict(self, tokens: float, squares: float) -> float:
+        """Predicted peak bytes of a step of these features (see the class); inf before any data."""
+        u, v = float(tokens), float(squares)
         if self.coefficients is not None:
             b0, b1, b2 = self.coefficients
             return b0 + b1 * u + b2 * v + self.margin
@@ -180,7 +183,7 @@ class Scheduler:
 
     def __init__(self, jobs: list[JobPlan], strategy: str = "trivial", max_candidates: int = 4,
                  max_concurrent: int = 2, *, token_budget: int | None = None,
-                 memory_budget: float | None = None, pad_multiple: int = 1):
+                 memory_budget: float | None = None, pad_multiple: int = 1, packed: bool = False):
         if strategy not in STRATEGIES:
             raise ValueError(f"scheduler.strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
         if max_candidates < 1 or max_concurrent < 1:
@@ -189,9 +192,10 @@ class Scheduler:
             raise ValueError("scheduler.strategy 'fast-fit' packs steps up to a budget: "
                              "set scheduler.token_budget or scheduler.memory_budget_gb")
         self.strategy, self.max_candidates, self.max_concurrent = strategy, max_candidates, max_concurrent
-        self.token_budget = token_budget      # rows x padded length per step
+        self.token_budget = token_budget      # processed tokens per step (padding included)
         self.memory_budget = memory_budget    # predicted peak bytes per step
-        self.pad_multiple = pad_multiple      # the fused batch's length is rounded up to this
+        self.pad_multiple = pad_multiple      # a padded batch's length is rounded up to this
+        self.packed = packed                  # steps are packed (no padding), else padded rows
         self.memory = MemoryModel()
         self.waiting: list[JobPlan] = sorted(jobs, key=lambda j: -j.priority)  # stable: FIFO within
         self.candidates: list[JobPlan] = []   # kept in (priority, admission) order
@@ -225,8 +229,7 @@ class Scheduler:
             return []
         chosen = self._choose()
         step = [job.pop() for job in chosen]
-        rows, length = self.shape(step)
-        predicted = self.memory.predict(rows, length)
+        predicted = self.memory.predict(*self.features(step))
         self.predicted_peak = predicted if math.isfinite(predicted) else None
         for job in chosen:
             if job.done:
@@ -234,21 +237,24 @@ class Scheduler:
                 self.finished.append(job.name)
         return step
 
-    def shape(self, micro_batches: list[MicroBatch]) -> tuple[int, int]:
-        """(rows, padded length) of these micro-batches fused."""
+    def features(self, micro_batches: list[MicroBatch]) -> tuple[int, int]:
+        """(processed tokens, sum of squared sequence lengths) of these micro-batches fused:
+        the memory model's features; the token budget counts the first."""
+        if self.packed:
+            return sum(mb.tokens for mb in micro_batches), sum(mb.squares for mb in micro_batches)
         rows = sum(len(mb.indices) for mb in micro_batches)
-        return rows, round_up(max(mb.max_len for mb in micro_batches), self.pad_multiple)
+        length = round_up(max(mb.max_len for mb in micro_batches), self.pad_multiple)
+        return rows * length, rows * length * length
 
     def padding(self, micro_batches: list[MicroBatch]) -> int:
-        rows, length = self.shape(micro_batches)
-        return rows * length - sum(mb.tokens for mb in micro_batches)
+        return self.features(micro_batches)[0] - sum(mb.tokens for mb in micro_batches)
 
     def fits(self, micro_batches: list[MicroBatch]) -> bool:
         """Within the token budget and the memory budget (as the memory model predicts)."""
-        rows, length = self.shape(micro_batches)
-        if self.token_budget is not None and rows * length > self.token_budget:
+        tokens, squares = self.features(micro_batches)
+        if self.token_budget is not None and tokens > self.token_budget:
             return False
-        return self.memory_budget is None or self.memory.predict(rows, length) <= self.memory_budget
+        return self.memory_budget is None or self.memory.predict(tokens, squares) <= self.memory_budget
 
     def _choose(self) -> list[JobPlan]:
         k = self.max_concurrent
@@ -259,13 +265,13 @@ class Scheduler:
             chosen = self._first_fit(by_len, k)
         else:
             chosen = self._first_fit(self.candidates, k)
-        rows, length = self.shape([chosen[0].peek()])
+        tokens, squares = self.features([chosen[0].peek()])
         # Over budget on its own: more tokens than the budget, or a predicted peak above it (a
         # memory model with no measurements yet predicts inf, which is not a reason to warn).
-        over = (self.token_budget is not None and rows * length > self.token_budget
-                or self.memory_budget is not None and math.inf > self.memory.predict(rows, length) > self.memory_budget)
+        over = (self.token_budget is not None and tokens > self.token_budget
+                or self.memory_budget is not None and math.inf > self.memory.predict(tokens, squares) > self.memory_budget)
         if over and not self._warned:
-            print(f"warning: a micro-batch of job {chosen[0].name!r} ({rows} rows x {length}) is over "
+            print(f"warning: a micro-batch of job {chosen[0].name!r} ({tokens} tokens) is over "
                   f"the scheduler's budget on its own; it runs alone (warned once)")
             self._warned = True
         return [j for j in self.candidates if j in chosen]  # priority/admission order within the step

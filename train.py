@@ -72,7 +72,7 @@ class SchedulerConfig:
     max_candidates: int = 4                # jobs admitted at once (adapter + optimizer in memory)
     max_concurrent: int = 2                # jobs fused into one step
     memory_budget_gb: float | None = None  # cap on each step's predicted peak memory, GiB (None: no cap)
-    token_budget: int | None = None        # cap on each step's rows x padded length; fast-fit fills up to it
+    token_budget: int | None = None        # cap on each step's processed tokens (padding included); fast-fit fills up to it
 
 
 @dataclass
@@ -86,6 +86,7 @@ class RunConfig:
     out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
     log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -264,15 +265,14 @@ def make_optimizer(params, job: JobConfig) -> torch.optim.Optimizer:
 
 
 def token_losses(model, batch: data.Batch):
-    """Next-token loss of every labelled position: (losses [N], row of each [N])."""
+    """Next-token loss of every labelled position: (losses [N], the example each came from [N])."""
     targets = batch.labels[:, 1:]                                       # [B, T-1]
     keep = torch.zeros_like(batch.labels, dtype=torch.bool)             # [B, T]
     keep[:, :-1] = targets != -100
-    hidden = model(batch.input_ids, output_mask=keep, head=False)       # [N, C]
+    hidden = model(batch.input_ids, output_mask=keep, head=False, segments=batch.segments)   # [N, C]
     output_layer = model.get_submodule(model.OUTPUT_LAYER)
     losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]])
-    rows = torch.arange(keep.size(0), device=keep.device)[:, None].expand_as(keep)[keep]
-    return losses, rows
+    return losses, batch.example_of(keep)
 
 
 LOSS_CHUNK_ELEMENTS = 2**22  # logits per chunk of chunked_token_losses (16 MiB in fp32)
@@ -324,21 +324,27 @@ def job_loss(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor, step_l
     """One job's loss on its rows of a fused step: THE seam where an objective plugs in.
 
     token_nll [n]: next-token losses of the job's labelled positions; rows [n]: which of the
-    job's rows each came from (0-based within its micro-batch). SFT: the summed token loss over
+    job's examples each came from (0-based within its micro-batch, padded or packed alike). SFT: the summed token loss over
     the whole optimizer step's loss tokens, so accumulating micro-batches gives exactly the
     step's mean. (A preference objective, e.g. DPO, would sum log-probs per row here.)
     """
     return token_nll.sum() / max(step_loss_tokens, 1)
 
 
+def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, packed: bool) -> data.Batch:
+    """The fused batch of these jobs' examples: packed in one row, or padded rows."""
+    return data.pack(parts) if packed else data.fuse(parts, pad_id, multiple_of=PAD_MULTIPLE)
+
+
 @torch.no_grad()
-def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device, rows: int = 8) -> float:
-    """Mean token loss of adapter `name` on held-out examples."""
+def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device, rows: int = 8,
+             packed: bool = True) -> float:
+    """Mean token loss of adapter `name` on held-out examples, `rows` examples per forward."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), rows):
-        batch = data.fuse([(name, examples[start:start + rows])], pad_id).to(device)
-        with lora.route(model, batch.adapter_names):
+        batch = make_batch([(name, examples[start:start + rows])], pad_id, packed).to(device)
+        with lora.route(model, batch.adapter_names, lengths=batch.lengths, packed=batch.packed):
             losses, _ = token_losses(model, batch)
         total += losses.sum().item()  # syncs the device
         count += losses.numel()
@@ -423,25 +429,26 @@ def admit(run: Run, name: str):
                                   run.test_sets.get(name), make_optimizer(params, job), generator,
                                   admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device))
     if s.test_set:
-        s.initial_eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+        s.initial_eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
     if job.early_stop is not None:  # the adapter at init (the base model) is the first "best"
         s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in params])
     run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss})
 
 
 def fused_step(model, jobs: list[JobConfig], examples: list[list[data.Example]], step_loss_tokens: list[int],
-               generators: dict[str, torch.Generator], pad_id: int, device) -> tuple[torch.Tensor, data.Batch]:
-    """One forward and one backward over several jobs' micro-batches fused into one batch,
-    each row routed to its job's adapter; returns each job's loss [k] and the batch.
+               generators: dict[str, torch.Generator], pad_id: int, device,
+               packed: bool = True) -> tuple[torch.Tensor, data.Batch]:
+    """One forward and one backward over several jobs' micro-batches fused into one batch
+    (packed: all examples end to end in one row; else padded rows), each example routed to its
+    job's adapter; returns each job's loss [k] and the batch.
 
     examples[i] are job i's rows; step_loss_tokens[i] the loss tokens of its whole optimizer step.
     """
-    batch = data.fuse([(job.name, rows) for job, rows in zip(jobs, examples)], pad_id, multiple_of=PAD_MULTIPLE)
-    batch = batch.to(device)
+    batch = make_batch([(job.name, rows) for job, rows in zip(jobs, examples)], pad_id, packed).to(device)
     job_of_row = torch.tensor([i for i, rows in enumerate(examples) for _ in rows], device=device)
     first_row = [sum(len(rows) for rows in examples[:i]) for i in range(len(examples))]
     model.train()
-    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators):
+    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed):
         token_nll, rows = token_losses(model, batch)
         token_job = job_of_row[rows]
         losses = torch.stack([job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i],
@@ -475,7 +482,7 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     if job.early_stop is not None and not math.isfinite(s.last_loss):
         stop_reason = f"diverged: training loss {s.last_loss}"
     if job.eval_every and s.test_set and s.step % job.eval_every == 0:
-        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
         run.log({"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1,
                  "eval_loss": s.eval_loss, "eval_ppl": math.exp(min(s.eval_loss, 50))})
         if job.early_stop is not None:
@@ -510,7 +517,7 @@ def finish(run: Run, name: str):
         return
     s = run.jobs.pop(name)
     if s.test_set:
-        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device)
+        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
     best = s.best
     if best is not None and not s.eval_loss < best.loss:  # keep the best adapter, not the last
         with torch.no_grad():
@@ -552,7 +559,7 @@ def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], 
     try:
         sched = Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
                           memory_budget=None if sc.memory_budget_gb is None else sc.memory_budget_gb * 2**30,
-                          pad_multiple=PAD_MULTIPLE)
+                          pad_multiple=PAD_MULTIPLE, packed=cfg.packing)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return tokenizer, train_sets, test_sets, plans, sched
@@ -606,7 +613,7 @@ def train(cfg: RunConfig) -> dict:
         losses, batch = fused_step(model, [s.config for s in states],
                                    [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
                                    [mb.step_loss_tokens for mb in micro_batches],
-                                   {s.config.name: s.generator for s in states}, run.pad_id, device)
+                                   {s.config.name: s.generator for s in states}, run.pad_id, device, cfg.packing)
         step_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
 
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
@@ -614,7 +621,7 @@ def train(cfg: RunConfig) -> dict:
         for s, mb, loss, lengths in zip(states, micro_batches, losses, row_lengths):
             s.loss_sum = s.loss_sum + loss
             s.tokens += int(lengths.sum())
-            s.padded_tokens += len(lengths) * batch.input_ids.size(1)
+            s.padded_tokens += int(lengths.sum()) if batch.packed else len(lengths) * batch.input_ids.size(1)
             if mb.last_in_step:
                 optimizer_step(run, s)
                 stop_reason = evaluate_and_stop(run, s)
@@ -632,10 +639,9 @@ def train(cfg: RunConfig) -> dict:
 
 def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, between_mb: float, step_mb: float):
     """Count the step, teach the memory model its peak, and log a line (every log_every steps)."""
-    B, L = batch.input_ids.shape
-    tokens = batch.num_tokens
+    tokens, processed = batch.num_tokens, batch.input_ids.numel()
     run.step += 1
-    run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + B * L
+    run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + processed
     run.peak_mb = max(run.peak_mb, between_mb, step_mb)
     for s in run.jobs.values():  # a job's peak: the run's peak while it was admitted
         s.peak_mb = max(s.peak_mb, between_mb, step_mb)
@@ -644,7 +650,7 @@ def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, b
     prediction_error = None if predicted_mb is None else (predicted_mb - step_mb) / step_mb
     if prediction_error is not None:
         run.prediction_errors.append(prediction_error)
-    run.sched.memory.observe(B, L, step_mb * 2**20)
+    run.sched.memory.observe(*run.sched.features(micro_batches), step_mb * 2**20)
     run.bar.update(len(micro_batches))
     if run.step % run.cfg.log_every:
         return
@@ -652,7 +658,7 @@ def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, b
     # A job shows no loss before its first optimizer step.
     run.bar.set_postfix({name: round(s.last_loss, 4) for name, s in jobs.items() if s.last_loss is not None})
     run.log({"step": run.step, "time": run.now(), "ms": 1000 * elapsed,
-             "tokens": tokens, "padded_tokens": B * L, "padding": 1 - tokens / (B * L),
+             "tokens": tokens, "padded_tokens": processed, "padding": 1 - tokens / processed,
              "tokens_per_s": tokens / max(elapsed, 1e-9),
              "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
              "jobs": {name: {"step": s.step, "loss": s.last_loss, "lr": s.lr} for name, s in jobs.items()}})
@@ -669,7 +675,8 @@ def write_results(run: Run):
               "peak_mem_mb": run.peak_mb, "strategy": run.cfg.scheduler.strategy,
               # How well the memory model predicted each step's peak (relative error, predicted - measured).
               "mem_pred_mean_abs_error": sum(map(abs, errors)) / len(errors) if errors else None,
-              # b0 + b1*B*L + b2*B*L^2 in bytes; null until enough steps of 3+ shapes were measured.
+              # b0 + b1*tokens + b2*squares in bytes (scheduler.MemoryModel); null until enough
+              # steps of 3+ shapes were measured.
               "mem_model": memory.coefficients, "mem_model_points": len(memory.points),
               "mem_model_shapes": len({p[0] for p in memory.points})}
     run.log({"run": totals})

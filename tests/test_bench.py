@@ -14,7 +14,7 @@ slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="spawns a pr
 def run_tiny_bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
     bench.main(["--tiny", "--quick", "--k", "2", "--seq", "alpaca", "--rows", "2", "--steps", "1",
-                "--repeats", "1", "--out", str(out), *extra])
+                "--repeats", "1", "--out", str(out), "--systems", ",".join(bench.SYSTEMS), *extra])
     return out
 
 
@@ -29,17 +29,27 @@ def assert_schema_and_equal_work(out):
         assert r["latency_s"] > 0 and r["peak_mem_mb"] > 0 and 0 <= r["padding_fraction"] < 1
     # Same work for every system: the same real tokens went through the forward pass.
     assert len({r["tokens"] for r in records}) == 1 and records[0]["tokens"] > 0
-    # Fusing rows of different lengths pads more than running each job's rows alone.
+    # Packed systems pad nothing; padded ones pad ragged rows (and padded fused rows pad more
+    # than each job's rows alone).
     by_system = {r["system"]: r for r in records}
-    assert by_system["ours"]["padding_fraction"] >= by_system["ours-seq"]["padding_fraction"]
+    for system in ("ours", "ours-seq", "base-only", "peft-seq-packed", "peft-parallel-packed"):
+        assert by_system[system]["padding_fraction"] == 0, system
+    assert by_system["hf-base-only"]["padding_fraction"] >= by_system["peft-seq"]["padding_fraction"] > 0
     (ratios,) = result["ratios"]
-    assert {"ours/peft-seq", "ours/peft-parallel", "ours/ours-seq", "ours/base-only", "base/hf-base"} <= ratios.keys()
+    assert {"ours/peft-seq", "ours/peft-seq-packed", "ours/peft-parallel", "ours/peft-parallel-packed",
+            "ours/ours-seq", "ours/base-only", "base/hf-base"} <= ratios.keys()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_quick_tiny_bench_schema_and_equal_work_in_process(tmp_path):
     """Every system's workers, run in this process: the same checks in seconds."""
     assert_schema_and_equal_work(run_tiny_bench(tmp_path, "--in-process"))
+
+
+def test_unpacked_bench_pads_fused_rows_more_than_each_job_alone(tmp_path):
+    out = run_tiny_bench(tmp_path, "--in-process", "--no-packing", "--systems", "ours,ours-seq")
+    by_system = {r["system"]: r for r in json.loads(out.read_text())["records"]}
+    assert by_system["ours"]["padding_fraction"] >= by_system["ours-seq"]["padding_fraction"] > 0
 
 
 @slow

@@ -297,3 +297,19 @@ def test_fused_chatglm_jobs_equal_each_alone(mqa, tmp_path):
         fused, alone = (load_file(d / out / j.name / "adapter_model.safetensors") for out in ("fused", j.name))
         assert_same_adapter(fused, alone)
         assert max(v.abs().max() for k, v in fused.items() if "lora_B" in k) > 1e-4  # it trained
+
+
+def test_packed_row_equals_each_sequence_alone(mqa):
+    """ChatGLM's interleaved RoPE restarts per segment too. (transformers' Glm on the packed
+    row with restarting position_ids is the oracle as for LLaMA.)"""
+    path, glm = mqa
+    ours = M.load_model(path)
+    lengths = [6, 11, 1, 9]
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(3, V, (n,), generator=g) for n in lengths]
+    row, positions = torch.cat(seqs)[None], torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = ours(row, segments=tuple(lengths))[0]
+        for seq, part in zip(seqs, got.split(lengths)):
+            torch.testing.assert_close(part, ours(seq[None])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, glm(row, position_ids=positions, use_cache=False).logits[0], atol=1e-5, rtol=1e-4)

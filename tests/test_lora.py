@@ -169,10 +169,31 @@ def test_bad_targets_and_names(ours):
             pass
 
 
+def logits_and_grads(model, idx, names, lengths, packed: bool):
+    """Real tokens' logits (examples in order) and the adapters' gradients of a toy loss, the
+    batch run padded or packed, each adapter's dropout seeded alike."""
+    real = torch.arange(idx.size(1))[None, :] < torch.tensor(lengths)[:, None]
+    gens = {n: torch.Generator().manual_seed(3) for n in set(names) if n}
+    with lora.route(model, names, lengths=lengths, generators=gens, packed=packed):
+        logits = model(idx[real][None], segments=tuple(lengths))[0] if packed else model(idx)[real]
+    logits.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return logits.detach(), grads
+
+
+def assert_all_agree(results):
+    for logits, grads in results[1:]:
+        torch.testing.assert_close(logits, results[0][0], atol=1e-5, rtol=1e-4)
+        for key in grads:
+            torch.testing.assert_close(grads[key], results[0][1][key], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_concatenated_and_per_adapter_paths_agree(ours, monkeypatch, dropout):
+def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeypatch, dropout):
     """The GPU path (all adapters in two matmuls) and the CPU path (a loop) give the same
-    outputs and gradients, dropout masks included."""
+    outputs and gradients, dropout masks included, on padded rows or the same examples packed
+    end to end in one row (the masks are drawn over each adapter's real tokens in order)."""
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
                              "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
                              "c": lora.LoRAConfig(r=4, alpha=32, dropout=0.0, targets=["down_proj"])})
@@ -180,21 +201,27 @@ def test_concatenated_and_per_adapter_paths_agree(ours, monkeypatch, dropout):
         randomize_B(ours, name, seed=i)
     ours.train()
     idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(9))
-    names, lengths = ["b", "b", None, "a", "c", "a"], [11, 9, 11, 5, 11, 7]
+    results = []
+    for packed in (False, True):
+        for mode in ("always", "never"):
+            monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
+            results.append(logits_and_grads(ours, idx, ["b", "b", None, "a", "a", "c"], [11, 9, 11, 5, 7, 11], packed))
+    assert_all_agree(results)
+
+
+def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
+    """An adapter's rows need not be adjacent in a padded batch (the index path)."""
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
+                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL)})
+    for i, name in enumerate("ab"):
+        randomize_B(ours, name, seed=i)
+    ours.train()
+    idx = torch.randint(0, 384, (5, 11), generator=torch.Generator().manual_seed(9))
     results = []
     for mode in ("always", "never"):
         monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-        gens = {n: torch.Generator().manual_seed(3) for n in "abc"}
-        with lora.route(ours, names, lengths=lengths, generators=gens):
-            logits = ours(idx)
-        real = torch.arange(11)[None, :] < torch.tensor(lengths)[:, None]
-        logits[real].square().mean().backward()
-        grads = {k: p.grad.clone() for k, p in ours.named_parameters() if p.requires_grad}
-        ours.zero_grad()
-        results.append((logits[real].detach(), grads))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
-    for key in results[0][1]:
-        torch.testing.assert_close(results[0][1][key], results[1][1][key], atol=1e-5, rtol=1e-4)
+        results.append(logits_and_grads(ours, idx, ["b", "a", None, "b", "a"], [11, 5, 11, 9, 7], packed=False))
+    assert_all_agree(results)
 
 
 def test_routing_is_safe_under_activation_checkpointing(tiny_llama):

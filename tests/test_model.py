@@ -247,3 +247,58 @@ def test_load_message_names_the_family(tmp_path, capsys):
     path = save_hf(make_hf_model("qwen2"), tmp_path / "qwen2")
     M.load_model(path)
     assert "(qwen2, " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+def packed_row(lengths, seed=5, vocab=384):
+    """Random sequences of these lengths, and the same end to end in one row with the
+    position ids transformers reads packed sequences from (restarting at 0 for each)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return seqs, torch.cat(seqs)[None], positions
+
+
+def assert_packed_equals_alone(ours, seqs, row, lengths):
+    got = ours(row, segments=tuple(lengths))[0]
+    for seq, part in zip(seqs, got.split(lengths)):
+        torch.testing.assert_close(part, ours(seq[None])[0], atol=1e-5, rtol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("name", ["llama3-gqa-rope-scaled", "qwen2-bias"])
+def test_packed_row_matches_transformers_and_each_sequence_alone(tmp_path, name):
+    """Segments: positions restart and attention stays inside each sequence. Oracle:
+    transformers given the same packed row with restarting position_ids and no mask (it then
+    builds the block-diagonal mask itself; only without a cache, hence use_cache=False), and
+    each sequence run alone."""
+    kind, overrides, save_kwargs, old_keys = VARIANTS[name]
+    hf = make_hf_model(kind, **overrides)
+    ours = M.load_model(save_hf(hf, tmp_path / name, old_config_keys=old_keys), dtype=torch.float32)
+    lengths = [7, 1, 19, 13]
+    seqs, row, positions = packed_row(lengths)
+    with torch.no_grad():
+        got = assert_packed_equals_alone(ours, seqs, row, lengths)
+        torch.testing.assert_close(got, hf(row, position_ids=positions, use_cache=False).logits[0], atol=1e-5, rtol=1e-4)
+        # Without segments it is one long sequence: the later ones see the earlier ones.
+        assert not torch.allclose(ours(row)[0, 7:], got[7:], atol=1e-3)
+
+
+def test_packed_row_with_sliding_window(sliding):
+    """Each segment keeps its own window (5 here; segments longer and shorter than it)."""
+    ours, hf = sliding
+    lengths = [9, 3, 12]
+    seqs, row, positions = packed_row(lengths)
+    with torch.no_grad():
+        got = assert_packed_equals_alone(ours, seqs, row, lengths)
+        torch.testing.assert_close(got, hf(row, position_ids=positions, use_cache=False).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_segments_must_cover_one_row(tiny_llama):
+    path, _ = tiny_llama
+    ours = M.load_model(path)
+    with pytest.raises(ValueError, match="one packed row of 10 tokens"):
+        ours(torch.zeros(1, 10, dtype=torch.long), segments=(4, 5))
+    with pytest.raises(ValueError, match="got 2 rows"):
+        ours(torch.zeros(2, 10, dtype=torch.long), segments=(4, 6))

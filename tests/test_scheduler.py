@@ -137,41 +137,62 @@ def test_fast_fit_packs_longest_first_up_to_the_budget():
         Scheduler(jobs, "fast-fit")
 
 
+def processed(step, packed, multiple=8):
+    """A step's processed tokens counted by hand: its real tokens packed, else rows x padded length."""
+    if packed:
+        return sum(mb.tokens for mb in step)
+    rows = sum(len(mb.indices) for mb in step)
+    return rows * -(-max(mb.max_len for mb in step) // multiple) * multiple
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("strategy", list(STRATEGY_KW))
-def test_token_budget_is_never_exceeded(strategy, capsys):
+def test_token_budget_is_never_exceeded(strategy, packed, capsys):
     rng = random.Random(2)
     jobs = [plan(n, 12, lengths=[rng.randint(5, 60) for _ in range(12)], group_by_length=g)
             for n, g in zip("abcd", (True, False, True, False))]
     jobs.append(plan("huge", 4, lengths=[200] * 4))  # 2 x 200 > 300: alone, with a warning
-    sched = Scheduler(jobs, strategy, max_candidates=5, max_concurrent=3, token_budget=300, pad_multiple=8)
+    sched = Scheduler(jobs, strategy, max_candidates=5, max_concurrent=3, token_budget=300, pad_multiple=8,
+                      packed=packed)
     steps, _ = drain(sched)
     for step in steps:
-        rows, length = sched.shape(step)
-        assert rows * length <= 300 or len(step) == 1
+        assert processed(step, packed) <= 300 or len(step) == 1
+        assert sched.padding(step) == processed(step, packed) - sum(mb.tokens for mb in step)
     assert sum(len(step) > 1 for step in steps) > 5
     assert capsys.readouterr().out.count("over the scheduler's budget") == 1
+    if packed:
+        assert all(sched.padding(step) == 0 for step in steps)
 
 
-def true_peak(rows, length):
-    return 1e9 + 3e5 * rows * length + 200 * rows * length ** 2
+def true_peak(tokens, squares):
+    return 1e9 + 3e5 * tokens + 200 * squares
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("strategy", ["trivial", "optimal-fit", "fast-fit"])
-def test_memory_budget_is_never_exceeded(strategy):
-    """The model learns a synthetic peak b0 + b1*B*L + b2*B*L^2 online; no step ever goes over."""
+def test_memory_budget_is_never_exceeded(strategy, packed):
+    """The model learns a synthetic peak b0 + b1*tokens + b2*squares online; no step ever goes over."""
     rng = random.Random(3)
     jobs = [plan(n, 40, lengths=[rng.randint(8, 250) for _ in range(40)], group_by_length=True, epochs=1)
             for n in "abcd"]
-    budget = 1.6e9
-    sched = Scheduler(jobs, strategy, max_candidates=4, max_concurrent=4, memory_budget=budget, pad_multiple=8)
+    lengths = {j.name: j.lengths for j in jobs}
+    budget = 1.6e9 if not packed else 1.35e9
+    sched = Scheduler(jobs, strategy, max_candidates=4, max_concurrent=4, memory_budget=budget, pad_multiple=8,
+                      packed=packed)
     fused = 0
     while not sched.done:
         sched.admit()
         step = sched.next_step()
-        rows, length = sched.shape(step)
-        assert true_peak(rows, length) <= budget or len(step) == 1
+        if packed:   # the features by hand: real tokens, and the sum of each row's length squared
+            features = (sum(mb.tokens for mb in step),
+                        sum(lengths[mb.job][i] ** 2 for mb in step for i in mb.indices))
+        else:
+            rows, length = sum(len(mb.indices) for mb in step), processed(step, False) // sum(len(mb.indices) for mb in step)
+            features = (rows * length, rows * length ** 2)
+        assert sched.features(step) == features
+        assert true_peak(*features) <= budget or len(step) == 1
         fused += len(step) > 1
-        sched.memory.observe(rows, length, true_peak(rows, length))
+        sched.memory.observe(*features, true_peak(*features))
         sched.pop_finished()
     assert fused > 10
     b0, b1, b2 = sched.memory.coefficients
@@ -181,10 +202,10 @@ def test_memory_budget_is_never_exceeded(strategy):
 
 def test_memory_model_is_conservative_before_its_fit():
     model = MemoryModel()
-    assert model.predict(4, 100) == float("inf")
-    model.observe(4, 100, true_peak(4, 100))
+    assert model.predict(400, 40000) == float("inf")
+    model.observe(400, 40000, true_peak(400, 40000))
     for rows, length in [(1, 10), (4, 100), (8, 100), (4, 300), (16, 50)]:
-        assert model.predict(rows, length) >= true_peak(rows, length)
+        assert model.predict(rows * length, rows * length ** 2) >= true_peak(rows * length, rows * length ** 2)
     assert model.coefficients is None
 
 

@@ -215,3 +215,44 @@ def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, m
     assert calls  # the checkpointed run really went through torch's checkpoint
     for name in ("a", "b"):
         assert_same_adapter(adapter(d / "ckpt", name), adapter(d / "plain", name))
+
+
+def test_packed_training_equals_padded(tmp_path, base_dir):
+    """Packing changes the layout, not what is learned: two jobs of ragged rows fused, dropout
+    on, trained packed (one row, no padding) and padded end with the same adapters. The dropout
+    masks are drawn over each job's real tokens in order, so they match too."""
+    d = tmp_path
+    jobs = [job("rev", write_rows(d / "r.json", 8, 7, "reverse"), dropout=0.3,
+                targets=list(Llama.LORA_TARGETS), train_on_inputs=True),
+            job("count", write_rows(d / "c.json", 6, 8, "count"), r=8, micro_batch_size=4)]
+    summaries = {}
+    for packing in (True, False):
+        summaries[packing] = train.train(run_cfg(base_dir, d / str(packing), jobs, packing=packing,
+                                                 scheduler={"max_concurrent": 2}))
+    for j in jobs:
+        assert_same_adapter(adapter(d / "True", j.name), adapter(d / "False", j.name))
+        assert summaries[True][j.name]["padding"] == 0 < summaries[False][j.name]["padding"]
+    runs = {p: json.loads((d / str(p) / "run.json").read_text()) for p in (True, False)}
+    assert runs[True]["tokens"] == runs[False]["tokens"] == runs[True]["padded_tokens"] < runs[False]["padded_tokens"]
+
+
+def test_pack_lays_examples_end_to_end():
+    examples = [data.Example([1, 2, 3], [-100, 2, 3]), data.Example([4, 5], [4, 5]), data.Example([6], [6])]
+    batch = data.pack([("a", examples[:2]), (None, examples[2:])])
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    # Each example's first label is dropped: the token before it is another example's.
+    assert batch.labels.tolist() == [[-100, 2, 3, -100, 5, -100]]
+    assert batch.segments == (3, 2, 1) and batch.adapter_names == ["a", "a", None] and batch.num_tokens == 6
+    keep = torch.tensor([[False, True, True, False, True, True]])
+    assert batch.example_of(keep).tolist() == [0, 0, 1, 2]
+    padded = data.fuse([("a", examples[:2]), (None, examples[2:])], pad_id=0, multiple_of=4)
+    assert padded.segments is None and padded.input_ids.shape == (3, 4)
+    assert padded.example_of(torch.ones(3, 4, dtype=torch.bool)).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_packed_route_needs_adjacent_examples(tmp_path, base_dir):
+    net = M.load_model(base_dir)
+    lora.add_adapters(net, {"a": lora.LoRAConfig(), "b": lora.LoRAConfig()})
+    with pytest.raises(ValueError, match="adapter 'a'.s examples must be adjacent"):
+        with lora.route(net, ["a", "b", "a"], lengths=[2, 2, 2], packed=True):
+            pass
