@@ -203,6 +203,7 @@ class ChatGLM(nn.Module):
     # What the rest of the code needs to know about this family, stated once:
     LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     DEFAULT_TARGETS = ("query_key_value", "dense")   # the attention projections, as for LLaMA
+    SHARED_INPUTS = ()   # q, k, v are one layer already (query_key_value), so are gate and up
     OUTPUT_LAYER = "transformer.output_layer"        # never a LoRA target nor quantized
     # THUDM's checkpoints store inv_freq, ignoring rope_ratio; we recompute it from the config.
     RECOMPUTED_KEYS = ("rotary_pos_emb.inv_freq",)

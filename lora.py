@@ -12,7 +12,7 @@ import math
 import os
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,7 +46,7 @@ class Adapter(nn.Module):
     """One adapter on one layer: its config and its weights A [r, in], B [out, r].
 
     Everything that makes adapters differ lives here; a variant (e.g. DoRA) adds its
-    weights and overrides `delta_weight` / `update`.
+    weights and overrides `delta_weight` and gets its own update path (LoRAUpdate is plain LoRA).
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig,
@@ -76,21 +76,92 @@ class Adapter(nn.Module):
         """The update to the base weight, [out, in] (what merge adds)."""
         return self.scaling * self.lora_B.weight @ self.lora_A.weight
 
-    def update(self, out: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """out + scale * drop(x) A^T B^T on the adapter's own rows, [b, T, out]: the base's output
-        for them plus the adapter's update. keep (bool, like x) is the dropout mask, or None
-        outside training / without dropout."""
-        scale = self.scaling
-        if keep is not None:
-            x = x * keep
-            scale = scale / (1 - drawn_p(self.config.dropout))  # dropout's 1/(1-p), on the small [b, T, r]
-        x = x.to(self.lora_A.weight.dtype)
-        h = (x @ self.lora_A.weight.t()) * scale                            # [b, T, r]
-        if out.dtype != h.dtype:  # e.g. a bf16 base: the update in the adapter's fp32, then cast
-            return out + (h @ self.lora_B.weight.t()).to(out.dtype)
-        # One addmm: the add rides on the matmul (on a 2-core CPU 0.39 ms against 0.79 ms for
-        # out + h @ B^T at 512 x 16 x 1536).
-        return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), self.lora_B.weight.t()).view(out.shape)
+
+class UpdatePlan(NamedTuple):
+    """What LoRAUpdate adds: `outputs` layers share one input x; per adapter, its rows, own
+    length, scale and which of those layers it adapts."""
+    shape: tuple[int, int]          # (rows, length) the groups index: (B, T), or (N, 1) for a packed row
+    outputs: int
+    groups: list[tuple[slice | torch.Tensor, int, float, tuple[int, ...]]]
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """out_j + scale * drop(x) A_j^T B_j^T on each adapter's rows, for every adapter of the
+    layers j that share the input x (q/k/v; gate/up; or one layer), in ONE autograd node,
+    written into the base outputs in place.
+
+    Per adapter the input is dropped once and goes through its layers' A's in one matmul,
+    x [A_q; A_k; A_v]^T, and back through them in one matmul in backward. Autograd over
+    per-adapter ops would also split x and out into rows, cat the outputs back, cat the rows'
+    input gradients back and add them to the base's: passes over [N, in] or [N, out] that
+    do no arithmetic. Saved for backward: each adapter's dropped input rows (a view of x
+    without dropout), h = drop(x) A^T (r columns per layer) and its keep mask (bool).
+    Plain LoRA only: a variant needs its own update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, plan: UpdatePlan, *tensors):
+        # x [B, T, in]; tensors: the base outputs [B*T, out_j], then per adapter: keep [b, L, in]
+        # or None, then (A [r, in], B [out_j, r]) for each layer it adapts.
+        outs, rest = tensors[:plan.outputs], list(tensors[plan.outputs:])
+        views = [o.view(*plan.shape, o.size(-1)) for o in outs]                 # [rows, length, out_j]
+        x_shape, x = x.shape, x.reshape(*plan.shape, x.size(-1))
+        saved = []
+        for rows, length, scale, layers in plan.groups:
+            keep, weights = rest.pop(0), [rest.pop(0) for _ in range(2 * len(layers))]
+            As, Bs = weights[0::2], weights[1::2]
+            xr = x[rows, :length]                                               # [b, L, in]
+            if keep is not None:
+                xr = xr * keep
+            xr = xr.to(As[0].dtype)
+            A = As[0] if len(As) == 1 else torch.cat(As)                        # [sum r, in]
+            h = torch.matmul(xr, A.t()).mul_(scale)                             # [b, L, sum r]
+            for layer, h_j, B in zip(layers, h.split([a.size(0) for a in As], dim=-1), Bs):
+                LoRAUpdate.add_into(views[layer], rows, length, torch.matmul(h_j, B.t()))   # + h_j B_j^T
+            saved += [keep, xr, h, A, *Bs]
+        ctx.plan, ctx.x_shape = plan, x_shape
+        ctx.mark_dirty(*outs)
+        ctx.save_for_backward(*saved)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        plan, saved = ctx.plan, list(ctx.saved_tensors)
+        grads = [g.view(*plan.shape, g.size(-1)) for g in grad_outs]
+        grad_x = grads[0].new_zeros(*plan.shape, ctx.x_shape[-1]) if ctx.needs_input_grad[0] else None
+        grad_weights = []
+        for rows, length, scale, layers in plan.groups:
+            keep, xr, h, A = saved[:4]
+            Bs, saved = saved[4:4 + len(layers)], saved[4 + len(layers):]
+            ranks = [B.size(1) for B in Bs]
+            grad_h = torch.empty_like(h)                                        # [b, L, sum r]
+            grad_A_B = []
+            for layer, h_j, grad_h_j, B in zip(layers, h.split(ranks, -1), grad_h.split(ranks, -1), Bs):
+                g = grads[layer][rows, :length].to(B.dtype)                     # [b, L, out_j]
+                grad_A_B.append(g.flatten(0, 1).t() @ h_j.flatten(0, 1))        # grad B_j [out_j, r]
+                grad_h_j.copy_(torch.matmul(g, B))
+            grad_h.mul_(scale)
+            grad_A = grad_h.flatten(0, 1).t() @ xr.flatten(0, 1)                # [sum r, in]
+            if grad_x is not None:
+                grad_xr = torch.matmul(grad_h, A)                               # [b, L, in]
+                if keep is not None:
+                    grad_xr.mul_(keep)
+                LoRAUpdate.add_into(grad_x, rows, length, grad_xr)
+            grad_weights.append(None)                                           # keep
+            for grad_A_j, grad_B_j in zip(grad_A.split(ranks), grad_A_B):
+                grad_weights += [grad_A_j, grad_B_j]
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        # Each output's gradient passes through unchanged: the updates were added to it.
+        return grad_x, None, *grad_outs, *grad_weights
+
+    @staticmethod
+    def add_into(t: torch.Tensor, rows, length: int, value: torch.Tensor):
+        """t[rows, :length] += value, in place (rows a slice, or an index tensor of distinct rows)."""
+        if isinstance(rows, slice):
+            t[rows, :length].add_(value.to(t.dtype))
+        else:
+            t[rows, :length] += value.to(t.dtype)
 
 
 class RouteGroup(NamedTuple):
@@ -108,6 +179,7 @@ class Routing:
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
+    shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
 
     def coefficients(self, layer: "MultiLoRALinear", names: list[str], B: int, training: bool) -> torch.Tensor:
         """[B, 1, sum r]: row i's coefficient is its adapter's scale on that adapter's r columns
@@ -138,6 +210,7 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> torch.Tens
 
     From random 16-bit integers, four per 64-bit word, rather than bernoulli_: on a 2-core CPU
     0.2 ms instead of 1.85 ms for a 2 x 256 x 576 mask, where masks took 14% of a fused step.
+    Applied as x * keep: on a 2-core CPU ~0.25 ms for 721 x 576, where masked_fill took 0.4-0.7.
     """
     n = math.prod(shape)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -159,7 +232,9 @@ class MultiLoRALinear(nn.Module):
 
     The base may be quantized (quant.QuantLinear, QLoRA): it is then kept whole as `quantized`
     and `weight` is None until a merge dequantizes it. `seed` (from the module's path) makes
-    each layer's dropout masks differ from the other layers'.
+    each layer's dropout masks differ from the other layers'. `siblings` are the layers that
+    read the same input (the family's SHARED_INPUTS, e.g. q/k/v): they share the seed, so an
+    adapter's dropout mask is one per shared input, and are updated together (LoRAUpdate).
     """
 
     def __init__(self, base: nn.Linear | quant.QuantLinear, seed: int):
@@ -172,6 +247,7 @@ class MultiLoRALinear(nn.Module):
         self.merged: set[str] = set()
         self.routing: Routing | None = None
         self.seed = seed
+        self.siblings: tuple[MultiLoRALinear, ...] = (self,)   # set by add_adapters; a plain tuple, not submodules
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
@@ -191,32 +267,30 @@ class MultiLoRALinear(nn.Module):
         self.bias = base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)                                   # [B, T, out], all rows at once
-        if self.routing is None:
-            if self.training and len(self.adapters) > len(self.merged):
+        routing = self.routing
+        if routing is not None:   # already computed with a sibling that read this same x?
+            done = routing.shared.pop(self, None)
+            if done is not None and done[0] is x:
+                return done[1]
+        groups = [] if routing is None else [g for g in routing.groups if g.name in self.adapters and g.name not in self.merged]
+        if not groups:
+            if routing is None and self.training and len(self.adapters) > len(self.merged):
                 # Training with adapters but no rows routed: surely a forward (or, under
                 # activation checkpointing, a backward) outside `with lora.route(...)`.
                 raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
                                    "inside `with lora.route(model, names):` (under activation "
                                    "checkpointing, run backward inside it too), or call model.eval()")
-            return out
-        groups = [g for g in self.routing.groups if g.name in self.adapters and g.name not in self.merged]
-        if not groups:
-            return out
-        if self.routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
-            flat = self.route_rows(out.reshape(-1, 1, out.size(-1)), x.reshape(-1, 1, x.size(-1)), groups)
-            return flat.view(out.shape)
-        return self.route_rows(out, x, groups)
-
-    def route_rows(self, out: torch.Tensor, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
-        """out [B, T, out] plus each group's adapter update on its rows of x [B, T, in]."""
+            return self.base_forward(x)                              # [B, T, out], all rows at once
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
         # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
         # wasted flops of that cost more than small per-adapter matmuls.
         concatenated = FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and x.is_cuda)
-        if concatenated:
-            return out + self.delta_concatenated(x, groups).to(out.dtype)
-        return self.add_per_adapter(out, x, groups)
+        if not concatenated:
+            return self.add_per_adapter(x, groups)
+        out = self.base_forward(x)
+        if routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
+            return out + self.delta_concatenated(x.reshape(-1, 1, x.size(-1)), groups).to(out.dtype).view(out.shape)
+        return out + self.delta_concatenated(x, groups).to(out.dtype)
 
     def delta_concatenated(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """Every row through the concatenated A's; a per-row coefficient keeps only its own
@@ -232,62 +306,56 @@ class MultiLoRALinear(nn.Module):
             for group in groups:
                 length = self.own_length(group, x.size(1))
                 rows = len(range(x.size(0))[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-                mask = self.dropout_keep(group, (rows, length, x.size(2)), x.device)
+                mask = self.dropout_keep(group, (rows, length, x.size(2)), x.device, self.adapters[group.name].config.dropout)
                 keep[group.rows, :length] = True if mask is None else mask
             x = x * keep
         return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                         # [B, T, out]
 
-    def add_per_adapter(self, out: torch.Tensor, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
+    def add_per_adapter(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
         """The base's output plus each adapter's update on its own rows and their own padded
-        length only (rows of no adapter: the base alone)."""
-        B, T, _ = x.shape
-        # Contiguous groups: split x and out at their boundaries and cat the results. (Autograd
-        # joins a split's gradients with one cat; slicing would zero-fill a whole [B, T, in]
-        # gradient per group and add them up: 0.7 s of a 16 s step, measured.)
-        contiguous = sorted((g for g in groups if isinstance(g.rows, slice)), key=lambda g: g.rows.start)
-        sizes, owners, covered = [], [], 0
-        for group in contiguous:
-            if group.rows.start > covered:
-                sizes.append(group.rows.start - covered)
-                owners.append(None)
-            sizes.append(group.rows.stop - group.rows.start)
-            owners.append(group)
-            covered = group.rows.stop
-        if covered < B:
-            sizes.append(B - covered)
-            owners.append(None)
-        if contiguous:
-            out = torch.cat([self.group_update(group, x_rows, out_rows) if group else out_rows
-                             for group, x_rows, out_rows in zip(owners, x.split(sizes), out.split(sizes))])
-        for group in groups:  # rows scattered through the batch
-            if not isinstance(group.rows, slice):
-                out = out.index_copy(0, group.rows, self.group_update(group, x[group.rows], out[group.rows]))
-        return out                                                                 # [B, T, out]
-
-    def group_update(self, group: RouteGroup, x_rows: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
-        """out_rows plus the group's update [b, T, out], over its own padded length only."""
-        T = x_rows.size(1)
-        length = self.own_length(group, T)
-        if length < T:
-            x_rows = x_rows.split([length, T - length], dim=1)[0]                 # [b, length, in]
-        keep = self.dropout_keep(group, x_rows.shape, x_rows.device) if self.training else None
-        if length == T:
-            return self.adapters[group.name].update(out_rows, x_rows, keep)
-        head, tail = out_rows.split([length, T - length], dim=1)                  # the padding keeps the base
-        return torch.cat([self.adapters[group.name].update(head, x_rows, keep), tail], dim=1)
+        length only (rows of no adapter: the base alone), in one autograd node (LoRAUpdate)
+        with the siblings that read the same x, whose outputs wait in the routing for them."""
+        routing = self.routing
+        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
+                           and any(g.name in s.adapters and g.name not in s.merged for g in routing.groups)]
+        # The base outputs as [tokens, out]: never a view (F.linear on [B, T, in] with a bias
+        # returns one), so LoRAUpdate may add into them in place.
+        flat = x.reshape(-1, x.size(-1))
+        outs = [layer.base_forward(flat) for layer in layers]
+        B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
+        plan, tensors = [], []
+        for group in routing.groups:
+            owners = [i for i, layer in enumerate(layers) if group.name in layer.adapters and group.name not in layer.merged]
+            if not owners:
+                continue
+            adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
+            length = self.own_length(group, T)
+            keep, scale = None, adapter.scaling
+            if self.training and adapter.config.dropout > 0:
+                rows = len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
+                keep = self.dropout_keep(group, (rows, length, x.size(-1)), x.device, adapter.config.dropout)
+                scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
+            plan.append((group.rows, length, scale, tuple(owners)))
+            tensors.append(keep)
+            for i in owners:
+                tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
+        outs = LoRAUpdate.apply(x, UpdatePlan((B, T), len(outs), plan), *outs, *tensors)   # a tuple
+        outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
+        for layer, layer_out in zip(layers[1:], outs[1:]):
+            routing.shared[layer] = (x, layer_out)
+        return outs[0]
 
     @staticmethod
     def own_length(group: RouteGroup, T: int) -> int:
         """The group's own padded length: positions after it are padding for all its rows."""
         return T if group.length is None else min(group.length, T)
 
-    def dropout_keep(self, group: RouteGroup, shape: torch.Size, device) -> torch.Tensor | None:
-        """The group's dropout mask (bool, `shape` = its rows x its own length x in), or None
-        without dropout. Drawn from (this forward's seed for the adapter, this layer), over its
-        real tokens in order, then laid out in its rows: it does not depend on what the rows were
-        fused with, nor on padding or packing, and a recomputation (activation checkpointing)
-        draws exactly the same mask again."""
-        p = self.adapters[group.name].config.dropout
+    def dropout_keep(self, group: RouteGroup, shape: torch.Size, device, p: float) -> torch.Tensor | None:
+        """The group's dropout keep mask (bool, `shape` = its rows x its own length x in), or
+        None without dropout. Drawn from (this forward's seed for the adapter, this
+        layer), over its real tokens in order, then laid out in its rows: it does not depend on
+        what the rows were fused with, nor on padding or packing, and a recomputation
+        (activation checkpointing) draws exactly the same mask again."""
         if p == 0:
             return None
         if group.seed is None:
@@ -330,7 +398,8 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
     """Add each named adapter to the layers named in its targets (the family's module names).
 
     The model states its own facts (llama.Llama, chatglm.ChatGLM): LORA_TARGETS, the names
-    an adapter may target, and DEFAULT_TARGETS for a config that names none.
+    an adapter may target, DEFAULT_TARGETS for a config that names none, and SHARED_INPUTS,
+    the sets of layers that read the same input (linked as MultiLoRALinear.siblings).
     """
     existing = adapter_names(model)
     for name, cfg in configs.items():
@@ -355,13 +424,40 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
             if isinstance(module, (nn.Linear, quant.QuantLinear)):
                 parent_path, _, child = path.rpartition(".")
                 parent = model.get_submodule(parent_path)
-                module = MultiLoRALinear(module, seed=zlib.crc32(path.encode()))
+                module = MultiLoRALinear(module, seed=zlib.crc32(mask_key(model, path).encode()))
                 module.train(parent.training)  # a new module starts in training mode: follow the model
                 setattr(parent, child, module)
             if isinstance(module, MultiLoRALinear):
                 module.add_adapter(name, cfg, generator, dtype)
+    link_siblings(model)
     mark_only_lora_trainable(model)
     return model
+
+
+def mask_key(model: nn.Module, path: str) -> str:
+    """What a layer's dropout masks are seeded by: its path, or for layers that read the same
+    input (q/k/v) their shared name, "...self_attn.q_proj+k_proj+v_proj". Set by the path
+    alone, so a job's masks never depend on which other layers some adapter wraps.
+
+    One mask per shared input and adapter, where PEFT draws one per layer: each layer's
+    update still sees its input dropped with probability p, as in PEFT; only the masks of
+    q, k and v (gate and up) are now the same draw. That lets LoRAUpdate drop the input once
+    and run it through the three A's in one matmul.
+    """
+    parent, _, child = path.rpartition(".")
+    for names in model.SHARED_INPUTS:
+        if child in names:
+            return f"{parent}.{'+'.join(names)}"
+    return path
+
+
+def link_siblings(model: nn.Module):
+    """Tell each LoRA layer which wrapped layers share its input (the family's SHARED_INPUTS)."""
+    for _, module in model.named_modules():
+        for names in model.SHARED_INPUTS:
+            members = tuple(m for n in names if isinstance(m := getattr(module, n, None), MultiLoRALinear))
+            for member in members:
+                member.siblings = members
 
 
 def remove_adapter(model: nn.Module, name: str):

@@ -143,7 +143,7 @@ def test_base_dequantized_once_per_layer_per_fused_step(llama_dir, monkeypatch):
     lora.add_adapters(net, {n: lora.LoRAConfig(r=2, targets=ALL) for n in "abc"})
     rows_seen = []
     for layer in quantized_layers(net).values():
-        layer.register_forward_hook(lambda m, inputs, out: rows_seen.append(inputs[0].size(0)))
+        layer.register_forward_hook(lambda m, inputs, out: rows_seen.append(inputs[0].numel() // inputs[0].size(-1)))
     backward_dequantized = []
     dequantize_4bit = bitsandbytes.functional.dequantize_4bit
     monkeypatch.setattr(bitsandbytes.functional, "dequantize_4bit",
@@ -152,7 +152,7 @@ def test_base_dequantized_once_per_layer_per_fused_step(llama_dir, monkeypatch):
     with lora.route(net, ["a", "a", "b", "c", "c", "c"]):
         net(torch.randint(0, 384, (6, 8))).logsumexp(-1).mean().backward()
     # Layer 0's q/k/v read the embeddings, which need no gradient: no backward through them.
-    assert rows_seen == [6] * 14 and len(backward_dequantized) == 14 - 3
+    assert rows_seen == [6 * 8] * 14 and len(backward_dequantized) == 14 - 3   # every token, once
 
 
 def test_fused_qlora_jobs_equal_each_alone(tmp_path, base_dir):
