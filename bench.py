@@ -4,6 +4,7 @@
     python bench.py                    # full: k in {1, 2, 4, 8} at 1x64 tokens, k=4 at 2x256 and 2 x alpaca lengths
     python bench.py --tiny --quick     # a tiny random model (RUN_SLOW=1 tests run this)
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
+    python bench.py --scenario memory       # 8 jobs: activation peak with/without checkpointing, vs 8 PEFT processes
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
   ours           k jobs' micro-batches fused into one step (what train.py does each step),
@@ -477,6 +478,60 @@ def strategies_scenario(args) -> list[dict]:
     return results
 
 
+def step_activation_peak(step) -> float:
+    """Peak MiB of CPU tensors allocated during step() above what was allocated before it,
+    from torch.profiler's memory accounting at operator boundaries (a tensor-level measure:
+    no allocator caching or RSS noise; a temporary inside one operator is not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def memory_scenario(args) -> dict:
+    """k jobs fused: the step's activation peak without and with activation checkpointing
+    (one process, the same batch), then peak RSS of our fused run with checkpointing against
+    k PEFT processes (each process its own, summed)."""
+    import lora
+    import train
+    k = int(args.k or 8)
+    w = argparse.Namespace(**{**vars(args), "rows": args.rows or 1, "seq": args.seq or "256"})
+    device = M.resolve_device(args.device)
+    net = M.load_model(args.base, dtype=args.dtype, device=device)
+    names = [f"job{j}" for j in range(k)]
+    lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout,
+                                               targets=args.targets.split(",")) for n in names})
+    configs = [train.JobConfig(name=n, data="-") for n in names]
+    examples = [make_examples(*job_batches(w, j, net.config.vocab_size)[0]) for j in range(k)]
+    peaks = {}
+    for checkpointing in (False, True, False, True):   # the second pair: the first warmed up
+        net.checkpoint_blocks = checkpointing
+        generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
+        peaks[checkpointing] = step_activation_peak(lambda: train.fused_step(
+            net, configs, examples, [1000] * k, generators, 0, device, args.packing))
+        net.zero_grad(set_to_none=True)
+    del net
+    ours = run_system("ours", argparse.Namespace(**{**vars(w), "checkpointing": True}), k)
+    peft = run_system("peft-parallel", w, k)
+    result = {"k": k, "rows": w.rows, "seq": w.seq, "activation_peak_mb": peaks[False],
+              "activation_peak_checkpointed_mb": peaks[True], "activation_cut": peaks[False] / peaks[True],
+              "ours_checkpointed_peak_rss_mb": ours["peak_mb"], "peft_parallel_peak_rss_mb": peft["peak_mb"],
+              "ours_over_peft_memory": ours["peak_mb"] / peft["peak_mb"]}
+    print(f"\nmemory: {k} jobs x {w.rows}x{w.seq} tokens, r={args.r} on {args.targets}, {args.dtype}\n")
+    print("| measure | value |\n|---|---|")
+    print(f"| fused step's activation peak (tensors), no checkpointing | {peaks[False]:.0f} MiB |")
+    print(f"| the same with activation checkpointing | {peaks[True]:.0f} MiB |")
+    print(f"| checkpointing cuts the activation peak by | {result['activation_cut']:.2f}x |")
+    print(f"| ours fused with checkpointing, peak RSS | {ours['peak_mb']:.0f} MiB |")
+    print(f"| {k} PEFT processes, peak RSS summed | {peft['peak_mb']:.0f} MiB |")
+    print(f"| ours / PEFT processes | {result['ours_over_peft_memory']:.2f} |")
+    return result
+
+
 def ensure_base(args) -> str:
     """A checkpoint folder for every system: --base, the demo's SmolLM2, or random weights."""
     if args.base:
@@ -519,7 +574,7 @@ def main(argv: list[str] | None = None):
                    help="run every system in this process, one after another (tests: the same work in seconds; "
                         "memory and peft-parallel's speed are not comparable)")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--scenario", choices=["systems", "strategies"], default="systems",
+    p.add_argument("--scenario", choices=["systems", "strategies", "memory"], default="systems",
                    help="strategies: the seed's batching-strategy table (needs a base with a tokenizer)")
     p.add_argument("--scenario-rows", type=int, default=32, help="rows per job in the strategies scenario")
     p.add_argument("--token-budget", type=int, default=1024, help="fast-fit's rows x padded length per step")
@@ -529,6 +584,10 @@ def main(argv: list[str] | None = None):
         results = strategies_scenario(args)
         Path(args.out).write_text(json.dumps({"strategies": results}, indent=2) + "\n")
         return results, []
+    if args.scenario == "memory":
+        result = memory_scenario(args)
+        Path(args.out).write_text(json.dumps({"memory": result}, indent=2) + "\n")
+        return result, []
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     ks = [int(k) for k in args.k.split(",")] if args.k else ([2] if args.tiny else [4] if args.quick else None)
     if args.quick or args.rows or args.seq:

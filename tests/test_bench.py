@@ -56,3 +56,15 @@ def test_unpacked_bench_pads_fused_rows_more_than_each_job_alone(tmp_path):
 def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
     """The real thing: each system in fresh processes, peft-parallel as k concurrent ones."""
     assert_schema_and_equal_work(run_tiny_bench(tmp_path))
+
+
+def test_memory_scenario_measures_checkpointing_and_peft_processes(tmp_path):
+    """The memory scenario's plumbing on a tiny model, in-process: activation peaks come from
+    the profiler's tensor accounting, and checkpointing lowers the step's peak."""
+    out = tmp_path / "memory.json"
+    bench.main(["--tiny", "--scenario", "memory", "--k", "2", "--steps", "1", "--repeats", "1",
+                "--in-process", "--out", str(out)])
+    result = json.loads(out.read_text())["memory"]
+    assert result["k"] == 2 and result["activation_peak_mb"] > result["activation_peak_checkpointed_mb"] > 0
+    assert result["activation_cut"] == pytest.approx(result["activation_peak_mb"] / result["activation_peak_checkpointed_mb"])
+    assert result["ours_checkpointed_peak_rss_mb"] > 0 and result["peft_parallel_peak_rss_mb"] > 0
