@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -240,14 +241,15 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     fwd+bwd of 16 alpaca-like segments (2006 tokens, SmolLM2's heads) took 50 ms per layer,
     one SDPA call with the [N, N] block-diagonal mask 354 ms, the same rows padded 92 ms.
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.nn.attention, "varlen"):
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # (Written against torch 2.13's documented interface; no GPU was at hand to run it:
+        # tests/test_cuda.py compares it with the segment-by-segment path below.)
         lengths = torch.tensor(segments.lengths, device=q.device, dtype=torch.int32)
-        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        left = -1 if segments.window is None else segments.window - 1   # keys i-left .. i
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))                   # [E+1] segment starts
+        left = -1 if segments.window is None else segments.window - 1             # keys i-left .. i
         longest = max(segments.lengths)
-        y = torch.nn.attention.varlen.varlen_attn(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest,
-            window_size=(left, 0), enable_gqa=gqa)                                  # [N, nh, hd]
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))          # [N, heads, hd]
+        y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(left, 0), enable_gqa=gqa)   # [N, nh, hd]
         return y.transpose(0, 1)[None]                                             # [1, nh, N, hd]
     # split, not slicing: autograd joins split gradients with one cat, where each slice's
     # gradient would be a zero-filled [1, nh, N, hd] added up (0.4 s of a 20 s step, measured).

@@ -52,3 +52,25 @@ def test_fused_job_equals_job_alone_on_cuda(tmp_path):
     fused, alone = adapter(tmp_path / "fused", "target"), adapter(tmp_path / "alone", "target")
     for key in fused:
         torch.testing.assert_close(fused[key], alone[key], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_attention_on_cuda_equals_segment_by_segment(window):
+    """bf16 on CUDA takes torch's varlen flash kernel (llama.attend_segments); it must equal
+    SDPA run on each segment alone, with and without a sliding window, forward and backward."""
+    from llama import Segments, attend, causal_mask
+    g = torch.Generator().manual_seed(0)
+    lengths, nh, nkv, hd = [7, 1, 19, 13], 4, 2, 16
+    q, k, v = (torch.randn(1, n, sum(lengths), hd, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
+               for n in (nh, nkv, nkv))
+    packed = attend(q, k, v, Segments(tuple(lengths), window), gqa=True)
+    packed.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    alone = torch.cat([attend(qs, ks, vs, causal_mask(n, 0, None, window, "cuda"), gqa=True)
+                       for qs, ks, vs, n in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), lengths)], 2)
+    alone.float().square().sum().backward()
+    torch.testing.assert_close(packed, alone, atol=2e-2, rtol=2e-2)
+    for grad, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(grad, t.grad, atol=5e-2, rtol=5e-2)
