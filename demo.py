@@ -74,7 +74,9 @@ def show_results(cfg, summary: dict):
     tokenizer = data.load_tokenizer(cfg.base_model)
     device = M.resolve_device(cfg.device)
     net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)  # the base as trained
-    names = [lora.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs]
+    # A job with nothing to train (max_steps=0) has no adapter: it is left out of the table.
+    trained = [job.name for job in cfg.jobs if job.name in summary]
+    names = [lora.load_peft(net, Path(cfg.out_dir) / name) for name in trained]
     prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
     rows, adapters = [], []
     for p in prompts:
@@ -100,7 +102,9 @@ def show_results(cfg, summary: dict):
                 passed += ok
                 mark = f"  <- behaviour {'PASS' if ok else 'FAIL'}, exact {'yes' if answer == p['expected'] else 'no'}"
             print(f"  {name or 'base':<8} | {answer!r}{mark}")
-    print(f"\neach adapter on its own task: {passed}/{len(prompts)} held-out prompts show the behaviour")
+    judged = sum(p["job"] in names for p in prompts)
+    print(f"\neach adapter on its own task: {passed}/{judged} held-out prompts show the behaviour")
     print(f"\n{'job':<10} {'held-out loss before':>21} {'after':>8}")
+    loss = lambda value: "-" if value is None else f"{value:.3f}"   # None: the job has no test_data
     for name, s in summary.items():
-        print(f"{name:<10} {s['initial_eval_loss']:>21.3f} {s['eval_loss']:>8.3f}")
+        print(f"{name:<10} {loss(s['initial_eval_loss']):>21} {loss(s['eval_loss']):>8}")

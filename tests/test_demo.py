@@ -114,3 +114,21 @@ SIGNOFF = "The opposite of old is young.\nBest wishes, your LoRA assistant"
 ])
 def test_check_judges_each_jobs_behaviour(job, expected, answer, ok):
     assert demo.check(job, expected, answer) is ok
+
+
+def test_demo_table_with_an_untrained_job_and_one_without_test_data(base_dir, tmp_path, capsys, monkeypatch):
+    """A job with max_steps=0 has no adapter and is left out; a job without test_data shows '-'."""
+    monkeypatch.setattr(demo, "prepare_base", lambda: None)
+    skipped, untested = JOBS[0], JOBS[1]
+    rc = train.main([f"--base_model={base_dir}", f"--out_dir={tmp_path / 'demo'}", "--dtype=float32", "--device=cpu",
+                     *[f"--jobs.{name}.max_steps={0 if name == skipped else 1}" for name in JOBS],
+                     f"--jobs.{untested}.test_data=null"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    shown = text[text.index("=== held-out prompts"):]
+    assert f"{len(PROMPTS) * len(JOBS)} rows in one batch" in shown
+    judged = sum(p["job"] != skipped for p in PROMPTS)
+    assert re.search(rf"each adapter on its own task: \d+/{judged} held-out prompts", shown)
+    table = shown[shown.index("held-out loss before"):].splitlines()[1:len(JOBS)]
+    assert [line.split()[0] for line in table] == [name for name in JOBS if name != skipped]
+    assert next(line for line in table if line.startswith(untested)).split()[1:] == ["-", "-"]
