@@ -229,9 +229,11 @@ def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
     assert_all_agree(results)
 
 
-def test_routing_is_safe_under_activation_checkpointing(tiny_llama):
+@pytest.mark.parametrize("packed", [False, True])
+def test_routing_is_safe_under_activation_checkpointing(tiny_llama, packed):
     """Recomputed layers (backward inside the route block) see the same routing and redraw the
-    same dropout masks: gradients equal those of the plain forward/backward."""
+    same dropout masks: gradients equal those of the plain forward/backward, on padded rows
+    (adapter a's rows scattered) or packed in one row."""
     path, _ = tiny_llama
     grads = []
     for checkpointed in (False, True):
@@ -244,8 +246,11 @@ def test_routing_is_safe_under_activation_checkpointing(tiny_llama):
         net.train()
         idx = torch.randint(0, 384, (3, 10), generator=torch.Generator().manual_seed(2))
         gens = {n: torch.Generator().manual_seed(5) for n in "ab"}
-        with lora.route(net, ["a", "b", "a"], lengths=[10, 7, 9], generators=gens):
-            net(idx).square().mean().backward()
+        names, lengths = (["a", "a", "b"], [10, 9, 7]) if packed else (["a", "b", "a"], [10, 7, 9])
+        real = torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]
+        with lora.route(net, names, lengths=lengths, generators=gens, packed=packed):
+            logits = net(idx[real][None], segments=tuple(lengths)) if packed else net(idx)
+            logits.square().mean().backward()
         grads.append({k: p.grad for k, p in net.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * (7 + 2)
     for key in grads[0]:
