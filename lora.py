@@ -7,6 +7,7 @@ The base matmul runs once over the whole fused batch; each adapter's low-rank de
 runs only over its own rows. Adapters are saved and loaded in PEFT's format.
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -103,12 +104,12 @@ class LoRAUpdate(torch.autograd.Function):
     def forward(ctx, x, plan: UpdatePlan, *tensors):
         # x [B, T, in]; tensors: the base outputs [B*T, out_j], then per adapter: keep [b, L, in]
         # or None, then (A [r, in], B [out_j, r]) for each layer it adapts.
-        outs, rest = tensors[:plan.outputs], list(tensors[plan.outputs:])
+        outs, rest = tensors[:plan.outputs], iter(tensors[plan.outputs:])
         views = [o.view(*plan.shape, o.size(-1)) for o in outs]                 # [rows, length, out_j]
         x_shape, x = x.shape, x.reshape(*plan.shape, x.size(-1))
         saved = []
         for rows, length, scale, layers in plan.groups:
-            keep, weights = rest.pop(0), [rest.pop(0) for _ in range(2 * len(layers))]
+            keep, weights = next(rest), [next(rest) for _ in range(2 * len(layers))]
             As, Bs = weights[0::2], weights[1::2]
             xr = x[rows, :length]                                               # [b, L, in]
             if keep is not None:
@@ -249,6 +250,10 @@ class MultiLoRALinear(nn.Module):
         self.seed = seed
         self.siblings: tuple[MultiLoRALinear, ...] = (self,)   # set by add_adapters; a plain tuple, not submodules
 
+    def adapts(self, name: str) -> bool:
+        """Adapter `name` is on this layer and not merged into its weights."""
+        return name in self.adapters and name not in self.merged
+
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
         self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype)
@@ -272,7 +277,7 @@ class MultiLoRALinear(nn.Module):
             done = routing.shared.pop(self, None)
             if done is not None and done[0] is x:
                 return done[1]
-        groups = [] if routing is None else [g for g in routing.groups if g.name in self.adapters and g.name not in self.merged]
+        groups = [] if routing is None else [g for g in routing.groups if self.adapts(g.name)]
         if not groups:
             if routing is None and self.training and len(self.adapters) > len(self.merged):
                 # Training with adapters but no rows routed: surely a forward (or, under
@@ -305,8 +310,8 @@ class MultiLoRALinear(nn.Module):
             keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)     # [B, T, in]
             for group in groups:
                 length = self.own_length(group, x.size(1))
-                rows = len(range(x.size(0))[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-                mask = self.dropout_keep(group, (rows, length, x.size(2)), x.device, self.adapters[group.name].config.dropout)
+                shape = (self.row_count(group, x.size(0)), length, x.size(2))
+                mask = self.dropout_keep(group, shape, x.device, self.adapters[group.name].config.dropout)
                 keep[group.rows, :length] = True if mask is None else mask
             x = x * keep
         return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                         # [B, T, out]
@@ -317,7 +322,7 @@ class MultiLoRALinear(nn.Module):
         with the siblings that read the same x, whose outputs wait in the routing for them."""
         routing = self.routing
         layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
-                           and any(g.name in s.adapters and g.name not in s.merged for g in routing.groups)]
+                           and any(s.adapts(g.name) for g in routing.groups)]
         # The base outputs as [tokens, out]: never a view (F.linear on [B, T, in] with a bias
         # returns one), so LoRAUpdate may add into them in place.
         flat = x.reshape(-1, x.size(-1))
@@ -325,15 +330,15 @@ class MultiLoRALinear(nn.Module):
         B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
         plan, tensors = [], []
         for group in routing.groups:
-            owners = [i for i, layer in enumerate(layers) if group.name in layer.adapters and group.name not in layer.merged]
+            owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
             if not owners:
                 continue
             adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
             length = self.own_length(group, T)
             keep, scale = None, adapter.scaling
             if self.training and adapter.config.dropout > 0:
-                rows = len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-                keep = self.dropout_keep(group, (rows, length, x.size(-1)), x.device, adapter.config.dropout)
+                shape = (self.row_count(group, B), length, x.size(-1))
+                keep = self.dropout_keep(group, shape, x.device, adapter.config.dropout)
                 scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
             plan.append((group.rows, length, scale, tuple(owners)))
             tensors.append(keep)
@@ -346,14 +351,19 @@ class MultiLoRALinear(nn.Module):
         return outs[0]
 
     @staticmethod
+    def row_count(group: RouteGroup, B: int) -> int:
+        """How many of the batch's B rows the group owns."""
+        return len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
+
+    @staticmethod
     def own_length(group: RouteGroup, T: int) -> int:
         """The group's own padded length: positions after it are padding for all its rows."""
         return T if group.length is None else min(group.length, T)
 
     def dropout_keep(self, group: RouteGroup, shape: torch.Size, device, p: float) -> torch.Tensor | None:
         """The group's dropout keep mask (bool, `shape` = its rows x its own length x in), or
-        None without dropout. Drawn from (this forward's seed for the adapter, this
-        layer), over its real tokens in order, then laid out in its rows: it does not depend on
+        None without dropout. Drawn from (this forward's seed for the adapter, this layer's
+        mask key, which siblings share), over its real tokens in order, then laid out in its rows: it does not depend on
         what the rows were fused with, nor on padding or packing, and a recomputation
         (activation checkpointing) draws exactly the same mask again."""
         if p == 0:
@@ -511,7 +521,7 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         raise ValueError("route: a packed batch needs the examples' lengths")
     lengths = None if lengths is None else [int(n) for n in lengths]
     device = next(model.parameters()).device
-    ends = None if lengths is None else [sum(lengths[:i + 1]) for i in range(len(lengths))]   # packed token ends
+    ends = None if lengths is None else list(itertools.accumulate(lengths))   # packed token ends
     groups = []
     for name in dict.fromkeys(n for n in names if n is not None):
         idx = [i for i, n in enumerate(names) if n == name]
@@ -547,7 +557,7 @@ def merge(model: nn.Module, name: str):
     """
     dequantized = []
     for _, layer in lora_layers(model):
-        if name in layer.adapters and name not in layer.merged:
+        if layer.adapts(name):
             if layer.quantized is not None:
                 dequantized.append(layer.quantized.quant)
                 layer.dequantize_base()
