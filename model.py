@@ -1,13 +1,17 @@
 """Load a Hugging Face checkpoint folder into our model: the one entry point, model.load_model.
 
-Reads config.json, picks the family by its model_type (llama.py: llama, mistral, qwen2;
-chatglm.py: chatglm), builds the model on the meta device and assigns the checkpoint's
-tensors shard by shard (single or sharded safetensors, pytorch_model*.bin as a fallback)
-with a strict key check, quantizing Linears as they are read when asked (quant.py).
+check_checkpoint validates the folder first (config.json's fields, the shard index, safetensors
+headers, keys and shapes) without reading a tensor. Then load_model picks the family by
+config.json's model_type (llama.py: llama, mistral, qwen2; chatglm.py: chatglm), builds the
+model on the meta device and assigns the checkpoint's tensors shard by shard (single or sharded
+safetensors, pytorch_model*.bin as a fallback) with a strict key check, quantizing Linears as
+they are read when asked (quant.py).
 Also the device and peak-memory helpers that train.py and bench.py share.
 The model files import nothing from here.
 """
 import json
+import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -20,19 +24,230 @@ from chatglm import ChatGLM, ChatGLMConfig
 from llama import Llama, LlamaConfig
 
 
+# ----------------------------------------------------------------------------- checking
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message is one line naming the file."""
+
+
+# Bounds on config.json's sizes: far above any released model, low enough that a typo or a
+# hostile file (num_hidden_layers 1000000 builds for minutes) stops before the model is built.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536            # hidden_size (Llama 3.1 405B: 16384)
+MAX_INTERMEDIATE = 2**20      # MLP width (405B: 53248)
+MAX_HEADS = 1024              # query and key/value heads
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 2**22             # largest hub vocabularies are ~256k
+MAX_POSITIONS = 2**24         # max_position_embeddings, seq_length, sliding_window
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "chatglm")  # what LlamaConfig/ChatGLMConfig.from_hf accept
+# Bytes per element of the dtypes safetensors.torch reads (its _TYPES table).
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1,
+                           "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
+                           "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _error(file: Path, message: str) -> CheckpointError:
+    return CheckpointError(f"{file}: {message}".replace("\n", " "))
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise _error(file, f"cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise _error(file, f"not UTF-8 JSON: {e}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config(config_file: Path, config) -> None:
+    """Types and ranges of the config.json fields from_hf reads, before anything is built."""
+    if not isinstance(config, dict):
+        raise _error(config_file, f"expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise _error(config_file, f"model_type {model_type!r} is not supported "
+                                  f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type == "chatglm":  # THUDM's field names (chatglm.ChatGLMConfig.from_hf)
+        required = {"padded_vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "ffn_hidden_size": MAX_INTERMEDIATE,
+                    "num_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS}
+        optional = {"multi_query_group_num": MAX_HEADS, "kv_channels": MAX_HEAD_DIM, "seq_length": MAX_POSITIONS}
+        floats = ("layernorm_epsilon", "rope_ratio")
+        flags = ("multi_query_attention", "add_qkv_bias", "add_bias_linear")
+        kv_heads = config.get("multi_query_group_num") if config.get("multi_query_attention") else None
+    else:
+        required = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "intermediate_size": MAX_INTERMEDIATE,
+                    "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS}
+        optional = {"num_key_value_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM,
+                    "max_position_embeddings": MAX_POSITIONS, "sliding_window": MAX_POSITIONS}
+        floats = ("rms_norm_eps", "rope_theta")
+        flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+        kv_heads = config.get("num_key_value_heads")
+    for name, bound in {**required, **optional}.items():
+        value = config.get(name)
+        if value is None and name in optional:  # from_hf falls back to a default or reads null as "none"
+            continue
+        if not _is_int(value) or not 1 <= value <= bound:
+            raise _error(config_file, f"{name} must be an integer in [1, {bound}], got {value!r}")
+    rope_dicts = []
+    for name in ("rope_scaling", "rope_parameters"):
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise _error(config_file, f"{name} must be an object or null, got {config[name]!r}")
+        rope_dicts.append(config.get(name) or {})
+    numbers = [(config, name) for name in floats]
+    numbers += [(rope, name) for rope in rope_dicts for name in ("rope_theta", "factor")]
+    for where, name in numbers:
+        value = where.get(name, 1.0)  # absent: from_hf's default
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+                or isinstance(value, float) and not math.isfinite(value)):  # json reads NaN, Infinity, 1e999
+            raise _error(config_file, f"{name} must be a finite number > 0, got {value!r}")
+    for name in flags:
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise _error(config_file, f"{name} must be true, false or null, got {config[name]!r}")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    # from_hf derives head_dim = hidden_size // heads when config.json has none; releases that state
+    # their own (Mistral Nemo: 5120 hidden, 32 heads of 128) still have a multiple of the heads.
+    if hidden % heads:
+        raise _error(config_file, f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if kv_heads and heads % kv_heads:  # grouped-query attention: each kv head serves heads // kv_heads
+        raise _error(config_file, f"num_attention_heads {heads} is not divisible by the {kv_heads} key/value heads")
+
+
+def _safetensors_header(file: Path) -> dict[str, list[int]]:
+    """{key: shape} from a safetensors header, checked against the file's size; no tensor is read.
+    Format: 8-byte little-endian header length, a JSON header, then the data (safetensors README)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _error(file, f"{size} bytes: too short for a safetensors file")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+            raise _error(file, f"header length {header_len} exceeds the file ({size} bytes) "
+                               f"or the {MAX_HEADER_BYTES}-byte limit (truncated or not safetensors)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _error(file, f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _error(file, "header is not a JSON object")
+    data_size = size - 8 - header_len
+    shapes = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPE_BYTES:
+            raise _error(file, f"tensor {key!r}: no known dtype in {entry!r}"[:300])
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise _error(file, f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers"[:300])
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(n) for n in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise _error(file, f"tensor {key!r}: data_offsets {offsets!r} are not within the file's "
+                               f"{data_size} data bytes (truncated?)"[:300])
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
+        if offsets[1] - offsets[0] != nbytes:
+            raise _error(file, f"tensor {key!r}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                               f"its {entry['dtype']} shape {shape} needs {nbytes}")
+        shapes[key] = shape
+    return shapes
+
+
+def check_checkpoint(path) -> dict:
+    """Check a checkpoint folder without reading any tensor: config.json's fields, the index and the
+    safetensors headers, keys and shapes against the model built on meta. Returns config.json.
+    Each problem is a CheckpointError whose one-line message starts with the file at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _error(path, "not a directory (expected a Hugging Face checkpoint folder)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise _error(config_file, f"not found (is {path} a Hugging Face checkpoint folder?)")
+    config = _read_json(config_file)
+    _check_config(config_file, config)
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception as e:  # whatever the model code rejects, as one line naming the file
+        if isinstance(e, KeyError):
+            message = f"missing field {e}"
+        elif isinstance(e, ValueError):  # from_hf's own messages start with "config.json: "
+            message = str(e).removeprefix("config.json: ")
+        else:
+            message = f"{type(e).__name__}: {e}"
+        raise _error(config_file, message) from None
+    files = _checkpoint_files(path)
+    if files[0].suffix != ".safetensors":  # pytorch_model*.bin: its keys are known only once unpickled
+        for file in files:
+            if file.stat().st_size == 0:
+                raise _error(file, "empty file")
+        return config
+    shapes, found_in = {}, {}
+    for file in files:
+        for key, shape in _safetensors_header(file).items():
+            if key in found_in:
+                raise _error(file, f"tensor {key!r} is also in {found_in[key].name}")
+            shapes[key], found_in[key] = shape, file
+    # load_model's tolerance: a tied output weight may be absent or present, rope tables are recomputed.
+    expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+    output_weight = f"{model.OUTPUT_LAYER}.weight"
+    required = expected.keys() - {output_weight} if model.config.tie_word_embeddings else expected.keys()
+    missing = sorted(required - shapes.keys())
+    unexpected = sorted(k for k in shapes.keys() - expected.keys() if not k.endswith(model.RECOMPUTED_KEYS))
+    if missing or unexpected:
+        index = path / "model.safetensors.index.json"
+        raise _error(index if index.exists() else files[0],
+                     f"checkpoint does not match the {config['model_type']} model of config.json: "
+                     f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                     f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, shape in shapes.items():
+        if key in expected and shape != expected[key]:
+            raise _error(found_in[key], f"tensor {key!r} has shape {shape}, config.json's model expects {expected[key]}")
+    return config
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _checkpoint_files(path: Path) -> list[Path]:
-    """Single or sharded safetensors; pytorch_model*.bin only when no safetensors exist."""
+    """Single or sharded safetensors; pytorch_model*.bin only when no safetensors exist.
+    An index must name plain files inside the folder that exist (CheckpointError otherwise)."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [path / s for s in shards]
+            return _index_shards(path, index, Path(single).suffix)
         if (path / single).exists():
             return [path / single]
-    raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+    raise _error(path, "no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def _index_shards(path: Path, index: Path, suffix: str) -> list[Path]:
+    """The shards an index names: bare file names in the folder that exist, never a path out of it."""
+    index_json = _read_json(index)
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _error(index, 'expected a JSON object with a non-empty "weight_map" object')
+    shards = {}
+    for name in weight_map.values():
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+                or not name.endswith(suffix)):
+            raise _error(index, f"shard {name!r} is not a plain {suffix} file name")
+        if name in shards:
+            continue
+        # Checked on the path as written, not where a symlink points: the hub's cache folders
+        # hold every file as a symlink into ../../blobs.
+        file = path / name
+        if Path(os.path.abspath(file)).parent != Path(os.path.abspath(path)):
+            raise _error(index, f"shard {name!r} is outside {path}")
+        if not file.is_file():
+            raise _error(index, f"shard {name!r} does not exist")
+        shards[name] = file
+    return sorted(shards.values())
 
 
 def _read_shard(file: Path, device: str):
@@ -114,16 +329,15 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "c
     dtype None keeps the checkpoint's own dtype ("auto": see resolve_dtype). Every parameter must come from the
     checkpoint (tied lm_head excepted) and every checkpoint key must be used. quant
     (quant.QUANT_TYPES) quantizes each Linear but the output head as its weight is read.
+    The folder is checked first (check_checkpoint): a bad one is a one-line CheckpointError.
     """
     Q.check_quant(quant)
     path, device = Path(path), resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: not found (is {path} a Hugging Face checkpoint folder?)")
     t0 = time.time()
+    config = check_checkpoint(path)  # CheckpointError before any tensor is read
     with torch.device("meta"):
-        model = build_model(json.loads(config_file.read_text()))
+        model = build_model(config)
     quantized = Q.quantize_linears(model, quant, skip=model.OUTPUT_LAYER) if quant else {}  # {weight key: QuantLinear}
     memory_before = reset_peak_memory(device)
     expected = set(model.state_dict().keys())

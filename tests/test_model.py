@@ -1,5 +1,8 @@
 """Our model's logits against transformers' own classes on the same checkpoint."""
 import json
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +119,8 @@ def test_strict_loading_names_bad_keys(tmp_path, tiny_llama):
     state["model.layers.0.self_attn.q_proj.extra"] = torch.zeros(1)
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, path / "model.safetensors")
-    with pytest.raises(KeyError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\].*q_proj.extra"):
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors: .*missing \['model.layers.1.mlp.up_proj.weight'\]"
+                                               r".*q_proj.extra"):
         M.load_model(path)
 
 
@@ -302,3 +306,187 @@ def test_segments_must_cover_one_row(tiny_llama):
         ours(torch.zeros(1, 10, dtype=torch.long), segments=(4, 5))
     with pytest.raises(ValueError, match="got 2 rows"):
         ours(torch.zeros(2, 10, dtype=torch.long), segments=(4, 6))
+
+
+# ----------------------------------------------------------------------------- checking a folder
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One tiny llama saved whole and in ~100KB shards; tests corrupt copies of them."""
+    root, hf = tmp_path_factory.mktemp("saved"), make_hf_model()
+    return save_hf(hf, root / "single"), save_hf(hf, root / "sharded", max_shard_size="100KB")
+
+
+@pytest.fixture
+def single(saved, tmp_path):
+    return Path(shutil.copytree(saved[0], tmp_path / "single"))
+
+
+@pytest.fixture
+def sharded(saved, tmp_path):
+    return Path(shutil.copytree(saved[1], tmp_path / "sharded"))
+
+
+def assert_bad(path, file, match):
+    """check_checkpoint raises a one-line CheckpointError that starts with the file at fault."""
+    with pytest.raises(M.CheckpointError, match=match) as error:
+        M.check_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{file}: "), message
+
+
+def read_header(file):
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_header(file, header, data):
+    encoded = json.dumps(header).encode()
+    file.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def test_check_accepts_valid_folders(saved, tmp_path):
+    from conftest import make_glm, write_chatglm
+    for path in saved:
+        assert M.check_checkpoint(path) == json.loads((path / "config.json").read_text())
+    glm = make_glm(groups=2, rope_ratio=1.0)
+    for shards in ("safetensors", "bin"):
+        assert M.check_checkpoint(write_chatglm(glm, tmp_path / shards, 1.0, shards))["model_type"] == "chatglm"
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not found"),
+    (b"{not json", "not UTF-8 JSON"),
+    (b"\xff\xfe{}", "not UTF-8 JSON"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+])
+def test_check_unreadable_config(single, content, match):
+    config = single / "config.json"
+    config.unlink() if content is None else config.write_bytes(content)
+    assert_bad(single, config, match)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"hidden_size": 62}, "hidden_size 62 is not divisible by num_attention_heads 4"),
+    ({"num_key_value_heads": 3}, "not divisible by the 3 key/value heads"),
+    ({"num_attention_heads": True}, r"num_attention_heads must be an integer in \[1, 1024\], got True"),
+    ({"vocab_size": "384"}, "vocab_size must be an integer"),
+    ({"intermediate_size": 0}, "intermediate_size must be an integer"),
+    ({"vocab_size": 2**40}, "vocab_size must be an integer"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0, got nan"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta must be a finite number > 0"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling must be an object or null"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true, false or null"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),  # from_hf's own check, one line too
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "missing field 'low_freq_factor'"),
+])
+def test_check_bad_config_field(single, change, match):
+    config = single / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    assert_bad(single, config, match)
+
+
+def test_check_absurd_layer_count_fails_fast(single):
+    config = single / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 1_000_000}))
+    t0 = time.time()
+    assert_bad(single, config, r"num_hidden_layers must be an integer in \[1, 1024\], got 1000000")
+    assert time.time() - t0 < 1
+
+
+def test_check_bad_chatglm_config(tmp_path):
+    from conftest import make_glm, write_chatglm
+    path = write_chatglm(make_glm(groups=2, rope_ratio=1.0), tmp_path / "glm", 1.0)
+    config = path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 4096}))
+    assert_bad(path, config, "num_layers must be an integer")
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda raw: raw[:len(raw) // 2], "data_offsets .* not within"),  # cut in the middle of the data
+    (lambda raw: raw[:5], "too short for a safetensors file"),
+    (lambda raw: (len(raw)).to_bytes(8, "little") + raw[8:], "header length .* exceeds the file"),
+    (lambda raw: raw[:8] + b"x" * int.from_bytes(raw[:8], "little") + raw[8 + int.from_bytes(raw[:8], "little"):],
+     "header is not UTF-8 JSON"),
+])
+def test_check_corrupt_safetensors(single, corrupt, match):
+    file = single / "model.safetensors"
+    file.write_bytes(corrupt(file.read_bytes()))
+    assert_bad(single, file, match)
+    with pytest.raises(M.CheckpointError, match=match):  # load_model checks first
+        M.load_model(single)
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"  # [64, 64] float32
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h[Q_PROJ].update(data_offsets=[0, 10**12]), "data_offsets .* not within"),
+    (lambda h: h[Q_PROJ].update(data_offsets=[100, 50]), "data_offsets .* not within"),
+    (lambda h: h[Q_PROJ].update(dtype="F16"), "span 16384 bytes, its F16 shape .64, 64. needs 8192"),
+    (lambda h: h[Q_PROJ].update(dtype="F7"), "no known dtype"),
+    (lambda h: h[Q_PROJ].update(shape=[64, -64]), "not a list of non-negative integers"),
+    (lambda h: h[Q_PROJ].update(shape=[32, 128]), r"'model.layers.0.self_attn.q_proj.weight' has shape \[32, 128\], "
+                                                  r"config.json's model expects \[64, 64\]"),
+    (lambda h: h.pop("model.layers.1.mlp.up_proj.weight"),
+     r"missing \['model.layers.1.mlp.up_proj.weight'\], unexpected \[\]"),
+    (lambda h: h.update(extra={"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}),
+     r"missing \[\], unexpected \['extra'\]"),
+])
+def test_check_bad_safetensors_header(single, edit, match):
+    file = single / "model.safetensors"
+    header, data = read_header(file)
+    edit(header)
+    write_header(file, header, data)
+    assert_bad(single, file, match)
+
+
+@pytest.mark.parametrize("shard, match", [
+    ("../x.safetensors", r"shard '../x.safetensors' is not a plain .safetensors file name"),
+    ("ABSOLUTE", "is not a plain .safetensors file name"),
+    ("model-00009-of-00009.safetensors", "shard 'model-00009-of-00009.safetensors' does not exist"),
+    ("model.bin", "is not a plain .safetensors file name"),
+    (["a.safetensors"], "is not a plain .safetensors file name"),
+])
+def test_check_bad_index_shard(sharded, shard, match):
+    index = sharded / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = sorted(content["weight_map"].values())[0]
+    (sharded.parent / "x.safetensors").write_bytes((sharded / first).read_bytes())  # a real file, not followed
+    if shard == "ABSOLUTE":
+        shard = str(sharded.parent / "x.safetensors")
+    content["weight_map"]["model.embed_tokens.weight"] = shard
+    index.write_text(json.dumps(content))
+    assert_bad(sharded, index, match)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not UTF-8 JSON"),
+    ('{"metadata": {}}', 'non-empty "weight_map" object'),
+    ('{"weight_map": ["model-00001-of-00002.safetensors"]}', 'non-empty "weight_map" object'),
+])
+def test_check_bad_index_file(sharded, content, match):
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(content)
+    assert_bad(sharded, index, match)
+
+
+def test_check_key_split_across_shards(sharded):
+    """Keys and shapes are checked over the union of the shards' headers."""
+    shards = sorted(sharded.glob("*.safetensors"))
+    header, data = read_header(shards[-1])
+    key = next(iter(k for k in header if k != "__metadata__"))
+    del header[key]
+    write_header(shards[-1], header, data)
+    assert_bad(sharded, sharded / "model.safetensors.index.json", rf"missing \['{key}'\]")
+
+
+def test_check_folder_and_bin_shards(tmp_path, single):
+    assert_bad(tmp_path / "nowhere", tmp_path / "nowhere", "not a directory")
+    (single / "model.safetensors").unlink()
+    assert_bad(single, single, "no model.safetensors")
+    (single / "pytorch_model.bin").write_bytes(b"")
+    assert_bad(single, single / "pytorch_model.bin", "empty file")
