@@ -29,6 +29,11 @@ FUSE_ADAPTERS = "cuda"
 INITS = ("kaiming", "gaussian")
 
 
+def concatenates(device) -> bool:
+    """Whether a layer runs all its adapters through shared matmuls on this device (FUSE_ADAPTERS)."""
+    return FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and torch.device(device).type == "cuda")
+
+
 @dataclass
 class LoRAConfig:
     r: int = 8                      # rank of the update B @ A
@@ -289,8 +294,7 @@ class MultiLoRALinear(nn.Module):
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
         # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
         # wasted flops of that cost more than small per-adapter matmuls.
-        concatenated = FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and x.is_cuda)
-        if not concatenated:
+        if not concatenates(x.device):
             return self.add_per_adapter(x, groups)
         out = self.base_forward(x)
         if routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
@@ -612,17 +616,69 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path, content: bytes | str | None = None, *, write=None):
+    """Write a file so that a reader (or a kill at any moment) sees the old file or the new
+    one, never a mix: a temporary file beside it, fsynced, renamed over it, the folder fsynced.
+    Give the content, or `write(tmp_path)` that writes the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if write is not None:
+            write(tmp)
+        else:
+            tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: Path, target: Path):
+    """Put folder `new` at `target` in one step (Linux renameat2 RENAME_EXCHANGE: the old
+    folder and the new swap atomically), then delete the old one. Elsewhere, or when the
+    file system refuses, the old folder is renamed aside first: a kill between the two
+    renames leaves it beside, as .<name>.old-<pid>, not lost."""
+    import ctypes
+    import shutil
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        return
+    exchanged = False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        exchanged = libc.renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(target), RENAME_EXCHANGE) == 0
+    except (OSError, AttributeError):
+        pass
+    if exchanged:
+        old = new                           # the old folder now sits where the new one was
+    else:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old)
 
 
 def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None = None):
-    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does."""
+    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does, as a whole:
+    both files go into a new folder that replaces `out_dir` in one step (replace_dir), so a
+    reader or a kill never sees new weights beside an old config."""
+    import shutil
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, name)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
     peft_config = {
@@ -633,10 +689,16 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
-    _atomic_write(out_dir / "adapter_model.safetensors",
-                  lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out_dir / "adapter_config.json",
-                  lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        atomic_write(tmp / "adapter_model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(tmp / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: torch.dtype = torch.float32) -> str:

@@ -62,7 +62,11 @@ class JobPlan:
         self.total_steps = self.steps_per_epoch * epochs
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
-        self.num_micro_batches = sum(1 for _ in self._micro_batches())
+        # Counted, not enumerated: a plan of a billion micro-batches must not take minutes to set up.
+        full, rest = divmod(len(lengths), batch_size)
+        per_step = [batch_size // micro_batch_size] * full + ([math.ceil(rest / micro_batch_size)] if rest else [])
+        whole_epochs, extra_steps = divmod(self.total_steps, len(per_step))
+        self.num_micro_batches = whole_epochs * sum(per_step) + sum(per_step[:extra_steps])
         self.popped = 0
         self.admission = -1       # the scheduler's admission counter, for FIFO order among candidates
         self._iter = self._micro_batches()
@@ -309,3 +313,27 @@ class Scheduler:
     def pop_finished(self) -> list[str]:
         names, self.finished = self.finished, []
         return names
+
+    def state_dict(self) -> dict:
+        """Where the run stands (with pop_finished() empty): enough, with the same plans, to go on exactly."""
+        plans = self.waiting + self.candidates
+        return {"waiting": [j.name for j in self.waiting], "candidates": [j.name for j in self.candidates],
+                "popped": {j.name: j.popped for j in plans}, "admission": {j.name: j.admission for j in plans},
+                "admitted": self._admitted, "warned": self._warned,
+                "memory": {"points": self.memory.points, "coefficients": self.memory.coefficients,
+                           "margin": self.memory.margin}}
+
+    def load_state_dict(self, state: dict):
+        """Back to a state_dict() of a scheduler built from the same plans (fresh, nothing popped)."""
+        plans = {j.name: j for j in self.waiting + self.candidates}
+        self.waiting = [plans[n] for n in state["waiting"]]
+        self.candidates = [plans[n] for n in state["candidates"]]
+        for name, popped in state["popped"].items():
+            for _ in range(popped):   # the plan is a pure function of the job's data and seed
+                plans[name].pop()
+            plans[name].admission = state["admission"][name]
+        self.finished = []
+        self._admitted, self._warned = state["admitted"], state["warned"]
+        self.memory.points = [tuple(p) for p in state["memory"]["points"]]
+        self.memory.coefficients = state["memory"]["coefficients"]
+        self.memory.margin = state["memory"]["margin"]

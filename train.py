@@ -1,18 +1,30 @@
 """Fine-tune many LoRA adapters at once on one frozen base: the config and the one loop.
 
     python train.py                                  the bundled demo (demo.py)
-    python train.py --config cfg.json [--key=value ...]
+    python train.py --config cfg.json [--key=value ...] [--overwrite]
     python train.py --merge out/JOB --to DIR [--base DIR] [--quant nf4]   export base + adapter merged
 
-Each step fuses the next micro-batches of several jobs into one padded batch, runs one
+A run checkpoints to out_dir/checkpoint/ every `checkpoint_every` fused steps and on Ctrl-C
+(SIGINT) or SIGTERM; rerunning the same command resumes it exactly. A different config into
+a used out_dir is refused; --overwrite replaces that run's outputs (and only those).
+Exit status: 0 done, 2 bad input (one line on stderr), 3 a job stopped on non-finite values,
+128+N stopped by signal N (resumable).
+
+Each step fuses the next micro-batches of several jobs into one batch (packed), runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
 and steps each job's own optimizer when that job's gradient accumulation ends.
 """
+import contextlib
 import dataclasses
 import difflib
 import json
 import math
+import os
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -55,7 +67,7 @@ class JobConfig(lora.LoRAConfig):
     epochs: int = 3                        # passes over the data
     max_steps: int | None = None           # stop after this many optimizer steps (None: all epochs)
     eval_every: int = 0                    # held-out loss every N optimizer steps (0: only at the end)
-    save_every: int = 0                    # also write the adapter to <name>/checkpoint-<step>/ every N steps
+    save_every: int = 0                    # also write the adapter to snapshots/<name>/step-<step>/ every N steps
     group_by_length: bool = False          # order each epoch so a micro-batch holds rows of similar length
     priority: int = 0                      # higher is admitted first; FIFO within a priority
     early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
@@ -85,6 +97,7 @@ class RunConfig:
     seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
     out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
     log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
+    checkpoint_every: int = 50             # write the run checkpoint (out_dir/checkpoint/) every N fused steps (0: only on SIGINT/SIGTERM)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -92,6 +105,76 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+# What out_dir holds besides one folder per job; no job may take these names.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots")
+# Config fields a resumed run may change: they change no result.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
+OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def validate(cfg: RunConfig, where: str):
+    """Every value's range and enum, before anything is read or written: a ConfigError naming
+    the field. (Data, base folder and targets are checked by prepare, still before out_dir.)"""
+    def need(ok: bool, field: str, value, expected: str):
+        if not ok:
+            raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
+
+    def finite(x) -> bool:
+        return x is not None and math.isfinite(x)
+
+    need(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"expected one of {', '.join(DTYPES)}")
+    need(cfg.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None,
+         "device", cfg.device, "expected auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        index = int(cfg.device.partition(":")[2] or 0)
+        need(torch.cuda.is_available() and index < torch.cuda.device_count(), "device", cfg.device,
+             f"not available here ({torch.cuda.device_count()} CUDA devices)")
+    need(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "expected a folder path")
+    need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
+    sc = cfg.scheduler
+    need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")
+    need(sc.max_concurrent >= 1, "scheduler.max_concurrent", sc.max_concurrent, "expected >= 1")
+    need(sc.memory_budget_gb is None or finite(sc.memory_budget_gb) and sc.memory_budget_gb > 0,
+         "scheduler.memory_budget_gb", sc.memory_budget_gb, "expected null or a number > 0")
+    need(sc.token_budget is None or sc.token_budget >= 1, "scheduler.token_budget", sc.token_budget, "expected null or >= 1")
+    seen = {}
+    for i, job in enumerate(cfg.jobs):
+        def check(name: str, ok: bool, expected: str):
+            need(ok, f"jobs[{i}].{name}", getattr(job, name), expected)
+        check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
+              "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
+        check("name", job.name.lower() not in seen, f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
+        seen[job.name.lower()] = i
+        check("data", job.data.strip() != "", "expected a file path")
+        check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
+        check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
+        check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
+        check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
+        check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
+        check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
+        check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
+        check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
+        check("weight_decay", finite(job.weight_decay) and job.weight_decay >= 0, "expected a finite number >= 0")
+        check("momentum", finite(job.momentum) and 0 <= job.momentum < 1, "expected 0 <= momentum < 1")
+        check("lr_schedule", job.lr_schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")
+        check("warmup_steps", job.warmup_steps >= 0, "expected >= 0")
+        check("max_grad_norm", job.max_grad_norm is None or finite(job.max_grad_norm) and job.max_grad_norm > 0,
+              "expected null (no clipping) or a finite number > 0")
+        check("batch_size", 1 <= job.batch_size <= 2**20, "expected 1 <= batch_size <= 1048576")
+        check("micro_batch_size", 1 <= job.micro_batch_size <= job.batch_size and job.batch_size % job.micro_batch_size == 0,
+              f"expected a divisor of batch_size {job.batch_size}")
+        check("epochs", 1 <= job.epochs <= 100_000, "expected 1 <= epochs <= 100000")
+        check("max_steps", job.max_steps is None or job.max_steps >= 0, "expected null or >= 0")
+        check("eval_every", job.eval_every >= 0, "expected >= 0")
+        check("save_every", job.save_every >= 0, "expected >= 0")
+        check("early_stop", job.early_stop is None or job.early_stop >= 1, "expected null or >= 1")
+        check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
+              "needs test_data and eval_every > 0")
+        check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
 
 
 def _check_type(value, hint, where: str):
@@ -232,13 +315,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         quant.check_quant(cfg.quant)
     except ValueError as e:
         raise ConfigError(f"{file}: quant: {e}") from None
-    try:
-        M.resolve_dtype(cfg.dtype, "cpu")
-    except ValueError as e:
-        raise ConfigError(f"{file}: {e}") from None
-    names = [j.name for j in cfg.jobs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{file}: job names must be unique, got {names}")
+    validate(cfg, str(file))
     return cfg
 
 
@@ -385,6 +462,12 @@ class JobState:
     best: Best | None = None               # with early_stop
     evals_since_best: int = 0
     stopped: str | None = None             # why it stopped early
+    nonfinite: bool = False                # stopped because its loss, gradient or weights went non-finite
+
+
+# The JobState fields a run checkpoint stores as they are (tensors and objects apart).
+COUNTERS = ("step", "lr", "last_loss", "tokens", "padded_tokens", "peak_mb", "initial_eval_loss",
+            "eval_loss", "evals_since_best", "stopped", "nonfinite")
 
 
 @dataclass
@@ -399,29 +482,38 @@ class Run:
     plans: dict[str, JobPlan]
     train_sets: dict[str, list[data.Example]]
     test_sets: dict[str, list[data.Example]]
-    metrics: typing.TextIO                 # metrics.jsonl
-    start: float                           # time.time() at the first step
+    inputs: dict[str, str]                 # sha256 of every input file: a resumed run must read the same
+    metrics: typing.BinaryIO               # metrics.jsonl, appended line by line
+    start: float                           # time.time() at the first step (earlier on resume)
     bar: typing.Any                        # the tqdm progress bar, in micro-batches
-    jobs: dict[str, JobState] = field(default_factory=dict)   # admitted, not finished
+    jobs: dict[str, JobState] = field(default_factory=dict)   # admitted, not finished (admission order)
     summary: dict[str, dict] = field(default_factory=dict)    # finished jobs
     step: int = 0                          # fused steps taken
     tokens: int = 0
     padded_tokens: int = 0
     peak_mb: float = 0.0
     prediction_errors: list[float] = field(default_factory=list)
+    signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
 
     def log(self, record: dict):
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write((json.dumps(record) + "\n").encode())
         self.metrics.flush()
 
     def now(self) -> float:
         return time.time() - self.start
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the run checkpointed and stopped; the same command resumes it."""
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ----------------------------------------------------------------------------- the steps
 
-def admit(run: Run, name: str):
-    """Add the job's adapter and optimizer; its held-out loss at init is the starting point."""
+def add_job(run: Run, name: str) -> JobState:
+    """The job's adapter (initialised from the seed), optimizer and dropout RNG."""
     job = next(j for j in run.cfg.jobs if j.name == name)
     lora.add_adapters(run.model, {name: job.lora_config()}, seed=run.cfg.seed)
     params = lora.adapter_parameters(run.model, name)
@@ -430,21 +522,30 @@ def admit(run: Run, name: str):
     s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
                                   run.test_sets.get(name), make_optimizer(params, job), generator,
                                   admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device))
+    return s
+
+
+def admit(run: Run, name: str):
+    """Add the job; its held-out loss at init is the starting point."""
+    s = add_job(run, name)
     if s.test_set:
         s.initial_eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
-    if job.early_stop is not None:  # the adapter at init (the base model) is the first "best"
-        s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in params])
+    if s.config.early_stop is not None:  # the adapter at init (the base model) is the first "best"
+        s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)])
     run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss})
 
 
 def fused_step(model, jobs: list[JobConfig], examples: list[list[data.Example]], step_loss_tokens: list[int],
                generators: dict[str, torch.Generator], pad_id: int, device,
-               packed: bool = True) -> tuple[torch.Tensor, data.Batch]:
+               packed: bool = True, check_finite: bool = False) -> tuple[torch.Tensor, data.Batch, bool]:
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all examples end to end in one row; else padded rows), each example routed to its
-    job's adapter; returns each job's loss [k] and the batch.
+    job's adapter; returns each job's loss [k], the batch, and whether backward ran.
 
     examples[i] are job i's rows; step_loss_tokens[i] the loss tokens of its whole optimizer step.
+    check_finite: no backward when a job's loss is not finite (the caller drops that job and
+    runs the step again without it). Needed where adapters share matmuls (lora.concatenates):
+    there a NaN row would reach every adapter's gradient as 0 x NaN.
     """
     batch = make_batch([(job.name, rows) for job, rows in zip(jobs, examples)], pad_id, packed).to(device)
     job_of_row = torch.tensor([i for i, rows in enumerate(examples) for _ in rows], device=device)
@@ -455,25 +556,42 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list[data.Example]],
         token_job = job_of_row[rows]
         losses = torch.stack([job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i],
                                        step_loss_tokens[i]) for i, job in enumerate(jobs)])
+        if check_finite and not bool(losses.isfinite().all()):  # syncs the device
+            return losses.detach(), batch, False
         # Backward inside the routing block: a layer recomputed in backward (activation
         # checkpointing) reads the routing and redraws the same dropout masks.
         losses.sum().backward()
-    return losses.detach(), batch
+    return losses.detach(), batch, True
 
 
-def optimizer_step(run: Run, s: JobState):
-    """Clip, set the scheduled lr, step and clear the job's gradients (its accumulation ended)."""
+def optimizer_step(run: Run, s: JobState) -> str | None:
+    """Clip, set the scheduled lr, step and clear the job's gradients (its accumulation ended).
+    A non-finite loss or gradient skips the step, and a step that leaves non-finite weights is
+    undone: returns why, and the job stops with its last finite weights."""
     params = lora.adapter_parameters(run.model, s.config.name)
+    grads = [p.grad for p in params if p.grad is not None]
     if s.config.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, s.config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, s.config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
+    loss, norm = torch.stack([s.loss_sum.float(), norm.float().to(s.loss_sum.device)]).tolist()  # syncs the device
+    s.loss_sum = torch.zeros((), device=run.device)
+    if not math.isfinite(loss) or not math.isfinite(norm):
+        s.optimizer.zero_grad(set_to_none=True)
+        return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {s.step + 1}"
     s.lr = get_lr(s.step, s.total_steps, s.config)
     for group in s.optimizer.param_groups:
         group["lr"] = s.lr
+    before = [p.detach().clone() for p in params]
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    s.last_loss = s.loss_sum.item()  # syncs the device
-    s.loss_sum = torch.zeros((), device=run.device)
+    if not math.isfinite(torch.nn.utils.get_total_norm(params).item()):
+        with torch.no_grad():
+            torch._foreach_copy_(params, before)
+        return f"non-finite weights after step {s.step + 1} (undone)"
+    s.last_loss = loss
     s.step += 1
+    return None
 
 
 def evaluate_and_stop(run: Run, s: JobState) -> str | None:
@@ -481,8 +599,6 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     stalls or diverges stops, freeing its slot for a waiting job. Returns why it stops, or None."""
     job, name = s.config, s.config.name
     stop_reason = None
-    if job.early_stop is not None and not math.isfinite(s.last_loss):
-        stop_reason = f"diverged: training loss {s.last_loss}"
     if job.eval_every and s.test_set and s.step % job.eval_every == 0:
         s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
         run.log({"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1,
@@ -498,18 +614,27 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
                 if s.evals_since_best >= job.early_stop:
                     stop_reason = f"no better held-out loss in {job.early_stop} evaluations"
     if job.save_every and s.step % job.save_every == 0:
-        lora.save_peft(run.model, name, run.out_dir / name / f"checkpoint-{s.step}", run.cfg.base_model)
+        lora.save_peft(run.model, name, run.out_dir / "snapshots" / name / f"step-{s.step}", run.cfg.base_model)
     return stop_reason
 
 
-def stop_early(run: Run, s: JobState, reason: str):
-    """Take the job off the scheduler; finish() then saves its best adapter and frees its slot."""
+def stop_early(run: Run, s: JobState, reason: str, nonfinite: bool = False):
+    """Take the job off the scheduler; finish() then saves its best (or last finite) adapter and frees its slot."""
     name = s.config.name
     if run.sched.stop(name):
-        s.stopped = reason
         run.bar.total -= run.plans[name].remaining
+    elif not nonfinite:   # its last micro-batch already ran: it finishes as planned
+        return
+    if s.stopped is None:
+        s.stopped, s.nonfinite = reason, nonfinite
+        s.optimizer.zero_grad(set_to_none=True)   # a step's accumulation cut short
+        s.loss_sum = torch.zeros((), device=run.device)
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
-                 "reason": reason, "best_eval_loss": s.best.loss, "best_step": s.best.step})
+                 "reason": reason, "nonfinite": nonfinite,
+                 "best_eval_loss": None if s.best is None else s.best.loss,
+                 "best_step": None if s.best is None else s.best.step})
+        if nonfinite:
+            print(f"\nwarning: job {name!r} stopped: {reason}; it keeps its adapter of step {s.step}", file=sys.stderr)
 
 
 def finish(run: Run, name: str):
@@ -536,19 +661,159 @@ def finish(run: Run, name: str):
                          "initial_eval_loss": s.initial_eval_loss, "eval_loss": s.eval_loss,
                          "padded_tokens": s.padded_tokens, "padding": 1 - s.tokens / max(s.padded_tokens, 1),
                          "peak_mem_mb": max(s.peak_mb, M.peak_memory(run.device)),
-                         "stopped": s.stopped, "best_step": None if best is None else best.step}
+                         "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
 
 
+# ----------------------------------------------------------------------------- checkpoint and resume
+
+def save_checkpoint(run: Run):
+    """The whole run's state in one file, written atomically (out_dir/checkpoint/state.pt):
+    enough for the same command to go on exactly where this step ended."""
+    jobs = {}
+    for name, s in run.jobs.items():   # admission order, as the adapters sit in the layers
+        params = lora.adapter_parameters(run.model, name)
+        jobs[name] = {"weights": [p.detach().cpu() for p in params],
+                      "grads": [None if p.grad is None else p.grad.cpu() for p in params],
+                      "optimizer": s.optimizer.state_dict(), "generator": s.generator.get_state(),
+                      "loss_sum": s.loss_sum.cpu(), "admitted_s": s.admitted_at - run.start,
+                      "best": None if s.best is None else {"loss": s.best.loss, "step": s.best.step,
+                                                           "weights": [w.cpu() for w in s.best.weights]},
+                      **{key: getattr(s, key) for key in COUNTERS}}
+    state = {"version": 1, "config": dataclasses.asdict(run.cfg), "inputs": run.inputs,
+             "elapsed_s": run.now(), "step": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
+             "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors, "summary": run.summary,
+             "metrics_bytes": run.metrics.tell(), "bar": [run.bar.n, run.bar.total],
+             "scheduler": run.sched.state_dict(), "jobs": jobs, "torch_rng": torch.get_rng_state()}
+    folder = run.out_dir / "checkpoint"
+    folder.mkdir(exist_ok=True)
+    lora.atomic_write(folder / "state.pt", write=lambda p: torch.save(state, p))
+
+
+def restore(run: Run, state: dict):
+    """Put a run back as save_checkpoint left it."""
+    for path, digest in state["inputs"].items():
+        if run.inputs.get(path) != digest:
+            raise ConfigError(f"{path}: changed since the run in {run.out_dir} started; "
+                              f"restore it, or pass --overwrite to start again")
+    run.start = time.time() - state["elapsed_s"]
+    run.step, run.tokens, run.padded_tokens = state["step"], state["tokens"], state["padded_tokens"]
+    run.peak_mb, run.prediction_errors, run.summary = state["peak_mb"], state["prediction_errors"], state["summary"]
+    run.bar.n, run.bar.total = state["bar"]
+    run.bar.refresh()
+    run.sched.load_state_dict(state["scheduler"])
+    for name, saved in state["jobs"].items():
+        s = add_job(run, name)
+        params = lora.adapter_parameters(run.model, name)
+        with torch.no_grad():
+            for param, weight, grad in zip(params, saved["weights"], saved["grads"]):
+                param.copy_(weight)
+                param.grad = None if grad is None else grad.to(param.device)
+        s.optimizer.load_state_dict(saved["optimizer"])
+        s.generator.set_state(saved["generator"])
+        s.loss_sum = saved["loss_sum"].to(run.device)
+        s.admitted_at = run.start + saved["admitted_s"]
+        for key in COUNTERS:
+            setattr(s, key, saved[key])
+        if saved["best"] is not None:
+            s.best = Best(saved["best"]["loss"], saved["best"]["step"], [w.to(run.device) for w in saved["best"]["weights"]])
+    torch.set_rng_state(state["torch_rng"])
+    run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
+    run.metrics.seek(state["metrics_bytes"])
+
+
+def file_digest(path: str | Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_difference(old: dict, new: dict, where: str = "") -> str | None:
+    """The first field where two resolved configs differ, as 'field: A there, B here' (None: same)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            if not where and key in RESUMABLE_CHANGES:
+                continue
+            diff = config_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if diff:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return next(filter(None, (config_difference(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(old, new)))), None)
+    return None if old == new else f"{where}: {json.dumps(old)} there, {json.dumps(new)} here"
+
+
+def claim_out_dir(cfg: RunConfig, overwrite: bool) -> str:
+    """What this run does with out_dir, decided before anything is written (nothing is):
+    "fresh" (missing or empty), "overwrite" (a run of ours, --overwrite), "resume" (an unfinished
+    run of this config with a checkpoint), "restart" (one that never checkpointed), "finished"."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("jobs"), list):
+        raise ConfigError(f"out_dir {out}: not empty and holds no run of train.py (no readable config.json); "
+                          "choose another out_dir")
+    if overwrite:
+        return "overwrite"
+    diff = config_difference(old, dataclasses.asdict(cfg))
+    if diff:
+        raise ConfigError(f"out_dir {out} holds a run of another config ({diff}); choose another out_dir, "
+                          "or pass --overwrite to replace that run")
+    if (out / "run.json").exists():
+        return "finished"
+    return "resume" if (out / "checkpoint" / "state.pt").exists() else "restart"
+
+
+def clear_run(out: Path):
+    """Remove a previous run's outputs from out (--overwrite): only what train.py writes there."""
+    import shutil
+    try:
+        old = json.loads((out / "config.json").read_text())
+        names = [j["name"] for j in old["jobs"] if isinstance(j, dict) and SAFE_NAME.fullmatch(str(j.get("name")))]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    for name in (*names, *RUN_FILES, *(p.name for p in out.glob(".*.tmp-*")), *(p.name for p in out.glob(".*.old-*"))):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 # ----------------------------------------------------------------------------- the loop
+
+def check_base(cfg: RunConfig) -> torch.nn.Module:
+    """The base folder checked without reading a weight (model.check_checkpoint), the model
+    built on the meta device, and every job's targets and cutoff_len checked against it."""
+    where = f"{cfg.base_model}/config.json"
+    skeleton_config = M.check_checkpoint(cfg.base_model)
+    with torch.device("meta"):
+        skeleton = M.build_model(skeleton_config)
+    positions = getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "seq_length", None)
+    for i, job in enumerate(cfg.jobs):
+        bad = [t for t in job.targets or () if t not in skeleton.LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"jobs[{i}].targets: {', '.join(map(repr, bad))} not in {where} "
+                              f"({skeleton.config.model_type}); LoRA targets: {', '.join(skeleton.LORA_TARGETS)}")
+        if positions and job.cutoff_len > positions:
+            raise ConfigError(f"jobs[{i}].cutoff_len: {job.cutoff_len} is more than the {positions} positions of {where}")
+    return skeleton
+
 
 def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
     """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
     tokenizer = data.load_tokenizer(cfg.base_model)
     train_sets, test_sets, plans = {}, {}, []
     for job in cfg.jobs:
-        if job.early_stop is not None and not (job.test_data and job.eval_every):
-            raise ConfigError(f"job {job.name!r}: early_stop needs test_data and eval_every > 0")
         train_sets[job.name] = data.load_job_data(job.data, tokenizer, job.template, job.cutoff_len, job.train_on_inputs)
         if job.test_data:
             test_sets[job.name] = data.load_job_data(job.test_data, tokenizer, job.template, job.cutoff_len, False)
@@ -580,44 +845,128 @@ def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train every job of `cfg`; returns the per-job summary (also in out_dir/summary.json)."""
+def train(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Train every job of `cfg`; returns the per-job summary (also in out_dir/summary.json).
+
+    Everything is checked before out_dir is touched: the config, the base folder, every data
+    row, and what out_dir holds (claim_out_dir). An unfinished run of the same config there is
+    resumed from its checkpoint; `overwrite` replaces a previous run's outputs instead.
+    """
     from tqdm import tqdm
-    torch.manual_seed(cfg.seed)
+    validate(cfg, "config")
     device = M.resolve_device(cfg.device)
+    check_base(cfg)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
+    mode = claim_out_dir(cfg, overwrite)
+    out_dir = Path(cfg.out_dir)
+    if mode == "finished":
+        print(f"{out_dir} holds the finished run of this config (run.json): nothing to do; "
+              f"--overwrite trains it again")
+        return json.loads((out_dir / "summary.json").read_text())
+    files = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
+    inputs = {str(f): file_digest(f) for f in files}
+    state = read_checkpoint(out_dir, inputs) if mode == "resume" else None
+    torch.manual_seed(cfg.seed)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
     model.checkpoint_blocks = cfg.activation_checkpointing
-    out_dir = Path(cfg.out_dir)
+    if mode == "overwrite":
+        clear_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if state is None:
+        lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
-              train_sets, test_sets, metrics=open(out_dir / "metrics.jsonl", "w"), start=time.time(),
+              train_sets, test_sets, inputs, metrics=open(out_dir / "metrics.jsonl", "r+b" if state else "wb"),
+              start=time.time(),
               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))
+    if state is not None:
+        restore(run, state)
+        print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
+              f"{len(run.jobs)} admitted)")
+    with signals_checkpoint(run):
+        while not sched.done:
+            train_step(run)
+            if run.signal is not None or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                save_checkpoint(run)
+            if run.signal is not None:
+                run.bar.close()
+                raise Interrupted(run.signal, f"{signal.Signals(run.signal).name}: checkpoint of fused step "
+                                              f"{run.step} in {out_dir}/checkpoint; the same command resumes")
+    run.bar.close()
+    write_results(run)
+    return run.summary
 
-    while not sched.done:
-        for name in sched.admit():
-            admit(run, name)
-        if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
-            for name in sched.pop_finished():
-                finish(run, name)
-            continue
 
-        # ---- one forward + backward over the next micro-batches of several jobs, fused
-        t0 = time.time()
-        micro_batches = sched.next_step()
-        # The window since the last backward (optimizer steps, evals, admissions) counts toward
-        # the peaks too; then a fresh window for this step, whose peak the memory model learns.
-        between_mb = M.peak_memory(device)
-        M.reset_peak_memory(device)
+def read_checkpoint(out_dir: Path, inputs: dict[str, str]) -> dict:
+    """The run checkpoint, if its input files are still the same."""
+    file = out_dir / "checkpoint" / "state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch says, the file is unusable
+        raise ConfigError(f"{file}: unreadable ({type(e).__name__}); pass --overwrite to start the run again") from None
+    for path, digest in state["inputs"].items():
+        if inputs.get(path) != digest:
+            raise ConfigError(f"{path}: changed since the run in {out_dir} started; "
+                              f"restore it, or pass --overwrite to start again")
+    return state
+
+
+@contextlib.contextmanager
+def signals_checkpoint(run: Run):
+    """SIGINT / SIGTERM during the loop: note it; the loop checkpoints after the step and stops.
+    A second one acts as it normally would."""
+    def note(signum, frame):
+        run.signal = signum
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print(f"\n{signal.Signals(signum).name}: checkpointing after this step (again to stop at once)", file=sys.stderr)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_step(run: Run):
+    """Admit waiting jobs, run one fused step, step the optimizers whose accumulation ended,
+    finish the jobs that are done."""
+    sched, cfg = run.sched, run.cfg
+    for name in sched.admit():
+        admit(run, name)
+    if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
+        for name in sched.pop_finished():
+            finish(run, name)
+        return
+
+    # ---- one forward + backward over the next micro-batches of several jobs, fused
+    t0 = time.time()
+    micro_batches = sched.next_step()
+    # The window since the last backward (optimizer steps, evals, admissions) counts toward
+    # the peaks too; then a fresh window for this step, whose peak the memory model learns.
+    between_mb = M.peak_memory(run.device)
+    M.reset_peak_memory(run.device)
+    while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
-        losses, batch = fused_step(model, [s.config for s in states],
-                                   [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
-                                   [mb.step_loss_tokens for mb in micro_batches],
-                                   {s.config.name: s.generator for s in states}, run.pad_id, device, cfg.packing)
-        step_mb = M.peak_memory(device)  # forward + backward: where a step's memory peaks
+        losses, batch, stepped = fused_step(
+            run.model, [s.config for s in states],
+            [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
+            [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
+            run.pad_id, run.device, cfg.packing, check_finite=lora.concatenates(run.device))
+        if stepped:
+            break
+        # A job whose loss is not finite stops; the others run the step again without it.
+        finite = [math.isfinite(loss) for loss in losses.tolist()]
+        for s, ok in zip(states, finite):
+            if not ok:
+                stop_early(run, s, f"non-finite loss at step {s.step + 1}", nonfinite=True)
+        micro_batches = [mb for mb, ok in zip(micro_batches, finite) if ok]
+    step_mb = M.peak_memory(run.device)  # forward + backward: where a step's memory peaks
 
+    if micro_batches:
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
         row_lengths = batch.lengths.split([len(mb.indices) for mb in micro_batches])
         for s, mb, loss, lengths in zip(states, micro_batches, losses, row_lengths):
@@ -625,18 +974,19 @@ def train(cfg: RunConfig) -> dict:
             s.tokens += int(lengths.sum())
             s.padded_tokens += int(lengths.sum()) if batch.packed else len(lengths) * batch.input_ids.size(1)
             if mb.last_in_step:
-                optimizer_step(run, s)
-                stop_reason = evaluate_and_stop(run, s)
-                if stop_reason:
-                    stop_early(run, s, stop_reason)
-
+                reason = optimizer_step(run, s)
+                if reason:
+                    stop_early(run, s, reason, nonfinite=True)
+                    continue
+                reason = evaluate_and_stop(run, s)
+                if reason:
+                    stop_early(run, s, reason)
         log_step(run, micro_batches, batch, time.time() - t0, between_mb, step_mb)
-        # ---- finished jobs: save, free their slot (the next waiting job is admitted above)
-        for name in sched.pop_finished():
-            finish(run, name)
-    run.bar.close()
-    write_results(run)
-    return run.summary
+    else:
+        run.step += 1
+    # ---- finished jobs: save, free their slot (the next waiting job is admitted next time)
+    for name in sched.pop_finished():
+        finish(run, name)
 
 
 def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, between_mb: float, step_mb: float):
@@ -682,10 +1032,12 @@ def write_results(run: Run):
               "mem_model": memory.coefficients, "mem_model_points": len(memory.points),
               "mem_model_shapes": len({p[0] for p in memory.points})}
     run.log({"run": totals})
+    os.fsync(run.metrics.fileno())
     run.metrics.close()
-    (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
-    (run.out_dir / "run.json").write_text(json.dumps(totals, indent=2) + "\n")
+    lora.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+    lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
+    shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
     print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
     for name, s in run.summary.items():
         loss_text = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"
@@ -724,8 +1076,26 @@ def plot_losses(metrics_file: Path, png: Path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    lora.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+MERGE_MARKER = "merged_from.json"   # in every folder export_merged writes: the only kind it replaces
+
+
+def check_merge_target(to: Path, inputs: list[Path]):
+    """--merge writes `to` only where it destroys nothing it did not create: not inside an
+    adapter or training run folder, not over a folder of anything else, nor over its inputs."""
+    to = to.resolve()
+    for folder in (to, *to.parents):
+        if (folder / "adapter_config.json").exists() or (folder / "metrics.jsonl").exists():
+            raise ConfigError(f"--to {to}: inside {folder}, an adapter or training run folder; choose a folder outside it")
+    for path in inputs:
+        if to == path.resolve() or to in path.resolve().parents:
+            raise ConfigError(f"--to {to}: would replace {path}, an input of the merge")
+    if to.exists() and (not to.is_dir() or any(to.iterdir()) and not (to / MERGE_MARKER).exists()):
+        raise ConfigError(f"--to {to}: exists and is not a merge written by train.py ({MERGE_MARKER}); "
+                          f"choose another folder or remove it")
 
 
 def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str | None = None) -> float:
@@ -735,15 +1105,23 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     dequantized weights. Returns (and prints) max |logits difference| between the written
     model and base + adapter on a few prompts.
     """
-    import shutil
     from safetensors.torch import save_file
     adapter_dir, to = Path(adapter_dir), Path(to)
-    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = base or peft_config.get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --base DIR")
+    config_file = adapter_dir / "adapter_config.json"
+    try:
+        peft_config = json.loads(config_file.read_text())
+        base = base or peft_config.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{config_file}: not a readable adapter config ({type(e).__name__}: {e})") from None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{config_file}: no base_model_name_or_path; pass --base DIR")
+    check_merge_target(to, [adapter_dir, Path(base)])
+    M.check_checkpoint(base)
     net = M.load_model(base, dtype=torch.float32, quant=quant)
-    name = lora.load_peft(net, adapter_dir)
+    try:
+        name = lora.load_peft(net, adapter_dir)
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"{adapter_dir}: cannot load the adapter onto {base}: {e}".replace("\n", " ")) from None
     net.eval()  # the adapter layers were just added, in training mode (dropout)
     prompts = torch.randint(0, net.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), lora.route(net, [name] * len(prompts)):
@@ -757,16 +1135,19 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     stored = json.loads((Path(base) / "config.json").read_text())
     dtype = stored.get("torch_dtype") or stored.get("dtype") or "float32"
     state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
-    tmp = to.with_name(f".{to.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for file in Path(base).iterdir():  # config and tokenizer files, not the old weights
-        if file.is_file() and not file.name.startswith(("model", "pytorch_model")) and file.suffix != ".safetensors":
-            shutil.copy(file, tmp / file.name)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if to.exists():
-        shutil.rmtree(to)
-    tmp.rename(to)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        for file in Path(base).iterdir():  # config and tokenizer files, not the old weights
+            if file.is_file() and not file.name.startswith(("model", "pytorch_model")) and file.suffix != ".safetensors":
+                shutil.copy(file, tmp / file.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        lora.atomic_write(tmp / MERGE_MARKER, json.dumps({"adapter": str(adapter_dir.resolve()), "base": str(Path(base).resolve()),
+                                                          "quant": quant}, indent=2) + "\n")
+        lora.replace_dir(tmp, to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     with torch.no_grad():
         divergence = (M.load_model(to, dtype=torch.float32)(prompts) - expected).abs().max().item()
     into = f"the DEQUANTIZED {quant} weights of {base}" if quant else base
@@ -776,23 +1157,28 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     return divergence
 
 
-def run_demo(overrides: list[str] | None = None) -> dict:
+def run_demo(overrides: list[str] | None = None, overwrite: bool = False) -> dict:
     """The bundled demo (demo.py): four adapters trained fused, then shown side by side."""
     import demo
     t0 = time.time()
     cfg = load_config(str(demo.CONFIG), overrides or [])
     demo.resolve_paths(cfg)
-    summary = train(cfg)
+    summary = train(cfg, overwrite)
     demo.show_results(cfg, summary)
     print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
     return summary
 
 
 def main(argv: list[str]) -> int:
-    config_path, overrides, args, merge_args = None, [], list(argv), {}
+    config_path, overrides, args, merge_args, overwrite = None, [], list(argv), {}, False
     while args:
         arg = args.pop(0)
-        if arg in ("--config", "--merge", "--to", "--base", "--quant") and args:
+        if arg in ("-h", "--help"):
+            print(__doc__.strip())
+            return 0
+        if arg == "--overwrite":
+            overwrite = True
+        elif arg in ("--config", "--merge", "--to", "--base", "--quant") and args:
             value = args.pop(0)
             if arg == "--config":
                 config_path = value
@@ -809,13 +1195,22 @@ def main(argv: list[str]) -> int:
             if "merge" not in merge_args or "to" not in merge_args:
                 raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
             export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
-        elif config_path is None:
-            run_demo(overrides)
         else:
-            train(load_config(config_path, overrides))
-    except (ConfigError, data.DataError, FileNotFoundError) as e:
+            summary = run_demo(overrides, overwrite) if config_path is None else train(load_config(config_path, overrides), overwrite)
+            bad = [name for name, s in summary.items() if s.get("nonfinite")]
+            if bad:
+                print(f"error: non-finite loss, gradient or weights stopped {', '.join(bad)} (see summary.json; "
+                      f"each keeps its last finite adapter)", file=sys.stderr)
+                return 3
+    except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -69,7 +69,8 @@ def test_train_writes_outputs_and_adapters_load_in_peft(tmp_path, base_dir):
     assert steps and all(r["tokens"] > 0 and r["peak_mem_mb"] > 0 for r in steps)
     assert summary["a"]["steps"] == 12 and summary["b"]["steps"] == 2
     assert summary["a"]["eval_loss"] < summary["a"]["initial_eval_loss"]  # it learned
-    assert (out / "a" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    assert (out / "snapshots" / "a" / "step-4" / "adapter_model.safetensors").exists()
+    assert not (out / "checkpoint").exists() and (out / "run.json").exists()  # finished: no run checkpoint left
     assert sum(1 for r in lines if r.get("event") == "eval") == 6
     # The saved adapter, loaded by PEFT onto transformers' model, gives our logits.
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -98,7 +99,35 @@ def write_config(tmp_path, base_dir, **changes):
     ({}, ["--jobs.zz.lr=1"], "no job named 'zz'"),
     ({"jobs": [{"name": "a", "data": "missing.json"}]}, [], "missing.json: file not found"),
     ({"jobs": [{"name": "a", "dat": "x.json"}]}, [], "jobs[0]: unknown key 'dat' (did you mean 'data'?)"),
-    ({}, ["--dtype=bf16"], "dtype 'bf16': expected auto, float32, bfloat16 or float16"),
+    ({}, ["--dtype=bf16"], "dtype: expected one of auto, float32, bfloat16, float16, got 'bf16'"),
+    # Ranges and enums (issue 12's fuzz found each of these accepted, and wrong, or a traceback).
+    ({}, ["--jobs.a.lr=NaN"], "jobs[0].lr: expected a finite number > 0, got nan"),
+    ({}, ["--jobs.a.lr=Infinity"], "jobs[0].lr: expected a finite number > 0, got inf"),
+    ({}, ["--jobs.a.lr=0"], "jobs[0].lr: expected a finite number > 0, got 0.0"),
+    ({}, ["--jobs.a.alpha=-1"], "jobs[0].alpha: expected a finite number > 0"),
+    ({}, ["--jobs.a.max_grad_norm=-1"], "jobs[0].max_grad_norm: expected null (no clipping) or a finite number > 0"),
+    ({}, ["--jobs.a.cutoff_len=-1"], "jobs[0].cutoff_len: expected 2 <= cutoff_len"),
+    ({}, ["--jobs.a.lr_schedule=cosin"], "jobs[0].lr_schedule: expected one of constant, linear, cosine, got 'cosin'"),
+    ({}, ["--jobs.a.batch_size=-4"], "jobs[0].batch_size: expected 1 <= batch_size"),
+    ({}, ["--jobs.a.micro_batch_size=3"], "jobs[0].micro_batch_size: expected a divisor of batch_size 16"),
+    ({}, ["--jobs.a.epochs=-1"], "jobs[0].epochs: expected 1 <= epochs"),
+    ({}, ["--jobs.a.dropout=1"], "jobs[0].dropout: expected 0 <= dropout < 1"),
+    ({}, ["--jobs.a.r=0"], "jobs[0].r: expected 1 <= r"),
+    ({}, ["--jobs.a.optimizer=adam"], "jobs[0].optimizer: expected one of adamw, sgd"),
+    ({}, ["--jobs.a.early_stop=2"], "jobs[0].early_stop: needs test_data and eval_every > 0"),
+    ({}, ["--jobs.a.name=/abs/a"], "jobs[0].name: expected a plain folder name"),
+    ({}, ["--jobs.a.name=a/checkpoint-1"], "jobs[0].name: expected a plain folder name"),
+    ({}, ["--jobs.a.name=checkpoint"], "jobs[0].name: expected a plain folder name"),
+    ({"jobs": [{"name": "a", "data": "t.json"}, {"name": "A", "data": "t.json"}]}, [],
+     "jobs[1].name: expected a unique name (jobs[0] has it)"),
+    ({}, ["--device=tpu"], "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ({}, ["--quant=nf5"], "quant: quant='nf5': expected null or one of"),
+    ({}, ["--scheduler.max_concurrent=0"], "scheduler.max_concurrent: expected >= 1"),
+    ({}, ["--scheduler.memory_budget_gb=-1"], "scheduler.memory_budget_gb: expected null or a number > 0"),
+    ({}, ["--checkpoint_every=-1"], "checkpoint_every: expected >= 0"),
+    # Against the base folder's config.json, before any weight is read.
+    ({}, ["--jobs.a.targets=q_proj,qq_proj"], "jobs[0].targets: 'qq_proj' not in"),
+    ({}, ["--jobs.a.cutoff_len=4096"], "jobs[0].cutoff_len: 4096 is more than the 256 positions of"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, base_dir, capsys, changes, overrides, message):
     path = write_config(tmp_path, base_dir, **changes)
