@@ -578,14 +578,14 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
     s.loss_sum = torch.zeros((), device=run.device)
     if not math.isfinite(loss) or not math.isfinite(norm):
         s.optimizer.zero_grad(set_to_none=True)
-        return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {s.step + 1}"
+        return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s.step + 1}"
     s.lr = get_lr(s.step, s.total_steps, s.config)
     for group in s.optimizer.param_groups:
         group["lr"] = s.lr
     before = [p.detach().clone() for p in params]
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(torch.nn.utils.get_total_norm(params).item()):
+    if not math.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf).item()):  # max |w|: no overflow
         with torch.no_grad():
             torch._foreach_copy_(params, before)
         return f"non-finite weights after step {s.step + 1} (undone)"
@@ -781,12 +781,24 @@ def clear_run(out: Path):
         names = [j["name"] for j in old["jobs"] if isinstance(j, dict) and SAFE_NAME.fullmatch(str(j.get("name")))]
     except (OSError, ValueError, KeyError, TypeError):
         names = []
-    for name in (*names, *RUN_FILES, *(p.name for p in out.glob(".*.tmp-*")), *(p.name for p in out.glob(".*.old-*"))):
+    remove_partial_writes(out)
+    for name in (*names, *RUN_FILES):
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def remove_partial_writes(out: Path):
+    """What a killed run left half-written: lora.atomic_write's and replace_dir's temporary
+    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes."""
+    for folder in (out, *(p for p in out.iterdir() if p.is_dir()), *(out / "snapshots").glob("*")):
+        for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -871,6 +883,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     model.checkpoint_blocks = cfg.activation_checkpointing
     if mode == "overwrite":
         clear_run(out_dir)
+    elif mode in ("resume", "restart"):
+        remove_partial_writes(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if state is None:
         lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -951,6 +965,7 @@ def train_step(run: Run):
     M.reset_peak_memory(run.device)
     while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
+        rng = [s.generator.get_state() for s in states]   # a step run again draws the same dropout
         losses, batch, stepped = fused_step(
             run.model, [s.config for s in states],
             [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
@@ -960,7 +975,8 @@ def train_step(run: Run):
             break
         # A job whose loss is not finite stops; the others run the step again without it.
         finite = [math.isfinite(loss) for loss in losses.tolist()]
-        for s, ok in zip(states, finite):
+        for s, ok, state in zip(states, finite, rng):
+            s.generator.set_state(state)
             if not ok:
                 stop_early(run, s, f"non-finite loss at step {s.step + 1}", nonfinite=True)
         micro_batches = [mb for mb, ok in zip(micro_batches, finite) if ok]

@@ -1,0 +1,221 @@
+"""Never lose a run (issue 12): a run killed at any point and rerun ends bitwise equal to an
+uninterrupted one; out_dir is claimed before it is touched; a non-finite job stops alone.
+
+The killed runs are forked children that SIGKILL themselves at a chosen point (a patched
+function); the rerun is the same command, in this process."""
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import train
+from conftest import write_rows
+
+
+def write_run(tmp_path, base_dir, out_name="out", **changes):
+    """A config file: 3 jobs, 2 admitted at a time (c waits for a slot), dropout, early
+    stopping with best-adapter restore (a), SGD with momentum (b), snapshots, checkpoints every 2 steps."""
+    rows = write_rows(tmp_path / "t.json", 12, 5, "reverse")
+    upper = write_rows(tmp_path / "u.jsonl", 10, 6, "upper")
+    test_rows = write_rows(tmp_path / "test.json", 4, 7, "reverse")
+    common = {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj", "down_proj"],
+              "batch_size": 4, "micro_batch_size": 2}
+    cfg = {"base_model": str(base_dir), "dtype": "float32", "device": "cpu", "out_dir": str(tmp_path / out_name),
+           "checkpoint_every": 2, "scheduler": {"max_candidates": 2, "max_concurrent": 2},
+           "jobs": [{"name": "a", "data": rows, "test_data": test_rows, "eval_every": 1, "early_stop": 2,
+                     "lr": 2e-2, "epochs": 3, "save_every": 2, **common},
+                    {"name": "b", "data": upper, "optimizer": "sgd", "momentum": 0.9, "lr": 5e-2, "epochs": 2, **common},
+                    {"name": "c", "data": rows, "lr": 1e-2, "epochs": 1, "lr_schedule": "cosine", "warmup_steps": 1,
+                     **common}]}
+    cfg.update(changes)
+    path = tmp_path / f"{out_name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path), Path(cfg["out_dir"])
+
+
+def outputs(out: Path) -> dict:
+    """Every adapter and snapshot of a run, and each fused step's per-job losses."""
+    files = {str(p.relative_to(out)): load_file(p) for p in sorted(out.rglob("adapter_model.safetensors"))}
+    steps = [{name: job["loss"] for name, job in record["jobs"].items()}
+             for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "jobs" in record]
+    return {"files": files, "steps": steps, "summary_steps": {n: s["steps"] for n, s in
+                                                                json.loads((out / "summary.json").read_text()).items()}}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a["files"].keys() == b["files"].keys()
+    for name in a["files"]:
+        for key, tensor in a["files"][name].items():
+            assert torch.equal(tensor, b["files"][name][key]), f"{name} {key} differs"
+    assert a["steps"] == b["steps"] and a["summary_steps"] == b["summary_steps"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: (its base folder, its outputs)."""
+    from conftest import make_hf_model, save_hf
+    from tokenizer_util import write_tokenizer_json
+    tmp = tmp_path_factory.mktemp("reference")
+    vocab = write_tokenizer_json(tmp / "base")
+    base = save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), tmp / "base")
+    path, out = write_run(tmp, base)
+    assert train.main(["--config", path]) == 0
+    return base, outputs(out)
+
+
+def kill_at(target: str, n: int, before: bool = False, sig=signal.SIGKILL, when=None):
+    """Patch module.function so that its n-th call (or the n-th for which when(*args) holds)
+    sends `sig` to this process, before the real call or after it."""
+    module_name, function = target.split(".")
+    module = {"train": train, "lora": lora, "torch": torch}[module_name]
+    real = getattr(module, function)
+    calls = [0]
+
+    def patched(*args, **kwargs):
+        if when is None or when(*args):
+            calls[0] += 1
+        hit = calls[0] == n and (when is None or when(*args))
+        if hit and before:
+            os.kill(os.getpid(), sig)
+        result = real(*args, **kwargs)
+        if hit and not before:
+            os.kill(os.getpid(), sig)
+        return result
+    setattr(module, function, patched)
+
+
+def run_killed(path: str, patch: dict) -> int:
+    """Run the config in a forked child that kills itself as `patch` says; its exit code."""
+    def child():
+        kill_at(**patch)
+        os._exit(train.main(["--config", path]))
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(120)
+    assert not process.is_alive(), "the killed run hung"
+    return process.exitcode
+
+
+def is_named(name):
+    return lambda path, *rest: Path(path).name == name
+
+
+KILL_POINTS = {
+    "mid-step, before any checkpoint": dict(target="train.fused_step", n=1),
+    "mid-step, between checkpoints": dict(target="train.fused_step", n=7),
+    "during a checkpoint write (temp file written, not renamed)": dict(target="torch.save", n=2),
+    "right after a checkpoint": dict(target="train.save_checkpoint", n=3),
+    "during an adapter save (weights written, config not)": dict(
+        target="lora.atomic_write", n=1, before=True, when=is_named("adapter_config.json")),
+    "between an adapter's folder swap and the next checkpoint": dict(target="lora.replace_dir", n=2),
+    "while writing the results (summary written, run.json not)": dict(
+        target="lora.atomic_write", n=1, before=True, when=is_named("run.json")),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_run_resumes_bitwise(tmp_path, reference, point):
+    base, expected = reference
+    path, out = write_run(tmp_path, base)
+    assert run_killed(path, KILL_POINTS[point]) == -signal.SIGKILL
+    assert not (out / "run.json").exists()
+    assert train.main(["--config", path]) == 0            # the same command
+    assert_bitwise_equal(outputs(out), expected)
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_sigint_checkpoints_and_exits_cleanly(tmp_path, reference, capsys):
+    base, expected = reference
+    path, out = write_run(tmp_path, base, checkpoint_every=0)   # only the signal checkpoints
+    assert run_killed(path, dict(target="train.fused_step", n=5, sig=signal.SIGINT)) == 128 + signal.SIGINT
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 5                                   # the step it was in completed
+    assert train.main(["--config", path]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert_bitwise_equal(outputs(out), expected)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_dir_is_claimed_before_it_is_touched(tmp_path, reference, capsys):
+    base, _ = reference
+    path, out = write_run(tmp_path, base)
+    assert train.main(["--config", path]) == 0
+    before = snapshot(out)
+    # The same command again: finished, nothing to do, nothing touched.
+    assert train.main(["--config", path]) == 0
+    assert "nothing to do" in capsys.readouterr().out and snapshot(out) == before
+    # Another config into it: one line naming the first difference; nothing touched.
+    assert train.main(["--config", path, "--jobs.b.lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run of another config (jobs[1].lr: 0.05 there, 0.1 here)" in err and "\n" not in err
+    assert snapshot(out) == before
+    # A config that fails validation, a bad data row: nothing touched either.
+    Path(tmp_path / "bad.json").write_text('[{"instruction": "x"}]')
+    assert train.main(["--config", path, f"--jobs.c.data={tmp_path / 'bad.json'}", "--overwrite"]) == 2
+    assert snapshot(out) == before
+    # --overwrite: that run's outputs replaced, a file of the user's kept.
+    (out / "notes.txt").write_text("mine")
+    assert train.main(["--config", path, "--jobs.b.lr=0.1", "--jobs.c.max_steps=0", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "c").exists()
+    assert json.loads((out / "config.json").read_text())["jobs"][1]["lr"] == 0.1
+    # A folder that holds no run of ours is refused, even with --overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("x")
+    assert train.main(["--config", path, f"--out_dir={other}", "--overwrite"]) == 2
+    assert "holds no run of train.py" in capsys.readouterr().err and snapshot(other) == {"data.txt": b"x"}
+
+
+def test_changed_data_is_not_resumed(tmp_path, reference, capsys):
+    base, _ = reference
+    path, out = write_run(tmp_path, base)
+    assert run_killed(path, dict(target="train.save_checkpoint", n=1)) == -signal.SIGKILL
+    before = snapshot(out)
+    write_rows(tmp_path / "u.jsonl", 10, 99, "upper")   # b's data changed under the run
+    assert train.main(["--config", path]) == 2
+    assert "u.jsonl: changed since the run" in capsys.readouterr().err and snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+@pytest.mark.parametrize("fuse", ["never", "always"])
+def test_a_nonfinite_job_stops_alone(tmp_path, reference, monkeypatch, capsys, fuse):
+    """Job bad (SGD, lr 1e20, no clipping) blows up after its first step. It stops with its
+    last finite adapter, flagged, exit 3; a and b end exactly as in a run where bad stopped
+    there by max_steps, on both adapter paths (per adapter, and concatenated, where a NaN
+    would reach every adapter as 0 x NaN)."""
+    base, _ = reference
+    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
+    rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
+    jobs = [{"name": n, "data": rows, "r": 4, "alpha": 8, "dropout": 0.1, "batch_size": 4, "micro_batch_size": 2,
+             "epochs": 2, "lr": 1e-2} for n in ("a", "b")]
+    bad = {**jobs[0], "name": "bad", "optimizer": "sgd", "lr": 1e20, "max_grad_norm": None}
+
+    def run(out, bad_job):
+        cfg = {"base_model": str(base), "dtype": "float32", "device": "cpu", "out_dir": str(tmp_path / out),
+               "scheduler": {"max_candidates": 3, "max_concurrent": 3}, "jobs": [jobs[0], bad_job, jobs[1]]}
+        (tmp_path / f"{out}.json").write_text(json.dumps(cfg))
+        code = train.main(["--config", str(tmp_path / f"{out}.json")])
+        return code, json.loads((tmp_path / out / "summary.json").read_text())
+
+    code, summary = run("blowup", bad)
+    assert code == 3 and "non-finite" in capsys.readouterr().err
+    assert summary["bad"]["nonfinite"] and summary["bad"]["stopped"].startswith("non-finite")
+    stopped_at = summary["bad"]["steps"]
+    assert 1 <= stopped_at < 4 and not summary["a"]["nonfinite"] and not summary["b"]["nonfinite"]
+    code, clean = run("clean", {**bad, "max_steps": stopped_at})
+    assert code == 0
+    for name in ("a", "b", "bad"):
+        got, want = load_file(tmp_path / "blowup" / name / "adapter_model.safetensors"), \
+            load_file(tmp_path / "clean" / name / "adapter_model.safetensors")
+        for key in want:
+            assert torch.isfinite(got[key]).all() and torch.equal(got[key], want[key]), f"{name} {key}"
