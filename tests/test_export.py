@@ -36,6 +36,34 @@ def test_merged_export_loads_in_transformers(tmp_path, tiny_llama):
     assert (base_logits - expected).abs().max() > 1e-2  # the adapter really changed something
 
 
+def test_merge_never_replaces_what_it_did_not_create(tmp_path, tiny_llama, capsys):
+    """`--merge out/a --to out` once deleted a whole training output with exit 0."""
+    path, _ = tiny_llama
+    write_tokenizer_json(path)
+    ours = M.load_model(path)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8)})
+    run = tmp_path / "out"
+    lora.save_peft(ours, "a", run / "a", base_model_path=str(path))
+    (run / "metrics.jsonl").write_text("{}\n")                      # a training run's folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    before = files()
+    for to, message in [(run, "an adapter or training run folder"), (run / "a" / "m", "an adapter or training run folder"),
+                        (tmp_path / "mine", "exists and is not a merge written by train.py"),
+                        (path, "would replace"), (tmp_path, "would replace")]:
+        assert train.main(["--merge", str(run / "a"), "--to", str(to)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert files() == before
+    # Its own earlier output it replaces, whole.
+    assert train.main(["--merge", str(run / "a"), "--to", str(tmp_path / "merged")]) == 0
+    assert train.main(["--merge", str(run / "a"), "--to", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / train.MERGE_MARKER).exists() and not list(tmp_path.glob(".merged*"))
+
+
 def test_merge_usage_error(capsys):
     assert train.main(["--merge", "x"]) == 2
     assert "usage: python train.py --merge" in capsys.readouterr().err
