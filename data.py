@@ -9,6 +9,11 @@ each example tagged with its adapter.
 import dataclasses
 import json
 import re
+import signal
+import string
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -23,9 +28,50 @@ class DataError(ValueError):
     """Bad input data; the one-line message names the file and, where it applies, the row or line."""
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    # Messages quote what a file or a template said: on one line, and not all of a huge value.
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" parses, but is no text: nothing can encode it
+
+
+def _read_text(path: Path) -> str:
+    # A leading UTF-8 byte-order mark (as Windows editors write) is dropped, as Python's utf-8-sig does.
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _parse_json(text: str, where: str, line: int | None = None):
+    """json.loads(text), or a one-line DataError at where (a file) giving the line and the reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = line or e.lineno
+        reason = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as e:  # Python's limit on the digits of an integer
+        reason = _one_line(str(e).split(";")[0])
+    raise DataError(f"{where}: " + (f"line {line}: " if line else "") + f"invalid JSON ({reason})")
+
+
 def _read_json(path: Path) -> dict:
     # A checkpoint folder may lack any of its optional json files; a missing one reads as {}.
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    value = _parse_json(_read_text(path), str(path))
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    bad = _SURROGATE.search(json.dumps(value, ensure_ascii=False))
+    if bad:
+        raise DataError(f"{path}: has a lone surrogate \\u{ord(bad.group()):04x}, which is not text")
+    return value
 
 
 def _token_content(value) -> str | None:
@@ -35,11 +81,39 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _id_list(value) -> list[int]:
-    # config.json / generation_config.json token ids: an int, a list of ints, or null.
-    if isinstance(value, int):
-        return [value]
-    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+def _check_token_fields(path: Path, config: dict) -> None:
+    """Raise DataError unless the fields we read from tokenizer_config.json (or
+    special_tokens_map.json) have the types transformers writes."""
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if config.get(key) is not None and _token_content(config[key]) is None:
+            raise DataError(f"{path}: '{key}' must be a string or an object with a string 'content', "
+                            f"got {type(config[key]).__name__}")
+    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
+        raise DataError(f"{path}: 'add_bos_token' must be true or false, got {type(config['add_bos_token']).__name__}")
+    added = config.get("added_tokens_decoder", {})
+    if not (isinstance(added, dict) and all(key.isdecimal() and _token_content(token) is not None
+                                            for key, token in added.items())):
+        raise DataError(f"{path}: 'added_tokens_decoder' must map ids to tokens, "
+                        '{"32000": {"content": "<pad>", ...}, ...}')
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if not (template is None or isinstance(template, str) or named):
+        raise DataError(f"{path}: 'chat_template' must be a string or a list of "
+                        f'{{"name": ..., "template": ...}} objects, got {type(template).__name__}')
+
+
+def _id_list(path: Path, config: dict, key: str, vocab_size: int) -> list[int]:
+    # config.json / generation_config.json token ids: an int, a list of ints, or null;
+    # a negative id means none (old Llama conversions write "pad_token_id": -1).
+    value = config.get(key)
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"{path}: '{key}' must be a token id, a list of them or null, got {type(value).__name__}")
+    if any(i >= vocab_size for i in ids):
+        raise DataError(f"{path}: '{key}' {_one_line(value, 60)} is past the tokenizer's vocabulary "
+                        f"(vocab_size {vocab_size})")
+    return [i for i in ids if i >= 0]
 
 
 # -----------------------------------------------------------------------------
@@ -62,8 +136,30 @@ def _chatglm_version(folder: Path, config: dict, model_config: dict) -> int | No
     if model_config.get("model_type") != "chatglm" and config.get("tokenizer_class") != "ChatGLMTokenizer":
         return None
     code = folder / "tokenization_chatglm.py"
-    sources = [json.dumps(config, ensure_ascii=False)] + ([code.read_text(encoding="utf-8")] if code.is_file() else [])
+    sources = [json.dumps(config, ensure_ascii=False)] + ([_read_text(code)] if code.is_file() else [])
     return 3 if any("<|user|>" in text for text in sources) else 2
+
+
+def _load_tokenizer_json(path: Path):
+    """The tokenizers library's Tokenizer of a tokenizer.json (a leading byte-order mark dropped);
+    a file it cannot read is a DataError saying why."""
+    from tokenizers import Tokenizer as TokenizersTokenizer
+    text = _read_text(path)
+    try:
+        return TokenizersTokenizer.from_str(text)
+    except Exception as e:  # the library raises a bare Exception with a terse serde message
+        reason = _one_line(e)
+    # Say plainly what is wrong where we can tell ("data did not match any variant of untagged enum ModelUntagged").
+    spec = _parse_json(text, str(path))
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(spec).__name__}")
+    if not isinstance(spec.get("model"), dict):
+        raise DataError(f"{path}: no 'model' object (the vocabulary and its type)")
+    model_type = spec["model"].get("type")
+    if model_type is not None and model_type not in ("BPE", "Unigram", "WordLevel", "WordPiece"):
+        raise DataError(f"{path}: model type {_one_line(repr(model_type), 60)} is not supported by the tokenizers "
+                        "library (BPE, Unigram, WordLevel, WordPiece)")
+    raise DataError(f"{path}: the tokenizers library cannot read it ({reason})")
 
 
 class Tokenizer:
@@ -75,8 +171,9 @@ class Tokenizer:
         self.path = folder
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
+        _check_token_fields(folder / "tokenizer_config.json", config)
+        _check_token_fields(folder / "special_tokens_map.json", special_map)
         model_config = _read_json(folder / "config.json")
-        generation_config = _read_json(folder / "generation_config.json")
 
         self._tok = self._sp = None
         self.chatglm: int | None = None  # 2 or 3 for ChatGLM2/3 (sentencepiece plus THUDM's special tokens)
@@ -85,28 +182,10 @@ class Tokenizer:
         # tokens, for sentencepiece we split the text on them (_special_re).
         self._special: dict[str, int] = {}
         if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as TokenizersTokenizer
-            self._tok = TokenizersTokenizer.from_file(str(folder / "tokenizer.json"))
+            self._tok = _load_tokenizer_json(folder / "tokenizer.json")
             self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # ids are 0 .. vocab_size-1
         elif (folder / "tokenizer.model").is_file():
-            import sentencepiece
-            try:
-                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-            except RuntimeError:  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
-                raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
-                                "which is not supported; use a folder with tokenizer.json)") from None
-            self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
-                             if self._sp.is_control(i) or self._sp.is_unknown(i)}
-            # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
-            for token_id, token in config.get("added_tokens_decoder", {}).items():
-                if _token_content(token) is not None:
-                    self._special[_token_content(token)] = int(token_id)
-            self.chatglm = _chatglm_version(folder, config, model_config)
-            if self.chatglm is not None:
-                added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if self.chatglm == 3 else ())
-                n = self._sp.get_piece_size()
-                self._special.update({token: n + i for i, token in enumerate(added)})
-            self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
+            self._load_sentencepiece(folder, config, model_config)
         else:
             raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
         self._special_by_id = {i: s for s, i in self._special.items()}
@@ -115,13 +194,43 @@ class Tokenizer:
         self._in_text = {s: i for s, i in self._special.items() if not (self.chatglm and s in CHATGLM_SPECIAL)}
         longest_first = sorted(self._in_text, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._in_text else None
+        self._set_special_ids(config, special_map, model_config)
+        self._set_prefix(config)
+        self._set_chat_template(config)
+
+    def _load_sentencepiece(self, folder: Path, config: dict, model_config: dict) -> None:
+        import sentencepiece
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        except (RuntimeError, OSError):  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
+            raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
+                            "which is not supported; use a folder with tokenizer.json)") from None
+        self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
+                         if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
+        for token_id, token in config.get("added_tokens_decoder", {}).items():
+            self._special[_token_content(token)] = int(token_id)
+        self.chatglm = _chatglm_version(folder, config, model_config)
+        if self.chatglm is not None:
+            added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if self.chatglm == 3 else ())
+            n = self._sp.get_piece_size()
+            self._special.update({token: n + i for i, token in enumerate(added)})
+        self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
+
+    def _set_special_ids(self, config: dict, special_map: dict, model_config: dict) -> None:
+        # bos_id, eos_id, eos_ids, pad_id and their token strings.
+        generation_config = _read_json(self.path / "generation_config.json")
+        sources = (("config.json", model_config), ("generation_config.json", generation_config))
+
+        def config_ids(key: str) -> list[int]:  # config.json's, then generation_config.json's
+            return [i for file, source in sources for i in _id_list(self.path / file, source, key, self.vocab_size)]
 
         def special_id(name: str) -> int | None:
             # The tokenizer's own files name the token; config.json ids are the fallback.
             token = _token_content(config.get(name)) or _token_content(special_map.get(name))
             token_id = self.token_to_id(token) if token is not None else None
             if token_id is None:
-                ids = _id_list(model_config.get(name + "_id")) or _id_list(generation_config.get(name + "_id"))
+                ids = config_ids(name + "_id")
                 token_id = ids[0] if ids else None
             return token_id
 
@@ -135,8 +244,7 @@ class Tokenizer:
         # Every id that ends generation: chat models stop on end-of-turn as well as end-of-text
         # (Llama 3.1's generation_config.json lists three).
         self.eos_ids: set[int] = {self.eos_id} if self.eos_id is not None else set()
-        for source in (model_config, generation_config):
-            self.eos_ids |= set(_id_list(source.get("eos_token_id")))
+        self.eos_ids |= set(config_ids("eos_token_id"))
         if self.chatglm == 3:  # a ChatGLM3 turn ends where the next one starts (THUDM's chat() stops on these)
             self.eos_ids |= {self._special["<|user|>"], self._special["<|observation|>"]}
         pad_id = special_id("pad_token")
@@ -146,6 +254,7 @@ class Tokenizer:
         self.bos_token: str | None = self.id_to_token(self.bos_id) if self.bos_id is not None else None
         self.eos_token: str | None = self.id_to_token(self.eos_id) if self.eos_id is not None else None
 
+    def _set_prefix(self, config: dict) -> None:
         # Whether sequences start with BOS: the config says so, or else Llama 3 style
         # tokenizer.json files show it by prepending BOS in their post-processor.
         if isinstance(config.get("add_bos_token"), bool):
@@ -163,15 +272,21 @@ class Tokenizer:
             self.prefix_ids = [self.bos_id] if self.bos_id is not None else []
         self.add_bos: bool = add_bos and bool(self.prefix_ids)
 
+    def _set_chat_template(self, config: dict) -> None:
         # Newer checkpoints keep the template in chat_template.jinja; older ones in the config,
-        # some as a list of named templates.
-        template = config.get("chat_template")
+        # some as a list of named templates. Compiled now, so that a syntax error fails at load;
+        # ChatGLM's is never used (_chatglm_chat).
+        template, file = config.get("chat_template"), self.path / "tokenizer_config.json"
         if isinstance(template, list):
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        self.chat_template: str | None = template if isinstance(template, str) else None
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
+        if (self.path / "chat_template.jinja").is_file():
+            file = self.path / "chat_template.jinja"
+            template = _read_text(file)
+        self.chat_template: str | None = template
+        self.chat_template_file: Path | None = file if template is not None else None
         self._compiled_template = None
+        if template is not None and self.chatglm is None:
+            self._compiled_template = _compile_chat_template(template, file)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string, or None if it is not in the vocabulary."""
@@ -251,11 +366,12 @@ class Tokenizer:
             return _chatglm_chat(self.chatglm, messages, add_generation_prompt)
         if self.chat_template is None:
             raise DataError(f"{self.path}: the tokenizer has no chat template")
-        if self._compiled_template is None:
-            self._compiled_template = _compile_chat_template(self.chat_template)
-        return self._compiled_template.render(
+        file = self.chat_template_file or self.path
+        if self._compiled_template is None:  # a chat_template set after loading
+            self._compiled_template = _compile_chat_template(self.chat_template, file)
+        return _render_chat_template(self._compiled_template, file, dict(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs))
 
 
 def _chatglm_chat(version: int, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -279,24 +395,115 @@ def _chatglm_chat(version: int, messages: list[dict], add_generation_prompt: boo
     return "\n\n".join(rounds)
 
 
-def _compile_chat_template(source: str):
-    # Same environment as transformers' chat templates: sandboxed, trim_blocks and
-    # lstrip_blocks, loop controls, a tojson that keeps non-ASCII text, raise_exception
-    # for the templates' own checks, strftime_now for Llama 3's "Today Date".
+# A chat template is the checkpoint's code: its render is bounded in time and size.
+CHAT_TEMPLATE_SECONDS = 5.0  # wall-clock limit of one render
+CHAT_TEMPLATE_MAX_CHARS = 1_000_000  # the most a render may write beyond 8 times the size of its messages
+CHAT_TEMPLATE_MAX_BITS = 1_000_000  # the largest integer a template may compute with **
+
+
+class _OverBudget(Exception):
+    """A chat template went over CHAT_TEMPLATE_SECONDS or its size limits."""
+
+
+def _compile_chat_template(source: str, file: Path):
+    """The jinja template of source, in the environment of transformers' chat templates:
+    sandboxed, trim_blocks and lstrip_blocks, loop controls, a tojson that keeps non-ASCII text,
+    raise_exception for the templates' own checks, strftime_now for Llama 3's "Today Date"."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # The sandbox already caps each range() at 100,000 items; a render also stops at its
+        # deadline and max_chars (set by _render_chat_template), checked at every call and at
+        # '*' and '**': one of those asks for gigabytes ('x' * 10**10) or for minutes of C code
+        # that no signal interrupts (9 ** (9 ** 9)).
+        intercepted_binops = frozenset({"*", "**"})
+        deadline = float("inf")
+        max_chars = CHAT_TEMPLATE_MAX_CHARS
+
+        def check_time(self):
+            if time.monotonic() > self.deadline:
+                raise _OverBudget(f"takes longer than {CHAT_TEMPLATE_SECONDS:g} s")
+
+        def call(__self, __context, __obj, *args, **kwargs):  # jinja's argument names: any keyword may follow
+            __self.check_time()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            self.check_time()
+            if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                left, right = right, left
+            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
+                    and len(left) * right > self.max_chars:
+                raise _OverBudget(f"builds a value longer than {self.max_chars} characters")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > CHAT_TEMPLATE_MAX_BITS:
+                raise _OverBudget(f"computes an integer over {CHAT_TEMPLATE_MAX_BITS} bits")
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message):
-        raise DataError(f"chat template: {message}")
+        raise DataError(str(message))
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except Exception as e:  # a syntax error, an unknown filter; RecursionError on deep nesting
+        where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        reason = _one_line(getattr(e, "message", None) or e)
+        raise DataError(f"{file}: chat template{where} does not compile ({reason})") from None
+
+
+@contextmanager
+def _alarm(seconds: float):
+    """Raise _OverBudget in this code after seconds (SIGALRM), when it runs on the main thread and no
+    other timer is set; elsewhere the render's own deadline checks stand alone."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _OverBudget(f"takes longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _render_chat_template(template, file: Path, context: dict) -> str:
+    """template.render(**context) within CHAT_TEMPLATE_SECONDS and CHAT_TEMPLATE_MAX_CHARS;
+    whatever goes wrong is a one-line DataError naming the template's file."""
+    env = template.environment
+    env.max_chars = CHAT_TEMPLATE_MAX_CHARS + 8 * len(str(context["messages"]))
+    env.deadline = time.monotonic() + CHAT_TEMPLATE_SECONDS
+    try:
+        with _alarm(CHAT_TEMPLATE_SECONDS):
+            pieces, length = [], 0
+            for piece in template.generate(**context):  # piece by piece, to stop at max_chars
+                length += len(piece)
+                if length > env.max_chars:
+                    raise _OverBudget(f"writes more than {env.max_chars} characters")
+                env.check_time()
+                pieces.append(piece)
+    except _OverBudget as e:
+        raise DataError(f"{file}: chat template {e}") from None
+    except DataError as e:  # the template's raise_exception()
+        raise DataError(f"{file}: chat template: {_one_line(e)}") from None
+    except Exception as e:  # an undefined filter or attribute, a type error: the template's own bugs
+        raise DataError(f"{file}: chat template fails ({type(e).__name__}: {_one_line(e)})") from None
+    finally:
+        env.deadline = float("inf")
+    return "".join(pieces)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -319,6 +526,24 @@ ALPACA_PROMPT_NO_INPUT = (
 NAMED_TEMPLATES = ("alpaca", "chat", "plain")
 
 
+def _check_placeholders(path: str, key: str, text) -> None:
+    # str.format placeholders: {instruction} and {input} only, plain (the row fills them);
+    # a literal brace is written {{ or }}.
+    if not isinstance(text, str):
+        raise DataError(f"{path}: '{key}' must be a string, got {type(text).__name__}")
+    try:
+        fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(text)
+                  if name is not None]
+    except ValueError as e:  # a stray brace: "Single '}' encountered in format string"
+        raise DataError(f"{path}: '{key}': {e} (write a literal brace as {{{{ or }}}})") from None
+    for name, conversion, spec in fields:
+        if name not in ("instruction", "input") or conversion or spec:
+            placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            why = " (the response is the row's output, written after the prompt)" if name == "output" else ""
+            raise DataError(f"{path}: '{key}' has a bad placeholder {_one_line(placeholder, 60)}: "
+                            f"only {{instruction}} and {{input}} are filled{why}")
+
+
 @lru_cache(maxsize=None)
 def _template_file(path: str) -> dict:
     # An m-LoRA / alpaca-lora template file: {"prompt_input": ..., "prompt_no_input": ...,
@@ -326,22 +551,14 @@ def _template_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: template file not found (named templates: {', '.join(NAMED_TEMPLATES)})")
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid template JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: a template file must be a JSON object")
+    spec = _read_json(file)
     for key in ("prompt_input", "prompt_no_input"):
         if key not in spec:
             raise DataError(f"{path}: missing key '{key}'")
-        if not isinstance(spec[key], str):
-            raise DataError(f"{path}: '{key}' must be a string")
-        try:
-            spec[key].format(instruction="", input="")
-        except (KeyError, IndexError, ValueError) as e:
-            raise DataError(f"{path}: '{key}' has a bad placeholder ({e!r}); "
-                            "use {instruction} and {input}") from None
+        _check_placeholders(path, key, spec[key])
+    for key in ("description", "response_split"):
+        if not isinstance(spec.get(key, ""), str):
+            raise DataError(f"{path}: '{key}' must be a string, got {type(spec[key]).__name__}")
     return spec
 
 
@@ -396,6 +613,21 @@ class Example:
 
 def make_example(tokenizer: Tokenizer, prompt: str, response: str, cutoff_len: int, train_on_inputs: bool) -> Example:
     """Token ids of prompt + response + EOS, truncated to cutoff_len, prompt labels -100 unless train_on_inputs."""
+    # Only cutoff_len tokens are kept, so a long row is tokenized from a prefix of its text that
+    # yields twice that many (32 characters a token to start, doubled while too few): the work is
+    # bounded by cutoff_len, not by the row, and the extra tokens absorb what the cut changes near its end.
+    chars = 32 * cutoff_len
+    while len(prompt) + len(response) > chars:
+        example = _tokenize(tokenizer, prompt[:chars], response[:max(0, chars - len(prompt))], train_on_inputs)
+        if len(example.input_ids) >= 2 * cutoff_len:
+            return Example(example.input_ids[:cutoff_len], example.labels[:cutoff_len])
+        chars *= 2
+    example = _tokenize(tokenizer, prompt, response, train_on_inputs)
+    return Example(example.input_ids[:cutoff_len], example.labels[:cutoff_len])
+
+
+def _tokenize(tokenizer: Tokenizer, prompt: str, response: str, train_on_inputs: bool) -> Example:
+    # make_example's Example before truncation.
     prompt_ids = tokenizer.encode(prompt)
     # The response's ids are taken from the joint encoding, so its first token is the one
     # the model sees after this prompt (sentencepiece would put a dummy-prefix space on a
@@ -418,8 +650,7 @@ def make_example(tokenizer: Tokenizer, prompt: str, response: str, cutoff_len: i
         response_ids = response_ids + [tokenizer.eos_id]
 
     prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
-    return Example(input_ids=(prompt_ids + response_ids)[:cutoff_len],
-                   labels=(prompt_labels + response_ids)[:cutoff_len])
+    return Example(input_ids=prompt_ids + response_ids, labels=prompt_labels + response_ids)
 
 
 def _read_rows(path: Path) -> list[tuple[int, object]]:
@@ -428,29 +659,18 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
         raise DataError(f"{path}: file not found")
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: expected a .json or .jsonl file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = _read_text(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        data = _parse_json(text, str(path))
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         return list(enumerate(data, start=1))
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {line_number}: invalid JSON ({e.msg}, column {e.colno})") from None
-    return rows
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028 or U+0085, which
+    # JSON strings may hold as they are.
+    return [(number, _parse_json(line, str(path), number))
+            for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256,
@@ -475,6 +695,10 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
         for field in ("instruction", "input", "output"):
             if not isinstance(row[field], str):
                 raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            bad = _SURROGATE.search(row[field])
+            if bad:
+                raise DataError(f"{where}: field '{field}' has a lone surrogate \\u{ord(bad.group()):04x} "
+                                f"at character {bad.start()}, which is not text")
         try:
             prompt, response = format_example(template, tokenizer, row["instruction"], row["input"], row["output"])
         except DataError as e:

@@ -2,10 +2,14 @@
 exact prompts, loss masks, fused batches and error messages."""
 
 import json
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
+import data
 from data import DataError, Example, build_prompt, fuse, load_job_data, load_tokenizer, make_example
 from tokenizer_util import CHATML_TEMPLATE, write_sentencepiece, write_tokenizer_json
 
@@ -48,6 +52,12 @@ def write_rows(path, rows):
 
 def unmasked(example: Example) -> list[int]:
     return [label for label in example.labels if label != -100]
+
+
+def assert_one_line(error, start, expected: str) -> None:
+    """The DataError's message is one line, starts with start (the file) and contains expected."""
+    message = str(error.value)
+    assert message.startswith(f"{start}: ") and expected in message and "\n" not in message, message
 
 
 # -----------------------------------------------------------------------------
@@ -151,8 +161,89 @@ def test_special_ids_from_other_files(tmp_path):
 
 
 def test_missing_tokenizer(tmp_path):
-    with pytest.raises(DataError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(DataError) as error:
         load_tokenizer(tmp_path)
+    assert_one_line(error, tmp_path, "no tokenizer.json or tokenizer.model")
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def bad_merges(folder):
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:3] + [["Zq", "Xj"]]  # pieces not in the vocabulary
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize("file, write, expected", [
+    ("tokenizer.json", lambda d: (d / "tokenizer.json").write_text("{nope"), "line 1: invalid JSON (Expecting"),
+    ("tokenizer.json", lambda d: (d / "tokenizer.json").write_text("[]"), "expected a JSON object, got list"),
+    ("tokenizer.json", lambda d: (d / "tokenizer.json").write_text('{"version": "1.0"}'), "no 'model' object"),
+    ("tokenizer.json", lambda d: edit_json(d / "tokenizer.json", model={"type": "Tiktoken"}),
+     "model type 'Tiktoken' is not supported by the tokenizers library"),
+    ("tokenizer.json", bad_merges, "the tokenizers library cannot read it (Token `Zq` out of vocabulary"),
+    ("tokenizer_config.json", lambda d: (d / "tokenizer_config.json").write_text('{"bos_token": "<s>",'),
+     "line 1: invalid JSON"),
+    ("tokenizer_config.json", lambda d: (d / "tokenizer_config.json").write_text("3"), "expected a JSON object, got int"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", chat_template=3),
+     "'chat_template' must be a string or a list"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", chat_template=[{"name": "default"}]),
+     "'chat_template' must be a string or a list"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", bos_token=1),
+     "'bos_token' must be a string or an object with a string 'content', got int"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", add_bos_token="yes"),
+     "'add_bos_token' must be true or false, got str"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", added_tokens_decoder={"x": "<pad>"}),
+     "'added_tokens_decoder' must map ids to tokens"),
+    ("tokenizer_config.json", lambda d: (d / "tokenizer_config.json").write_text('{"eos_token": "\\ud800"}'),
+     "lone surrogate \\ud800"),
+    ("special_tokens_map.json", lambda d: (d / "special_tokens_map.json").write_bytes(b"\xff\xfe{}"), "not UTF-8 text"),
+    ("special_tokens_map.json", lambda d: (d / "special_tokens_map.json").write_text('{"eos_token": ["</s>"]}'),
+     "'eos_token' must be a string"),
+    ("config.json", lambda d: (d / "config.json").write_text('{"eos_token_id": "2"}'),
+     "'eos_token_id' must be a token id, a list of them or null, got str"),
+    ("generation_config.json", lambda d: (d / "generation_config.json").write_text('{"eos_token_id": [2, 99999]}'),
+     "'eos_token_id' [2, 99999] is past the tokenizer's vocabulary"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", chat_template="{% for m in messages %}"),
+     "chat template line 1 does not compile (Unexpected end of template"),
+    ("tokenizer_config.json", lambda d: edit_json(d / "tokenizer_config.json", chat_template="{{ messages | shout }}"),
+     "chat template line 1 does not compile (No filter named 'shout'"),
+    ("chat_template.jinja", lambda d: (d / "chat_template.jinja").write_text("ok\n{{ messages[0] }"),
+     "chat template line 2 does not compile"),
+])
+def test_tokenizer_file_errors(tmp_path, file, write, expected):
+    write_tokenizer_json(tmp_path)
+    write(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path)
+    assert_one_line(error, tmp_path / file, expected)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\x0a\x05\x0a\x01"])
+def test_corrupt_sentencepiece(tmp_path, content):
+    write_sentencepiece(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(content)
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path)
+    assert_one_line(error, tmp_path / "tokenizer.model", "not a sentencepiece model")
+
+
+def test_byte_order_mark_accepted(bpe_dir, tmp_path):
+    # Windows editors start UTF-8 files with a byte-order mark; it is dropped, as utf-8-sig does.
+    write_tokenizer_json(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text("\ufeff" + (tmp_path / name).read_text(), encoding="utf-8")
+    plain, marked = load_tokenizer(bpe_dir), load_tokenizer(tmp_path)
+    assert (marked.bos_id, marked.eos_id, marked.chat_template) == (plain.bos_id, plain.eos_id, plain.chat_template)
+    assert all(marked.encode(text) == plain.encode(text) for text in TEXTS + SPECIAL_TEXTS)
+    template = tmp_path / "tpl.json"
+    template.write_text("\ufeff" + json.dumps({"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction}"}),
+                        encoding="utf-8")
+    assert build_prompt(str(template), marked, "a", "b") == "a b"
+    for name, text in [("d.json", json.dumps(ROWS)), ("d.jsonl", "\n".join(json.dumps(r) for r in ROWS))]:
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        assert len(load_job_data(tmp_path / name, marked)) == len(ROWS)
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +474,18 @@ def bad_jsonl(path):
     ("d.json", lambda p: p.write_text("[]"), "no rows"),
     ("d.json", lambda p: p.write_text('{"instruction": "x"}'), "expected a JSON list of objects, got dict"),
     ("d.txt", lambda p: p.write_text("x"), "expected a .json or .jsonl file"),
+    ("d.json", lambda p: p.write_text('"rows"'), "expected a JSON list of objects, got str"),
+    # JSON's "\ud800" parses in Python but is no text: no tokenizer can encode it.
+    ("d.jsonl", lambda p: p.write_text('{"instruction": "a\\ud800", "output": "b"}'),
+     "line 1: field 'instruction' has a lone surrogate \\ud800 at character 1"),
+    ("d.json", lambda p: p.write_text(json.dumps([ROWS[0], {"instruction": "a", "input": "", "output": "b\udfff"}])),
+     "row 2: field 'output' has a lone surrogate \\udfff"),
+    ("d.jsonl", lambda p: p.write_bytes(b'{"instruction": "a\x00", "output": "b"}'),
+     "line 1: invalid JSON (Invalid control character at column 19)"),
+    ("d.jsonl", lambda p: p.write_bytes(b'{"instruction": "a", "output": "\xff"}'), "not UTF-8 text"),
+    ("d.json", lambda p: p.write_text("[" * 100_000), "invalid JSON (nested too deeply)"),
+    ("d.jsonl", lambda p: p.write_text('{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}"),
+     "line 1: invalid JSON (Exceeds the limit (4300 digits)"),
 ])
 def test_data_errors(bpe_dir, tmp_path, name, write, expected):
     path = tmp_path / name
@@ -394,17 +497,157 @@ def test_data_errors(bpe_dir, tmp_path, name, write, expected):
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
 
 
+def odd_rows(path):
+    # Valid JSON that naive readers trip on: an escaped NUL, and U+2028 / U+0085 written as they
+    # are inside strings (str.splitlines() would cut the line there), CRLF line ends.
+    rows = [{"instruction": "a\u0000b", "output": "c\u0000"}, {"instruction": "x\u2028y\x85z", "output": "w\u2028"}]
+    path.write_text("\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_odd_but_valid_rows(bpe_dir, sp_dir, tmp_path, kind):
+    tok = load_tokenizer(bpe_dir if kind == "bpe" else sp_dir)
+    rows = odd_rows(tmp_path / "d.jsonl")
+    examples = load_job_data(tmp_path / "d.jsonl", tok, template="plain")
+    assert len(examples) == 2
+    if kind == "bpe":  # byte-level BPE round-trips any text
+        assert [tok.decode(unmasked(ex)) for ex in examples] == [row["output"] + tok.eos_token for row in rows]
+
+
+def test_empty_row_kept_as_before(bpe_dir, tmp_path, capsys):
+    # An empty instruction and output: with a prompt the example learns EOS alone; with none
+    # (plain template, no BOS) it has no response token after position 0 and is dropped.
+    tok = load_tokenizer(bpe_dir)
+    path = write_rows(tmp_path / "d.json", [{"instruction": "", "output": ""}, ROWS[0]])
+    assert unmasked(load_job_data(path, tok)[0]) == [tok.eos_id]
+    capsys.readouterr()
+    assert len(load_job_data(path, tok, template="plain")) == 1
+    assert "dropped 1 of 2 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+@pytest.mark.parametrize("text", ["the capital of France is Paris. " * 3000, "a" * 100_000, "日本 ✓ héllo " * 5000,
+                                  "Say <|im_end|> </s> now\n\n" * 4000, " " * 50_000 + "x" * 50_000])
+def test_long_row_is_cut_before_tokenizing(bpe_dir, sp_dir, kind, text, monkeypatch):
+    # Only cutoff_len tokens are kept, so only a prefix of a huge row is tokenized; the kept
+    # tokens are those of the whole row.
+    tok = load_tokenizer(bpe_dir if kind == "bpe" else sp_dir)
+    whole = make_example(tok, "Q: " + text[:500], text, cutoff_len=len(text), train_on_inputs=False)
+    encoded = []
+    monkeypatch.setattr(tok, "encode", lambda s, bos=False: encoded.append(len(s)) or type(tok).encode(tok, s, bos))
+    for cutoff_len in (16, 64):
+        for train_on_inputs in (False, True):
+            example = make_example(tok, "Q: " + text[:500], text, cutoff_len, train_on_inputs)
+            assert example.input_ids == whole.input_ids[:cutoff_len]
+            labels = whole.input_ids if train_on_inputs else whole.labels
+            assert example.labels == labels[:cutoff_len]
+    assert max(encoded) <= 32 * 64 * 8 < len(text)  # a few doublings at most, never the whole row
+
+
 @pytest.mark.parametrize("content, expected", [
     ({"prompt_input": "{instruction} {input}"}, "missing key 'prompt_no_input'"),
     ({"prompt_input": "{instruction}", "prompt_no_input": 3}, "'prompt_no_input' must be a string"),
-    ({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}"}, "bad placeholder"),
+    ({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}"}, "bad placeholder {context}"),
     (None, "template file not found"),
+    ("{nope", "line 1: invalid JSON"),
+    (["prompt_input"], "expected a JSON object, got list"),
+    # m-LoRA / alpaca-lora templates end with the response's header; the output follows the prompt.
+    ({"prompt_input": "### Input:\n{input}\n### Output:\n{output}", "prompt_no_input": "{instruction}"},
+     "'prompt_input' has a bad placeholder {output}: only {instruction} and {input} are filled (the response"),
+    ({"prompt_input": "{instruction}", "prompt_no_input": "JSON: {\"a\": 1}"}, "'prompt_no_input' has a bad placeholder"),
+    ({"prompt_input": "{instruction} }", "prompt_no_input": "{instruction}"},
+     "'prompt_input': Single '}' encountered in format string (write a literal brace as {{ or }})"),
+    ({"prompt_input": "{instruction} {", "prompt_no_input": "{instruction}"}, "Single '{' encountered"),
+    ({"prompt_input": "{instruction.upper}", "prompt_no_input": "{instruction}"}, "bad placeholder {instruction.upper}"),
+    ({"prompt_input": "{instruction:>9999999999}", "prompt_no_input": "{instruction}"}, "bad placeholder"),
+    ({"prompt_input": "{}", "prompt_no_input": "{instruction}"}, "bad placeholder {}"),
+    ({"prompt_input": "{instruction}", "prompt_no_input": "{instruction}", "response_split": 1},
+     "'response_split' must be a string, got int"),
 ])
 def test_template_file_errors(bpe_dir, tmp_path, content, expected):
     template = tmp_path / "tpl.json"
     if content is not None:
-        template.write_text(json.dumps(content))
+        template.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(DataError) as error:
         load_job_data(write_rows(tmp_path / "d.json", ROWS), load_tokenizer(bpe_dir), template=str(template))
-    message = str(error.value)
-    assert message.startswith(f"{template}: ") and expected in message and "\n" not in message
+    assert_one_line(error, template, expected)
+
+
+def test_template_file_literal_braces(bpe_dir, tmp_path):
+    template = tmp_path / "tpl.json"
+    template.write_text(json.dumps({"prompt_input": "{{json}} {instruction} {input}", "prompt_no_input": "{instruction}"}))
+    assert build_prompt(str(template), load_tokenizer(bpe_dir), "a", "b") == "{json} a b"
+
+
+# -----------------------------------------------------------------------------
+# chat templates are the checkpoint's code: bounded, and their errors are one line
+
+NESTED = "{% for i in range(100000) %}{% for j in range(100000) %}BODY{% endfor %}{% endfor %}"
+
+
+def render(folder, template: str, content: str = "hi") -> str:
+    write_tokenizer_json(folder, chat_template=template)
+    return load_tokenizer(folder).apply_chat_template([{"role": "user", "content": content}])
+
+
+@pytest.mark.parametrize("template, content, expected", [
+    (NESTED.replace("BODY", "x"), "hi", "chat template writes more than 1000"),  # 10^10 x's
+    (NESTED.replace("BODY", ""), "hi", "chat template takes longer than 1 s"),  # range() calls check the clock
+    # No call or lookup inside the loops: only SIGALRM stops this one.
+    ("{% set s = messages[0]['content'] %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "y" * 100_000,
+     "chat template takes longer than 1 s"),
+    ("{{ 'x' * 10**10 }}", "hi", "chat template builds a value longer than"),
+    ("{{ 9 ** (9 ** 9) }}", "hi", "chat template computes an integer over"),
+    ("{{ range(10**9) | list }}", "hi", "chat template fails (OverflowError: Range too big"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "hi", "chat template fails (RecursionError"),
+    ("{% if messages %}{{ messages | shout }}{% endif %}", "hi", "fails (TemplateRuntimeError: No filter named 'shout'"),
+    ("{{ foo.bar }}", "hi", "chat template fails (UndefinedError: 'foo' is undefined)"),
+    ("{{ messages[0]['content'] + 1 }}", "hi", "chat template fails (TypeError"),
+    ("{{ raise_exception('no system\nmessages') }}", "hi", "chat template: no system messages"),
+])
+def test_chat_template_bounded(tmp_path, monkeypatch, template, content, expected):
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 1.0)
+    handler = signal.getsignal(signal.SIGALRM)
+    start = time.monotonic()
+    with pytest.raises(DataError) as error:
+        render(tmp_path, template, content)
+    assert time.monotonic() - start < 4
+    assert_one_line(error, tmp_path / "tokenizer_config.json", expected)
+    assert signal.getsignal(signal.SIGALRM) == handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_chat_template_bounded_off_the_main_thread(tmp_path, monkeypatch):
+    # No SIGALRM there: the clock is checked at each call (here range()), '*', '**' and output piece.
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 1.0)
+    errors = []
+
+    def run():
+        try:
+            render(tmp_path, NESTED.replace("BODY", "{% set k = j %}"))
+        except DataError as e:
+            errors.append(str(e))
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - start < 4
+    assert errors == [f"{tmp_path / 'tokenizer_config.json'}: chat template takes longer than 1 s"]
+
+
+def test_chat_template_error_names_row_and_file(tmp_path):
+    write_tokenizer_json(tmp_path, chat_template=NESTED.replace("BODY", "x"))
+    path = write_rows(tmp_path / "d.json", ROWS)
+    with pytest.raises(DataError) as error:
+        load_job_data(path, load_tokenizer(tmp_path), template="chat")
+    assert_one_line(error, f"{path}: row 1: {tmp_path / 'tokenizer_config.json'}", "chat template writes more than")
+
+
+def test_long_row_through_chat_template(bpe_dir, tmp_path):
+    # A long row is no runaway template: the output limit grows with the messages.
+    tok = load_tokenizer(bpe_dir)
+    row = {"instruction": "word " * 400_000, "output": "ok " * 400_000}
+    examples = load_job_data(write_rows(tmp_path / "d.json", [row, ROWS[0]]), tok, template="chat", cutoff_len=64,
+                             train_on_inputs=True)
+    assert len(examples[0].input_ids) == 64
