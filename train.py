@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import data
 import lora
 import model as M
-from scheduler import JobPlan, Scheduler
+from scheduler import STRATEGIES, JobPlan, Scheduler
 
 PAD_MULTIPLE = 8  # data.fuse rounds a fused batch's length up to this; the scheduler plans with it
 
@@ -133,6 +133,8 @@ def validate(cfg: RunConfig, where: str):
         need(torch.cuda.is_available() and index < torch.cuda.device_count(), "device", cfg.device,
              f"not available here ({torch.cuda.device_count()} CUDA devices)")
     need(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "expected a folder path")
+    need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
+         f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
     sc = cfg.scheduler
@@ -193,13 +195,21 @@ def _check_type(value, hint, where: str):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where}: not valid Unicode (a lone surrogate), got {value!r}") from None
     return value
 
 
-def _fill(cls, raw: dict, where: str):
-    """Build dataclass `cls` from a dict; unknown keys name the closest valid one."""
+def _fill(cls, raw: dict, where: str, file: str):
+    """Build dataclass `cls` from a dict; unknown keys name the closest valid one. Errors read
+    "FILE: where.key: ..." (where is "" at the top)."""
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected an object, got {raw!r}")
+        raise ConfigError(f"{file}: {where or 'the config'}: expected an object, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -207,19 +217,19 @@ def _fill(cls, raw: dict, where: str):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{file}: {at(key)}: unknown key{hint}")
         if key == "jobs":
             if not isinstance(value, list) or not value:
-                raise ConfigError(f"{where}.jobs: expected a non-empty list of jobs")
-            kwargs[key] = [_fill(JobConfig, j, f"{where}.jobs[{i}]") for i, j in enumerate(value)]
+                raise ConfigError(f"{file}: jobs: expected a non-empty list of jobs")
+            kwargs[key] = [_fill(JobConfig, j, f"jobs[{i}]", file) for i, j in enumerate(value)]
         elif key == "scheduler":
-            kwargs[key] = _fill(SchedulerConfig, value, f"{where}.scheduler")
+            kwargs[key] = _fill(SchedulerConfig, value, "scheduler", file)
         else:
-            kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+            kwargs[key] = _check_type(value, hints[key], f"{file}: {at(key)}")
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+        raise ConfigError(f"{file}: {where or 'the config'}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
 
 
@@ -240,9 +250,20 @@ def _parse_override(text: str, hint):
 def from_mlora(raw: dict) -> dict:
     """Translate an m-LoRA config file (a "lora" list plus globals) into ours."""
     globals_map = {"cutoff_len": "cutoff_len", "save_step": "save_every"}
+    if not isinstance(raw["lora"], list) or not raw["lora"]:
+        raise ConfigError("m-LoRA config: lora: expected a non-empty list of adapters")
     jobs = []
     for i, job in enumerate(raw["lora"]):
-        targets = [k for k, on in job.get("target_modules", {}).items() if on]
+        if not isinstance(job, dict):
+            raise ConfigError(f"m-LoRA config: lora[{i}]: expected an object, got {job!r}")
+        missing = [k for k in ("name", "data", "r", "alpha", "lr", "batch_size", "micro_batch_size", "num_epochs")
+                   if k not in job]
+        if missing:
+            raise ConfigError(f"m-LoRA config: lora[{i}]: missing {', '.join(missing)}")
+        modules = job.get("target_modules", {})
+        if not isinstance(modules, dict):
+            raise ConfigError(f"m-LoRA config: lora[{i}].target_modules: expected an object of true/false, got {modules!r}")
+        targets = [k for k, on in modules.items() if on]
         out = {"name": job["name"], "data": job["data"], "r": job["r"], "alpha": job["alpha"],
                "dropout": job.get("dropout", 0.05), "targets": targets,
                "optimizer": job.get("optim", "adamw"), "lr": job["lr"],
@@ -273,19 +294,26 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         raise ConfigError("no config: pass --config FILE")
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if file.suffix == ".toml":
             import tomllib
             raw = tomllib.loads(text)
         else:
             raw = json.loads(text)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise ConfigError(f"{file}: cannot parse: {e}") from None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"{file}: cannot parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(raw, dict) and "lora" in raw and "jobs" not in raw:
-        raw = from_mlora(raw)
+        try:
+            raw = from_mlora(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"argument {arg!r}: expected --key=value")
@@ -309,7 +337,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             close = difflib.get_close_matches(leaf, hints, n=1)
             raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
         target[leaf] = _parse_override(text_value, hints[leaf])
-    cfg = _fill(RunConfig, raw, str(file))
+    cfg = _fill(RunConfig, raw, "", str(file))
     try:
         import quant
         quant.check_quant(cfg.quant)
@@ -691,11 +719,7 @@ def save_checkpoint(run: Run):
 
 
 def restore(run: Run, state: dict):
-    """Put a run back as save_checkpoint left it."""
-    for path, digest in state["inputs"].items():
-        if run.inputs.get(path) != digest:
-            raise ConfigError(f"{path}: changed since the run in {run.out_dir} started; "
-                              f"restore it, or pass --overwrite to start again")
+    """Put a run back as save_checkpoint left it (read_checkpoint checked its inputs)."""
     run.start = time.time() - state["elapsed_s"]
     run.step, run.tokens, run.padded_tokens = state["step"], state["tokens"], state["padded_tokens"]
     run.peak_mb, run.prediction_errors, run.summary = state["peak_mb"], state["prediction_errors"], state["summary"]
