@@ -715,7 +715,10 @@ def save_checkpoint(run: Run):
              "scheduler": run.sched.state_dict(), "jobs": jobs, "torch_rng": torch.get_rng_state()}
     folder = run.out_dir / "checkpoint"
     folder.mkdir(exist_ok=True)
+    t0 = time.time()
     lora.atomic_write(folder / "state.pt", write=lambda p: torch.save(state, p))
+    run.log({"event": "checkpoint", "fused_step": run.step, "ms": 1000 * (time.time() - t0),
+             "bytes": (folder / "state.pt").stat().st_size})
 
 
 def restore(run: Run, state: dict):
