@@ -308,3 +308,18 @@ def test_fast_fit_without_a_budget_is_a_config_error(tmp_path, base_dir, capsys)
     assert "set scheduler.token_budget or scheduler.memory_budget_gb" in capsys.readouterr().err
     assert train.main(["--config", str(tmp_path / "cfg.json"), "--scheduler.token_budget=512",
                        "--jobs.a.max_steps=1", "--jobs.a.group_by_length=true"]) == 0
+
+
+def test_plan_counts_its_micro_batches_without_enumerating_them():
+    """JobPlan counts micro-batches arithmetically (a plan of 10^5 epochs once took minutes to
+    set up); the count equals the micro-batches it then yields, for ragged last steps too."""
+    for n, batch, micro, epochs, max_steps in [(10, 4, 2, 3, None), (10, 4, 4, 2, 5), (7, 8, 2, 1, None),
+                                              (16, 4, 1, 2, 3), (5, 5, 5, 4, 0), (9, 6, 3, 3, 4)]:
+        plan = JobPlan("j", [8] * n, [4] * n, batch, micro, epochs, seed=0, max_steps=max_steps)
+        yielded = 0
+        while not plan.done:
+            plan.pop()
+            yielded += 1
+        assert plan.num_micro_batches == yielded, (n, batch, micro, epochs, max_steps)
+    # 1000 rows in steps of 16: 62 full steps of 4 micro-batches and one of 8 rows (2) per epoch.
+    assert JobPlan("j", [8] * 1000, [4] * 1000, 16, 4, 100_000, seed=0).num_micro_batches == 250 * 100_000

@@ -1,0 +1,404 @@
+"""The run's configuration: one dataclass per concern (run, job, scheduler), read from JSON/TOML
+(ours or m-LoRA's) with `--key=value` overrides, every value checked before anything is read or
+written; and what a run may do with its out_dir (claim_out_dir), decided before it is touched.
+"""
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import shutil
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import lora
+from scheduler import STRATEGIES
+
+
+
+@dataclass(kw_only=True)
+class JobConfig(lora.LoRAConfig):
+    """One job: an adapter (LoRAConfig's fields, by the same names: r, alpha, dropout, targets,
+    init, use_rslora) plus its data, optimizer and schedule."""
+    name: str                              # adapter name; outputs go to out_dir/<name>/
+    data: str                              # Alpaca-style .json / .jsonl (instruction, input, output)
+    test_data: str | None = None           # held-out rows of the same format, for eval loss
+    template: str = "alpaca"               # alpaca | chat (the model's own) | plain | template .json file
+    cutoff_len: int = 256                  # tokens per example after truncation
+    train_on_inputs: bool = False          # also put loss on the prompt tokens
+    dropout: float = 0.05                  # LoRAConfig's, drawn from the job's own RNG; a training default
+    optimizer: str = "adamw"               # adamw | sgd
+    lr: float = 3e-4                       # peak learning rate
+    weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
+    momentum: float = 0.0                  # sgd only
+    lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 after warmup)
+    warmup_steps: int = 0                  # linear warmup, in optimizer steps
+    max_grad_norm: float | None = 1.0      # clip this job's gradient norm (None: no clipping)
+    batch_size: int = 16                   # rows per optimizer step
+    micro_batch_size: int = 4              # rows per fused forward; batch_size must be a multiple
+    epochs: int = 3                        # passes over the data
+    max_steps: int | None = None           # stop after this many optimizer steps (None: all epochs)
+    eval_every: int = 0                    # held-out loss every N optimizer steps (0: only at the end)
+    save_every: int = 0                    # also write the adapter to snapshots/<name>/step-<step>/ every N steps
+    group_by_length: bool = False          # order each epoch so a micro-batch holds rows of similar length
+    priority: int = 0                      # higher is admitted first; FIFO within a priority
+    early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
+    diverge_factor: float = 2.0            # with early_stop: also stop when held-out loss > this x its best
+
+    def lora_config(self) -> lora.LoRAConfig:
+        """The adapter part of the job, field by field."""
+        return lora.LoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(lora.LoRAConfig)})
+
+
+@dataclass
+class SchedulerConfig:
+    strategy: str = "trivial"              # trivial | optimal-fit | fast-fit (see scheduler.py)
+    max_candidates: int = 4                # jobs admitted at once (adapter + optimizer in memory)
+    max_concurrent: int = 2                # jobs fused into one step
+    memory_budget_gb: float | None = None  # cap on each step's predicted peak memory, GiB (None: no cap)
+    token_budget: int | None = None        # cap on each step's processed tokens (padding included); fast-fit fills up to it
+
+
+@dataclass
+class RunConfig:
+    base_model: str                        # Hugging Face checkpoint folder
+    jobs: list[JobConfig]                  # the adapters to train
+    dtype: str = "auto"                    # base weights: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; adapters stay fp32
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    quant: str | None = None               # QLoRA base: nf4 | fp4 | nf4-dq | fp4-dq (double quant.) | int8 | null
+    seed: int = 42                         # adapter init, data order and dropout derive from it and the job name
+    out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
+    log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
+    checkpoint_every: int = 50             # write the run checkpoint (out_dir/checkpoint/) every N fused steps (0: only on SIGINT/SIGTERM)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# What out_dir holds besides one folder per job; no job may take these names.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots")
+# Config fields a resumed run may change: they change no result.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
+OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def validate(cfg: RunConfig, where: str):
+    """Every value's range and enum, before anything is read or written: a ConfigError naming
+    the field. (Data, base folder and targets are checked by prepare, still before out_dir.)"""
+    def need(ok: bool, field: str, value, expected: str):
+        if not ok:
+            raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
+
+    def finite(x) -> bool:
+        return x is not None and math.isfinite(x)
+
+    need(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"expected one of {', '.join(DTYPES)}")
+    need(cfg.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None,
+         "device", cfg.device, "expected auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        index = int(cfg.device.partition(":")[2] or 0)
+        need(torch.cuda.is_available() and index < torch.cuda.device_count(), "device", cfg.device,
+             f"not available here ({torch.cuda.device_count()} CUDA devices)")
+    need(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "expected a folder path")
+    need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
+         f"expected one of {', '.join(STRATEGIES)}")
+    need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
+    sc = cfg.scheduler
+    need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")
+    need(sc.max_concurrent >= 1, "scheduler.max_concurrent", sc.max_concurrent, "expected >= 1")
+    need(sc.memory_budget_gb is None or finite(sc.memory_budget_gb) and sc.memory_budget_gb > 0,
+         "scheduler.memory_budget_gb", sc.memory_budget_gb, "expected null or a number > 0")
+    need(sc.token_budget is None or sc.token_budget >= 1, "scheduler.token_budget", sc.token_budget, "expected null or >= 1")
+    seen = {}
+    for i, job in enumerate(cfg.jobs):
+        def check(name: str, ok: bool, expected: str):
+            need(ok, f"jobs[{i}].{name}", getattr(job, name), expected)
+        check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
+              "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
+        check("name", job.name.lower() not in seen, f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
+        seen[job.name.lower()] = i
+        check("data", job.data.strip() != "", "expected a file path")
+        check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
+        check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
+        check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
+        check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
+        check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
+        check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
+        check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
+        check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
+        check("weight_decay", finite(job.weight_decay) and job.weight_decay >= 0, "expected a finite number >= 0")
+        check("momentum", finite(job.momentum) and 0 <= job.momentum < 1, "expected 0 <= momentum < 1")
+        check("lr_schedule", job.lr_schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")
+        check("warmup_steps", job.warmup_steps >= 0, "expected >= 0")
+        check("max_grad_norm", job.max_grad_norm is None or finite(job.max_grad_norm) and job.max_grad_norm > 0,
+              "expected null (no clipping) or a finite number > 0")
+        check("batch_size", 1 <= job.batch_size <= 2**20, "expected 1 <= batch_size <= 1048576")
+        check("micro_batch_size", 1 <= job.micro_batch_size <= job.batch_size and job.batch_size % job.micro_batch_size == 0,
+              f"expected a divisor of batch_size {job.batch_size}")
+        check("epochs", 1 <= job.epochs <= 100_000, "expected 1 <= epochs <= 100000")
+        check("max_steps", job.max_steps is None or job.max_steps >= 0, "expected null or >= 0")
+        check("eval_every", job.eval_every >= 0, "expected >= 0")
+        check("save_every", job.save_every >= 0, "expected >= 0")
+        check("early_stop", job.early_stop is None or job.early_stop >= 1, "expected null or >= 1")
+        check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
+              "needs test_data and eval_every > 0")
+        check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
+
+
+def _check_type(value, hint, where: str):
+    """Check (and lightly coerce) a JSON value against a dataclass field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where}: not valid Unicode (a lone surrogate), got {value!r}") from None
+    return value
+
+
+def _fill(cls, raw: dict, where: str, file: str):
+    """Build dataclass `cls` from a dict; unknown keys name the closest valid one. Errors read
+    "FILE: where.key: ..." (where is "" at the top)."""
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: {where or 'the config'}: expected an object, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
+            raise ConfigError(f"{file}: {at(key)}: unknown key{hint}")
+        if key == "jobs":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{file}: jobs: expected a non-empty list of jobs")
+            kwargs[key] = [_fill(JobConfig, j, f"jobs[{i}]", file) for i, j in enumerate(value)]
+        elif key == "scheduler":
+            kwargs[key] = _fill(SchedulerConfig, value, "scheduler", file)
+        else:
+            kwargs[key] = _check_type(value, hints[key], f"{file}: {at(key)}")
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{file}: {where or 'the config'}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str, hint):
+    """`--key=value` text -> a JSON-like value; a bare string when it is not JSON."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    wants_list = list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
+    if wants_list and isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    return value
+
+
+def from_mlora(raw: dict) -> dict:
+    """Translate an m-LoRA config file (a "lora" list plus globals) into ours."""
+    globals_map = {"cutoff_len": "cutoff_len", "save_step": "save_every"}
+    if not isinstance(raw["lora"], list) or not raw["lora"]:
+        raise ConfigError("m-LoRA config: lora: expected a non-empty list of adapters")
+    jobs = []
+    for i, job in enumerate(raw["lora"]):
+        if not isinstance(job, dict):
+            raise ConfigError(f"m-LoRA config: lora[{i}]: expected an object, got {job!r}")
+        missing = [k for k in ("name", "data", "r", "alpha", "lr", "batch_size", "micro_batch_size", "num_epochs")
+                   if k not in job]
+        if missing:
+            raise ConfigError(f"m-LoRA config: lora[{i}]: missing {', '.join(missing)}")
+        modules = job.get("target_modules", {})
+        if not isinstance(modules, dict):
+            raise ConfigError(f"m-LoRA config: lora[{i}].target_modules: expected an object of true/false, got {modules!r}")
+        targets = [k for k, on in modules.items() if on]
+        out = {"name": job["name"], "data": job["data"], "r": job["r"], "alpha": job["alpha"],
+               "dropout": job.get("dropout", 0.05), "targets": targets,
+               "optimizer": job.get("optim", "adamw"), "lr": job["lr"],
+               "batch_size": job["batch_size"], "micro_batch_size": job["micro_batch_size"],
+               "epochs": job["num_epochs"]}
+        if job.get("test_data"):
+            out["test_data"] = job["test_data"]
+        if job.get("prompt"):
+            out["template"] = job["prompt"]
+        if job.get("momentum") is not None:
+            out["momentum"] = job["momentum"]
+        if job.get("group_by_length") is not None:
+            out["group_by_length"] = job["group_by_length"]
+        for ours_key in ("cutoff_len", "save_step"):
+            if ours_key in raw:
+                out[globals_map[ours_key]] = raw[ours_key]
+        jobs.append(out)
+    strategy = {"optim": "optimal-fit", "none": "trivial"}.get(raw.get("train_strategy", "none"), "trivial")
+    return {"base_model": raw.get("base_model", ""), "jobs": jobs,
+            "scheduler": {"strategy": strategy,
+                          "max_candidates": raw.get("train_lora_candidate_num", 4),
+                          "max_concurrent": raw.get("train_lora_simultaneously_num", 2)}}
+
+
+def load_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """Read JSON/TOML (ours or m-LoRA's), apply `--key=value` overrides, type-check."""
+    if path is None:
+        raise ConfigError("no config: pass --config FILE")
+    file = Path(path)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"{file}: cannot parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(raw, dict) and "lora" in raw and "jobs" not in raw:
+        try:
+            raw = from_mlora(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected --key=value")
+        key, text_value = arg[2:].split("=", 1)
+        parts = key.split(".")
+        if parts[0] == "jobs":  # --jobs.NAME.field=value
+            if len(parts) != 3:
+                raise ConfigError(f"--{key}: expected --jobs.NAME.FIELD=value")
+            matches = [j for j in raw.get("jobs", []) if j.get("name") == parts[1]]
+            if not matches:
+                raise ConfigError(f"--{key}: no job named {parts[1]!r}")
+            target, cls, leaf = matches[0], JobConfig, parts[2]
+        elif parts[0] == "scheduler" and len(parts) == 2:
+            target, cls, leaf = raw.setdefault("scheduler", {}), SchedulerConfig, parts[1]
+        elif len(parts) == 1:
+            target, cls, leaf = raw, RunConfig, parts[0]
+        else:
+            raise ConfigError(f"--{key}: unknown key")
+        hints = typing.get_type_hints(cls)
+        if leaf not in hints or leaf in ("jobs", "scheduler"):
+            close = difflib.get_close_matches(leaf, hints, n=1)
+            raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
+        target[leaf] = _parse_override(text_value, hints[leaf])
+    cfg = _fill(RunConfig, raw, "", str(file))
+    try:
+        import quant
+        quant.check_quant(cfg.quant)
+    except ValueError as e:
+        raise ConfigError(f"{file}: quant: {e}") from None
+    validate(cfg, str(file))
+    return cfg
+
+
+# ----------------------------------------------------------------------------- out_dir
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_difference(old: dict, new: dict, where: str = "") -> str | None:
+    """The first field where two resolved configs differ, as 'field: A there, B here' (None: same)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            if not where and key in RESUMABLE_CHANGES:
+                continue
+            diff = config_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if diff:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return next(filter(None, (config_difference(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(old, new)))), None)
+    return None if old == new else f"{where}: {json.dumps(old)} there, {json.dumps(new)} here"
+
+
+def claim_out_dir(cfg: RunConfig, overwrite: bool) -> str:
+    """What this run does with out_dir, decided before anything is written (nothing is):
+    "fresh" (missing or empty), "overwrite" (a run of ours, --overwrite), "resume" (an unfinished
+    run of this config with a checkpoint), "restart" (one that never checkpointed), "finished"."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("jobs"), list):
+        raise ConfigError(f"out_dir {out}: not empty and holds no run of train.py (no readable config.json); "
+                          "choose another out_dir")
+    if overwrite:
+        return "overwrite"
+    diff = config_difference(old, dataclasses.asdict(cfg))
+    if diff:
+        raise ConfigError(f"out_dir {out} holds a run of another config ({diff}); choose another out_dir, "
+                          "or pass --overwrite to replace that run")
+    if (out / "run.json").exists():
+        return "finished"
+    return "resume" if (out / "checkpoint" / "state.pt").exists() else "restart"
+
+
+def clear_run(out: Path):
+    """Remove a previous run's outputs from out (--overwrite): only what train.py writes there."""
+    import shutil
+    try:
+        old = json.loads((out / "config.json").read_text())
+        names = [j["name"] for j in old["jobs"] if isinstance(j, dict) and SAFE_NAME.fullmatch(str(j.get("name")))]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    remove_partial_writes(out)
+    for name in (*names, *RUN_FILES):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def remove_partial_writes(out: Path):
+    """What a killed run left half-written: lora.atomic_write's and replace_dir's temporary
+    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes."""
+    for folder in (out, *(p for p in out.iterdir() if p.is_dir()), *(out / "snapshots").glob("*")):
+        for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
