@@ -23,10 +23,15 @@ from scheduler import STRATEGIES
 
 @dataclass(kw_only=True)
 class JobConfig(lora.LoRAConfig):
-    """One job: an adapter (LoRAConfig's fields, by the same names: r, alpha, dropout, targets,
-    init, use_rslora) plus its data, optimizer and schedule."""
+    """One job: an adapter (LoRAConfig's fields, by PEFT's names: r, alpha, dropout, targets,
+    init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
     name: str                              # adapter name; outputs go to out_dir/<name>/
-    data: str                              # Alpaca-style .json / .jsonl (instruction, input, output)
+    data: str                              # .json / .jsonl: sft rows {instruction, input, output}; dpo/cpo rows {prompt, chosen, rejected}
+    objective: str = "sft"                 # sft | dpo (reference: the frozen base, same fused batch) | cpo
+    loss_type: str = "sigmoid"             # dpo/cpo: sigmoid | ipo (as TRL's loss_type)
+    beta: float = 0.1                      # dpo/cpo: the preference loss's temperature
+    label_smoothing: float = 0.0           # dpo/cpo (sigmoid): assumed chance that a pair's labels are flipped
+    cpo_alpha: float = 1.0                 # cpo: weight of the chosen answers' NLL term
     test_data: str | None = None           # held-out rows of the same format, for eval loss
     template: str = "alpaca"               # alpaca | chat (the model's own) | plain | template .json file
     cutoff_len: int = 256                  # tokens per example after truncation
@@ -34,6 +39,7 @@ class JobConfig(lora.LoRAConfig):
     dropout: float = 0.05                  # LoRAConfig's, drawn from the job's own RNG; a training default
     optimizer: str = "adamw"               # adamw | sgd
     lr: float = 3e-4                       # peak learning rate
+    loraplus_lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): B's lr is this x lr (PEFT's create_loraplus_optimizer)
     weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
     momentum: float = 0.0                  # sgd only
     lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 after warmup)
@@ -88,6 +94,7 @@ class ConfigError(ValueError):
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots")
 # Config fields a resumed run may change: they change no result.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
+OBJECTIVES, LOSS_TYPES = ("sft", "dpo", "cpo"), ("sigmoid", "ipo")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -154,6 +161,14 @@ def validate(cfg: RunConfig, where: str):
         check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
               "needs test_data and eval_every > 0")
         check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
+        check("objective", job.objective in OBJECTIVES, f"expected one of {', '.join(OBJECTIVES)}")
+        check("loss_type", job.loss_type in LOSS_TYPES, f"expected one of {', '.join(LOSS_TYPES)}")
+        check("beta", finite(job.beta) and job.beta > 0, "expected a finite number > 0")
+        check("label_smoothing", finite(job.label_smoothing) and 0 <= job.label_smoothing < 0.5,
+              "expected 0 <= label_smoothing < 0.5")
+        check("cpo_alpha", finite(job.cpo_alpha) and job.cpo_alpha >= 0, "expected a finite number >= 0")
+        check("loraplus_lr_ratio", job.loraplus_lr_ratio is None or finite(job.loraplus_lr_ratio) and job.loraplus_lr_ratio > 0,
+              "expected null or a finite number > 0")
 
 
 def _check_type(value, hint, where: str):

@@ -26,7 +26,7 @@ import quant
 # "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
 # (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
 FUSE_ADAPTERS = "cuda"
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 def concatenates(device) -> bool:
@@ -40,8 +40,9 @@ class LoRAConfig:
     alpha: float = 16               # the update is scaled by alpha / r
     dropout: float = 0.0            # dropout on the adapter's input (PEFT's lora_dropout)
     targets: list[str] | None = None  # module names (the family's LORA_TARGETS); None: its DEFAULT_TARGETS
-    init: str = "kaiming"           # A's init: "kaiming" (PEFT's default) or "gaussian" (the paper's)
+    init: str = "kaiming"           # kaiming (PEFT's default) | gaussian (the paper's) | pissa | olora (from the base weight)
     use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA, Kalajdzievski 2023)
+    use_dora: bool = False          # weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
 
     @property
     def scaling(self) -> float:
@@ -482,12 +483,14 @@ def remove_adapter(model: nn.Module, name: str):
             del layer.adapters[name]
 
 
-def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+def adapter_parameters(model: nn.Module, name: str, kind: str | None = None) -> list[nn.Parameter]:
+    """The adapter's trainable tensors, layer by layer; kind: only those whose name starts
+    with it ("lora_A", "lora_B", "magnitude")."""
     params = []
     for _, layer in lora_layers(model):
         if name in layer.adapters:
-            params += list(layer.adapters[name].parameters())
-    if not params:
+            params += [p for n, p in layer.adapters[name].named_parameters() if kind is None or n.startswith(kind)]
+    if not params and name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
     return params
 

@@ -53,11 +53,20 @@ def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
     return job.lr
 
 
-def make_optimizer(params, job: JobConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, job: JobConfig, lora_B: set | None = None) -> torch.optim.Optimizer:
+    """The job's optimizer. LoRA+ (loraplus_lr_ratio): the B matrices (`lora_B`, a set of their
+    ids) in a second group whose lr is ratio x lr, as PEFT's create_loraplus_optimizer (which
+    also puts embedding adapters in a third group: we have none)."""
+    groups = [{"params": params}]
+    if job.loraplus_lr_ratio is not None:
+        groups = [{"params": [p for p in params if id(p) not in lora_B], "lr_ratio": 1.0},
+                  {"params": [p for p in params if id(p) in lora_B], "lr_ratio": job.loraplus_lr_ratio}]
+        for group in groups:
+            group["lr"] = job.lr * group["lr_ratio"]
     if job.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
+        return torch.optim.AdamW(groups, lr=job.lr, weight_decay=job.weight_decay)
     if job.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+        return torch.optim.SGD(groups, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
     raise ConfigError(f"job {job.name!r}: optimizer {job.optimizer!r}: expected adamw or sgd")
 
 
@@ -237,10 +246,11 @@ def add_job(run: Run, name: str) -> JobState:
     job = next(j for j in run.cfg.jobs if j.name == name)
     lora.add_adapters(run.model, {name: job.lora_config()}, seed=run.cfg.seed)
     params = lora.adapter_parameters(run.model, name)
+    lora_B = {id(p) for p in lora.adapter_parameters(run.model, name, "lora_B")}
     # The dropout stream is seeded apart from the init's (adapter_seed itself seeds A's init).
     generator = torch.Generator().manual_seed(lora.mix_seed(lora.adapter_seed(run.cfg.seed, name), 1))
     s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
-                                  run.test_sets.get(name), make_optimizer(params, job), generator,
+                                  run.test_sets.get(name), make_optimizer(params, job, lora_B), generator,
                                   admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device))
     return s
 
@@ -301,7 +311,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s.step + 1}"
     s.lr = get_lr(s.step, s.total_steps, s.config)
     for group in s.optimizer.param_groups:
-        group["lr"] = s.lr
+        group["lr"] = s.lr * group.get("lr_ratio", 1.0)   # LoRA+: B's group runs at ratio x lr
     before = [p.detach().clone() for p in params]
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
