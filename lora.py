@@ -52,36 +52,99 @@ class LoRAConfig:
 class Adapter(nn.Module):
     """One adapter on one layer: its config and its weights A [r, in], B [out, r].
 
-    Everything that makes adapters differ lives here; a variant (e.g. DoRA) adds its
-    weights and overrides `delta_weight` and gets its own update path (LoRAUpdate is plain LoRA).
+    Everything that makes adapters differ lives here. Plain LoRA goes through LoRAUpdate with
+    the layer's other plain adapters; a variant (`is_variant`) adds its own `update`:
+      DoRA (use_dora)   W' = m * (W + s B A) / ||W + s B A||, row-wise: a learned magnitude m
+                        [out] (PEFT's lora_magnitude_vector); the norm is a constant in
+                        backward (the paper's section 4.3, as PEFT).
+      PiSSA, OLoRA      A and B start as the top-r part of W (SVD; QR), and the base becomes
+                        W - s B0 A0 (B0, A0 their starting values). The base is shared with
+                        other jobs, so it stays W and the adapter subtracts s B0 A0 x itself.
+    `base` is the layer's weight [out, in] (dequantized), needed by those inits only.
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig,
-                 generator: torch.Generator, device, dtype: torch.dtype):
+                 generator: torch.Generator, device, dtype: torch.dtype, base: torch.Tensor | None = None):
         super().__init__()
         self.config = cfg
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=device, dtype=dtype)
-        # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
-        # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
-        # (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the
-        # adapter's own generator, so the init is the same on every device.
+        self.register_buffer("init_A", None)      # PiSSA/OLoRA: the starting A, B (buffers, not trained)
+        self.register_buffer("init_B", None)
         with torch.no_grad():
-            cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
-            if cfg.init == "gaussian":
-                cpu_A.normal_(0, 1 / cfg.r, generator=generator)
+            if cfg.init in ("pissa", "olora"):
+                A, B = self.from_weight(base.float(), cfg)
+                self.lora_A.weight.copy_(A)
+                self.lora_B.weight.copy_(B)
+                self.init_A, self.init_B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
             else:
-                nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
-            self.lora_A.weight.copy_(cpu_A)
-            nn.init.zeros_(self.lora_B.weight)
+                # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
+                # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
+                # (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the
+                # adapter's own generator, so the init is the same on every device.
+                cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+                if cfg.init == "gaussian":
+                    cpu_A.normal_(0, 1 / cfg.r, generator=generator)
+                else:
+                    nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
+                self.lora_A.weight.copy_(cpu_A)
+                nn.init.zeros_(self.lora_B.weight)
+        if cfg.use_dora:   # m starts as the row norms of W + s B A, so W' starts as W
+            self.magnitude = nn.Parameter(self.weight_norm(base).to(device=device, dtype=dtype))
+
+    @staticmethod
+    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA's A, B (Meng et al. 2024): the top-r singular triplets, sqrt(S/s) on each
+        side, so s B A is W's best rank-r part. OLoRA's (Büyükakyüz 2024): W = QR, B = Q[:, :r],
+        A = R[:r]. As PEFT's pissa_init / olora_init."""
+        if cfg.init == "pissa":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            root = torch.sqrt(S[:cfg.r] / cfg.scaling)
+            return root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root[None, :]
+        Q, R = torch.linalg.qr(W)
+        return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
 
     @property
     def scaling(self) -> float:
         return self.config.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update to the base weight, [out, in] (what merge adds)."""
-        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+    @property
+    def is_variant(self) -> bool:
+        """Needs its own update (not LoRAUpdate's plain x A^T B^T)."""
+        return self.config.use_dora or self.init_A is not None
+
+    def lora_weight(self) -> torch.Tensor:
+        """s (B A - B0 A0): what the adapter adds to W before DoRA's rescaling, [out, in]."""
+        delta = self.lora_B.weight @ self.lora_A.weight
+        if self.init_A is not None:
+            delta = delta - self.init_B @ self.init_A
+        return self.scaling * delta
+
+    @torch.no_grad()
+    def weight_norm(self, W: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W + s B A|| per output row [out]: a constant in backward."""
+        return torch.linalg.norm(W.to(self.lora_A.weight.dtype) + self.lora_weight(), dim=1)
+
+    def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
+        """The variant's addition to the base output W x + b on these rows [.., out], in autograd."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        delta = F.linear(F.linear(x_dropped.to(A.dtype), A), B) * self.scaling
+        if self.init_A is not None:   # the base as PiSSA/OLoRA leave it: W - s B0 A0, on the undropped x
+            delta = delta - F.linear(F.linear(x.to(A.dtype), self.init_A), self.init_B) * self.scaling
+        if not self.config.use_dora:
+            return delta
+        W = layer.base_weight()
+        scale = self.magnitude / self.weight_norm(W)                                  # [out]
+        return (scale - 1) * F.linear(x_dropped.to(W.dtype), W).to(delta.dtype) + scale * delta
+
+    def delta_weight(self, W: torch.Tensor | None = None) -> torch.Tensor:
+        """The update to the base weight W [out, in] (what merge adds): s B A, minus s B0 A0
+        for PiSSA/OLoRA; DoRA: m/||W + s B A|| (W + s B A) - W."""
+        delta = self.lora_weight()
+        if not self.config.use_dora:
+            return delta
+        W = W.to(delta.dtype)
+        return (self.magnitude / self.weight_norm(W))[:, None] * (W + delta) - W
 
 
 class UpdatePlan(NamedTuple):
@@ -262,7 +325,12 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
-        self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype)
+        base = self.base_weight() if cfg.use_dora or cfg.init in ("pissa", "olora") else None
+        self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype, base)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base's weight [out, in], dequantized when quantized (a new tensor each call)."""
+        return self.weight if self.quantized is None else self.quantized.dequantize()
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:  # dequantizes once for the whole fused batch
@@ -295,7 +363,7 @@ class MultiLoRALinear(nn.Module):
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
         # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
         # wasted flops of that cost more than small per-adapter matmuls.
-        if not concatenates(x.device):
+        if not concatenates(x.device) or any(self.adapters[g.name].is_variant for g in groups):
             return self.add_per_adapter(x, groups)
         out = self.base_forward(x)
         if routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
@@ -333,7 +401,7 @@ class MultiLoRALinear(nn.Module):
         flat = x.reshape(-1, x.size(-1))
         outs = [layer.base_forward(flat) for layer in layers]
         B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
-        plan, tensors = [], []
+        plan, tensors, variants = [], [], []
         for group in routing.groups:
             owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
             if not owners:
@@ -345,11 +413,24 @@ class MultiLoRALinear(nn.Module):
                 shape = (self.row_count(group, B), length, x.size(-1))
                 keep = self.dropout_keep(group, shape, x.device, adapter.config.dropout)
                 scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
+            if adapter.is_variant:
+                variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
+                continue
             plan.append((group.rows, length, scale, tuple(owners)))
             tensors.append(keep)
             for i in owners:
                 tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
-        outs = LoRAUpdate.apply(x, UpdatePlan((B, T), len(outs), plan), *outs, *tensors)   # a tuple
+        if plan:
+            outs = LoRAUpdate.apply(x, UpdatePlan((B, T), len(outs), plan), *outs, *tensors)   # a tuple
+        outs = [out.view(B, T, out.size(-1)) for out in outs]
+        xs = x.reshape(B, T, x.size(-1))
+        for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
+            xr = xs[rows, :length]                                               # [b, L, in]
+            dropped = xr if keep is None else xr * keep / (1 - drawn_p(p))
+            index = (torch.arange(B, device=x.device)[rows][:, None], torch.arange(length, device=x.device)[None, :])
+            for i in owners:
+                update = layers[i].adapters[name].update(xr, dropped, layers[i])
+                outs[i] = outs[i].index_put(index, update.to(outs[i].dtype), accumulate=True)
         outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
         for layer, layer_out in zip(layers[1:], outs[1:]):
             routing.shared[layer] = (x, layer_out)
@@ -431,6 +512,8 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
             raise ValueError(f"adapter {name!r}: r must be >= 1, got {cfg.r}")
         if cfg.init not in INITS:
             raise ValueError(f"adapter {name!r}: init {cfg.init!r}: expected one of {', '.join(INITS)}")
+        if cfg.use_dora and cfg.init in ("pissa", "olora"):
+            raise ValueError(f"adapter {name!r}: use_dora with init {cfg.init!r} is not supported")
         cfg = dataclasses.replace(cfg, targets=targets)   # stored with the layers, saved by save_peft
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
         for path, module in list(model.named_modules()):
@@ -569,7 +652,7 @@ def merge(model: nn.Module, name: str):
                 dequantized.append(layer.quantized.quant)
                 layer.dequantize_base()
             with torch.no_grad():
-                layer.weight += layer.adapters[name].delta_weight().to(layer.weight.dtype)
+                layer.weight += layer.adapters[name].delta_weight(layer.weight).to(layer.weight.dtype)
             layer.merged.add(name)
     if dequantized:
         print(f"merge {name!r}: {len(dequantized)} layers had a quantized ({', '.join(sorted(set(dequantized)))}) "
@@ -577,7 +660,11 @@ def merge(model: nn.Module, name: str):
 
 
 def unmerge(model: nn.Module, name: str):
+    """Take a merged adapter out again by subtraction (not DoRA: its rescaling of W is not a sum)."""
     for _, layer in lora_layers(model):
+        if name in layer.merged and layer.adapters[name].config.use_dora:
+            raise ValueError(f"adapter {name!r} is DoRA: merging rescaled each row of the weight, which "
+                             "subtraction cannot undo; reload the base instead")
         if name in layer.merged:
             with torch.no_grad():
                 layer.weight -= layer.adapters[name].delta_weight().to(layer.weight.dtype)
@@ -608,14 +695,21 @@ def adapter_config(model: nn.Module, name: str) -> LoRAConfig:
     raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
 
 
-def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights under PEFT's keys (base_model.model.<module path>.lora_A.weight)."""
+def adapter_state(model: nn.Module, name: str, *, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's weights under PEFT's keys (base_model.model.<module path>.lora_A.weight,
+    DoRA's .lora_magnitude_vector). as_plain_lora: a PiSSA/OLoRA adapter as the plain LoRA of
+    rank 2r that adds the same to the ORIGINAL base, s (B A - B0 A0) = s [B, B0] [A; -A0]
+    (PEFT's own conversion for sharing such adapters)."""
     state = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
-            adapter = layer.adapters[name]
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.weight
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B.weight
+            adapter, key = layer.adapters[name], f"{PEFT_PREFIX}{path}"
+            A, B = adapter.lora_A.weight, adapter.lora_B.weight
+            if as_plain_lora and adapter.init_A is not None:
+                A, B = torch.cat([A, -adapter.init_A]), torch.cat([B, adapter.init_B], dim=1)
+            state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = A, B
+            if adapter.config.use_dora:
+                state[f"{key}.lora_magnitude_vector"] = adapter.magnitude
     return state
 
 
@@ -683,13 +777,17 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     cfg = adapter_config(model, name)
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name, as_plain_lora=True).items()}
+    r, alpha = cfg.r, cfg.alpha
+    if cfg.init in ("pissa", "olora"):   # saved as plain LoRA of rank 2r, same scale (adapter_state)
+        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": cfg.use_rslora, "use_dora": False, "modules_to_save": None,
-        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
+        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "modules_to_save": None,
+        # How the saved weights load: PiSSA/OLoRA were converted to plain LoRA on the original base.
+        "init_lora_weights": cfg.init if cfg.init == "gaussian" else True,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -715,7 +813,7 @@ def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: 
     pc = json.loads(config_file.read_text())
     if pc.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type {pc.get('peft_type')!r} is not LORA")
-    for key in ("use_dora", "layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save"):
+    for key in ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save"):
         if pc.get(key):
             raise ValueError(f"{config_file}: {key}={pc[key]!r} is not supported")
     if pc.get("bias", "none") != "none":
@@ -725,8 +823,8 @@ def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: 
         raise ValueError(f"{config_file}: target_modules as a regex ({targets!r}) is not supported; give a list")
     init = pc.get("init_lora_weights", True)
     cfg = LoRAConfig(r=pc["r"], alpha=pc["lora_alpha"], dropout=pc.get("lora_dropout", 0.0),
-                     targets=list(targets), use_rslora=pc.get("use_rslora", False),
-                     init=init if init in INITS else "kaiming")  # the weights come from the file
+                     targets=list(targets), use_rslora=pc.get("use_rslora", False), use_dora=pc.get("use_dora", False),
+                     init=init if init in ("kaiming", "gaussian") else "kaiming")  # the weights come from the file
     add_adapters(model, {name: cfg}, dtype=dtype)
     weights_file = adapter_dir / "adapter_model.safetensors"
     if weights_file.exists():
