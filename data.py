@@ -1,7 +1,8 @@
 """Data: tokenizers, prompt templates, Alpaca-style json/jsonl, loss masks, fused batches.
 
 Text flows: row {instruction, input, output} -> template -> (prompt, response) text
--> token ids with labels (-100 on the prompt) -> one Example per row -> pack() lays the
+-> token ids with labels (-100 on the prompt) -> one Example per row (a preference row
+{prompt, input, chosen, rejected}: a Pair of two Examples, one per answer) -> pack() lays the
 micro-batches of several jobs end to end in one row (fuse() pads them into rows instead),
 each example tagged with its adapter.
 """
@@ -673,45 +674,94 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
             for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
-def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256,
-                  train_on_inputs: bool = False) -> list[Example]:
-    """Alpaca-style rows {instruction, input?, output} from a .json list or .jsonl file, as Examples in file order."""
-    path = Path(path)
+def _numbered_rows(path: Path, tokenizer: Tokenizer, template: str) -> list[tuple[str, object]]:
+    # ("FILE: row N" or "FILE: line N", parsed row) of a data file, its template checked first.
     what = "line" if path.suffix == ".jsonl" else "row"
     check_template(template, tokenizer)
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
+    return [(f"{path}: {what} {number}", row) for number, row in rows]
+
+
+def _string_fields(where: str, row, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    """The row with its fields checked to be text, in this order; an optional one missing or null reads as ""."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    for field in fields:
+        if field not in row and field not in optional:
+            raise DataError(f"{where}: missing field '{field}'")
+    # A missing optional field reads as "", as does null (converted datasets write "input": null).
+    row = {**row, **{field: "" for field in optional if row.get(field) is None}}
+    for field in fields:
+        if not isinstance(row[field], str):
+            raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+        bad = _SURROGATE.search(row[field])
+        if bad:
+            raise DataError(f"{where}: field '{field}' has a lone surrogate \\u{ord(bad.group()):04x} "
+                            f"at character {bad.start()}, which is not text")
+    return row
+
+
+def _has_response(example: Example) -> bool:
+    # labels[0] never enters the shifted loss, so an example needs a label past position 0.
+    return any(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256,
+                  train_on_inputs: bool = False) -> list[Example]:
+    """Alpaca-style rows {instruction, input?, output} from a .json list or .jsonl file, as Examples in file order."""
+    path = Path(path)
     examples = []
-    for number, row in rows:
-        where = f"{path}: {what} {number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        for field in ("instruction", "output"):
-            if field not in row:
-                raise DataError(f"{where}: missing field '{field}'")
-        if row.get("input") is None:  # converted datasets often write "input": null
-            row = {**row, "input": ""}
-        for field in ("instruction", "input", "output"):
-            if not isinstance(row[field], str):
-                raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
-            bad = _SURROGATE.search(row[field])
-            if bad:
-                raise DataError(f"{where}: field '{field}' has a lone surrogate \\u{ord(bad.group()):04x} "
-                                f"at character {bad.start()}, which is not text")
+    for where, row in _numbered_rows(path, tokenizer, template):
+        row = _string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
         try:
             prompt, response = format_example(template, tokenizer, row["instruction"], row["input"], row["output"])
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         examples.append(make_example(tokenizer, prompt, response, cutoff_len, train_on_inputs))
 
-    # labels[0] never enters the shifted loss, so an example needs a label past position 0.
-    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex.labels[1:])]
+    kept = [ex for ex in examples if _has_response(ex)]
     if not kept:
         raise DataError(f"{path}: no example has a response token within cutoff_len={cutoff_len}")
     if len(kept) < len(examples):
         print(f"warning: {path}: dropped {len(examples) - len(kept)} of {len(examples)} examples "
               f"with no response token within cutoff_len={cutoff_len}")
+    return kept
+
+
+@dataclass
+class Pair:
+    """A preference row: one prompt with its chosen and with its rejected answer, two Examples
+    (prompt + answer, labels on the answer only). A pair is never split: the scheduler's unit."""
+    chosen: Example
+    rejected: Example
+
+
+def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256) -> list[Pair]:
+    """Preference rows {prompt, input?, chosen, rejected} from a .json list or .jsonl file, as Pairs
+    in file order: the prompt (and input) formatted by the template as an SFT instruction, each
+    answer as its response (EOS as SFT), each sequence cut to cutoff_len."""
+    path = Path(path)
+    pairs = []
+    for where, row in _numbered_rows(path, tokenizer, template):
+        row = _string_fields(where, row, ("prompt", "input", "chosen", "rejected"), optional=("input",))
+        answers = []
+        for field in ("chosen", "rejected"):
+            try:
+                prompt, response = format_example(template, tokenizer, row["prompt"], row["input"], row[field])
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            answers.append(make_example(tokenizer, prompt, response, cutoff_len, train_on_inputs=False))
+        pairs.append(Pair(*answers))
+
+    # Both answers need a token to score: a pair whose prompt fills cutoff_len has none.
+    kept = [pair for pair in pairs if _has_response(pair.chosen) and _has_response(pair.rejected)]
+    if not kept:
+        raise DataError(f"{path}: no pair has a token of both answers within cutoff_len={cutoff_len}")
+    if len(kept) < len(pairs):
+        print(f"warning: {path}: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs "
+              f"without a token of both answers within cutoff_len={cutoff_len}")
     return kept
 
 

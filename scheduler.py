@@ -3,7 +3,10 @@ No model code here.
 
 A job's plan is fixed by its own data and seed: per epoch a shuffled order (from an RNG
 seeded by the run seed and the job's name, so neighbours never change it), cut into
-optimizer steps of `batch_size` rows and those into micro-batches. The scheduler only
+optimizer steps of `batch_size` rows and those into micro-batches. A row is the unit that is
+never split: one sequence (SFT) or several that travel together (a preference pair: its
+chosen and rejected answers, for DPO twice, the second time for the reference); every
+length, token and padding count below counts all of a row's sequences. The scheduler only
 decides which jobs' next micro-batches are fused into one forward/backward pass, so a
 job's result never depends on the strategy. Strategies:
   trivial      the first max_concurrent candidates (priority, then admission order)
@@ -37,9 +40,11 @@ class MicroBatch:
     step: int                 # the job's optimizer step this micro-batch belongs to (0-based)
     last_in_step: bool        # the job's optimizer steps after this micro-batch
     step_loss_tokens: int     # loss tokens of the whole optimizer step: the loss divides by it
-    max_len: int              # longest row, for padding-aware strategies
-    tokens: int               # real tokens of its rows (padding excluded)
-    squares: int              # sum of its rows' squared lengths (attention's work when packed)
+    max_len: int              # longest sequence, for padding-aware strategies
+    tokens: int               # real tokens of its sequences (padding excluded)
+    squares: int              # sum of its sequences' squared lengths (attention's work when packed)
+    sequences: int            # sequences it puts in the fused batch (its rows in the padded layout)
+    step_rows: int            # rows (pairs) of the whole optimizer step: a preference loss divides by it
 
 
 def round_up(length: int, multiple: int) -> int:
@@ -49,13 +54,15 @@ def round_up(length: int, multiple: int) -> int:
 class JobPlan:
     """One job's sequence of micro-batches over all its epochs, produced lazily."""
 
-    def __init__(self, name: str, lengths: list[int], loss_tokens: list[int], batch_size: int,
-                 micro_batch_size: int, epochs: int, seed: int, max_steps: int | None = None, *,
+    def __init__(self, name: str, lengths: list[int] | list[tuple[int, ...]], loss_tokens: list[int],
+                 batch_size: int, micro_batch_size: int, epochs: int, seed: int, max_steps: int | None = None, *,
                  group_by_length: bool = False, priority: int = 0):
         if batch_size % micro_batch_size:
             raise ValueError(f"job {name!r}: batch_size {batch_size} is not a multiple of "
                              f"micro_batch_size {micro_batch_size}")
         self.name, self.lengths, self.loss_tokens = name, lengths, loss_tokens
+        # Each row's sequence lengths: an int is one sequence, a tuple the sequences of one row.
+        self.sequences = [(n,) if isinstance(n, int) else tuple(n) for n in lengths]
         self.batch_size, self.micro_batch_size, self.epochs = batch_size, micro_batch_size, epochs
         self.seed, self.group_by_length, self.priority = seed, group_by_length, priority
         self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
@@ -81,7 +88,7 @@ class JobPlan:
             # Sort the shuffled rows by length (stable: equal lengths keep their random order),
             # cut them into optimizer steps and shuffle the steps: every micro-batch holds rows
             # of similar length, yet the steps still come in a fresh random order each epoch.
-            order.sort(key=lambda i: -self.lengths[i])
+            order.sort(key=lambda i: -max(self.sequences[i]))
             steps = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
             rng.shuffle(steps)
             order = [i for step in steps for i in step]
@@ -98,9 +105,10 @@ class JobPlan:
                 tokens = sum(self.loss_tokens[i] for i in batch)
                 for m in range(0, len(batch), self.micro_batch_size):
                     rows = batch[m:m + self.micro_batch_size]
+                    sequences = [n for i in rows for n in self.sequences[i]]
                     yield MicroBatch(self.name, rows, epoch, step, m + self.micro_batch_size >= len(batch),
-                                     tokens, max(self.lengths[i] for i in rows),
-                                     sum(self.lengths[i] for i in rows), sum(self.lengths[i] ** 2 for i in rows))
+                                     tokens, max(sequences), sum(sequences), sum(n * n for n in sequences),
+                                     len(sequences), len(batch))
                 step += 1
 
     def peek(self) -> MicroBatch | None:
@@ -246,7 +254,7 @@ class Scheduler:
         the memory model's features; the token budget counts the first."""
         if self.packed:
             return sum(mb.tokens for mb in micro_batches), sum(mb.squares for mb in micro_batches)
-        rows = sum(len(mb.indices) for mb in micro_batches)
+        rows = sum(mb.sequences for mb in micro_batches)
         length = round_up(max(mb.max_len for mb in micro_batches), self.pad_multiple)
         return rows * length, rows * length * length
 

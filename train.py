@@ -12,7 +12,9 @@ Exit status: 0 done, 2 bad input (one line on stderr), 3 a job stopped on non-fi
 
 Each step fuses the next micro-batches of several jobs into one batch (packed), runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
-and steps each job's own optimizer when that job's gradient accumulation ends.
+and steps each job's own optimizer when that job's gradient accumulation ends. A job's
+objective is SFT, DPO or CPO (job_loss); a DPO job's reference is the frozen base itself:
+its pairs again, routed to no adapter, in the same fused batch.
 """
 import contextlib
 import dataclasses
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import data
 import lora
@@ -71,7 +74,7 @@ def make_optimizer(params, job: JobConfig, lora_B: set | None = None) -> torch.o
 
 
 def token_losses(model, batch: data.Batch):
-    """Next-token loss of every labelled position: (losses [N], the example each came from [N])."""
+    """Next-token loss of every labelled position: (losses [N], the sequence each came from [N])."""
     targets = batch.labels[:, 1:]                                       # [B, T-1]
     keep = torch.zeros_like(batch.labels, dtype=torch.bool)             # [B, T]
     keep[:, :-1] = targets != -100
@@ -128,15 +131,104 @@ def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return ChunkedTokenLosses.apply(hidden, weight, targets)
 
 
-def job_loss(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor, step_loss_tokens: int) -> torch.Tensor:
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "margin", "accuracy")   # a preference job's metrics
+
+
+def job_loss(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor, num_rows: int,
+             step_loss_tokens: int, step_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One job's loss on its rows of a fused step: THE seam where an objective plugs in.
 
     token_nll [n]: next-token losses of the job's labelled positions; rows [n]: which of the
-    job's examples each came from (0-based within its micro-batch, padded or packed alike). SFT: the summed token loss over
-    the whole optimizer step's loss tokens, so accumulating micro-batches gives exactly the
-    step's mean. (A preference objective, e.g. DPO, would sum log-probs per row here.)
+    job's sequences each came from (0-based within its micro-batch, in job_parts' order, padded
+    or packed alike); num_rows: the micro-batch's rows (examples, or pairs). Each micro-batch
+    gives its share of its optimizer step's mean, so accumulating equals one big batch:
+      sft       the summed token loss / the step's loss tokens
+      dpo, cpo  the summed pair losses / the step's pairs (preference_losses), and for cpo
+                cpo_alpha x the chosen answers' summed token loss / the step's chosen tokens
+    Returns (loss, reward sums [4]: chosen rewards, rejected rewards, pairs with margin > 0,
+    pairs; zeros for SFT), detached sums that reward_means turns into metrics.
     """
-    return token_nll.sum() / max(step_loss_tokens, 1)
+    if job.objective == "sft":
+        return token_nll.sum() / max(step_loss_tokens, 1), token_nll.new_zeros(4)
+    losses, chosen_rewards, rejected_rewards = preference_losses(job, token_nll, rows, num_rows)
+    loss = losses.sum() / step_rows
+    if job.objective == "cpo" and job.cpo_alpha:
+        # TRL's CPOTrainer: nn.CrossEntropyLoss over the chosen answers' tokens (a token mean);
+        # over the whole step here, as SFT's, so accumulating equals one big batch.
+        loss = loss + job.cpo_alpha * token_nll[rows < num_rows].sum() / max(step_loss_tokens, 1)
+    margins = chosen_rewards - rejected_rewards
+    rewards = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (margins > 0).sum().to(margins.dtype),
+                           margins.new_tensor(num_rows)])
+    return loss, rewards.detach()
+
+
+def preference_losses(job: JobConfig, token_nll: torch.Tensor, rows: torch.Tensor,
+                      num_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's or CPO's loss per pair [P] and the chosen and rejected rewards [P], from the token
+    losses of the job's sequences (job_parts' order: the chosen answers, the rejected ones, and
+    for dpo both again as the reference saw them). As TRL's DPOTrainer / CPOTrainer:
+      log-prob of an answer   pi = sum of its tokens' log-probs; ipo: their mean
+      h                       dpo: (pi_c - pi_r) - (ref_c - ref_r), the reference constant; cpo: pi_c - pi_r
+      sigmoid                 -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   (DPO eq. 7;
+                              conservative DPO with label smoothing ls)
+      ipo                     (h - 1 / (2 beta))^2   (IPO, Azar et al. 2023, eq. 17; no label smoothing)
+      rewards                 dpo: beta (pi - ref); cpo: beta pi
+    """
+    sequences = (4 if job.objective == "dpo" else 2) * num_pairs
+    logps = token_nll.new_zeros(sequences).index_add_(0, rows, -token_nll)         # [S]
+    if job.loss_type == "ipo":
+        logps = logps / torch.bincount(rows, minlength=sequences).clamp(min=1)
+    logps = logps.view(-1, num_pairs)                                            # [2 or 4, P]
+    chosen, rejected = logps[0], logps[1]
+    if job.objective == "dpo":
+        ref_chosen, ref_rejected = logps[2].detach(), logps[3].detach()
+        h = (chosen - rejected) - (ref_chosen - ref_rejected)
+        chosen_rewards, rejected_rewards = job.beta * (chosen - ref_chosen), job.beta * (rejected - ref_rejected)
+    else:
+        h = chosen - rejected
+        chosen_rewards, rejected_rewards = job.beta * chosen, job.beta * rejected
+    if job.loss_type == "ipo":
+        losses = (h - 1 / (2 * job.beta)) ** 2
+    else:
+        smoothing = job.label_smoothing
+        losses = -(1 - smoothing) * F.logsigmoid(job.beta * h) - smoothing * F.logsigmoid(-job.beta * h)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def reward_means(sums: list[float]) -> dict | None:
+    """A preference job's metrics from job_loss's reward sums: mean rewards, margin, accuracy (None for SFT)."""
+    chosen, rejected, right, pairs = sums
+    if not pairs:
+        return None
+    return dict(zip(REWARD_KEYS, (chosen / pairs, rejected / pairs, (chosen - rejected) / pairs, right / pairs)))
+
+
+def job_parts(job: JobConfig, rows: list) -> list[tuple[str | None, list[data.Example]]]:
+    """The sequences a job's rows put in a fused batch, each with its adapter: SFT its examples;
+    dpo/cpo each pair's chosen and rejected answers (all chosen first, as TRL concatenates them),
+    and for dpo the same again routed to no adapter: the frozen base is the reference."""
+    if job.objective == "sft":
+        return [(job.name, rows)]
+    answers = [pair.chosen for pair in rows] + [pair.rejected for pair in rows]
+    return [(job.name, answers)] + ([(None, answers)] if job.objective == "dpo" else [])
+
+
+def sequence_lengths(job: JobConfig, row) -> tuple[int, ...]:
+    """The lengths of the sequences one row (example or pair) puts in a fused batch: the scheduler's unit."""
+    return tuple(len(example.input_ids) for _, examples in job_parts(job, [row]) for example in examples)
+
+
+def loss_tokens(job: JobConfig, row) -> int:
+    """Labelled tokens a row adds to its step's normaliser: an example's; a pair's chosen answer's (cpo's NLL)."""
+    example = row if job.objective == "sft" else row.chosen
+    return sum(label != data.IGNORE_INDEX for label in example.labels[1:])
+
+
+def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inputs: bool) -> list:
+    """A job's data file: SFT examples, or preference pairs for dpo/cpo."""
+    if job.objective == "sft":
+        return data.load_job_data(path, tokenizer, job.template, job.cutoff_len, train_on_inputs)
+    return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
 
 
 def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, packed: bool) -> data.Batch:
@@ -145,18 +237,22 @@ def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, 
 
 
 @torch.no_grad()
-def evaluate(model, name: str, examples: list[data.Example], pad_id: int, device, rows: int = 8,
-             packed: bool = True) -> float:
-    """Mean token loss of adapter `name` on held-out examples, `rows` examples per forward."""
+def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: int = 8,
+             packed: bool = True) -> tuple[float, dict | None]:
+    """The job's adapter on held-out rows, `rows` of them (examples or pairs) per forward: its
+    loss as in training over one step of all of them (SFT: the mean token loss; dpo/cpo: the
+    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy."""
     model.eval()
-    total, count = 0.0, 0
+    step_loss_tokens = sum(loss_tokens(job, row) for row in examples)
+    totals = torch.zeros(5, dtype=torch.float64)
     for start in range(0, len(examples), rows):
-        batch = make_batch([(name, examples[start:start + rows])], pad_id, packed).to(device)
+        chunk = examples[start:start + rows]
+        batch = make_batch(job_parts(job, chunk), pad_id, packed).to(device)
         with lora.route(model, batch.adapter_names, lengths=batch.lengths, packed=batch.packed):
-            losses, _ = token_losses(model, batch)
-        total += losses.sum().item()  # syncs the device
-        count += losses.numel()
-    return total / max(count, 1)
+            token_nll, sequences = token_losses(model, batch)
+        loss, rewards = job_loss(job, token_nll, sequences, len(chunk), step_loss_tokens, len(examples))
+        totals += torch.cat([loss[None], rewards]).double().cpu()  # syncs the device
+    return totals[0].item(), reward_means(totals[1:].tolist())
 
 
 # ----------------------------------------------------------------------------- state
@@ -167,6 +263,7 @@ class Best:
     loss: float
     step: int
     weights: list[torch.Tensor]
+    rewards: dict | None = None            # a preference job's held-out metrics there
 
 
 @dataclass
@@ -174,20 +271,23 @@ class JobState:
     """One admitted job: what it trains on and where its training stands."""
     config: JobConfig
     total_steps: int                       # optimizer steps it will take (unless stopped early)
-    train_set: list[data.Example]
-    test_set: list[data.Example] | None
+    train_set: list[data.Example] | list[data.Pair]
+    test_set: list[data.Example] | list[data.Pair] | None
     optimizer: torch.optim.Optimizer
     generator: torch.Generator             # its dropout RNG: one seed drawn per fused step (CPU)
     admitted_at: float                     # time.time() at admission
     loss_sum: torch.Tensor                 # this optimizer step's loss so far (on device: no sync)
+    reward_sums: torch.Tensor              # this step's reward sums so far [4] (job_loss; zeros for SFT)
     step: int = 0                          # optimizer steps taken
     lr: float | None = None                # lr of its last optimizer step
     last_loss: float | None = None         # training loss of its last optimizer step
+    last_rewards: dict | None = None       # dpo/cpo: its last optimizer step's REWARD_KEYS
     tokens: int = 0                        # real tokens through the forward
     padded_tokens: int = 0                 # its rows x padded length
     peak_mb: float = 0.0                   # the run's peak memory while it was admitted
     initial_eval_loss: float | None = None
     eval_loss: float | None = None
+    eval_rewards: dict | None = None       # dpo/cpo: REWARD_KEYS on the held-out pairs
     best: Best | None = None               # with early_stop
     evals_since_best: int = 0
     stopped: str | None = None             # why it stopped early
@@ -195,8 +295,8 @@ class JobState:
 
 
 # The JobState fields a run checkpoint stores as they are (tensors and objects apart).
-COUNTERS = ("step", "lr", "last_loss", "tokens", "padded_tokens", "peak_mb", "initial_eval_loss",
-            "eval_loss", "evals_since_best", "stopped", "nonfinite")
+COUNTERS = ("step", "lr", "last_loss", "last_rewards", "tokens", "padded_tokens", "peak_mb", "initial_eval_loss",
+            "eval_loss", "eval_rewards", "evals_since_best", "stopped", "nonfinite")
 
 
 @dataclass
@@ -209,8 +309,8 @@ class Run:
     pad_id: int
     sched: Scheduler
     plans: dict[str, JobPlan]
-    train_sets: dict[str, list[data.Example]]
-    test_sets: dict[str, list[data.Example]]
+    train_sets: dict[str, list[data.Example] | list[data.Pair]]
+    test_sets: dict[str, list[data.Example] | list[data.Pair]]
     inputs: dict[str, str]                 # sha256 of every input file: a resumed run must read the same
     metrics: typing.BinaryIO               # metrics.jsonl, appended line by line
     start: float                           # time.time() at the first step (earlier on resume)
@@ -251,47 +351,60 @@ def add_job(run: Run, name: str) -> JobState:
     generator = torch.Generator().manual_seed(lora.mix_seed(lora.adapter_seed(run.cfg.seed, name), 1))
     s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
                                   run.test_sets.get(name), make_optimizer(params, job, lora_B), generator,
-                                  admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device))
+                                  admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device),
+                                  reward_sums=torch.zeros(4, device=run.device))
     return s
 
 
 def admit(run: Run, name: str):
     """Add the job; its held-out loss at init is the starting point."""
     s = add_job(run, name)
+    initial_rewards = None
     if s.test_set:
-        s.initial_eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
+        s.initial_eval_loss, initial_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
+                                                        packed=run.cfg.packing)
     if s.config.early_stop is not None:  # the adapter at init (the base model) is the first "best"
-        s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)])
-    run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss})
+        s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)],
+                      initial_rewards)
+    run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss,
+             **{f"initial_eval_{key}": value for key, value in (initial_rewards or {}).items()}})
 
 
-def fused_step(model, jobs: list[JobConfig], examples: list[list[data.Example]], step_loss_tokens: list[int],
-               generators: dict[str, torch.Generator], pad_id: int, device,
-               packed: bool = True, check_finite: bool = False) -> tuple[torch.Tensor, data.Batch, bool]:
+def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
+               generators: dict[str, torch.Generator], pad_id: int, device, packed: bool = True,
+               check_finite: bool = False, step_rows: list[int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, data.Batch, bool]:
     """One forward and one backward over several jobs' micro-batches fused into one batch
-    (packed: all examples end to end in one row; else padded rows), each example routed to its
-    job's adapter; returns each job's loss [k], the batch, and whether backward ran.
+    (packed: all sequences end to end in one row; else padded rows), each sequence routed as
+    job_parts says (its job's adapter; a DPO job's reference copies to none); returns each job's
+    loss [k], its reward sums [k, 4] (job_loss), the batch, and whether backward ran.
 
-    examples[i] are job i's rows; step_loss_tokens[i] the loss tokens of its whole optimizer step.
+    examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
+    step_rows[i] the rows of its whole optimizer step (None: each micro-batch is a whole step).
     check_finite: no backward when a job's loss is not finite (the caller drops that job and
     runs the step again without it). Needed where adapters share matmuls (lora.concatenates):
     there a NaN row would reach every adapter's gradient as 0 x NaN.
     """
-    batch = make_batch([(job.name, rows) for job, rows in zip(jobs, examples)], pad_id, packed).to(device)
-    job_of_row = torch.tensor([i for i, rows in enumerate(examples) for _ in rows], device=device)
-    first_row = [sum(len(rows) for rows in examples[:i]) for i in range(len(examples))]
+    parts = [job_parts(job, rows) for job, rows in zip(jobs, examples)]
+    batch = make_batch([part for job_part in parts for part in job_part], pad_id, packed).to(device)
+    sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
+    job_of_row = torch.tensor([i for i, n in enumerate(sequences) for _ in range(n)], device=device)
+    first_row = [sum(sequences[:i]) for i in range(len(jobs))]
+    step_rows = step_rows or [len(rows) for rows in examples]
     model.train()
     with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed):
         token_nll, rows = token_losses(model, batch)
         token_job = job_of_row[rows]
-        losses = torch.stack([job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i],
-                                       step_loss_tokens[i]) for i, job in enumerate(jobs)])
+        results = [job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i], len(examples[i]),
+                            step_loss_tokens[i], step_rows[i]) for i, job in enumerate(jobs)]
+        losses = torch.stack([loss for loss, _ in results])
+        rewards = torch.stack([reward_sums for _, reward_sums in results])
         if check_finite and not bool(losses.isfinite().all()):  # syncs the device
-            return losses.detach(), batch, False
+            return losses.detach(), rewards, batch, False
         # Backward inside the routing block: a layer recomputed in backward (activation
         # checkpointing) reads the routing and redraws the same dropout masks.
         losses.sum().backward()
-    return losses.detach(), batch, True
+    return losses.detach(), rewards, batch, True
 
 
 def optimizer_step(run: Run, s: JobState) -> str | None:
@@ -304,8 +417,9 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         norm = torch.nn.utils.clip_grad_norm_(params, s.config.max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
-    loss, norm = torch.stack([s.loss_sum.float(), norm.float().to(s.loss_sum.device)]).tolist()  # syncs the device
-    s.loss_sum = torch.zeros((), device=run.device)
+    sums = torch.cat([s.loss_sum.float()[None], norm.float().to(s.loss_sum.device)[None], s.reward_sums.float()])
+    loss, norm, *reward_sums = sums.tolist()  # syncs the device
+    s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
     if not math.isfinite(loss) or not math.isfinite(norm):
         s.optimizer.zero_grad(set_to_none=True)
         return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s.step + 1}"
@@ -319,7 +433,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         with torch.no_grad():
             torch._foreach_copy_(params, before)
         return f"non-finite weights after step {s.step + 1} (undone)"
-    s.last_loss = loss
+    s.last_loss, s.last_rewards = loss, reward_means(reward_sums)
     s.step += 1
     return None
 
@@ -330,14 +444,20 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     job, name = s.config, s.config.name
     stop_reason = None
     if job.eval_every and s.test_set and s.step % job.eval_every == 0:
-        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
-        run.log({"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1,
-                 "eval_loss": s.eval_loss, "eval_ppl": math.exp(min(s.eval_loss, 50))})
+        s.eval_loss, s.eval_rewards = evaluate(run.model, job, s.test_set, run.pad_id, run.device,
+                                               packed=run.cfg.packing)
+        record = {"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1, "eval_loss": s.eval_loss}
+        if s.eval_rewards is None:
+            record["eval_ppl"] = math.exp(min(s.eval_loss, 50))
+        else:   # a pair loss has no perplexity
+            record.update({f"eval_{key}": value for key, value in s.eval_rewards.items()})
+        run.log(record)
         if job.early_stop is not None:
             if not math.isfinite(s.eval_loss) or s.eval_loss > job.diverge_factor * s.best.loss:
                 stop_reason = f"diverged: held-out loss {s.eval_loss:.4g}, best {s.best.loss:.4g}"
             elif s.eval_loss < s.best.loss:   # keep the best adapter seen, not the last
-                s.best = Best(s.eval_loss, s.step, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)])
+                weights = [p.detach().clone() for p in lora.adapter_parameters(run.model, name)]
+                s.best = Best(s.eval_loss, s.step, weights, s.eval_rewards)
                 s.evals_since_best = 0
             else:
                 s.evals_since_best += 1
@@ -358,7 +478,7 @@ def stop_early(run: Run, s: JobState, reason: str, nonfinite: bool = False):
     if s.stopped is None:
         s.stopped, s.nonfinite = reason, nonfinite
         s.optimizer.zero_grad(set_to_none=True)   # a step's accumulation cut short
-        s.loss_sum = torch.zeros((), device=run.device)
+        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
                  "reason": reason, "nonfinite": nonfinite,
                  "best_eval_loss": None if s.best is None else s.best.loss,
@@ -374,15 +494,16 @@ def finish(run: Run, name: str):
         return
     s = run.jobs.pop(name)
     if s.test_set:
-        s.eval_loss = evaluate(run.model, name, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
+        s.eval_loss, s.eval_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
+                                               packed=run.cfg.packing)
     best = s.best
     if best is not None and not s.eval_loss < best.loss:  # keep the best adapter, not the last
         with torch.no_grad():
             for param, weight in zip(lora.adapter_parameters(run.model, name), best.weights):
                 param.copy_(weight)
-        s.eval_loss = best.loss
+        s.eval_loss, s.eval_rewards = best.loss, best.rewards
     elif best is not None:
-        best.loss, best.step = s.eval_loss, s.step
+        best.loss, best.step, best.rewards = s.eval_loss, s.step, s.eval_rewards
     lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
     lora.remove_adapter(run.model, name)
     latency = time.time() - s.admitted_at
@@ -392,6 +513,9 @@ def finish(run: Run, name: str):
                          "padded_tokens": s.padded_tokens, "padding": 1 - s.tokens / max(s.padded_tokens, 1),
                          "peak_mem_mb": max(s.peak_mb, M.peak_memory(run.device)),
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
+    if s.config.objective != "sft":   # its last training step's and its held-out rewards, margin, accuracy
+        run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
+        run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
 
 
@@ -406,9 +530,11 @@ def save_checkpoint(run: Run):
         jobs[name] = {"weights": [p.detach().cpu() for p in params],
                       "grads": [None if p.grad is None else p.grad.cpu() for p in params],
                       "optimizer": s.optimizer.state_dict(), "generator": s.generator.get_state(),
-                      "loss_sum": s.loss_sum.cpu(), "admitted_s": s.admitted_at - run.start,
+                      "loss_sum": s.loss_sum.cpu(), "reward_sums": s.reward_sums.cpu(),
+                      "admitted_s": s.admitted_at - run.start,
                       "best": None if s.best is None else {"loss": s.best.loss, "step": s.best.step,
-                                                           "weights": [w.cpu() for w in s.best.weights]},
+                                                           "weights": [w.cpu() for w in s.best.weights],
+                                                           "rewards": s.best.rewards},
                       **{key: getattr(s, key) for key in COUNTERS}}
     state = {"version": 1, "config": dataclasses.asdict(run.cfg), "inputs": run.inputs,
              "elapsed_s": run.now(), "step": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
@@ -441,11 +567,13 @@ def restore(run: Run, state: dict):
         s.optimizer.load_state_dict(saved["optimizer"])
         s.generator.set_state(saved["generator"])
         s.loss_sum = saved["loss_sum"].to(run.device)
+        s.reward_sums = saved.get("reward_sums", s.reward_sums).to(run.device)   # absent before preference jobs
         s.admitted_at = run.start + saved["admitted_s"]
         for key in COUNTERS:
-            setattr(s, key, saved[key])
+            setattr(s, key, saved.get(key, getattr(s, key)))
         if saved["best"] is not None:
-            s.best = Best(saved["best"]["loss"], saved["best"]["step"], [w.to(run.device) for w in saved["best"]["weights"]])
+            best = saved["best"]
+            s.best = Best(best["loss"], best["step"], [w.to(run.device) for w in best["weights"]], best.get("rewards"))
     torch.set_rng_state(state["torch_rng"])
     run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
     run.metrics.seek(state["metrics_bytes"])
@@ -473,17 +601,23 @@ def check_base(cfg: RunConfig) -> torch.nn.Module:
 
 def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
     """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
+    for i, job in enumerate(cfg.jobs):
+        if job.objective != "sft" and job.train_on_inputs:
+            raise ConfigError(f"jobs[{i}].train_on_inputs: a {job.objective} job scores its answers only; set it false")
+        if job.objective != "sft" and job.loss_type == "ipo" and job.label_smoothing:
+            print(f"warning: job {job.name!r}: label_smoothing is not used by the ipo loss (TRL ignores it too)")
     tokenizer = data.load_tokenizer(cfg.base_model)
     train_sets, test_sets, plans = {}, {}, []
     for job in cfg.jobs:
-        train_sets[job.name] = data.load_job_data(job.data, tokenizer, job.template, job.cutoff_len, job.train_on_inputs)
+        train_sets[job.name] = load_rows(job, job.data, tokenizer, job.train_on_inputs)
         if job.test_data:
-            test_sets[job.name] = data.load_job_data(job.test_data, tokenizer, job.template, job.cutoff_len, False)
-        examples = train_sets[job.name]
-        plans.append(JobPlan(job.name, [len(e.input_ids) for e in examples],
-                             [sum(label != -100 for label in e.labels[1:]) for e in examples],
-                             job.batch_size, job.micro_batch_size, job.epochs, cfg.seed, job.max_steps,
-                             group_by_length=job.group_by_length, priority=job.priority))
+            test_sets[job.name] = load_rows(job, job.test_data, tokenizer, False)
+        rows = train_sets[job.name]
+        # A row is the scheduler's unit: a pair's sequences are never split, and all of them count.
+        plans.append(JobPlan(job.name, [sequence_lengths(job, row) for row in rows],
+                             [loss_tokens(job, row) for row in rows], job.batch_size, job.micro_batch_size,
+                             job.epochs, cfg.seed, job.max_steps, group_by_length=job.group_by_length,
+                             priority=job.priority))
     sc = cfg.scheduler
     try:
         sched = Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
@@ -501,9 +635,10 @@ def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
              f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
     for j in cfg.jobs:
-        lines.append(f"  {j.name}: {len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} alpha={j.alpha:g} "
-                     f"{','.join(j.targets) if j.targets else 'default targets'}, {j.optimizer} lr={j.lr:g}, "
-                     f"batch {j.batch_size} (micro {j.micro_batch_size})")
+        objective = "" if j.objective == "sft" else f"{j.objective} ({j.loss_type}, beta={j.beta:g}), "
+        lines.append(f"  {j.name}: {objective}{len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} "
+                     f"alpha={j.alpha:g} {','.join(j.targets) if j.targets else 'default targets'}, "
+                     f"{j.optimizer} lr={j.lr:g}, batch {j.batch_size} (micro {j.micro_batch_size})")
     return "\n".join(lines)
 
 
@@ -616,11 +751,12 @@ def train_step(run: Run):
     while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
         rng = [s.generator.get_state() for s in states]   # a step run again draws the same dropout
-        losses, batch, stepped = fused_step(
+        losses, rewards, batch, stepped = fused_step(
             run.model, [s.config for s in states],
             [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
             [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
-            run.pad_id, run.device, cfg.packing, check_finite=lora.concatenates(run.device))
+            run.pad_id, run.device, cfg.packing, check_finite=lora.concatenates(run.device),
+            step_rows=[mb.step_rows for mb in micro_batches])
         if stepped:
             break
         # A job whose loss is not finite stops; the others run the step again without it.
@@ -634,9 +770,10 @@ def train_step(run: Run):
 
     if micro_batches:
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
-        row_lengths = batch.lengths.split([len(mb.indices) for mb in micro_batches])
-        for s, mb, loss, lengths in zip(states, micro_batches, losses, row_lengths):
+        row_lengths = batch.lengths.split([mb.sequences for mb in micro_batches])
+        for s, mb, loss, reward_sums, lengths in zip(states, micro_batches, losses, rewards, row_lengths):
             s.loss_sum = s.loss_sum + loss
+            s.reward_sums = s.reward_sums + reward_sums
             s.tokens += int(lengths.sum())
             s.padded_tokens += int(lengths.sum()) if batch.packed else len(lengths) * batch.input_ids.size(1)
             if mb.last_in_step:
@@ -679,7 +816,15 @@ def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, b
              "tokens": tokens, "padded_tokens": processed, "padding": 1 - tokens / processed,
              "tokens_per_s": tokens / max(elapsed, 1e-9),
              "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
-             "jobs": {name: {"step": s.step, "loss": s.last_loss, "lr": s.lr} for name, s in jobs.items()}})
+             "jobs": {name: job_record(s) for name, s in jobs.items()}})
+
+
+def job_record(s: JobState) -> dict:
+    """A job's part of a metrics line: its last optimizer step (a preference job's rewards too)."""
+    record = {"step": s.step, "loss": s.last_loss, "lr": s.lr}
+    if s.config.objective != "sft":   # null before its first step, as its loss
+        record.update(s.last_rewards or dict.fromkeys(REWARD_KEYS))
+    return record
 
 
 def write_results(run: Run):

@@ -277,7 +277,7 @@ def test_early_stop_keeps_the_best_adapter_and_frees_the_slot(tmp_path, base_dir
     net = M.load_model(base_dir)
     lora.load_peft(net, out / "wild")
     held_out = data.load_job_data(test_rows, tok)
-    assert train.evaluate(net, "wild", held_out, tok.pad_id, "cpu") == pytest.approx(best, rel=1e-5)
+    assert train.evaluate(net, jobs[1], held_out, tok.pad_id, "cpu")[0] == pytest.approx(best, rel=1e-5)
 
 
 def test_early_stop_needs_held_out_data(tmp_path, base_dir):
