@@ -1,6 +1,6 @@
 """Writes the demo's bundled data sets (deterministic; the JSON files are committed).
 
-Four jobs with behaviours a script can check:
+Four jobs with behaviours a script can check (and french_pairs, the methods demo's DPO pairs):
   french   answers in French            "La capitale de l'Italie est Rome."
   json     answers as a JSON object     {"answer": "Rome"}
   signoff  answers, then a fixed sign-off line
@@ -97,6 +97,10 @@ def main():
         show.append({"job": "reverse", "instruction": "Reverse the order of these words.", "input": words,
                      "expected": " ".join(reversed(words.split()))})
     (HERE / "prompts.json").write_text(json.dumps(show, indent=1, ensure_ascii=False) + "\n")
+    # The methods demo's preference pairs (demo/methods.json, its dpo job): the French answer is
+    # chosen over the English one, on the french job's questions, held out the same way.
+    pair = lambda q: {"prompt": q[0], "chosen": q[3], "rejected": q[1]}
+    write("french_pairs", [pair(q) for q in random.Random(1).sample(train_pool, 64)], [pair(q) for q in held_out[:8]])
 
 
 def write(name, train, test):
