@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ def validate(cfg: RunConfig, where: str):
         check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
         check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
         check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
+        check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
         check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
         check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
         check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
@@ -239,49 +241,38 @@ def _parse_override(text: str, hint):
     return value
 
 
-def from_mlora(raw: dict) -> dict:
-    """Translate an m-LoRA config file (a "lora" list plus globals) into ours."""
-    globals_map = {"cutoff_len": "cutoff_len", "save_step": "save_every"}
-    if not isinstance(raw["lora"], list) or not raw["lora"]:
-        raise ConfigError("m-LoRA config: lora: expected a non-empty list of adapters")
-    jobs = []
-    for i, job in enumerate(raw["lora"]):
-        if not isinstance(job, dict):
-            raise ConfigError(f"m-LoRA config: lora[{i}]: expected an object, got {job!r}")
-        missing = [k for k in ("name", "data", "r", "alpha", "lr", "batch_size", "micro_batch_size", "num_epochs")
-                   if k not in job]
-        if missing:
-            raise ConfigError(f"m-LoRA config: lora[{i}]: missing {', '.join(missing)}")
-        modules = job.get("target_modules", {})
-        if not isinstance(modules, dict):
-            raise ConfigError(f"m-LoRA config: lora[{i}].target_modules: expected an object of true/false, got {modules!r}")
-        targets = [k for k, on in modules.items() if on]
-        out = {"name": job["name"], "data": job["data"], "r": job["r"], "alpha": job["alpha"],
-               "dropout": job.get("dropout", 0.05), "targets": targets,
-               "optimizer": job.get("optim", "adamw"), "lr": job["lr"],
-               "batch_size": job["batch_size"], "micro_batch_size": job["micro_batch_size"],
-               "epochs": job["num_epochs"]}
-        if job.get("test_data"):
-            out["test_data"] = job["test_data"]
-        if job.get("prompt"):
-            out["template"] = job["prompt"]
-        if job.get("momentum") is not None:
-            out["momentum"] = job["momentum"]
-        if job.get("group_by_length") is not None:
-            out["group_by_length"] = job["group_by_length"]
-        for ours_key in ("cutoff_len", "save_step"):
-            if ours_key in raw:
-                out[globals_map[ours_key]] = raw[ours_key]
-        jobs.append(out)
-    strategy = {"optim": "optimal-fit", "none": "trivial"}.get(raw.get("train_strategy", "none"), "trivial")
-    return {"base_model": raw.get("base_model", ""), "jobs": jobs,
-            "scheduler": {"strategy": strategy,
-                          "max_candidates": raw.get("train_lora_candidate_num", 4),
-                          "max_concurrent": raw.get("train_lora_simultaneously_num", 2)}}
+def _check_keys(value, file: str):
+    """YAML allows keys of any type; a config's keys are names."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{file}: key {key!r}: expected a name (a string)")
+            _check_keys(item, file)
+    elif isinstance(value, list):
+        for item in value:
+            _check_keys(item, file)
+
+
+def _yaml_load(text: str):
+    """yaml.safe_load, but 3e-4 is a number, as in YAML 1.2 (PyYAML's YAML 1.1 reads a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)
+
+
+def _yaml_problem(e: Exception) -> str:
+    # PyYAML's messages span lines (context, problem, a quoted snippet); keep the problem and where.
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def load_config(path: str | None, overrides: list[str]) -> RunConfig:
-    """Read JSON/TOML (ours or m-LoRA's), apply `--key=value` overrides, type-check."""
+    """Read JSON/TOML/YAML (ours or m-LoRA's), apply `--key=value` overrides, type-check."""
     if path is None:
         raise ConfigError("no config: pass --config FILE")
     file = Path(path)
@@ -293,19 +284,33 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"{file}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        if file.suffix == ".toml":
-            import tomllib
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
-    except (ValueError, RecursionError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ConfigError(f"{file}: cannot parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(raw, dict) and "lora" in raw and "jobs" not in raw:
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
         try:
-            raw = from_mlora(raw)
-        except ConfigError as e:
-            raise ConfigError(f"{file}: {e}") from None
+            raw = _yaml_load(text)
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a bad date, e.g. 2024-13-01
+            raise ConfigError(f"{file}: cannot parse YAML: {_yaml_problem(e)}") from None
+        try:
+            _check_keys(raw, str(file))
+        except RecursionError:  # an alias inside itself: a: &x [*x]
+            raise ConfigError(f"{file}: nests too deep, or an alias refers to itself") from None
+    else:
+        try:
+            if file.suffix == ".toml":
+                import tomllib
+                raw = tomllib.loads(text)
+            else:
+                raw = json.loads(text)
+        except (ValueError, RecursionError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ConfigError(f"{file}: cannot parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the config: expected an object, got {type(raw).__name__}")
+    mlora = "jobs" not in raw and bool(raw.keys() & {"lora", "dispatcher", "datasets", "adapters", "tasks"})
+    if mlora:
+        from mlora_config import from_mlora   # here: it imports ConfigError from this file
+        raw, warning = from_mlora(raw, str(file))
+        if warning:
+            print(warning, file=sys.stderr)
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"argument {arg!r}: expected --key=value")
@@ -329,6 +334,8 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             close = difflib.get_close_matches(leaf, hints, n=1)
             raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
         target[leaf] = _parse_override(text_value, hints[leaf])
+    if mlora and "base_model" not in raw:
+        raise ConfigError(f"{file}: base_model: an m-LoRA config names none; pass --base_model=DIR")
     cfg = _fill(RunConfig, raw, "", str(file))
     try:
         import quant
