@@ -51,14 +51,14 @@ def check(job: str, expected: str, answer: str) -> bool:
     return answer == expected  # reverse: the exact reversed list
 
 
-def resolve_paths(cfg):
-    """The bundled config's paths are relative to the repository, wherever it is run from; a path
-    given as an override (--base_model=DIR) is the user's, relative to where they run, and left alone.
-    Converts the bundled base the first time."""
-    bundled = json.loads(CONFIG.read_text())
+def resolve_paths(cfg, config_file: Path = CONFIG):
+    """A bundled config's paths (demo/config.json, demo/methods.json) are relative to the
+    repository, wherever it is run from; a path given as an override (--base_model=DIR) is the
+    user's, relative to where they run, and left alone. Converts the bundled base the first time."""
+    bundled = json.loads(Path(config_file).read_text())
 
     def repo_path(value, bundled_value):
-        return str(REPO / value) if value == bundled_value else value
+        return str(REPO / value) if value is not None and value == bundled_value else value
 
     cfg.base_model = repo_path(cfg.base_model, bundled["base_model"])
     if Path(cfg.base_model) == BASE:
@@ -66,7 +66,7 @@ def resolve_paths(cfg):
     cfg.out_dir = repo_path(cfg.out_dir, bundled["out_dir"])
     for job, bundled_job in zip(cfg.jobs, bundled["jobs"]):  # overrides cannot add or drop jobs
         job.data = repo_path(job.data, bundled_job["data"])
-        job.test_data = repo_path(job.test_data, bundled_job["test_data"])
+        job.test_data = repo_path(job.test_data, bundled_job.get("test_data"))
 
 
 def show_results(cfg, summary: dict):

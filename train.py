@@ -849,14 +849,25 @@ def write_results(run: Run):
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
     shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
-    print(f"\n{'job':<20} {'steps':>6} {'tokens':>9} {'latency s':>10} {'tokens/s':>9} {'loss':>8} {'eval':>8}")
+    # One row per job, side by side: its method, training and held-out loss (a preference job's
+    # loss is its objective's), and a preference job's held-out reward margin and accuracy.
+    number = lambda value, digits=4: "-" if value is None else f"{value:.{digits}f}"
+    print(f"\n{'job':<16} {'method':<14} {'steps':>6} {'tokens':>8} {'latency s':>10} {'tokens/s':>9} "
+          f"{'loss':>8} {'eval before':>12} {'eval':>8} {'margin':>7} {'accuracy':>8}")
     for name, s in run.summary.items():
-        loss_text = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"
-        eval_text = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
-        print(f"{name:<20} {s['steps']:>6} {s['tokens']:>9} {s['latency_s']:>10.1f} "
-              f"{s['tokens_per_s']:>9.1f} {loss_text:>8} {eval_text:>8}")
+        print(f"{name:<16} {method(next(j for j in run.cfg.jobs if j.name == name)):<14} {s['steps']:>6} {s['tokens']:>8} {s['latency_s']:>10.1f} "
+              f"{s['tokens_per_s']:>9.1f} {number(s['final_loss']):>8} {number(s['initial_eval_loss']):>12} "
+              f"{number(s['eval_loss']):>8} {number(s.get('eval_margin'), 3):>7} {number(s.get('eval_accuracy'), 2):>8}")
     print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
           f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
+
+
+def method(job: JobConfig) -> str:
+    """A job's method in a few characters: objective and LoRA variant, e.g. "dpo", "sft dora+"."""
+    variant = "dora" if job.use_dora else "rslora" if job.use_rslora else "lora"
+    if job.init in ("pissa", "olora"):
+        variant = job.init if variant == "lora" else f"{variant},{job.init}"
+    return f"{job.objective} {variant}{'+' if job.loraplus_lr_ratio else ''}"
 
 
 def plot_losses(metrics_file: Path, png: Path):
@@ -980,6 +991,16 @@ def run_demo(overrides: list[str] | None = None, overwrite: bool = False) -> dic
     return summary
 
 
+def load_config_file(path: str, overrides: list[str]) -> RunConfig:
+    """load_config; a config bundled in demo/ (e.g. demo/methods.json) has its paths relative to
+    the repository, as the demo's own (demo.resolve_paths)."""
+    cfg = load_config(path, overrides)
+    import demo
+    if Path(path).resolve().parent == demo.CONFIG.parent:
+        demo.resolve_paths(cfg, path)
+    return cfg
+
+
 def main(argv: list[str]) -> int:
     config_path, overrides, args, merge_args, overwrite = None, [], list(argv), {}, False
     while args:
@@ -1007,7 +1028,7 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
             export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
         else:
-            summary = run_demo(overrides, overwrite) if config_path is None else train(load_config(config_path, overrides), overwrite)
+            summary = run_demo(overrides, overwrite) if config_path is None else train(load_config_file(config_path, overrides), overwrite)
             bad = [name for name, s in summary.items() if s.get("nonfinite")]
             if bad:
                 print(f"error: non-finite loss, gradient or weights stopped {', '.join(bad)} (see summary.json; "

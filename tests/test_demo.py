@@ -132,3 +132,21 @@ def test_demo_table_with_an_untrained_job_and_one_without_test_data(base_dir, tm
     table = shown[shown.index("held-out loss before"):].splitlines()[1:len(JOBS)]
     assert [line.split()[0] for line in table] == [name for name in JOBS if name != skipped]
     assert next(line for line in table if line.startswith(untested)).split()[1:] == ["-", "-"]
+
+
+def test_methods_demo_runs_from_any_folder_on_a_tiny_base(base_dir, tmp_path, capsys, monkeypatch):
+    """`python train.py --config demo/methods.json`: an SFT LoRA, a DoRA, an rsLoRA + LoRA+ and a
+    DPO job fused; its data paths are the repository's wherever it runs; the table shows each
+    job's method and held-out metrics side by side (the DPO job's margin and accuracy)."""
+    monkeypatch.chdir(tmp_path)
+    config = demo.REPO / "demo" / "methods.json"
+    names = [j["name"] for j in json.loads(config.read_text())["jobs"]]
+    rc = train.main(["--config", str(config), f"--base_model={base_dir}", f"--out_dir={tmp_path / 'm'}",
+                     "--dtype=float32", "--device=cpu", *[f"--jobs.{n}.max_steps=1" for n in names]])
+    assert rc == 0
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert set(summary) == set(names) and all(s["steps"] == 1 for s in summary.values())
+    assert summary["dpo"]["eval_accuracy"] is not None and "eval_margin" in summary["dpo"]
+    table = capsys.readouterr().out.split("\njob ", 1)[1].splitlines()
+    methods = {line.split()[0]: " ".join(line.split()[1:3]) for line in table[1:len(names) + 1]}
+    assert methods == {"lora": "sft lora", "dora": "sft dora", "rslora_plus": "sft rslora+", "dpo": "dpo lora"}
