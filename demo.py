@@ -108,3 +108,27 @@ def show_results(cfg, summary: dict):
     loss = lambda value: "-" if value is None else f"{value:.3f}"   # None: the job has no test_data
     for name, s in summary.items():
         print(f"{name:<10} {loss(s['initial_eval_loss']):>21} {loss(s['eval_loss']):>8}")
+
+
+def show_methods(cfg, summary: dict):
+    """After demo/methods.json: every method's adapter (and the base) answers the held-out French
+    questions in ONE generation batch; how many answers are French, per method."""
+    tokenizer = data.load_tokenizer(cfg.base_model)
+    net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=M.resolve_device(cfg.device), quant=cfg.quant)
+    names = [lora.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs if job.name in summary]
+    questions = [row["instruction"] for row in json.loads((REPO / "demo" / "french_test.json").read_text())]
+    rows, adapters = [], []
+    for question in questions:
+        text = data.build_prompt("chat", tokenizer, question)
+        for name in [None, *names]:
+            rows.append(tokenizer.add_prefix(tokenizer.encode(text)))
+            adapters.append(name)
+    outputs = generate.generate(net, rows, adapters, max_new_tokens=32, stop_ids=tokenizer.eos_ids,
+                                pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    answers = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
+    print(f"\n=== {len(questions)} held-out questions, base and each method's adapter, {len(rows)} rows in one batch ===")
+    for j, name in enumerate([None, *names]):
+        mine = answers[j::len(names) + 1]
+        french = sum(check("french", "", answer) for answer in mine)
+        print(f"{name or 'base':<12} answers in French {french}/{len(questions)}   e.g. {mine[0]!r}")
+

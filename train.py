@@ -1028,7 +1028,14 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
             export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
         else:
-            summary = run_demo(overrides, overwrite) if config_path is None else train(load_config_file(config_path, overrides), overwrite)
+            if config_path is None:
+                summary = run_demo(overrides, overwrite)
+            else:
+                cfg = load_config_file(config_path, overrides)
+                summary = train(cfg, overwrite)
+                if Path(config_path).resolve() == Path(__file__).resolve().parent / "demo" / "methods.json":
+                    import demo
+                    demo.show_methods(cfg, summary)
             bad = [name for name, s in summary.items() if s.get("nonfinite")]
             if bad:
                 print(f"error: non-finite loss, gradient or weights stopped {', '.join(bad)} (see summary.json; "

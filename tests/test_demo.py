@@ -150,3 +150,5 @@ def test_methods_demo_runs_from_any_folder_on_a_tiny_base(base_dir, tmp_path, ca
     table = capsys.readouterr().out.split("\njob ", 1)[1].splitlines()
     methods = {line.split()[0]: " ".join(line.split()[1:3]) for line in table[1:len(names) + 1]}
     assert methods == {"lora": "sft lora", "dora": "sft dora", "rslora_plus": "sft rslora+", "dpo": "dpo lora"}
+    shown = [line.split()[0] for line in table if "answers in French" in line]   # then each method generates
+    assert shown == ["base", *names]
