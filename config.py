@@ -34,7 +34,7 @@ class JobConfig(lora.LoRAConfig):
     label_smoothing: float = 0.0           # dpo/cpo (sigmoid): assumed chance that a pair's labels are flipped
     cpo_alpha: float = 1.0                 # cpo: weight of the chosen answers' NLL term
     test_data: str | None = None           # held-out rows of the same format, for eval loss
-    template: str = "alpaca"               # alpaca | chat (the model's own) | plain | template .json file
+    template: str = "alpaca"               # alpaca | chat (the model's own) | plain | mlora | a template file (alpaca-lora or m-LoRA JSON, m-LoRA YAML/Jinja)
     cutoff_len: int = 256                  # tokens per example after truncation
     train_on_inputs: bool = False          # also put loss on the prompt tokens
     dropout: float = 0.05                  # LoRAConfig's, drawn from the job's own RNG; a training default

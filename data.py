@@ -1,515 +1,28 @@
-"""Data: tokenizers, prompt templates, Alpaca-style json/jsonl, loss masks, fused batches.
+"""Data: prompt templates, Alpaca-style json/jsonl rows, loss masks, fused batches.
 
 Text flows: row {instruction, input, output} -> template -> (prompt, response) text
 -> token ids with labels (-100 on the prompt) -> one Example per row (a preference row
 {prompt, input, chosen, rejected}: a Pair of two Examples, one per answer) -> pack() lays the
 micro-batches of several jobs end to end in one row (fuse() pads them into rows instead),
-each example tagged with its adapter.
+each example tagged with its adapter. A Jinja template file (m-LoRA's 2025 format) instead
+renders a row of any fields into one text, all of it the response.
+
+The tokenizer (and DataError, the error of every bad input file) is in tokenizer.py.
 """
 
 import dataclasses
-import json
-import re
-import signal
 import string
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+# Tokenizer, load_tokenizer, DataError and CHATGLM_SPECIAL/CHATGLM3_ROLES are used as data.X by other files.
+from tokenizer import (CHATGLM3_ROLES, CHATGLM_SPECIAL, SURROGATE, DataError, Tokenizer,  # noqa: F401
+                       compile_template, load_tokenizer, one_line, parse_json, read_json, read_text, render_template)
+
 IGNORE_INDEX = -100  # label of a position with no loss (torch's cross_entropy default ignore_index)
-
-
-class DataError(ValueError):
-    """Bad input data; the one-line message names the file and, where it applies, the row or line."""
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    # Messages quote what a file or a template said: on one line, and not all of a huge value.
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" parses, but is no text: nothing can encode it
-
-
-def _read_text(path: Path) -> str:
-    # A leading UTF-8 byte-order mark (as Windows editors write) is dropped, as Python's utf-8-sig does.
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def _parse_json(text: str, where: str, line: int | None = None):
-    """json.loads(text), or a one-line DataError at where (a file) giving the line and the reason."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        line = line or e.lineno
-        reason = f"{e.msg.removesuffix(' at')} at column {e.colno}"
-    except RecursionError:
-        reason = "nested too deeply"
-    except ValueError as e:  # Python's limit on the digits of an integer
-        reason = _one_line(str(e).split(";")[0])
-    raise DataError(f"{where}: " + (f"line {line}: " if line else "") + f"invalid JSON ({reason})")
-
-
-def _read_json(path: Path) -> dict:
-    # A checkpoint folder may lack any of its optional json files; a missing one reads as {}.
-    if not path.is_file():
-        return {}
-    value = _parse_json(_read_text(path), str(path))
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    bad = _SURROGATE.search(json.dumps(value, ensure_ascii=False))
-    if bad:
-        raise DataError(f"{path}: has a lone surrogate \\u{ord(bad.group()):04x}, which is not text")
-    return value
-
-
-def _token_content(value) -> str | None:
-    # tokenizer_config.json writes special tokens either as "<s>" or as {"content": "<s>", ...}.
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _check_token_fields(path: Path, config: dict) -> None:
-    """Raise DataError unless the fields we read from tokenizer_config.json (or
-    special_tokens_map.json) have the types transformers writes."""
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        if config.get(key) is not None and _token_content(config[key]) is None:
-            raise DataError(f"{path}: '{key}' must be a string or an object with a string 'content', "
-                            f"got {type(config[key]).__name__}")
-    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
-        raise DataError(f"{path}: 'add_bos_token' must be true or false, got {type(config['add_bos_token']).__name__}")
-    added = config.get("added_tokens_decoder", {})
-    if not (isinstance(added, dict) and all(key.isdecimal() and _token_content(token) is not None
-                                            for key, token in added.items())):
-        raise DataError(f"{path}: 'added_tokens_decoder' must map ids to tokens, "
-                        '{"32000": {"content": "<pad>", ...}, ...}')
-    template = config.get("chat_template")
-    named = isinstance(template, list) and all(
-        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
-    if not (template is None or isinstance(template, str) or named):
-        raise DataError(f"{path}: 'chat_template' must be a string or a list of "
-                        f'{{"name": ..., "template": ...}} objects, got {type(template).__name__}')
-
-
-def _id_list(path: Path, config: dict, key: str, vocab_size: int) -> list[int]:
-    # config.json / generation_config.json token ids: an int, a list of ints, or null;
-    # a negative id means none (old Llama conversions write "pad_token_id": -1).
-    value = config.get(key)
-    ids = [] if value is None else [value] if isinstance(value, int) else value
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise DataError(f"{path}: '{key}' must be a token id, a list of them or null, got {type(value).__name__}")
-    if any(i >= vocab_size for i in ids):
-        raise DataError(f"{path}: '{key}' {_one_line(value, 60)} is past the tokenizer's vocabulary "
-                        f"(vocab_size {vocab_size})")
-    return [i for i in ids if i >= 0]
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-# ChatGLM2/3's tokenization_chatglm.py adds these ids right after the sentencepiece vocabulary,
-# in this order; ChatGLM3 adds its role tokens after them.
-CHATGLM_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
-CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
-
-
-def _chatglm_version(folder: Path, config: dict, model_config: dict) -> int | None:
-    """2 or 3 for a THUDM ChatGLM sentencepiece folder, None for any other.
-
-    A ChatGLM folder says model_type "chatglm" (config.json) or tokenizer_class
-    "ChatGLMTokenizer"; it is ChatGLM3 when its tokenizer defines the role tokens, i.e.
-    "<|user|>" appears in tokenization_chatglm.py (the code that adds them) or in
-    tokenizer_config.json (added_tokens_decoder, chat_template); otherwise ChatGLM2.
-    """
-    if model_config.get("model_type") != "chatglm" and config.get("tokenizer_class") != "ChatGLMTokenizer":
-        return None
-    code = folder / "tokenization_chatglm.py"
-    sources = [json.dumps(config, ensure_ascii=False)] + ([_read_text(code)] if code.is_file() else [])
-    return 3 if any("<|user|>" in text for text in sources) else 2
-
-
-def _load_tokenizer_json(path: Path):
-    """The tokenizers library's Tokenizer of a tokenizer.json (a leading byte-order mark dropped);
-    a file it cannot read is a DataError saying why."""
-    from tokenizers import Tokenizer as TokenizersTokenizer
-    text = _read_text(path)
-    try:
-        return TokenizersTokenizer.from_str(text)
-    except Exception as e:  # the library raises a bare Exception with a terse serde message
-        reason = _one_line(e)
-    # Say plainly what is wrong where we can tell ("data did not match any variant of untagged enum ModelUntagged").
-    spec = _parse_json(text, str(path))
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(spec).__name__}")
-    if not isinstance(spec.get("model"), dict):
-        raise DataError(f"{path}: no 'model' object (the vocabulary and its type)")
-    model_type = spec["model"].get("type")
-    if model_type is not None and model_type not in ("BPE", "Unigram", "WordLevel", "WordPiece"):
-        raise DataError(f"{path}: model type {_one_line(repr(model_type), 60)} is not supported by the tokenizers "
-                        "library (BPE, Unigram, WordLevel, WordPiece)")
-    raise DataError(f"{path}: the tokenizers library cannot read it ({reason})")
-
-
-class Tokenizer:
-    """Text <-> ids for one Hugging Face checkpoint folder: tokenizer.json (the tokenizers
-    library: Llama 3, SmolLM, Qwen2) or sentencepiece tokenizer.model (Llama 1/2, ChatGLM2/3)."""
-
-    def __init__(self, path: str | Path):
-        folder = Path(path)
-        self.path = folder
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
-        _check_token_fields(folder / "tokenizer_config.json", config)
-        _check_token_fields(folder / "special_tokens_map.json", special_map)
-        model_config = _read_json(folder / "config.json")
-
-        self._tok = self._sp = None
-        self.chatglm: int | None = None  # 2 or 3 for ChatGLM2/3 (sentencepiece plus THUDM's special tokens)
-        # Special tokens written literally in text (e.g. "</s>" in Llama 2's chat template)
-        # must encode to their one id; the tokenizers library does this itself for its added
-        # tokens, for sentencepiece we split the text on them (_special_re).
-        self._special: dict[str, int] = {}
-        if (folder / "tokenizer.json").is_file():
-            self._tok = _load_tokenizer_json(folder / "tokenizer.json")
-            self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # ids are 0 .. vocab_size-1
-        elif (folder / "tokenizer.model").is_file():
-            self._load_sentencepiece(folder, config, model_config)
-        else:
-            raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
-        self._special_by_id = {i: s for s, i in self._special.items()}
-        # Which special tokens text may spell out. Not ChatGLM's masks and "sop"/"eop": THUDM's
-        # tokenizer reads none of them from text, and "eop" is part of words ("people").
-        self._in_text = {s: i for s, i in self._special.items() if not (self.chatglm and s in CHATGLM_SPECIAL)}
-        longest_first = sorted(self._in_text, key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._in_text else None
-        self._set_special_ids(config, special_map, model_config)
-        self._set_prefix(config)
-        self._set_chat_template(config)
-
-    def _load_sentencepiece(self, folder: Path, config: dict, model_config: dict) -> None:
-        import sentencepiece
-        try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-        except (RuntimeError, OSError):  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
-            raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
-                            "which is not supported; use a folder with tokenizer.json)") from None
-        self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
-                         if self._sp.is_control(i) or self._sp.is_unknown(i)}
-        # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
-        for token_id, token in config.get("added_tokens_decoder", {}).items():
-            self._special[_token_content(token)] = int(token_id)
-        self.chatglm = _chatglm_version(folder, config, model_config)
-        if self.chatglm is not None:
-            added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if self.chatglm == 3 else ())
-            n = self._sp.get_piece_size()
-            self._special.update({token: n + i for i, token in enumerate(added)})
-        self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
-
-    def _set_special_ids(self, config: dict, special_map: dict, model_config: dict) -> None:
-        # bos_id, eos_id, eos_ids, pad_id and their token strings.
-        generation_config = _read_json(self.path / "generation_config.json")
-        sources = (("config.json", model_config), ("generation_config.json", generation_config))
-
-        def config_ids(key: str) -> list[int]:  # config.json's, then generation_config.json's
-            return [i for file, source in sources for i in _id_list(self.path / file, source, key, self.vocab_size)]
-
-        def special_id(name: str) -> int | None:
-            # The tokenizer's own files name the token; config.json ids are the fallback.
-            token = _token_content(config.get(name)) or _token_content(special_map.get(name))
-            token_id = self.token_to_id(token) if token is not None else None
-            if token_id is None:
-                ids = config_ids(name + "_id")
-                token_id = ids[0] if ids else None
-            return token_id
-
-        self.bos_id: int | None = special_id("bos_token")
-        self.eos_id: int | None = special_id("eos_token")
-        if self._sp is not None:  # the sentencepiece model knows its own <s> and </s> (-1 = none)
-            if self.bos_id is None and self._sp.bos_id() >= 0:
-                self.bos_id = self._sp.bos_id()
-            if self.eos_id is None and self._sp.eos_id() >= 0:
-                self.eos_id = self._sp.eos_id()
-        # Every id that ends generation: chat models stop on end-of-turn as well as end-of-text
-        # (Llama 3.1's generation_config.json lists three).
-        self.eos_ids: set[int] = {self.eos_id} if self.eos_id is not None else set()
-        self.eos_ids |= set(config_ids("eos_token_id"))
-        if self.chatglm == 3:  # a ChatGLM3 turn ends where the next one starts (THUDM's chat() stops on these)
-            self.eos_ids |= {self._special["<|user|>"], self._special["<|observation|>"]}
-        pad_id = special_id("pad_token")
-        if pad_id is None and self.chatglm is not None:
-            pad_id = self._sp.unk_id()  # THUDM's ChatGLM tokenizer pads with <unk>
-        self.pad_id: int = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
-        self.bos_token: str | None = self.id_to_token(self.bos_id) if self.bos_id is not None else None
-        self.eos_token: str | None = self.id_to_token(self.eos_id) if self.eos_id is not None else None
-
-    def _set_prefix(self, config: dict) -> None:
-        # Whether sequences start with BOS: the config says so, or else Llama 3 style
-        # tokenizer.json files show it by prepending BOS in their post-processor.
-        if isinstance(config.get("add_bos_token"), bool):
-            add_bos = config["add_bos_token"]
-        elif self._tok is not None:
-            add_bos = self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
-        else:
-            add_bos = True  # sentencepiece Llama 1/2 and HF's LlamaTokenizer default
-        # The ids every sequence starts with: BOS, or ChatGLM's [gMASK] sop, which THUDM's
-        # tokenizer always prepends (build_inputs_with_special_tokens), whatever add_bos_token says.
-        if self.chatglm is not None:
-            self.prefix_ids: list[int] = [self._special["[gMASK]"], self._special["sop"]]
-            add_bos = True
-        else:
-            self.prefix_ids = [self.bos_id] if self.bos_id is not None else []
-        self.add_bos: bool = add_bos and bool(self.prefix_ids)
-
-    def _set_chat_template(self, config: dict) -> None:
-        # Newer checkpoints keep the template in chat_template.jinja; older ones in the config,
-        # some as a list of named templates. Compiled now, so that a syntax error fails at load;
-        # ChatGLM's is never used (_chatglm_chat).
-        template, file = config.get("chat_template"), self.path / "tokenizer_config.json"
-        if isinstance(template, list):
-            template = next((t["template"] for t in template if t["name"] == "default"), None)
-        if (self.path / "chat_template.jinja").is_file():
-            file = self.path / "chat_template.jinja"
-            template = _read_text(file)
-        self.chat_template: str | None = template
-        self.chat_template_file: Path | None = file if template is not None else None
-        self._compiled_template = None
-        if template is not None and self.chatglm is None:
-            self._compiled_template = _compile_chat_template(template, file)
-
-    def token_to_id(self, token: str) -> int | None:
-        """The id of a token string, or None if it is not in the vocabulary."""
-        if self._tok is not None:
-            return self._tok.token_to_id(token)
-        if token in self._special:
-            return self._special[token]
-        token_id = self._sp.piece_to_id(token)  # unk's id for an unknown piece
-        return token_id if self._sp.id_to_piece(token_id) == token else None
-
-    def id_to_token(self, token_id: int) -> str | None:
-        """The token string of an id, or None if out of range."""
-        if self._tok is not None:
-            return self._tok.id_to_token(token_id) if token_id >= 0 else None  # ids are unsigned there
-        if token_id in self._special_by_id:
-            return self._special_by_id[token_id]
-        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Token ids of text, no special tokens added except prefix_ids (BOS) when bos=True."""
-        if self._tok is not None:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
-        else:
-            # Each piece between special tokens is encoded on its own, with sentencepiece's
-            # dummy-prefix space, as Meta's Llama 2 code does around its [INST] markers.
-            ids, after_role = [], False
-            for chunk in (self._special_re.split(text) if self._special_re else [text]):
-                if chunk in self._in_text:
-                    ids.append(self._in_text[chunk])
-                    after_role = chunk in CHATGLM3_ROLES
-                elif chunk:
-                    if self.chatglm == 3 and after_role and "\n" in chunk:
-                        # ChatGLM3 encodes a message as role token, metadata line (usually
-                        # empty) and content, each on its own (build_single_message).
-                        line, content = chunk.split("\n", 1)
-                        ids.extend(self._sp.encode(line + "\n") + self._sp.encode(content))
-                    else:
-                        ids.extend(self._sp.encode(chunk))
-                    after_role = False
-        if bos:
-            ids = self.prefix_ids + ids
-        return ids
-
-    def add_prefix(self, ids: list[int]) -> list[int]:
-        """ids starting with prefix_ids when the tokenizer adds them (unless a template wrote them)."""
-        if not self.add_bos or ids[:len(self.prefix_ids)] == self.prefix_ids:
-            return ids
-        return self.prefix_ids + ids
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        """Text of ids; skip_special drops special tokens (BOS, EOS, chat markers).
-        An id the tokenizer lacks (e.g. of a model's padded vocab) is a DataError."""
-        ids = [int(i) for i in ids]
-        # sentencepiece would raise a bare IndexError and the tokenizers library drop the id silently.
-        unknown = [i for i in ids if self.id_to_token(i) is None]
-        if unknown:
-            raise DataError(f"{self.path}: ids {unknown[:8]} are not in the tokenizer's vocabulary "
-                            f"(vocab_size {self.vocab_size}); generate with vocab_size= to never choose them")
-        if self._tok is not None:
-            return self._tok.decode(ids, skip_special_tokens=skip_special)
-        parts, run = [], []
-        for i in ids + [None]:  # None flushes the last run
-            if i is None or i in self._special_by_id:
-                if run:
-                    parts.append(self._sp.decode(run))
-                    run = []
-                if i is not None and not skip_special:
-                    parts.append(self._special_by_id[i])
-            else:
-                run.append(i)
-        return "".join(parts)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render messages with the checkpoint's jinja chat template, as transformers does
-        (ChatGLM2/3: their own prompt formats, see _chatglm_chat)."""
-        if self.chatglm is not None:
-            return _chatglm_chat(self.chatglm, messages, add_generation_prompt)
-        if self.chat_template is None:
-            raise DataError(f"{self.path}: the tokenizer has no chat template")
-        file = self.chat_template_file or self.path
-        if self._compiled_template is None:  # a chat_template set after loading
-            self._compiled_template = _compile_chat_template(self.chat_template, file)
-        return _render_chat_template(self._compiled_template, file, dict(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs))
-
-
-def _chatglm_chat(version: int, messages: list[dict], add_generation_prompt: bool) -> str:
-    """ChatGLM2's rounds ("[Round 1]\\n\\n问：...\\n\\n答：...", its build_prompt) or ChatGLM3's role
-    messages ("<|user|>\\n...<|assistant|>\\n...", its build_chat_input); [gMASK] sop come from prefix_ids.
-
-    A ChatGLM folder's jinja chat_template, if it has one, is not used: the prefix comes from
-    prefix_ids, and each message must be encoded apart as build_single_message does (encode).
-    """
-    if version == 3:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}" for m in messages)
-        return text + ("<|assistant|>" if add_generation_prompt else "")
-    rounds = []
-    for m in messages:
-        if m["role"] == "user":
-            rounds.append(f"[Round {len(rounds) + 1}]\n\n问：{m['content']}\n\n答：")
-        elif m["role"] == "assistant" and rounds:
-            rounds[-1] += m["content"]
-        else:
-            raise DataError(f"ChatGLM2's prompt format has no {m['role']!r} message here (only user, assistant turns)")
-    return "\n\n".join(rounds)
-
-
-# A chat template is the checkpoint's code: its render is bounded in time and size.
-CHAT_TEMPLATE_SECONDS = 5.0  # wall-clock limit of one render
-CHAT_TEMPLATE_MAX_CHARS = 1_000_000  # the most a render may write beyond 8 times the size of its messages
-CHAT_TEMPLATE_MAX_BITS = 1_000_000  # the largest integer a template may compute with **
-
-
-class _OverBudget(Exception):
-    """A chat template went over CHAT_TEMPLATE_SECONDS or its size limits."""
-
-
-def _compile_chat_template(source: str, file: Path):
-    """The jinja template of source, in the environment of transformers' chat templates:
-    sandboxed, trim_blocks and lstrip_blocks, loop controls, a tojson that keeps non-ASCII text,
-    raise_exception for the templates' own checks, strftime_now for Llama 3's "Today Date"."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        # The sandbox already caps each range() at 100,000 items; a render also stops at its
-        # deadline and max_chars (set by _render_chat_template), checked at every call and at
-        # '*' and '**': one of those asks for gigabytes ('x' * 10**10) or for minutes of C code
-        # that no signal interrupts (9 ** (9 ** 9)).
-        intercepted_binops = frozenset({"*", "**"})
-        deadline = float("inf")
-        max_chars = CHAT_TEMPLATE_MAX_CHARS
-
-        def check_time(self):
-            if time.monotonic() > self.deadline:
-                raise _OverBudget(f"takes longer than {CHAT_TEMPLATE_SECONDS:g} s")
-
-        def call(__self, __context, __obj, *args, **kwargs):  # jinja's argument names: any keyword may follow
-            __self.check_time()
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def call_binop(self, context, operator, left, right):
-            self.check_time()
-            if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
-                left, right = right, left
-            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
-                    and len(left) * right > self.max_chars:
-                raise _OverBudget(f"builds a value longer than {self.max_chars} characters")
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
-                    and right * abs(left).bit_length() > CHAT_TEMPLATE_MAX_BITS:
-                raise _OverBudget(f"computes an integer over {CHAT_TEMPLATE_MAX_BITS} bits")
-            return super().call_binop(context, operator, left, right)
-
-    def raise_exception(message):
-        raise DataError(str(message))
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-    try:
-        return env.from_string(source)
-    except Exception as e:  # a syntax error, an unknown filter; RecursionError on deep nesting
-        where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
-        reason = _one_line(getattr(e, "message", None) or e)
-        raise DataError(f"{file}: chat template{where} does not compile ({reason})") from None
-
-
-@contextmanager
-def _alarm(seconds: float):
-    """Raise _OverBudget in this code after seconds (SIGALRM), when it runs on the main thread and no
-    other timer is set; elsewhere the render's own deadline checks stand alone."""
-    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _OverBudget(f"takes longer than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _render_chat_template(template, file: Path, context: dict) -> str:
-    """template.render(**context) within CHAT_TEMPLATE_SECONDS and CHAT_TEMPLATE_MAX_CHARS;
-    whatever goes wrong is a one-line DataError naming the template's file."""
-    env = template.environment
-    env.max_chars = CHAT_TEMPLATE_MAX_CHARS + 8 * len(str(context["messages"]))
-    env.deadline = time.monotonic() + CHAT_TEMPLATE_SECONDS
-    try:
-        with _alarm(CHAT_TEMPLATE_SECONDS):
-            pieces, length = [], 0
-            for piece in template.generate(**context):  # piece by piece, to stop at max_chars
-                length += len(piece)
-                if length > env.max_chars:
-                    raise _OverBudget(f"writes more than {env.max_chars} characters")
-                env.check_time()
-                pieces.append(piece)
-    except _OverBudget as e:
-        raise DataError(f"{file}: chat template {e}") from None
-    except DataError as e:  # the template's raise_exception()
-        raise DataError(f"{file}: chat template: {_one_line(e)}") from None
-    except Exception as e:  # an undefined filter or attribute, a type error: the template's own bugs
-        raise DataError(f"{file}: chat template fails ({type(e).__name__}: {_one_line(e)})") from None
-    finally:
-        env.deadline = float("inf")
-    return "".join(pieces)
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder (tokenizer.json preferred over tokenizer.model)."""
-    return Tokenizer(path)
 
 
 # -----------------------------------------------------------------------------
@@ -524,12 +37,38 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n")
-NAMED_TEMPLATES = ("alpaca", "chat", "plain")
+# m-LoRA 2024's default template (mlora/prompter.py, default_prompt_template), verbatim.
+MLORA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
+MLORA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Output:\n"
+NAMED_TEMPLATES = ("alpaca", "mlora", "chat", "plain")
+NAMED_PROMPTS = {"alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
+                 "mlora": (MLORA_PROMPT_INPUT, MLORA_PROMPT_NO_INPUT)}
+ROW_FIELDS = ("instruction", "input")  # what a JSON template's prompt may hold; {output} goes in the response
 
 
-def _check_placeholders(path: str, key: str, text) -> None:
-    # str.format placeholders: {instruction} and {input} only, plain (the row fills them);
-    # a literal brace is written {{ or }}.
+@dataclass(frozen=True)
+class TemplateFile:
+    """A prompt template file, read and checked once (_template_file). Its format is told by its keys:
+    alpaca-lora  {"prompt_input", "prompt_no_input", "description"?, "response_split"?}: the prompts;
+                 the response is the row's output
+    mlora        m-LoRA's JSON, 2023 {"parameter", "prompt", "prompt_no_input", "description"} and 2024
+                 {"prompt", "prompt_no_input", "description", "response"}: each text holds {output}; the
+                 prompt is what comes before it, the response the output and what follows it
+    jinja        m-LoRA's 2025 YAML {"template": ...} (or a .jinja file): renders a whole row (data_point)
+    """
+    path: str
+    format: str  # "alpaca-lora", "mlora" or "jinja"
+    prompts: tuple[str, str] = ("", "")  # str.format texts of the prompt: of a row with an input, without
+    suffixes: tuple[str, str] = ("", "")  # the same, of what follows the output in the response (mlora)
+    # Which rows take the no-input form: "empty" (input missing or ""), "missing" (no input field),
+    # "never" (an m-LoRA template whose choice does not look at the input; see _mlora_template).
+    no_input_when: str = "empty"
+    jinja: object = None  # the compiled template (jinja)
+
+
+def _placeholders(path: str, key: str, text, allowed: tuple[str, ...]) -> list[str]:
+    """The names of text's str.format placeholders, each plain and one of allowed (the row fills
+    them); a literal brace is written {{ or }}."""
     if not isinstance(text, str):
         raise DataError(f"{path}: '{key}' must be a string, got {type(text).__name__}")
     try:
@@ -538,29 +77,109 @@ def _check_placeholders(path: str, key: str, text) -> None:
     except ValueError as e:  # a stray brace: "Single '}' encountered in format string"
         raise DataError(f"{path}: '{key}': {e} (write a literal brace as {{{{ or }}}})") from None
     for name, conversion, spec in fields:
-        if name not in ("instruction", "input") or conversion or spec:
+        if name not in allowed or conversion or spec:
             placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            names = [f"{{{field}}}" for field in allowed]
             why = " (the response is the row's output, written after the prompt)" if name == "output" else ""
-            raise DataError(f"{path}: '{key}' has a bad placeholder {_one_line(placeholder, 60)}: "
-                            f"only {{instruction}} and {{input}} are filled{why}")
+            raise DataError(f"{path}: '{key}' has a bad placeholder {one_line(placeholder, 60)}: "
+                            f"only {', '.join(names[:-1])} and {names[-1]} are filled{why}")
+    return [name for name, _, _ in fields]
+
+
+def _split_at_output(text: str) -> tuple[str, str]:
+    # An m-LoRA text "...{output}..." (placeholders checked) as two str.format texts: before and after {output}.
+    parts, current = [], []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        current.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name == "output":
+            parts.append("".join(current))
+            current = []
+        elif name is not None:
+            current.append("{" + name + "}")
+    return parts[0], "".join(current)
+
+
+def _read_template_object(file: Path) -> dict:
+    # The object a template file holds: JSON, YAML (.yaml/.yml), or a bare Jinja template (.jinja).
+    if file.suffix == ".jinja":
+        return {"template": read_text(file)}
+    if file.suffix not in (".yaml", ".yml"):
+        return read_json(file)
+    import yaml  # only m-LoRA's YAML templates need it
+    try:
+        spec = yaml.safe_load(read_text(file))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DataError(f"{file}: cannot parse YAML ({one_line(getattr(e, 'problem', None) or e)}{at})") from None
+    except (ValueError, RecursionError) as e:  # a bad date (2024-13-01), nesting too deep
+        raise DataError(f"{file}: cannot parse YAML ({type(e).__name__}: {one_line(e)})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{file}: expected a YAML mapping (template: ...), got {type(spec).__name__}")
+    return spec
 
 
 @lru_cache(maxsize=None)
-def _template_file(path: str) -> dict:
-    # An m-LoRA / alpaca-lora template file: {"prompt_input": ..., "prompt_no_input": ...,
-    # "description"?, "response_split"?}. Checked once, so a bad file fails before any row.
+def _template_file(path: str) -> TemplateFile:
+    # Read and checked once, so that a bad file fails before any row; the format comes from the keys.
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: template file not found (named templates: {', '.join(NAMED_TEMPLATES)})")
-    spec = _read_json(file)
-    for key in ("prompt_input", "prompt_no_input"):
+    spec = _read_template_object(file)
+    formats = {"prompt_input": "alpaca-lora", "prompt": "mlora", "template": "jinja"}
+    found = [key for key in formats if key in spec]
+    if not found:
+        raise DataError(f"{path}: missing key 'prompt_input' (alpaca-lora's format), 'prompt' (m-LoRA's JSON) "
+                        "or 'template' (m-LoRA's YAML)")
+    if len(found) > 1:
+        raise DataError(f"{path}: keys '{found[0]}' ({formats[found[0]]}) and '{found[1]}' ({formats[found[1]]}) "
+                        "are of two template formats; keep one")
+    kind = formats[found[0]]
+    if kind == "jinja":  # m-LoRA's prompter reads "template" only
+        if not isinstance(spec["template"], str):
+            raise DataError(f"{path}: 'template' must be a string, got {type(spec['template']).__name__}")
+        return TemplateFile(path, kind, jinja=compile_template(spec["template"], file, what="template"))
+    keys = ("prompt_input", "prompt_no_input") if kind == "alpaca-lora" else ("prompt", "prompt_no_input")
+    for key in keys:
         if key not in spec:
             raise DataError(f"{path}: missing key '{key}'")
-        _check_placeholders(path, key, spec[key])
-    for key in ("description", "response_split"):
+        if kind == "alpaca-lora":
+            _placeholders(path, key, spec[key], ROW_FIELDS)
+    for key in ("description", "response_split" if kind == "alpaca-lora" else "response"):
         if not isinstance(spec.get(key, ""), str):
             raise DataError(f"{path}: '{key}' must be a string, got {type(spec[key]).__name__}")
-    return spec
+    if kind == "alpaca-lora":
+        return TemplateFile(path, kind, prompts=(spec["prompt_input"], spec["prompt_no_input"]))
+    return _mlora_template(path, spec)
+
+
+def _mlora_template(path: str, spec: dict) -> TemplateFile:
+    """m-LoRA's JSON template: "prompt" and "prompt_no_input" each hold {output} once."""
+    names = {}
+    for key in ("prompt", "prompt_no_input"):
+        names[key] = _placeholders(path, key, spec[key], ROW_FIELDS + ("output",))
+        if names[key].count("output") != 1:
+            raise DataError(f"{path}: '{key}' must hold {{output}} once (where the row's output goes), "
+                            f"it has {names[key].count('output')}")
+    # Which rows m-LoRA gave prompt_no_input. 2023 (aspen/dataset.py): a row lacking a field that
+    # "parameter" lists; 2024 (mlora/prompter/prompter.py): a row on which "prompt".format(**row)
+    # failed, i.e. lacking a field it uses. Rows here always have instruction and output, so both
+    # come down to "the row has no input field" when that field counts; an empty input takes "prompt".
+    if "parameter" in spec:
+        parameters = spec["parameter"]
+        if not (isinstance(parameters, list) and all(isinstance(name, str) for name in parameters)):
+            raise DataError(f"{path}: 'parameter' must be a list of field names, got {one_line(parameters, 60)}")
+        unknown = [name for name in parameters if name not in ROW_FIELDS + ("output",)]
+        if unknown:
+            raise DataError(f"{path}: 'parameter' lists {one_line(unknown[0], 60)!r}: rows fill only "
+                            "instruction, input and output")
+        input_counts = "input" in parameters
+    else:
+        input_counts = "input" in names["prompt"]
+    (prompt, suffix), (prompt_no_input, suffix_no_input) = (_split_at_output(spec[key])
+                                                            for key in ("prompt", "prompt_no_input"))
+    return TemplateFile(path, "mlora", prompts=(prompt, prompt_no_input), suffixes=(suffix, suffix_no_input),
+                        no_input_when="missing" if input_counts else "never")
 
 
 def check_template(template: str, tokenizer: Tokenizer) -> None:
@@ -571,25 +190,49 @@ def check_template(template: str, tokenizer: Tokenizer) -> None:
         _template_file(str(template))
 
 
-def _chat_messages(instruction: str, input: str) -> list[dict]:
+def _jinja_template(template: str) -> TemplateFile | None:
+    # The template file when it is a Jinja one (it renders whole rows of any fields), else None.
+    if template in NAMED_TEMPLATES:
+        return None
+    spec = _template_file(str(template))
+    return spec if spec.format == "jinja" else None
+
+
+def _chat_messages(instruction: str, input: str | None) -> list[dict]:
     return [{"role": "user", "content": instruction + ("\n\n" + input if input else "")}]
 
 
-def build_prompt(template: str, tokenizer: Tokenizer, instruction: str, input: str = "") -> str:
-    """The text the model reads before its response: 'alpaca', 'chat', 'plain' or a template file's path."""
-    if template == "alpaca":
-        return (ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+def _file_texts(spec: TemplateFile, instruction: str, input: str | None, output: str) -> tuple[str, str]:
+    # (prompt, response) of a row by a JSON template file; input None: the row has no input field.
+    if spec.format == "jinja":
+        raise DataError(f"{spec.path}: a Jinja template renders whole rows; it has no prompt of its own")
+    if spec.no_input_when == "empty":
+        form = 0 if input else 1
+    else:
+        form = 1 if input is None and spec.no_input_when == "missing" else 0
+    fill = {"instruction": instruction, "input": input or ""}
+    return spec.prompts[form].format(**fill), output + spec.suffixes[form].format(**fill)
+
+
+def build_prompt(template: str, tokenizer: Tokenizer, instruction: str, input: str | None = "") -> str:
+    """The text the model reads before its response: 'alpaca', 'mlora', 'chat', 'plain' or a JSON
+    template file's path. input None: the row has no input field (m-LoRA's templates tell it from "")."""
+    if template in NAMED_PROMPTS:
+        prompt_input, prompt_no_input = NAMED_PROMPTS[template]
+        return (prompt_input if input else prompt_no_input).format(instruction=instruction, input=input or "")
     if template == "chat":
         return tokenizer.apply_chat_template(_chat_messages(instruction, input), add_generation_prompt=True)
     if template == "plain":
         return instruction + ("\n" + input if input else "")
-    spec = _template_file(str(template))
-    return (spec["prompt_input"] if input else spec["prompt_no_input"]).format(instruction=instruction, input=input)
+    return _file_texts(_template_file(str(template)), instruction, input, "")[0]
 
 
-def format_example(template: str, tokenizer: Tokenizer, instruction: str, input: str, output: str) -> tuple[str, str]:
+def format_example(template: str, tokenizer: Tokenizer, instruction: str, input: str | None,
+                   output: str) -> tuple[str, str]:
     """(prompt, response) texts of one row; for 'chat' the response is the whole assistant turn,
-    end-of-turn markup included."""
+    end-of-turn markup included; for an m-LoRA JSON template the output and what follows {output}."""
+    if template not in NAMED_TEMPLATES:
+        return _file_texts(_template_file(str(template)), instruction, input, output)
     prompt = build_prompt(template, tokenizer, instruction, input)
     if template != "chat":
         return prompt, output
@@ -600,6 +243,17 @@ def format_example(template: str, tokenizer: Tokenizer, instruction: str, input:
         raise DataError("template 'chat': the conversation rendered with the reply does not start "
                         "with the prompt rendered with add_generation_prompt=True")
     return prompt, full[len(prompt):]
+
+
+def render_row(spec: TemplateFile, row: dict, **flags) -> str:
+    """A Jinja template file's text of one row, as m-LoRA's prompter renders it: data_point=row
+    (and is_chosen for preference data), bounded as chat templates are (tokenizer.render_template)."""
+    text = render_template(spec.jinja, Path(spec.path), dict(data_point=row, **flags), len(str(row)), what="template")
+    bad = SURROGATE.search(text)
+    if bad:
+        raise DataError(f"{spec.path}: the rendered text has a lone surrogate \\u{ord(bad.group()):04x} "
+                        f"at character {bad.start()}, which is not text")
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -660,17 +314,17 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
         raise DataError(f"{path}: file not found")
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: expected a .json or .jsonl file")
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if path.suffix == ".json":
-        data = _parse_json(text, str(path))
+        data = parse_json(text, str(path))
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         return list(enumerate(data, start=1))
     # Lines end at "\n" only: str.splitlines() would also split at U+2028 or U+0085, which
     # JSON strings may hold as they are.
-    return [(number, _parse_json(line, str(path), number))
+    return [(number, parse_json(line, str(path), number))
             for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
@@ -685,18 +339,20 @@ def _numbered_rows(path: Path, tokenizer: Tokenizer, template: str) -> list[tupl
 
 
 def _string_fields(where: str, row, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
-    """The row with its fields checked to be text, in this order; an optional one missing or null reads as ""."""
+    """The row with its fields checked to be text, in this order; an optional one missing or null reads as None."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     for field in fields:
         if field not in row and field not in optional:
             raise DataError(f"{where}: missing field '{field}'")
-    # A missing optional field reads as "", as does null (converted datasets write "input": null).
-    row = {**row, **{field: "" for field in optional if row.get(field) is None}}
+    # A missing optional field reads as None, as does null (converted datasets write "input": null).
+    row = {**row, **{field: None for field in optional if row.get(field) is None}}
     for field in fields:
+        if row[field] is None and field in optional:
+            continue
         if not isinstance(row[field], str):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
-        bad = _SURROGATE.search(row[field])
+        bad = SURROGATE.search(row[field])
         if bad:
             raise DataError(f"{where}: field '{field}' has a lone surrogate \\u{ord(bad.group()):04x} "
                             f"at character {bad.start()}, which is not text")
@@ -710,10 +366,16 @@ def _has_response(example: Example) -> bool:
 
 def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256,
                   train_on_inputs: bool = False) -> list[Example]:
-    """Alpaca-style rows {instruction, input?, output} from a .json list or .jsonl file, as Examples in file order."""
+    """Alpaca-style rows {instruction, input?, output} from a .json list or .jsonl file, as Examples in file order.
+    With a Jinja template file a row is any object, and its whole rendering is the response: the loss
+    covers every token, as in m-LoRA."""
     path = Path(path)
+    jinja = _jinja_template(template)
     examples = []
     for where, row in _numbered_rows(path, tokenizer, template):
+        if jinja:  # the whole rendering is the response
+            examples.append(make_example(tokenizer, "", _rendered(where, jinja, row), cutoff_len, train_on_inputs))
+            continue
         row = _string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
         try:
             prompt, response = format_example(template, tokenizer, row["instruction"], row["input"], row["output"])
@@ -741,10 +403,15 @@ class Pair:
 def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca", cutoff_len: int = 256) -> list[Pair]:
     """Preference rows {prompt, input?, chosen, rejected} from a .json list or .jsonl file, as Pairs
     in file order: the prompt (and input) formatted by the template as an SFT instruction, each
-    answer as its response (EOS as SFT), each sequence cut to cutoff_len."""
+    answer as its response (EOS as SFT), each sequence cut to cutoff_len. With a Jinja template
+    file a row is any object, rendered once per answer (_jinja_pair)."""
     path = Path(path)
+    jinja = _jinja_template(template)
     pairs = []
     for where, row in _numbered_rows(path, tokenizer, template):
+        if jinja:
+            pairs.append(_jinja_pair(tokenizer, jinja, where, row, cutoff_len))
+            continue
         row = _string_fields(where, row, ("prompt", "input", "chosen", "rejected"), optional=("input",))
         answers = []
         for field in ("chosen", "rejected"):
@@ -763,6 +430,34 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
         print(f"warning: {path}: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs "
               f"without a token of both answers within cutoff_len={cutoff_len}")
     return kept
+
+
+def _rendered(where: str, spec: TemplateFile, row, **flags) -> str:
+    # render_row of a data file's row: any fields, but an object; errors name the row first.
+    row = _string_fields(where, row, ())
+    try:
+        return render_row(spec, row, **flags)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _jinja_pair(tokenizer: Tokenizer, spec: TemplateFile, where: str, row, cutoff_len: int) -> Pair:
+    # m-LoRA renders a preference row twice, is_chosen true and false, and encodes each whole text.
+    # The prompt is what the two share: their common prefix in tokens, so that the cut falls between
+    # tokens and each answer keeps the tokens its whole text has (DPO's margin is the same wherever
+    # the cut falls inside the shared part: those log-probs cancel).
+    texts = [_rendered(where, spec, row, is_chosen=is_chosen) for is_chosen in (True, False)]
+    if texts[0] == texts[1]:
+        raise DataError(f"{where}: {spec.path}: renders the same text with is_chosen true and false "
+                        "(a preference template tells the answers apart by is_chosen)")
+    chosen, rejected = (make_example(tokenizer, "", text, cutoff_len, train_on_inputs=True) for text in texts)
+    shared = 0
+    while shared < min(len(chosen.input_ids), len(rejected.input_ids)) \
+            and chosen.input_ids[shared] == rejected.input_ids[shared]:
+        shared += 1
+    for example in (chosen, rejected):
+        example.labels[:shared] = [IGNORE_INDEX] * shared
+    return Pair(chosen, rejected)
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 translated field by field, every ignored field named in one warning line, what we cannot do a
 one-line error, and each generation training a step from the folder m-LoRA ran it in."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,6 @@ import train
 from config import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mlora"
-# data.py items of the report (issue 13, part 3): what data.py must read before these templates train.
-NEEDS_D1 = ("data.py D1: m-LoRA's JSON template files ({output} in 'prompt'/'prompt_no_input', "
-            "'parameter' / 'response' keys) are not read yet")
-NEEDS_D2 = "data.py D2: m-LoRA's YAML Jinja templates ({'template': ...} rendered with data_point) are not read yet"
 
 
 def load(monkeypatch, gen: str, path: str, *overrides: str):
@@ -91,18 +86,14 @@ def test_2023_chatglm_names_and_per_adapter_fields(monkeypatch, capsys):
 
 
 def test_2023_fixture_trains_a_step(tmp_path, base_dir, monkeypatch):
-    """The whole 2023 file trains from its folder, its template swapped for alpaca until data.py reads it (D1)."""
-    templates = [f"--jobs.lora_{i}.template=alpaca" for i in range(3)]
-    assert run("2023", "config/finetune.json", base_dir, tmp_path / "out", monkeypatch, *templates) == 0
+    """The whole 2023 file trains from its folder, with m-LoRA's own template file (its prompt holds {output})."""
+    assert run("2023", "config/finetune.json", base_dir, tmp_path / "out", monkeypatch) == 0
     for name in ("lora_0", "lora_1", "lora_2"):
         saved = json.loads((tmp_path / "out" / name / "adapter_config.json").read_text())
         assert saved["r"] == (16 if name == "lora_2" else 8)
     assert "gate_proj" in json.loads((tmp_path / "out" / "lora_2" / "adapter_config.json").read_text())["target_modules"]
 
 
-@pytest.mark.xfail(reason=NEEDS_D1, strict=True)
-def test_2023_fixture_trains_with_its_own_template(tmp_path, base_dir, monkeypatch):
-    assert run("2023", "config/finetune.json", base_dir, tmp_path / "out", monkeypatch) == 0
 
 
 # ----------------------------------------------------------------------------- 2024: "lora" list with lora_alpha, variants
@@ -212,18 +203,13 @@ def test_2025_first_yaml_is_translated(monkeypatch, capsys):
 
 
 def test_2025_fixture_trains_a_step(tmp_path, base_dir, monkeypatch):
-    """The first YAML trains from its folder, its JSON template swapped for alpaca until data.py reads it (D1)."""
-    templates = ["--jobs.lora_0.template=alpaca", "--jobs.lora_1.template=alpaca"]
-    assert run("2025", "demo/dummy.yaml", base_dir, tmp_path / "out", monkeypatch, *templates) == 0
+    """The first YAML trains from its folder, with its own m-LoRA JSON template."""
+    assert run("2025", "demo/dummy.yaml", base_dir, tmp_path / "out", monkeypatch) == 0
     assert (tmp_path / "out" / "lora_1" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.xfail(reason=NEEDS_D1, strict=True)
-def test_2025_first_yaml_trains_with_its_own_template(tmp_path, base_dir, monkeypatch):
-    assert run("2025", "demo/dummy.yaml", base_dir, tmp_path / "out", monkeypatch) == 0
 
 
-@pytest.mark.xfail(reason=NEEDS_D2, strict=True)
 def test_2025_jinja_template_trains(tmp_path, base_dir, monkeypatch):
     assert run("2025", "demo/lora/lora_case_1.yaml", base_dir, tmp_path / "out", monkeypatch) == 0
 

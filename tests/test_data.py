@@ -5,12 +5,16 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import data
-from data import DataError, Example, build_prompt, fuse, load_job_data, load_tokenizer, make_example
+import tokenizer
+from data import (DataError, Example, build_prompt, format_example, fuse, load_job_data, load_tokenizer,
+                  make_example)
 from tokenizer_util import CHATML_TEMPLATE, write_sentencepiece, write_tokenizer_json
 
 TEXTS = [
@@ -607,7 +611,7 @@ def render(folder, template: str, content: str = "hi") -> str:
     ("{{ raise_exception('no system\nmessages') }}", "hi", "chat template: no system messages"),
 ])
 def test_chat_template_bounded(tmp_path, monkeypatch, template, content, expected):
-    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(tokenizer, "CHAT_TEMPLATE_SECONDS", 1.0)
     handler = signal.getsignal(signal.SIGALRM)
     start = time.monotonic()
     with pytest.raises(DataError) as error:
@@ -619,7 +623,7 @@ def test_chat_template_bounded(tmp_path, monkeypatch, template, content, expecte
 
 def test_chat_template_bounded_off_the_main_thread(tmp_path, monkeypatch):
     # No SIGALRM there: the clock is checked at each call (here range()), '*', '**' and output piece.
-    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(tokenizer, "CHAT_TEMPLATE_SECONDS", 1.0)
     errors = []
 
     def run():
@@ -651,3 +655,175 @@ def test_long_row_through_chat_template(bpe_dir, tmp_path):
     examples = load_job_data(write_rows(tmp_path / "d.json", [row, ROWS[0]]), tok, template="chat", cutoff_len=64,
                              train_on_inputs=True)
     assert len(examples[0].input_ids) == 64
+
+
+# -----------------------------------------------------------------------------
+# m-LoRA's templates: its default 'mlora', its JSON files ({output} inside), its YAML Jinja files
+
+MLORA = Path(__file__).parent / "fixtures" / "mlora"
+MLORA_2023 = MLORA / "2023" / "template" / "template_demo.json"  # "parameter"; str.replace'd by aspen/dataset.py
+MLORA_2024 = MLORA / "2025" / "demo" / "dummy_template.json"  # "response"; str.format'ted by mlora/prompter
+PROMPT_YAML = MLORA / "2025" / "demo" / "prompt.yaml"  # instruction data
+PREFERENCE_YAML = MLORA / "2025" / "demo" / "preference_prompt.yaml"  # preference data: is_chosen
+PREFERENCE_ROWS = json.loads((MLORA / "2025" / "demo" / "data.json").read_text())[:1] + [
+    {"instruction": "Add.", "input": "2 and 3", "chosen": "5", "reject": "6"}]
+
+
+def mlora_prompter(path):
+    """m-LoRA's Prompter (mlora/prompter/prompter.py): the oracle for its YAML templates."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    source = yaml.safe_load(Path(path).read_text())["template"]
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+
+
+def test_mlora_named_template(bpe_dir):
+    tok = load_tokenizer(bpe_dir)
+    with_input = "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Output:\n"
+    assert build_prompt("mlora", tok, "Add.", "2 and 3") == with_input
+    assert build_prompt("mlora", tok, "Add.", "") == build_prompt("mlora", tok, "Add.", None) == (
+        "### Instruction:\nAdd.\n\n### Output:\n")
+    assert format_example("mlora", tok, "Add.", "2 and 3", "5") == (with_input, "5")
+
+
+@pytest.mark.parametrize("template", [MLORA_2023, MLORA_2024], ids=["2023", "2024"])
+def test_mlora_json_template(bpe_dir, tmp_path, template):
+    # The prompt is the text before {output}; the response the output and what follows it (a "\n"),
+    # then EOS. No input field (or null): prompt_no_input; an empty input: "prompt", as in m-LoRA.
+    tok = load_tokenizer(bpe_dir)
+    rows = [{"instruction": "Reverse.", "input": "a b", "output": "b a"},
+            {"instruction": "Hi?", "output": "Hi."},
+            {"instruction": "Hi?", "input": "", "output": "Hi."},
+            {"instruction": "Hi?", "input": None, "output": "Hi."}]
+    no_input = "### Instruction:\nHi?\n\n### Output:\n"
+    prompts = ["### Instruction:\nReverse.\n\n### Input:\na b\n\n### Output:\n", no_input,
+               "### Instruction:\nHi?\n\n### Input:\n\n\n### Output:\n", no_input]
+    examples = load_job_data(write_rows(tmp_path / "d.json", rows), tok, template=str(template), cutoff_len=512)
+    for row, prompt, example in zip(rows, prompts, examples):
+        response = row["output"] + "\n"
+        texts = format_example(str(template), tok, row["instruction"], row.get("input"), row["output"])
+        assert texts == (prompt, response)
+        assert build_prompt(str(template), tok, row["instruction"], row.get("input")) == prompt
+        prompt_ids = tok.encode(prompt, bos=tok.add_bos)
+        assert example.input_ids[:len(prompt_ids)] == prompt_ids
+        assert example.labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+        assert tok.decode(unmasked(example)) == response + tok.eos_token
+
+
+def test_mlora_json_template_no_input_rule(bpe_dir, tmp_path):
+    # 2023 took prompt_no_input when the row lacked a field that "parameter" lists; 2024 when
+    # "prompt".format(**row) failed, on a field it uses. Neither looks at input here: "prompt" always.
+    tok = load_tokenizer(bpe_dir)
+    old = dict(json.loads(MLORA_2023.read_text()), parameter=["instruction", "output"])
+    (tmp_path / "2023.json").write_text(json.dumps(old))
+    assert build_prompt(str(tmp_path / "2023.json"), tok, "Hi?", None) == (
+        "### Instruction:\nHi?\n\n### Input:\n\n\n### Output:\n")
+    (tmp_path / "2024.json").write_text(json.dumps({"prompt": "Q: {instruction}\nA: {output}{{end}}",
+                                                    "prompt_no_input": "unused {output}", "response": "A: "}))
+    assert format_example(str(tmp_path / "2024.json"), tok, "Hi?", None, "Hi.") == ("Q: Hi?\nA: ", "Hi.{end}")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_jinja_template_renders_whole_rows(bpe_dir, sp_dir, tmp_path, kind):
+    # As m-LoRA's prompter: data_point=row, rows of any fields; the whole text is the response
+    # (BOS + text + EOS, every token labelled) whatever train_on_inputs says.
+    tok = load_tokenizer(bpe_dir if kind == "bpe" else sp_dir)
+    path = write_rows(tmp_path / "d.jsonl", PREFERENCE_ROWS)
+    oracle = mlora_prompter(PROMPT_YAML)
+    # The same template as a .json object and as a bare .jinja file reads the same.
+    (tmp_path / "t.json").write_text(json.dumps({"template": yaml.safe_load(PROMPT_YAML.read_text())["template"]}))
+    (tmp_path / "t.jinja").write_text(yaml.safe_load(PROMPT_YAML.read_text())["template"])
+    for template in (PROMPT_YAML, tmp_path / "t.json", tmp_path / "t.jinja"):
+        examples = load_job_data(path, tok, template=str(template), cutoff_len=512)
+        for row, example in zip(PREFERENCE_ROWS, examples):
+            text = oracle.render(data_point=row)
+            assert text.startswith("### Instruction:\n") and ("### Input:\n" in text) == ("input" in row)
+            assert example.input_ids == tok.encode(text, bos=tok.add_bos) + [tok.eos_id]
+            assert unmasked(example) == tok.encode(text) + [tok.eos_id]
+
+
+def test_jinja_preference_pairs(bpe_dir, tmp_path):
+    # Rendered with is_chosen true and false, each whole text encoded; the prompt, unlabelled in
+    # both, is their common token prefix ("chosen" / "reject": the template's own field names).
+    tok = load_tokenizer(bpe_dir)
+    oracle = mlora_prompter(PREFERENCE_YAML)
+    pairs = data.load_pairs(write_rows(tmp_path / "d.json", PREFERENCE_ROWS), tok, str(PREFERENCE_YAML), cutoff_len=512)
+    assert len(pairs) == len(PREFERENCE_ROWS)
+    for row, pair in zip(PREFERENCE_ROWS, pairs):
+        chosen, rejected = (tok.encode(oracle.render(data_point=row, is_chosen=flag), bos=tok.add_bos) + [tok.eos_id]
+                            for flag in (True, False))
+        assert (pair.chosen.input_ids, pair.rejected.input_ids) == (chosen, rejected)
+        shared = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+        assert "### Output:\n" in tok.decode(chosen[:shared])
+        for example in (pair.chosen, pair.rejected):
+            assert example.labels == [-100] * shared + example.input_ids[shared:]
+    with pytest.raises(DataError) as error:  # an instruction template has no is_chosen
+        data.load_pairs(write_rows(tmp_path / "d.json", PREFERENCE_ROWS), tok, str(PROMPT_YAML))
+    assert_one_line(error, f"{tmp_path / 'd.json'}: row 1: {PROMPT_YAML}",
+                    "renders the same text with is_chosen true and false")
+
+
+OUTPUT_TWICE = {"prompt": "{output}{output}", "prompt_no_input": "{output}"}
+MLORA_OK = {"prompt": "{instruction} {input} {output}", "prompt_no_input": "{instruction} {output}"}
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("t.json", {"prompt": "{instruction}", "prompt_no_input": "{output}"}, "'prompt' must hold {output} once (where "
+     "the row's output goes), it has 0"),
+    ("t.json", OUTPUT_TWICE, "'prompt' must hold {output} once (where the row's output goes), it has 2"),
+    ("t.json", {"prompt": "{instruction} {output}"}, "missing key 'prompt_no_input'"),
+    ("t.json", {"prompt": "{context} {output}", "prompt_no_input": "{output}"},
+     "'prompt' has a bad placeholder {context}: only {instruction}, {input} and {output} are filled"),
+    ("t.json", {"prompt": "{output!r}", "prompt_no_input": "{output}"}, "bad placeholder {output!r}"),
+    ("t.json", {"prompt": "{output} }", "prompt_no_input": "{output}"}, "'prompt': Single '}' encountered"),
+    ("t.json", dict(MLORA_OK, parameter="input"), "'parameter' must be a list of field names, got input"),
+    ("t.json", dict(MLORA_OK, parameter=["instruction", "context"]),
+     "'parameter' lists 'context': rows fill only instruction, input and output"),
+    ("t.json", dict(MLORA_OK, response=3), "'response' must be a string, got int"),
+    ("t.json", dict(MLORA_OK, description=None), "'description' must be a string, got NoneType"),
+    ("t.json", dict(MLORA_OK, prompt_input="{instruction}"),
+     "keys 'prompt_input' (alpaca-lora) and 'prompt' (mlora) are of two template formats"),
+    ("t.json", {"description": "x", "prompt_no_input": "{instruction}"},
+     "missing key 'prompt_input' (alpaca-lora's format), 'prompt' (m-LoRA's JSON) or 'template' (m-LoRA's YAML)"),
+    ("t.json", {"template": 3}, "'template' must be a string, got int"),
+    ("t.json", {"template": "{% if %}"}, "template line 1 does not compile (Expected an expression"),
+    ("t.yaml", "template: [unclosed\n", "cannot parse YAML (expected ',' or ']', but got '<stream end>' at line 2"),
+    ("t.yaml", "- template\n", "expected a YAML mapping (template: ...), got list"),
+    ("t.yml", "", "expected a YAML mapping (template: ...), got NoneType"),
+    ("t.yaml", "template: |\n  ok\n  {{ data_point[ }}\n", "template line 2 does not compile"),
+    ("t.yaml", "template: 2024-13-01\n", "cannot parse YAML (ValueError: month must be in 1..12)"),
+    ("t.jinja", "{% for x in %}", "template line 1 does not compile"),
+    ("t.jinja", b"\xff\xfe", "not UTF-8 text"),
+])
+def test_mlora_template_file_errors(bpe_dir, tmp_path, name, content, expected):
+    template = tmp_path / name
+    if isinstance(content, bytes):
+        template.write_bytes(content)
+    else:
+        template.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError) as error:
+        load_job_data(write_rows(tmp_path / "d.json", ROWS), load_tokenizer(bpe_dir), template=str(template))
+    assert_one_line(error, template, expected)
+
+
+@pytest.mark.parametrize("source, rows, expected", [
+    ("{{ data_point['output'] + 1 }}", ROWS, "template fails (TypeError: can only concatenate str"),
+    ("{{ data_point['nope'] + '\n' }}", ROWS, "template fails (UndefinedError: 'dict object' has no attribute 'nope')"),
+    ("{{ raise_exception('bad row') }}", ROWS, "template: bad row"),
+    ("{{ 'x' * 10**10 }}", ROWS, "template builds a value longer than"),
+    (NESTED.replace("BODY", "x"), ROWS, "template writes more than 1000"),
+    (NESTED.replace("BODY", ""), ROWS, "template takes longer than 1 s"),
+    ("{{ data_point['instruction'] }}", [{"instruction": "\ud800"}], "the rendered text has a lone surrogate \\ud800"),
+])
+def test_jinja_template_render_errors(bpe_dir, tmp_path, monkeypatch, source, rows, expected):
+    # Bounded as chat templates are; an error names the row, then the template's file.
+    monkeypatch.setattr(tokenizer, "CHAT_TEMPLATE_SECONDS", 1.0)
+    template = tmp_path / "t.jinja"
+    template.write_text(source)
+    path = write_rows(tmp_path / "d.json", rows)
+    start = time.monotonic()
+    with pytest.raises(DataError) as error:
+        load_job_data(path, load_tokenizer(bpe_dir), template=str(template))
+    assert time.monotonic() - start < 4
+    assert_one_line(error, f"{path}: row 1: {template}", expected)
+    with pytest.raises(DataError, match="expected an object, got list"):  # any fields, but an object
+        load_job_data(write_rows(tmp_path / "l.json", [["a"]]), load_tokenizer(bpe_dir), template=str(PROMPT_YAML))
