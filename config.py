@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import lora
+import mlora_config
 from scheduler import STRATEGIES
 
 
@@ -72,9 +73,24 @@ class SchedulerConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A hyperparameter search (sweep.py): one trial job per point of `space`, each `job` with
+    that point's values, named <name>-t00, <name>-t01, ...; the metric is held-out loss."""
+    name: str                              # the sweep's name; trial jobs are <name>-tNN (out_dir/<name>-tNN/)
+    job: JobConfig                         # the base job: any job fields but name (test_data is required: the metric)
+    space: dict                            # job field -> list of values; random search also {"uniform": [lo, hi]} or {"log_uniform": [lo, hi]}
+    search: str = "grid"                   # grid (every combination, in order) | random (`trials` seeded draws)
+    trials: int | None = None              # random: the number of trials (grid: null, every combination)
+    seed: int | None = None                # random: the draws' seed (null: the run's seed)
+    policy: str = "halving"                # full (every trial runs its whole schedule) | halving (synchronous successive halving)
+    eta: int = 3                           # at each rung the best 1/eta of the trials that reached it go on (at least one)
+    rung_steps: int = 1                    # the first rung, in a trial's optimizer steps; rung k at rung_steps x eta^k
+
+
+@dataclass
 class RunConfig:
     base_model: str                        # Hugging Face checkpoint folder
-    jobs: list[JobConfig]                  # the adapters to train
+    jobs: list[JobConfig] = field(default_factory=list)   # the adapters to train (may be empty beside a sweep)
     dtype: str = "auto"                    # base weights: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16; adapters stay fp32
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     quant: str | None = None               # QLoRA base: nf4 | fp4 | nf4-dq | fp4-dq (double quant.) | int8 | null
@@ -85,6 +101,7 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sweep: SweepConfig | None = None       # a hyperparameter search whose trials run as jobs beside `jobs` (sweep.py)
 
 
 class ConfigError(ValueError):
@@ -92,11 +109,15 @@ class ConfigError(ValueError):
 
 
 # What out_dir holds besides one folder per job; no job may take these names.
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots",
+             "sweep.json", "sweep.png", "best.json")
 # Config fields a resumed run may change: they change no result.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
 OBJECTIVES, LOSS_TYPES = ("sft", "dpo", "cpo"), ("sigmoid", "ipo")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
+SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
+MAX_TRIALS = 10_000
+FLOAT32_MAX = 3.4028234663852886e38
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
@@ -128,49 +149,129 @@ def validate(cfg: RunConfig, where: str):
     need(sc.memory_budget_gb is None or finite(sc.memory_budget_gb) and sc.memory_budget_gb > 0,
          "scheduler.memory_budget_gb", sc.memory_budget_gb, "expected null or a number > 0")
     need(sc.token_budget is None or sc.token_budget >= 1, "scheduler.token_budget", sc.token_budget, "expected null or >= 1")
+    need(bool(cfg.jobs) or cfg.sweep is not None, "jobs", cfg.jobs, "expected a non-empty list of jobs (or a sweep)")
     seen = {}
     for i, job in enumerate(cfg.jobs):
-        def check(name: str, ok: bool, expected: str):
-            need(ok, f"jobs[{i}].{name}", getattr(job, name), expected)
-        check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
-              "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
-        check("name", job.name.lower() not in seen, f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
+        validate_job(job, where, f"jobs[{i}]")
+        need(job.name.lower() not in seen, f"jobs[{i}].name", job.name,
+             f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
         seen[job.name.lower()] = i
-        check("data", job.data.strip() != "", "expected a file path")
-        check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
-        check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
-        check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
-        check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
-        check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
-        check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
-        check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
-        check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
-        check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
-        check("weight_decay", finite(job.weight_decay) and job.weight_decay >= 0, "expected a finite number >= 0")
-        check("momentum", finite(job.momentum) and 0 <= job.momentum < 1, "expected 0 <= momentum < 1")
-        check("lr_schedule", job.lr_schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")
-        check("warmup_steps", job.warmup_steps >= 0, "expected >= 0")
-        check("max_grad_norm", job.max_grad_norm is None or finite(job.max_grad_norm) and job.max_grad_norm > 0,
-              "expected null (no clipping) or a finite number > 0")
-        check("batch_size", 1 <= job.batch_size <= 2**20, "expected 1 <= batch_size <= 1048576")
-        check("micro_batch_size", 1 <= job.micro_batch_size <= job.batch_size and job.batch_size % job.micro_batch_size == 0,
-              f"expected a divisor of batch_size {job.batch_size}")
-        check("epochs", 1 <= job.epochs <= 100_000, "expected 1 <= epochs <= 100000")
-        check("max_steps", job.max_steps is None or job.max_steps >= 0, "expected null or >= 0")
-        check("eval_every", job.eval_every >= 0, "expected >= 0")
-        check("save_every", job.save_every >= 0, "expected >= 0")
-        check("early_stop", job.early_stop is None or job.early_stop >= 1, "expected null or >= 1")
-        check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
-              "needs test_data and eval_every > 0")
-        check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
-        check("objective", job.objective in OBJECTIVES, f"expected one of {', '.join(OBJECTIVES)}")
-        check("loss_type", job.loss_type in LOSS_TYPES, f"expected one of {', '.join(LOSS_TYPES)}")
-        check("beta", finite(job.beta) and job.beta > 0, "expected a finite number > 0")
-        check("label_smoothing", finite(job.label_smoothing) and 0 <= job.label_smoothing < 0.5,
-              "expected 0 <= label_smoothing < 0.5")
-        check("cpo_alpha", finite(job.cpo_alpha) and job.cpo_alpha >= 0, "expected a finite number >= 0")
-        check("loraplus_lr_ratio", job.loraplus_lr_ratio is None or finite(job.loraplus_lr_ratio) and job.loraplus_lr_ratio > 0,
-              "expected null or a finite number > 0")
+    if cfg.sweep is not None:
+        validate_sweep(cfg.sweep, where)
+
+
+def validate_job(job: JobConfig, where: str, label: str):
+    """One job's values, each against its range or enum: a ConfigError "where: label.field: ..."."""
+    def finite(x) -> bool:   # and within fp32's range: the optimizers do their arithmetic in it
+        return x is not None and math.isfinite(x) and abs(x) <= FLOAT32_MAX
+
+    def check(name: str, ok: bool, expected: str):
+        if not ok:
+            raise ConfigError(f"{where}: {label}.{name}: {expected}, got {getattr(job, name)!r}")
+    check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
+          "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
+    check("data", job.data.strip() != "", "expected a file path")
+    check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
+    check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
+    check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
+    check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
+    check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
+    check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
+    check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
+    check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
+    check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
+    check("weight_decay", finite(job.weight_decay) and job.weight_decay >= 0, "expected a finite number >= 0")
+    check("momentum", finite(job.momentum) and 0 <= job.momentum < 1, "expected 0 <= momentum < 1")
+    check("lr_schedule", job.lr_schedule in SCHEDULES, f"expected one of {', '.join(SCHEDULES)}")
+    check("warmup_steps", job.warmup_steps >= 0, "expected >= 0")
+    check("max_grad_norm", job.max_grad_norm is None or finite(job.max_grad_norm) and job.max_grad_norm > 0,
+          "expected null (no clipping) or a finite number > 0")
+    check("batch_size", 1 <= job.batch_size <= 2**20, "expected 1 <= batch_size <= 1048576")
+    check("micro_batch_size", 1 <= job.micro_batch_size <= job.batch_size and job.batch_size % job.micro_batch_size == 0,
+          f"expected a divisor of batch_size {job.batch_size}")
+    check("epochs", 1 <= job.epochs <= 100_000, "expected 1 <= epochs <= 100000")
+    check("max_steps", job.max_steps is None or job.max_steps >= 0, "expected null or >= 0")
+    check("eval_every", job.eval_every >= 0, "expected >= 0")
+    check("save_every", job.save_every >= 0, "expected >= 0")
+    check("early_stop", job.early_stop is None or job.early_stop >= 1, "expected null or >= 1")
+    check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
+          "needs test_data and eval_every > 0")
+    check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
+    check("objective", job.objective in OBJECTIVES, f"expected one of {', '.join(OBJECTIVES)}")
+    check("loss_type", job.loss_type in LOSS_TYPES, f"expected one of {', '.join(LOSS_TYPES)}")
+    check("beta", finite(job.beta) and job.beta > 0, "expected a finite number > 0")
+    check("label_smoothing", finite(job.label_smoothing) and 0 <= job.label_smoothing < 0.5,
+          "expected 0 <= label_smoothing < 0.5")
+    check("cpo_alpha", finite(job.cpo_alpha) and job.cpo_alpha >= 0, "expected a finite number >= 0")
+    check("loraplus_lr_ratio", job.loraplus_lr_ratio is None or finite(job.loraplus_lr_ratio) and job.loraplus_lr_ratio > 0,
+          "expected null or a finite number > 0")
+
+
+def validate_sweep(sweep: SweepConfig, where: str):
+    """The sweep's own fields, its base job, and every value of its space tried on the base job:
+    a ConfigError naming the field (sweep.expand checks each trial's combination of values)."""
+    def need(ok: bool, name: str, expected: str):
+        if not ok:
+            raise ConfigError(f"{where}: sweep.{name}: {expected}, got {getattr(sweep, name)!r}")
+    need(isinstance(sweep.name, str) and SAFE_NAME.fullmatch(sweep.name) is not None and len(sweep.name) <= 90,
+         "name", "expected a plain name of at most 90 characters (letters, digits, '_', '.', '-')")
+    need(sweep.search in SEARCHES, "search", f"expected one of {', '.join(SEARCHES)}")
+    need(sweep.policy in POLICIES, "policy", f"expected one of {', '.join(POLICIES)}")
+    need(2 <= sweep.eta <= 1000, "eta", "expected 2 <= eta <= 1000")
+    need(1 <= sweep.rung_steps <= 2**30, "rung_steps", "expected 1 <= rung_steps <= 1073741824")
+    need(sweep.seed is None or 0 <= sweep.seed < 2**63, "seed", "expected null or 0 <= seed < 2**63")
+    if sweep.search == "random":
+        need(sweep.trials is not None and 1 <= sweep.trials <= MAX_TRIALS, "trials",
+             f"random search: expected 1 <= trials <= {MAX_TRIALS}")
+    else:
+        need(sweep.trials is None, "trials", "a grid runs every combination: expected null")
+    validate_job(sweep.job, where, "sweep.job")
+    if not sweep.job.test_data:
+        raise ConfigError(f"{where}: sweep.job.test_data: the sweep's metric is held-out loss: "
+                          f"expected a file of held-out rows, got {sweep.job.test_data!r}")
+    space = sweep_space(sweep, where)
+    combinations = math.prod(len(v) for v in space.values() if isinstance(v, list))
+    need(sweep.search == "random" or combinations <= MAX_TRIALS, "space",
+         f"a grid of {combinations} combinations: expected at most {MAX_TRIALS}")
+    for name, values in space.items():
+        for value in values if isinstance(values, list) else values[1:]:
+            validate_job(dataclasses.replace(sweep.job, **{name: value}), where, "sweep.space")
+
+
+def sweep_space(sweep: SweepConfig, where: str) -> dict[str, list | tuple[str, float, float]]:
+    """The search space, type-checked against JobConfig's fields: field -> its list of values
+    (ints made floats for a float field), or (range kind, lo, hi) for random search (an int
+    field's bounds rounded)."""
+    if not isinstance(sweep.space, dict) or not sweep.space:
+        raise ConfigError(f"{where}: sweep.space: expected an object of job field -> values, got {sweep.space!r}")
+    hints = typing.get_type_hints(JobConfig)
+    space = {}
+    for name, values in sweep.space.items():
+        at = f"{where}: sweep.space.{name}"
+        if name not in hints or name in ("name", "test_data"):
+            close = difflib.get_close_matches(name, [h for h in hints if h not in ("name", "test_data")], n=1)
+            raise ConfigError(f"{at}: not a job field a sweep can vary (name and test_data stay)"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if isinstance(values, dict):
+            kind, bounds = next(iter(values.items())) if len(values) == 1 else (None, None)
+            if sweep.search != "random" or kind not in RANGES:
+                raise ConfigError(f"{at}: expected a list of values" + (" or, for random search, {\"uniform\": [lo, hi]} "
+                                  "or {\"log_uniform\": [lo, hi]}" if sweep.search == "random" else " (a grid takes lists)")
+                                  + f", got {values!r}")
+            if hints[name] not in (int, float):
+                raise ConfigError(f"{at}: a range needs a number field ({name} is not), got {values!r}")
+            if not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
+                    and bounds[0] < bounds[1] and (kind == "uniform" or bounds[0] > 0)):
+                raise ConfigError(f"{at}.{kind}: expected [lo, hi], finite numbers, lo < hi"
+                                  f"{' and lo > 0' if kind == 'log_uniform' else ''}, got {bounds!r}")
+            lo, hi = (round(b) for b in bounds) if hints[name] is int else map(float, bounds)
+            space[name] = (kind, lo, hi)
+        elif isinstance(values, list) and 1 <= len(values) <= MAX_TRIALS:
+            space[name] = [_check_type(v, hints[name], f"{at}[{i}]") for i, v in enumerate(values)]
+        else:
+            raise ConfigError(f"{at}: expected a non-empty list of at most {MAX_TRIALS} values, got {values!r}")
+    return space
 
 
 def _check_type(value, hint, where: str):
@@ -213,15 +314,23 @@ def _fill(cls, raw: dict, where: str, file: str):
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
             raise ConfigError(f"{file}: {at(key)}: unknown key{hint}")
         if key == "jobs":
-            if not isinstance(value, list) or not value:
+            if not isinstance(value, list) or not value and "sweep" not in raw:
                 raise ConfigError(f"{file}: jobs: expected a non-empty list of jobs")
             kwargs[key] = [_fill(JobConfig, j, f"jobs[{i}]", file) for i, j in enumerate(value)]
         elif key == "scheduler":
             kwargs[key] = _fill(SchedulerConfig, value, "scheduler", file)
+        elif key == "sweep" and value is not None:
+            kwargs[key] = _fill(SweepConfig, value, "sweep", file)
+        elif key == "job" and cls is SweepConfig:   # the base job: trials take their names from the sweep's
+            if isinstance(value, dict) and "name" in value:
+                raise ConfigError(f"{file}: sweep.job.name: trials are named <sweep.name>-tNN; remove it")
+            name = raw.get("name") if isinstance(raw.get("name"), str) else "sweep"
+            kwargs[key] = _fill(JobConfig, {"name": name, **value} if isinstance(value, dict) else value, "sweep.job", file)
         else:
             kwargs[key] = _check_type(value, hints[key], f"{file}: {at(key)}")
     missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+               and (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                    or cls is RunConfig and n == "jobs" and "sweep" not in raw)]   # jobs may be left out beside a sweep
     if missing:
         raise ConfigError(f"{file}: {where or 'the config'}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
@@ -307,8 +416,10 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"{file}: the config: expected an object, got {type(raw).__name__}")
     mlora = "jobs" not in raw and bool(raw.keys() & {"lora", "dispatcher", "datasets", "adapters", "tasks"})
     if mlora:
-        from mlora_config import from_mlora   # here: it imports ConfigError from this file
-        raw, warning = from_mlora(raw, str(file))
+        try:
+            raw, warning = mlora_config.from_mlora(raw, str(file))
+        except mlora_config.MloraError as e:
+            raise ConfigError(str(e)) from None
         if warning:
             print(warning, file=sys.stderr)
     for arg in overrides:
@@ -325,12 +436,18 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             target, cls, leaf = matches[0], JobConfig, parts[2]
         elif parts[0] == "scheduler" and len(parts) == 2:
             target, cls, leaf = raw.setdefault("scheduler", {}), SchedulerConfig, parts[1]
+        elif parts[0] == "sweep" and len(parts) in (2, 3) and isinstance(raw.get("sweep"), dict):
+            if len(parts) == 3 and (parts[1] != "job" or not isinstance(raw["sweep"].get("job"), dict)):
+                raise ConfigError(f"--{key}: expected --sweep.FIELD=value or --sweep.job.FIELD=value")
+            target, cls, leaf = (raw["sweep"], SweepConfig, parts[1]) if len(parts) == 2 else (raw["sweep"]["job"], JobConfig, parts[2])
         elif len(parts) == 1:
             target, cls, leaf = raw, RunConfig, parts[0]
         else:
             raise ConfigError(f"--{key}: unknown key")
         hints = typing.get_type_hints(cls)
-        if leaf not in hints or leaf in ("jobs", "scheduler"):
+        if parts[0] == "sweep" and cls is JobConfig and leaf == "name":
+            raise ConfigError(f"--{key}: trials are named <sweep.name>-tNN; set --sweep.name")
+        if leaf not in hints or cls is RunConfig and leaf in ("jobs", "scheduler", "sweep"):
             close = difflib.get_close_matches(leaf, hints, n=1)
             raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
         target[leaf] = _parse_override(text_value, hints[leaf])

@@ -11,14 +11,20 @@ m-LoRA (TUDB-Labs/mLoRA) changed its config format twice; load_config reads all 
   2025  YAML: dispatcher, datasets, adapters (lora, loraplus, dora, vera), tasks (train, dpo, cpo,
         cit, ppo) (mlora/config/*.py). Templates are YAML files holding a Jinja "template".
 Each field is translated, or named in one printed warning line, or, where ignoring it would
-change what is trained and we cannot do it, a ConfigError. What m-LoRA does in every
+change what is trained and we cannot do it, a one-line error. What m-LoRA does in every
 generation: loss on every token of the rendered text (train_on_inputs), no gradient clipping,
 torch's AdamW weight decay (0.01), intervals (save_step, early_stop_test_step) in micro-batches.
 """
 import json
 from pathlib import Path
 
-from config import OPTIMIZERS, ConfigError
+
+
+class MloraError(ValueError):
+    """A field of an m-LoRA file we cannot translate (config.load_config reports it as a ConfigError)."""
+
+
+MLORA_OPTIMIZERS = ("adamw", "sgd")   # m-LoRA's optimizers that we train (its "adam" raised there too)
 
 
 MLORA_REQUIRED = object()  # MloraFile.take: the field has no default in m-LoRA
@@ -50,8 +56,8 @@ class MloraFile:
         self.file = file
         self.ignored: dict[str, list[str]] = {}  # reason -> fields
 
-    def error(self, field: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.file}: {field}: {message}")
+    def error(self, field: str, message: str) -> MloraError:
+        return MloraError(f"{self.file}: {field}: {message}")
 
     def take(self, obj: dict, key: str, where: str, kind, default=MLORA_REQUIRED):
         """obj[key] (popped) as kind, or m-LoRA's default; a missing required field is an error."""
@@ -180,7 +186,7 @@ def _mlora_lora_list(raw: dict, m: MloraFile) -> dict:
         job["micro_batch_size"] = m.take(item, "micro_batch_size", where, int,
                                          job["batch_size"] if v2024 else MLORA_REQUIRED)
         job["optimizer"] = m.take(item, "optim", where, str, "adamw" if v2024 else MLORA_REQUIRED)
-        if job["optimizer"] not in OPTIMIZERS:
+        if job["optimizer"] not in MLORA_OPTIMIZERS:
             raise m.error(f"{where}.optim", f"expected adamw or sgd (m-LoRA's two), got {job['optimizer']!r}")
         job["momentum"] = m.take(item, "momentum", where, float, 0.0)
         # 2023: torch's defaults (AdamW 0.01, SGD none); 2024: a field, 0.01 unless given, for both.
@@ -356,7 +362,7 @@ def _mlora_adapter(m: MloraFile, where: str, obj: dict) -> dict:
     optimizer = m.take(obj, "optimizer", where, str, None)
     if optimizer is None:
         raise m.error(f"{where}.optimizer", "missing: m-LoRA trains no adapter without one")
-    if optimizer not in OPTIMIZERS:
+    if optimizer not in MLORA_OPTIMIZERS:
         raise m.error(f"{where}.optimizer", f"expected adamw or sgd (m-LoRA's two), got {optimizer!r}")
     job.update(optimizer=optimizer, lr=m.take(obj, "lr", where, float),
                weight_decay=0.01 if optimizer == "adamw" else 0.0)  # torch's defaults: m-LoRA passes lr (and momentum) only

@@ -104,6 +104,7 @@ def write_config(tmp_path, base_dir, **changes):
     ({}, ["--jobs.a.lr=NaN"], "jobs[0].lr: expected a finite number > 0, got nan"),
     ({}, ["--jobs.a.lr=Infinity"], "jobs[0].lr: expected a finite number > 0, got inf"),
     ({}, ["--jobs.a.lr=0"], "jobs[0].lr: expected a finite number > 0, got 0.0"),
+    ({}, ["--jobs.a.lr=1e300"], "jobs[0].lr: expected a finite number > 0, got 1e+300"),   # past fp32: SGD crashed
     ({}, ["--jobs.a.alpha=-1"], "jobs[0].alpha: expected a finite number > 0"),
     ({}, ["--jobs.a.max_grad_norm=-1"], "jobs[0].max_grad_norm: expected null (no clipping) or a finite number > 0"),
     ({}, ["--jobs.a.cutoff_len=-1"], "jobs[0].cutoff_len: expected 2 <= cutoff_len"),
