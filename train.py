@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import data
 import lora
 import model as M
+import sweep
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
 from scheduler import JobPlan, Scheduler
@@ -323,6 +324,8 @@ class Run:
     peak_mb: float = 0.0
     prediction_errors: list[float] = field(default_factory=list)
     signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
+    sweep: "sweep.Sweep | None" = None     # a sweep's rungs and decisions (sweep.py)
+    parked: dict[str, dict] = field(default_factory=dict)   # sweep trials waiting at a rung: job_state(), on the CPU
 
     def log(self, record: dict):
         self.metrics.write((json.dumps(record) + "\n").encode())
@@ -357,7 +360,12 @@ def add_job(run: Run, name: str) -> JobState:
 
 
 def admit(run: Run, name: str):
-    """Add the job; its held-out loss at init is the starting point."""
+    """Add the job; its held-out loss at init is the starting point. A sweep trial promoted
+    past a rung comes back as it was parked."""
+    if name in run.parked:
+        s = load_job(run, name, run.parked.pop(name))
+        run.log({"event": "admit", "job": name, "time": run.now(), "step": s.step})
+        return
     s = add_job(run, name)
     initial_rewards = None
     if s.test_set:
@@ -519,28 +527,100 @@ def finish(run: Run, name: str):
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
 
 
+def reach_rung(run: Run, s: JobState):
+    """A sweep trial's optimizer step at one of its rungs (sweep.py): its held-out loss there is
+    recorded; under halving it leaves the scheduler, and train_step parks it."""
+    name = s.config.name
+    rung = run.sweep.rung_at(name, s.step)
+    if rung is None:
+        return
+    if s.config.eval_every and s.step % s.config.eval_every == 0:   # evaluate_and_stop just did
+        loss = s.eval_loss
+    else:
+        loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
+    run.log({"event": "rung", "job": name, "rung": rung, "step": s.step, "fused_step": run.step + 1, "eval_loss": loss})
+    if run.sweep.arrive(name, rung, loss):
+        run.sched.stop(name)
+
+
+def park(run: Run, name: str):
+    """A trial waiting at a rung leaves the model (its slot is free): state kept on the CPU."""
+    s = run.jobs.pop(name)
+    run.parked[name] = {**job_state(run, s), "popped": run.plans[name].popped}
+    lora.remove_adapter(run.model, name)
+    run.log({"event": "park", "job": name, "step": s.step, "fused_step": run.step})
+
+
+def settle_rungs(run: Run):
+    """Decide each rung whose trials are all in (sweep.Sweep.decide): the best wait for a slot
+    again, ahead of lower priorities; the others finish with their adapter of that rung."""
+    if run.sweep is None:
+        return
+    for name, reason in run.sweep.decide(set(run.summary)):
+        plan = run.plans[name]
+        if reason is None:
+            waiting = run.sched.waiting
+            waiting.insert(next((i for i, p in enumerate(waiting) if p.priority < plan.priority), len(waiting)), plan)
+            continue
+        s = load_job(run, name, run.parked.pop(name))
+        s.stopped = reason
+        run.bar.total -= plan.remaining
+        run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step, "reason": reason,
+                 "nonfinite": False})
+        finish(run, name)
+
+
 # ----------------------------------------------------------------------------- checkpoint and resume
+
+def job_state(run: Run, s: JobState) -> dict:
+    """An admitted job's whole state on the CPU: for the run checkpoint and a parked sweep trial."""
+    params = lora.adapter_parameters(run.model, s.config.name)
+    optimizer = s.optimizer.state_dict()
+    optimizer["state"] = {i: {key: value.cpu() if torch.is_tensor(value) else value for key, value in state.items()}
+                          for i, state in optimizer["state"].items()}   # load_state_dict moves them back
+    return {"weights": [p.detach().cpu() for p in params],
+            "grads": [None if p.grad is None else p.grad.cpu() for p in params],
+            "optimizer": optimizer, "generator": s.generator.get_state(),
+            "loss_sum": s.loss_sum.cpu(), "reward_sums": s.reward_sums.cpu(),
+            "admitted_s": s.admitted_at - run.start,
+            "best": None if s.best is None else {"loss": s.best.loss, "step": s.best.step,
+                                                 "weights": [w.cpu() for w in s.best.weights],
+                                                 "rewards": s.best.rewards},
+            **{key: getattr(s, key) for key in COUNTERS}}
+
+
+def load_job(run: Run, name: str, saved: dict) -> JobState:
+    """The job admitted again as job_state() left it."""
+    s = add_job(run, name)
+    params = lora.adapter_parameters(run.model, name)
+    with torch.no_grad():
+        for param, weight, grad in zip(params, saved["weights"], saved["grads"]):
+            param.copy_(weight)
+            param.grad = None if grad is None else grad.to(param.device)
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.generator.set_state(saved["generator"])
+    s.loss_sum = saved["loss_sum"].to(run.device)
+    s.reward_sums = saved.get("reward_sums", s.reward_sums).to(run.device)   # absent before preference jobs
+    s.admitted_at = run.start + saved["admitted_s"]
+    for key in COUNTERS:
+        setattr(s, key, saved.get(key, getattr(s, key)))
+    if saved["best"] is not None:
+        best = saved["best"]
+        s.best = Best(best["loss"], best["step"], [w.to(run.device) for w in best["weights"]], best.get("rewards"))
+    return s
+
 
 def save_checkpoint(run: Run):
     """The whole run's state in one file, written atomically (out_dir/checkpoint/state.pt):
     enough for the same command to go on exactly where this step ended."""
-    jobs = {}
-    for name, s in run.jobs.items():   # admission order, as the adapters sit in the layers
-        params = lora.adapter_parameters(run.model, name)
-        jobs[name] = {"weights": [p.detach().cpu() for p in params],
-                      "grads": [None if p.grad is None else p.grad.cpu() for p in params],
-                      "optimizer": s.optimizer.state_dict(), "generator": s.generator.get_state(),
-                      "loss_sum": s.loss_sum.cpu(), "reward_sums": s.reward_sums.cpu(),
-                      "admitted_s": s.admitted_at - run.start,
-                      "best": None if s.best is None else {"loss": s.best.loss, "step": s.best.step,
-                                                           "weights": [w.cpu() for w in s.best.weights],
-                                                           "rewards": s.best.rewards},
-                      **{key: getattr(s, key) for key in COUNTERS}}
+    # Admission order, as the adapters sit in the layers.
+    jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
     state = {"version": 1, "config": dataclasses.asdict(run.cfg), "inputs": run.inputs,
              "elapsed_s": run.now(), "step": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
              "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors, "summary": run.summary,
              "metrics_bytes": run.metrics.tell(), "bar": [run.bar.n, run.bar.total],
-             "scheduler": run.sched.state_dict(), "jobs": jobs, "torch_rng": torch.get_rng_state()}
+             "scheduler": run.sched.state_dict(), "jobs": jobs, "torch_rng": torch.get_rng_state(),
+             "sweep": None if run.sweep is None else run.sweep.state_dict(), "parked": run.parked}
     folder = run.out_dir / "checkpoint"
     folder.mkdir(exist_ok=True)
     t0 = time.time()
@@ -558,22 +638,14 @@ def restore(run: Run, state: dict):
     run.bar.refresh()
     run.sched.load_state_dict(state["scheduler"])
     for name, saved in state["jobs"].items():
-        s = add_job(run, name)
-        params = lora.adapter_parameters(run.model, name)
-        with torch.no_grad():
-            for param, weight, grad in zip(params, saved["weights"], saved["grads"]):
-                param.copy_(weight)
-                param.grad = None if grad is None else grad.to(param.device)
-        s.optimizer.load_state_dict(saved["optimizer"])
-        s.generator.set_state(saved["generator"])
-        s.loss_sum = saved["loss_sum"].to(run.device)
-        s.reward_sums = saved.get("reward_sums", s.reward_sums).to(run.device)   # absent before preference jobs
-        s.admitted_at = run.start + saved["admitted_s"]
-        for key in COUNTERS:
-            setattr(s, key, saved.get(key, getattr(s, key)))
-        if saved["best"] is not None:
-            best = saved["best"]
-            s.best = Best(best["loss"], best["step"], [w.to(run.device) for w in best["weights"]], best.get("rewards"))
+        load_job(run, name, saved)
+    if run.sweep is not None:
+        run.sweep.load_state_dict(state["sweep"])
+        run.parked = state["parked"]
+        for name, saved in run.parked.items():   # a plan the scheduler does not hold (a promoted one it does)
+            if name not in state["scheduler"]["popped"]:
+                for _ in range(saved["popped"]):
+                    run.plans[name].pop()
     torch.set_rng_state(state["torch_rng"])
     run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
     run.metrics.seek(state["metrics_bytes"])
@@ -592,10 +664,11 @@ def check_base(cfg: RunConfig) -> torch.nn.Module:
     for i, job in enumerate(cfg.jobs):
         bad = [t for t in job.targets or () if t not in skeleton.LORA_TARGETS]
         if bad:
-            raise ConfigError(f"jobs[{i}].targets: {', '.join(map(repr, bad))} not in {where} "
+            raise ConfigError(f"{sweep.field_label(cfg, i, 'targets')}: {', '.join(map(repr, bad))} not in {where} "
                               f"({skeleton.config.model_type}); LoRA targets: {', '.join(skeleton.LORA_TARGETS)}")
         if positions and job.cutoff_len > positions:
-            raise ConfigError(f"jobs[{i}].cutoff_len: {job.cutoff_len} is more than the {positions} positions of {where}")
+            raise ConfigError(f"{sweep.field_label(cfg, i, 'cutoff_len')}: {job.cutoff_len} is more than the "
+                              f"{positions} positions of {where}")
     return skeleton
 
 
@@ -603,15 +676,22 @@ def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], 
     """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
     for i, job in enumerate(cfg.jobs):
         if job.objective != "sft" and job.train_on_inputs:
-            raise ConfigError(f"jobs[{i}].train_on_inputs: a {job.objective} job scores its answers only; set it false")
+            raise ConfigError(f"{sweep.field_label(cfg, i, 'train_on_inputs')}: a {job.objective} job scores its "
+                              f"answers only; set it false")
         if job.objective != "sft" and job.loss_type == "ipo" and job.label_smoothing:
             print(f"warning: job {job.name!r}: label_smoothing is not used by the ipo loss (TRL ignores it too)")
     tokenizer = data.load_tokenizer(cfg.base_model)
-    train_sets, test_sets, plans = {}, {}, []
+    train_sets, test_sets, plans, loaded = {}, {}, [], {}
+
+    def rows_of(job: JobConfig, path: str, train_on_inputs: bool) -> list:   # sweep trials share their files
+        key = (job.objective, path, job.template, job.cutoff_len, train_on_inputs)
+        if key not in loaded:
+            loaded[key] = load_rows(job, path, tokenizer, train_on_inputs)
+        return loaded[key]
     for job in cfg.jobs:
-        train_sets[job.name] = load_rows(job, job.data, tokenizer, job.train_on_inputs)
+        train_sets[job.name] = rows_of(job, job.data, job.train_on_inputs)
         if job.test_data:
-            test_sets[job.name] = load_rows(job, job.test_data, tokenizer, False)
+            test_sets[job.name] = rows_of(job, job.test_data, False)
         rows = train_sets[job.name]
         # A row is the scheduler's unit: a pair's sequences are never split, and all of them count.
         plans.append(JobPlan(job.name, [sequence_lengths(job, row) for row in rows],
@@ -651,6 +731,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     """
     from tqdm import tqdm
     validate(cfg, "config")
+    cfg = sweep.expand(cfg, "config")   # its trials become jobs
     device = M.resolve_device(cfg.device)
     check_base(cfg)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
@@ -678,6 +759,9 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
               train_sets, test_sets, inputs, metrics=open(out_dir / "metrics.jsonl", "r+b" if state else "wb"),
               start=time.time(),
               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))
+    if cfg.sweep is not None:
+        run.sweep = sweep.Sweep(cfg, run.plans)
+        print(run.sweep.describe())
     if state is not None:
         restore(run, state)
         print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
@@ -739,6 +823,7 @@ def train_step(run: Run):
     if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
         for name in sched.pop_finished():
             finish(run, name)
+        settle_rungs(run)
         return
 
     # ---- one forward + backward over the next micro-batches of several jobs, fused
@@ -784,12 +869,19 @@ def train_step(run: Run):
                 reason = evaluate_and_stop(run, s)
                 if reason:
                     stop_early(run, s, reason)
+                elif run.sweep is not None:
+                    reach_rung(run, s)
         log_step(run, micro_batches, batch, time.time() - t0, between_mb, step_mb)
     else:
         run.step += 1
-    # ---- finished jobs: save, free their slot (the next waiting job is admitted next time)
+    # ---- finished jobs: save, free their slot (the next waiting job is admitted next time);
+    # sweep trials at a rung park there, and rungs whose trials are all in are decided
     for name in sched.pop_finished():
-        finish(run, name)
+        if run.sweep is not None and run.sweep.waits(name) and name in run.jobs:
+            park(run, name)
+        else:
+            finish(run, name)
+    settle_rungs(run)
 
 
 def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, between_mb: float, step_mb: float):
@@ -847,6 +939,7 @@ def write_results(run: Run):
     run.metrics.close()
     lora.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
+    report = None if run.sweep is None else sweep.write_report(run.sweep, run.cfg, run.summary)
     lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
     shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
     # One row per job, side by side: its method, training and held-out loss (a preference job's
@@ -860,6 +953,8 @@ def write_results(run: Run):
               f"{number(s['eval_loss']):>8} {number(s.get('eval_margin'), 3):>7} {number(s.get('eval_accuracy'), 2):>8}")
     print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
           f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
+    if report is not None:
+        print(sweep.table(report))
 
 
 def method(job: JobConfig) -> str:
