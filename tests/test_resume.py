@@ -21,15 +21,15 @@ from conftest import write_rows
 def write_run(tmp_path, base_dir, out_name="out", **changes):
     """A config file: 3 jobs, 2 admitted at a time (c waits for a slot), dropout, early
     stopping with best-adapter restore (a), SGD with momentum (b), snapshots, checkpoints every 2 steps."""
-    rows = write_rows(tmp_path / "t.json", 12, 5, "reverse")
-    upper = write_rows(tmp_path / "u.jsonl", 10, 6, "upper")
+    rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
+    upper = write_rows(tmp_path / "u.jsonl", 6, 6, "upper")
     test_rows = write_rows(tmp_path / "test.json", 4, 7, "reverse")
     common = {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj", "down_proj"],
               "batch_size": 4, "micro_batch_size": 2}
     cfg = {"base_model": str(base_dir), "dtype": "float32", "device": "cpu", "out_dir": str(tmp_path / out_name),
            "checkpoint_every": 2, "scheduler": {"max_candidates": 2, "max_concurrent": 2},
            "jobs": [{"name": "a", "data": rows, "test_data": test_rows, "eval_every": 1, "early_stop": 2,
-                     "lr": 2e-2, "epochs": 3, "save_every": 2, **common},
+                     "lr": 2e-2, "epochs": 2, "save_every": 2, **common},
                     {"name": "b", "data": upper, "optimizer": "sgd", "momentum": 0.9, "lr": 5e-2, "epochs": 2, **common},
                     {"name": "c", "data": rows, "lr": 1e-2, "epochs": 1, "lr_schedule": "cosine", "warmup_steps": 1,
                      **common}]}
