@@ -1,8 +1,13 @@
 """Shared test helpers: tiny random Hugging Face checkpoints written by transformers itself (the
 oracle), training jobs on synthetic data, LoRA and ChatGLM helpers. Test modules import these
 from here, never from each other."""
+import contextlib
+import io
 import json
+import multiprocessing
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,43 @@ def write_chatglm(glm, path, rope_ratio: float, shards: str = "safetensors"):
         index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}
         (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     return path
+
+
+# ----------------------------------------------------------------------------- killed runs
+
+def kill_at(target: str, n: int, before: bool = False, sig=signal.SIGKILL, when=None):
+    """Patch module.function ("train.fused_step", "lora.atomic_write", "torch.save") so that its
+    n-th call (or the n-th for which when(*args) holds) sends `sig` to this process, before the
+    real call or after it."""
+    import lora
+    module_name, function = target.split(".")
+    module = {"train": train, "lora": lora, "torch": torch}[module_name]
+    real = getattr(module, function)
+    calls = [0]
+
+    def patched(*args, **kwargs):
+        counted = when is None or when(*args)
+        calls[0] += counted
+        hit = counted and calls[0] == n
+        if hit and before:
+            os.kill(os.getpid(), sig)
+        result = real(*args, **kwargs)
+        if hit and not before:
+            os.kill(os.getpid(), sig)
+        return result
+    setattr(module, function, patched)
+
+
+def run_killed(path: str, patch: dict) -> int:
+    """Run `train.py --config path` in a forked child that kills itself as `patch` (kill_at's
+    arguments) says; its exit code."""
+    def child():
+        kill_at(**patch)
+        with contextlib.redirect_stdout(io.StringIO()):
+            os._exit(train.main(["--config", path]))
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(120)
+    assert not process.is_alive(), "the killed run hung"
+    return process.exitcode
+

@@ -4,8 +4,6 @@ uninterrupted one; out_dir is claimed before it is touched; a non-finite job sto
 The killed runs are forked children that SIGKILL themselves at a chosen point (a patched
 function); the rerun is the same command, in this process."""
 import json
-import multiprocessing
-import os
 import signal
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 
 import lora
 import train
-from conftest import write_rows
+from conftest import run_killed, write_rows
 
 
 def write_run(tmp_path, base_dir, out_name="out", **changes):
@@ -67,39 +65,6 @@ def reference(tmp_path_factory):
     path, out = write_run(tmp, base)
     assert train.main(["--config", path]) == 0
     return base, outputs(out)
-
-
-def kill_at(target: str, n: int, before: bool = False, sig=signal.SIGKILL, when=None):
-    """Patch module.function so that its n-th call (or the n-th for which when(*args) holds)
-    sends `sig` to this process, before the real call or after it."""
-    module_name, function = target.split(".")
-    module = {"train": train, "lora": lora, "torch": torch}[module_name]
-    real = getattr(module, function)
-    calls = [0]
-
-    def patched(*args, **kwargs):
-        if when is None or when(*args):
-            calls[0] += 1
-        hit = calls[0] == n and (when is None or when(*args))
-        if hit and before:
-            os.kill(os.getpid(), sig)
-        result = real(*args, **kwargs)
-        if hit and not before:
-            os.kill(os.getpid(), sig)
-        return result
-    setattr(module, function, patched)
-
-
-def run_killed(path: str, patch: dict) -> int:
-    """Run the config in a forked child that kills itself as `patch` says; its exit code."""
-    def child():
-        kill_at(**patch)
-        os._exit(train.main(["--config", path]))
-    process = multiprocessing.get_context("fork").Process(target=child)
-    process.start()
-    process.join(120)
-    assert not process.is_alive(), "the killed run hung"
-    return process.exitcode
 
 
 def is_named(name):

@@ -5,8 +5,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import multiprocessing
-import os
 import signal
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 import config
 import sweep
 import train
-from conftest import adapter, assert_same_adapter, make_hf_model, save_hf, write_rows
+from conftest import adapter, assert_same_adapter, make_hf_model, run_killed, save_hf, write_rows
 from tokenizer_util import write_tokenizer_json
 
 # Six trials whose lr (1e-30) cannot move their adapters, one slow learner and one fast one: the
@@ -243,32 +241,10 @@ def test_no_jobs_and_no_sweep_is_an_error(sweeps, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def run_killed(path: str, target: str, n: int, when=None) -> int:
-    """Run the config in a forked child that SIGKILLs itself before the n-th call of train.<target>
-    (counting the calls for which when(*args) holds); its exit code."""
-    def child():
-        real, calls = getattr(train, target), [0]
-
-        def patched(*args, **kwargs):
-            if when is None or when(*args):
-                calls[0] += 1
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kwargs)
-        setattr(train, target, patched)
-        with contextlib.redirect_stdout(io.StringIO()):
-            os._exit(train.main(["--config", path]))
-    process = multiprocessing.get_context("fork").Process(target=child)
-    process.start()
-    process.join(120)
-    assert not process.is_alive(), "the killed run hung"
-    return process.exitcode
-
-
 KILL_POINTS = {
-    "while trials wait at the first rung": dict(target="park", n=5),
+    "while trials wait at the first rung": dict(target="train.park", n=5, before=True),
     "after a rung's decision, before a promoted trial is back": dict(
-        target="admit", n=1, when=lambda run, name: name in run.parked),
+        target="train.admit", n=1, before=True, when=lambda run, name: name in run.parked),
 }
 
 
@@ -277,7 +253,7 @@ def test_killed_sweep_resumes_to_the_same_result(sweeps, tmp_path, point):
     """SIGKILL mid-sweep, with trials parked (their state only in the run checkpoint), then the
     same command: every adapter bitwise equal to the uninterrupted sweep's, the same leaderboard."""
     path, out = write_sweep(tmp_path, sweeps["base"], "killed", "halving", others=True, checkpoint_every=1)
-    assert run_killed(path, **KILL_POINTS[point]) == -signal.SIGKILL
+    assert run_killed(path, KILL_POINTS[point]) == -signal.SIGKILL
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["parked"], "the kill came when no trial was parked"
     assert run(path)[0] == 0
