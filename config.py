@@ -57,6 +57,10 @@ class JobConfig(lora.LoRAConfig):
     priority: int = 0                      # higher is admitted first; FIFO within a priority
     early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
     diverge_factor: float = 2.0            # with early_stop: also stop when held-out loss > this x its best
+    early_stop_metric: str = "loss"        # what early_stop watches: loss (held-out, lower is better) | task (task score, higher is better; no divergence test)
+    task_metric: str | None = None         # sft: also score generated answers to test_data's prompts at each eval: exact | contains | regex (null: none)
+    task_pattern: str | None = None        # regex: an answer is right when re.fullmatch(task_pattern, answer) (the row's output is not read)
+    task_max_new_tokens: int = 32          # task_metric: greedy tokens generated per held-out prompt
 
     def lora_config(self) -> lora.LoRAConfig:
         """The adapter part of the job, field by field."""
@@ -75,7 +79,7 @@ class SchedulerConfig:
 @dataclass
 class SweepConfig:
     """A hyperparameter search (sweep.py): one trial job per point of `space`, each `job` with
-    that point's values, named <name>-t00, <name>-t01, ...; the metric is held-out loss."""
+    that point's values, named <name>-t00, <name>-t01, ...; the metric is held-out loss or task score."""
     name: str                              # the sweep's name; trial jobs are <name>-tNN (out_dir/<name>-tNN/)
     job: JobConfig                         # the base job: any job fields but name (test_data is required: the metric)
     space: dict                            # job field -> list of values; random search also {"uniform": [lo, hi]} or {"log_uniform": [lo, hi]}
@@ -85,6 +89,7 @@ class SweepConfig:
     policy: str = "halving"                # full (every trial runs its whole schedule) | halving (synchronous successive halving)
     eta: int = 3                           # at each rung the best 1/eta of the trials that reached it go on (at least one)
     rung_steps: int = 1                    # the first rung, in a trial's optimizer steps; rung k at rung_steps x eta^k
+    metric: str = "loss"                   # what ranks trials: loss (held-out, lower is better) | task (the job's task_metric score, higher is better)
 
 
 @dataclass
@@ -116,6 +121,7 @@ RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
 OBJECTIVES, LOSS_TYPES = ("sft", "dpo", "cpo"), ("sigmoid", "ipo")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
+TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex"), ("loss", "task")
 MAX_TRIALS = 10_000
 FLOAT32_MAX = 3.4028234663852886e38
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -197,6 +203,17 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
           "needs test_data and eval_every > 0")
     check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
+    check("task_metric", job.task_metric is None or job.task_metric in TASK_METRICS,
+          f"expected null or one of {', '.join(TASK_METRICS)}")
+    check("task_metric", job.task_metric is None or job.test_data, "needs test_data (its prompts and expected outputs)")
+    check("task_metric", job.task_metric is None or job.objective == "sft",
+          "sft jobs only (a preference row has no one expected answer)")
+    check("task_pattern", (job.task_metric == "regex") == (job.task_pattern is not None),
+          "expected a regular expression with task_metric regex, null otherwise")
+    check("task_pattern", job.task_pattern is None or _compiles(job.task_pattern), "expected a valid regular expression")
+    check("task_max_new_tokens", 1 <= job.task_max_new_tokens <= 4096, "expected 1 <= task_max_new_tokens <= 4096")
+    check("early_stop_metric", job.early_stop_metric in EVAL_METRICS, f"expected one of {', '.join(EVAL_METRICS)}")
+    check("early_stop_metric", job.early_stop_metric == "loss" or job.task_metric is not None, "task needs a task_metric")
     check("objective", job.objective in OBJECTIVES, f"expected one of {', '.join(OBJECTIVES)}")
     check("loss_type", job.loss_type in LOSS_TYPES, f"expected one of {', '.join(LOSS_TYPES)}")
     check("beta", finite(job.beta) and job.beta > 0, "expected a finite number > 0")
@@ -205,6 +222,14 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("cpo_alpha", finite(job.cpo_alpha) and job.cpo_alpha >= 0, "expected a finite number >= 0")
     check("loraplus_lr_ratio", job.loraplus_lr_ratio is None or finite(job.loraplus_lr_ratio) and job.loraplus_lr_ratio > 0,
           "expected null or a finite number > 0")
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def validate_sweep(sweep: SweepConfig, where: str):
@@ -219,6 +244,9 @@ def validate_sweep(sweep: SweepConfig, where: str):
     need(sweep.policy in POLICIES, "policy", f"expected one of {', '.join(POLICIES)}")
     need(2 <= sweep.eta <= 1000, "eta", "expected 2 <= eta <= 1000")
     need(1 <= sweep.rung_steps <= 2**30, "rung_steps", "expected 1 <= rung_steps <= 1073741824")
+    need(sweep.metric in EVAL_METRICS, "metric", f"expected one of {', '.join(EVAL_METRICS)}")
+    need(sweep.metric == "loss" or isinstance(sweep.job, JobConfig) and sweep.job.task_metric is not None,
+         "metric", "task needs sweep.job.task_metric")
     need(sweep.seed is None or 0 <= sweep.seed < 2**63, "seed", "expected null or 0 <= seed < 2**63")
     if sweep.search == "random":
         need(sweep.trials is not None and 1 <= sweep.trials <= MAX_TRIALS, "trials",

@@ -392,6 +392,25 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
     return kept
 
 
+def load_task_rows(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
+                   cutoff_len: int = 256) -> list[tuple[list[int], str]]:
+    """Held-out prompts for task evaluation: per row {instruction, input?, output}, the prompt's
+    token ids as training reads them (template, BOS; at most cutoff_len) and the expected output."""
+    path = Path(path)
+    if _jinja_template(template):
+        raise DataError(f"{path}: a Jinja template renders whole rows, with no prompt to answer; "
+                        f"task_metric needs another template")
+    rows = []
+    for where, row in _numbered_rows(path, tokenizer, template):
+        row = _string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
+        try:
+            prompt = build_prompt(template, tokenizer, row["instruction"], row["input"])
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        rows.append((tokenizer.add_prefix(tokenizer.encode(prompt))[:cutoff_len], row["output"]))
+    return rows
+
+
 @dataclass
 class Pair:
     """A preference row: one prompt with its chosen and with its rejected answer, two Examples

@@ -15,7 +15,9 @@ name, and it trains as it would alone (fusing, admission, resume, outputs unchan
 Policy "halving": synchronous successive halving (Jamieson & Talwalkar 2016, "Non-stochastic best
 arm identification"; the synchronous variant of ASHA, Li et al. 2020, section 3). Rung k is at
 rung_steps x eta^k optimizer steps of a trial. A trial reaching a rung is evaluated there
-(held-out loss on its test_data; lower is better) and parked: train.py takes its adapter,
+(held-out loss on its test_data, lower is better; or with metric "task" the task score of its
+task_metric, higher is better, its held-out prompts generated in one batch with every other
+trial evaluating at that step) and parked: train.py takes its adapter,
 optimizer and RNG to the CPU and frees its slot (the scheduler's stop) for a waiting trial. When
 every trial still in the race has reached the rung or ended (its schedule done, stopped early,
 non-finite), the best max(1, n // eta) of the n parked there (ties: trial order) are queued again
@@ -79,6 +81,9 @@ def expand(cfg: RunConfig, where: str = "config") -> RunConfig:
     for name, point in zip(trial_names(cfg.sweep), points(cfg.sweep, cfg.seed, where)):
         job = dataclasses.replace(cfg.sweep.job, name=name, **point)
         validate_job(job, f"{where}: trial {name} ({values_text(point)})", "sweep.space")
+        if cfg.sweep.metric == "task" and job.task_metric is None:
+            raise ConfigError(f"{where}: trial {name} ({values_text(point)}): sweep.metric: task needs the "
+                              f"trial's task_metric, got None")
         trials.append(job)
     by_name = {trial.name.lower(): trial for trial in trials}
     jobs = []
@@ -125,6 +130,9 @@ def rank_loss(loss: float | None) -> float:
     return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
+METRIC_NAMES = {"loss": "held-out loss", "task": "task score"}
+
+
 def finite_or_none(loss: float | None) -> float | None:
     """sweep.json stays strict JSON: a non-finite loss is null."""
     return loss if loss is not None and math.isfinite(loss) else None
@@ -139,6 +147,7 @@ class Sweep:
 
     def __init__(self, cfg: RunConfig, plans: dict[str, JobPlan]):
         self.sweep = cfg.sweep
+        self.metric = cfg.sweep.metric                   # loss (lower is better) | task (higher is better)
         self.names = trial_names(cfg.sweep)
         self.index = {name: i for i, name in enumerate(self.names)}
         jobs = {job.name: job for job in cfg.jobs}
@@ -149,7 +158,8 @@ class Sweep:
         while step < max(self.total_steps.values()):
             self.rungs.append(step)
             step *= cfg.sweep.eta
-        self.losses: dict[str, list[float]] = {name: [] for name in self.names}   # at rung 0, 1, ...
+        # The metric's value (held-out loss, or task score) at rung 0, 1, ...; "losses" as it was first named.
+        self.losses: dict[str, list[float]] = {name: [] for name in self.names}
         self.open = 0                                    # the rung halving decides next
         # Trials promoted into the open rung (one with nothing to train, max_steps 0, never races).
         self.racing = [name for name in self.names if self.total_steps[name] > 0]
@@ -161,6 +171,10 @@ class Sweep:
         return (f"sweep {self.sweep.name}: {len(self.names)} trials ({self.sweep.search} over "
                 f"{', '.join(self.sweep.space)}), {policy}; rungs at steps {', '.join(map(str, self.rungs)) or 'none'}")
 
+    def rank(self, value: float | None) -> float:
+        """The metric's value for ranking, lower is better: a loss, or minus a task score; missing last."""
+        return rank_loss(value if self.metric == "loss" or value is None else -value)
+
     def rung_at(self, name: str, step: int) -> int | None:
         """The rung a trial is at after its optimizer step `step`, if any (a rung at its last step is its end)."""
         if name not in self.losses or step >= self.total_steps[name]:
@@ -168,9 +182,9 @@ class Sweep:
         k = len(self.losses[name])
         return k if k < len(self.rungs) and self.rungs[k] == step else None
 
-    def arrive(self, name: str, rung: int, loss: float) -> bool:
-        """Record a trial's held-out loss at a rung; True when it waits there (halving) for the decision."""
-        self.losses[name].append(loss)
+    def arrive(self, name: str, rung: int, value: float) -> bool:
+        """Record a trial's metric at a rung; True when it waits there (halving) for the decision."""
+        self.losses[name].append(value)
         if self.sweep.policy != "halving":
             return False
         assert rung == self.open, f"trial {name} at rung {rung} while rung {self.open} is open"
@@ -188,12 +202,12 @@ class Sweep:
             if any(name not in ended and name not in self.parked for name in self.racing):
                 break
             k = self.open
-            ranked = sorted(self.parked, key=lambda name: (rank_loss(self.losses[name][k]), self.index[name]))
+            ranked = sorted(self.parked, key=lambda name: (self.rank(self.losses[name][k]), self.index[name]))
             keep = max(1, len(ranked) // self.sweep.eta) if ranked else 0
             verdicts += [(name, None) for name in ranked[:keep]]
             for name in ranked[keep:]:
                 self.stopped[name] = k
-                verdicts.append((name, f"successive halving: held-out loss {self.losses[name][k]:.4g} at rung {k} "
+                verdicts.append((name, f"successive halving: {METRIC_NAMES[self.metric]} {self.losses[name][k]:.4g} at rung {k} "
                                        f"(step {self.rungs[k]}) not among the best {keep} of {len(ranked)}"))
             self.racing, self.parked, self.open = ranked[:keep], [], k + 1
         return verdicts
@@ -217,10 +231,10 @@ class Sweep:
             rungs = {str(self.rungs[k]): finite_or_none(loss) for k, loss in enumerate(self.losses[name])}
             rows.append({"trial": name, "config": self.points[name], "steps": s.get("steps", 0),
                          "tokens": s.get("tokens", 0), "planned_tokens": self.planned_tokens[name], "rungs": rungs,
-                         "final": finite_or_none(s.get("eval_loss")),
+                         "final": finite_or_none(s.get("eval_loss" if self.metric == "loss" else "eval_task")),
                          "completed": bool(s) and name not in self.stopped and not s.get("nonfinite"),
                          "stopped": s.get("stopped"), "nonfinite": bool(s.get("nonfinite"))})
-        rows.sort(key=lambda r: (r["nonfinite"], not r["completed"], -len(r["rungs"]), rank_loss(r["final"]),
+        rows.sort(key=lambda r: (r["nonfinite"], not r["completed"], -len(r["rungs"]), self.rank(r["final"]),
                                  self.index[r["trial"]]))
         return [{"rank": i + 1, **row} for i, row in enumerate(rows)]
 
@@ -239,7 +253,8 @@ def write_report(sweep: Sweep, cfg: RunConfig, summary: dict[str, dict]) -> dict
     tokens, planned = sum(r["tokens"] for r in board), sum(r["planned_tokens"] for r in board)
     report = {"name": sweep.sweep.name, "search": sweep.sweep.search, "policy": sweep.sweep.policy,
               "eta": sweep.sweep.eta, "rungs": sweep.rungs, "space": list(sweep.sweep.space),
-              "metric": "held-out loss on the trial's test_data (lower is better)",
+              "metric": ("held-out loss on the trial's test_data (lower is better)" if sweep.metric == "loss" else
+                         "task score on the trial's test_data (its task_metric; higher is better)"),
               "tokens": tokens, "planned_tokens": planned,   # trained, and what every trial's whole schedule takes
               "tokens_saved": 1 - tokens / max(planned, 1),
               "best": {"trial": best, "config": board[0]["config"], "final": board[0]["final"],
@@ -296,15 +311,16 @@ def plot(sweep: Sweep, summary: dict[str, dict], png: Path):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in sweep.names:
         s = summary.get(name, {})
-        points = [(0, s.get("initial_eval_loss"))] + list(zip(sweep.rungs, sweep.losses[name]))
-        points = [(step, loss) for step, loss in points + [(s.get("steps"), s.get("eval_loss"))]
+        key = "eval_loss" if sweep.metric == "loss" else "eval_task"
+        points = [(0, s.get(f"initial_{key}"))] + list(zip(sweep.rungs, sweep.losses[name]))
+        points = [(step, loss) for step, loss in points + [(s.get("steps"), s.get(key))]
                   if loss is not None and math.isfinite(loss)]
         if points:
             ax.plot(*zip(*points), "o-" if name not in sweep.stopped else "x--", label=name)
     for step in sweep.rungs:
         ax.axvline(step, color="gray", alpha=0.3)
     ax.set_xlabel("trial's optimizer steps (gray: rungs)")
-    ax.set_ylabel("held-out loss")
+    ax.set_ylabel(METRIC_NAMES[sweep.metric])
     ax.set_title(f"sweep {sweep.sweep.name}: {sweep.sweep.policy}")
     if len(sweep.names) <= 16:
         ax.legend(fontsize=7)

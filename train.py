@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import generate
 import lora
 import model as M
 import sweep
@@ -256,6 +258,46 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
     return totals[0].item(), reward_means(totals[1:].tolist())
 
 
+def task_correct(metric: str, answer: str, expected: str, pattern: str | None = None) -> bool:
+    """One generated answer (stripped) against a held-out row's output: exact (equal, stripped),
+    contains (the stripped output is in it) or regex (re.fullmatch(pattern, answer))."""
+    answer = answer.strip()
+    if metric == "exact":
+        return answer == expected.strip()
+    if metric == "contains":
+        return expected.strip() in answer
+    if metric == "regex":
+        return re.fullmatch(pattern, answer) is not None
+    raise ValueError(f"task metric {metric!r}: expected exact, contains or regex")
+
+
+def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
+                   ) -> list[float]:
+    """Each job's task score (the fraction of its held-out prompts answered right): every job's
+    prompts in ONE generation batch, row i through its job's adapter (generate.generate, greedy),
+    each job's answers cut at its task_max_new_tokens (greedy: as if generated alone)."""
+    prompts = [ids for _, rows in jobs for ids, _ in rows]
+    if not prompts:
+        return [0.0 for _ in jobs]
+    outputs = iter(generate.generate(model, prompts, [job.name for job, rows in jobs for _ in rows],
+                                     max_new_tokens=max(job.task_max_new_tokens for job, _ in jobs),
+                                     stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                                     vocab_size=tokenizer.vocab_size))
+    scores = []
+    for job, rows in jobs:
+        right = sum(task_correct(job.task_metric, tokenizer.decode(next(outputs)[:job.task_max_new_tokens], skip_special=True),
+                                 expected, job.task_pattern) for _, expected in rows)
+        scores.append(right / max(len(rows), 1))
+    return scores
+
+
+def stop_value(job: JobConfig, loss: float | None, task: float | None) -> float:
+    """What early stopping compares, lower is better: the held-out loss, or minus the task score."""
+    if job.early_stop_metric == "task":
+        return -task if task is not None else math.inf
+    return loss if loss is not None else math.inf
+
+
 # ----------------------------------------------------------------------------- state
 
 @dataclass
@@ -265,6 +307,7 @@ class Best:
     step: int
     weights: list[torch.Tensor]
     rewards: dict | None = None            # a preference job's held-out metrics there
+    task: float | None = None              # its task score there (task_metric)
 
 
 @dataclass
@@ -289,6 +332,8 @@ class JobState:
     initial_eval_loss: float | None = None
     eval_loss: float | None = None
     eval_rewards: dict | None = None       # dpo/cpo: REWARD_KEYS on the held-out pairs
+    initial_eval_task: float | None = None  # task_metric: the task score at init
+    eval_task: float | None = None         # task_metric: the task score at its last evaluation
     best: Best | None = None               # with early_stop
     evals_since_best: int = 0
     stopped: str | None = None             # why it stopped early
@@ -297,7 +342,8 @@ class JobState:
 
 # The JobState fields a run checkpoint stores as they are (tensors and objects apart).
 COUNTERS = ("step", "lr", "last_loss", "last_rewards", "tokens", "padded_tokens", "peak_mb", "initial_eval_loss",
-            "eval_loss", "eval_rewards", "evals_since_best", "stopped", "nonfinite")
+            "eval_loss", "eval_rewards", "initial_eval_task", "eval_task", "evals_since_best", "stopped",
+            "nonfinite")
 
 
 @dataclass
@@ -326,6 +372,9 @@ class Run:
     signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
     sweep: "sweep.Sweep | None" = None     # a sweep's rungs and decisions (sweep.py)
     parked: dict[str, dict] = field(default_factory=dict)   # sweep trials waiting at a rung: job_state(), on the CPU
+    tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
+    task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
+    task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
 
     def log(self, record: dict):
         self.metrics.write((json.dumps(record) + "\n").encode())
@@ -359,22 +408,54 @@ def add_job(run: Run, name: str) -> JobState:
     return s
 
 
+def prefetch_tasks(run: Run, names: list[str]):
+    """The task scores of these admitted jobs (those with a task_metric), generated in one batch
+    (evaluate_tasks) for the evaluations about to run at this point; task_score hands them out."""
+    states = [run.jobs[name] for name in names if name in run.jobs and run.jobs[name].config.task_metric]
+    scores = evaluate_tasks(run.model, run.tokenizer, [(s.config, run.task_sets[s.config.name]) for s in states])
+    run.task_scores = {s.config.name: score for s, score in zip(states, scores)}
+
+
+def task_score(run: Run, s: JobState) -> float | None:
+    """The job's task score now: prefetched with the others due at this point, else generated alone
+    (None: no task_metric)."""
+    if not s.config.task_metric:
+        return None
+    if s.config.name in run.task_scores:
+        return run.task_scores.pop(s.config.name)
+    return evaluate_tasks(run.model, run.tokenizer, [(s.config, run.task_sets[s.config.name])])[0]
+
+
+def admit_all(run: Run, names: list[str]):
+    """Admit these jobs (admit); the adapters of the new ones with a task_metric first, so that
+    their task scores at init are generated in one batch."""
+    jobs = {job.name: job for job in run.cfg.jobs}
+    new = [name for name in names if name not in run.parked and jobs[name].task_metric]
+    for name in new:
+        add_job(run, name)
+    prefetch_tasks(run, new)
+    for name in names:
+        admit(run, name)
+
+
 def admit(run: Run, name: str):
-    """Add the job; its held-out loss at init is the starting point. A sweep trial promoted
-    past a rung comes back as it was parked."""
+    """Add the job (admit_all may have); its held-out loss (and task score) at init is the starting
+    point. A sweep trial promoted past a rung comes back as it was parked."""
     if name in run.parked:
         s = load_job(run, name, run.parked.pop(name))
         run.log({"event": "admit", "job": name, "time": run.now(), "step": s.step})
         return
-    s = add_job(run, name)
+    s = run.jobs[name] if name in run.jobs else add_job(run, name)
     initial_rewards = None
     if s.test_set:
         s.initial_eval_loss, initial_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
                                                         packed=run.cfg.packing)
+        s.initial_eval_task = task_score(run, s)
     if s.config.early_stop is not None:  # the adapter at init (the base model) is the first "best"
         s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)],
-                      initial_rewards)
-    run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss,
+                      initial_rewards, s.initial_eval_task)
+    task = {} if s.config.task_metric is None else {"initial_eval_task": s.initial_eval_task}
+    run.log({"event": "admit", "job": name, "time": run.now(), "initial_eval_loss": s.initial_eval_loss, **task,
              **{f"initial_eval_{key}": value for key, value in (initial_rewards or {}).items()}})
 
 
@@ -446,31 +527,42 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
     return None
 
 
+def eval_due(s: JobState) -> bool:
+    """Whether evaluate_and_stop evaluates the job after its current optimizer step."""
+    return bool(s.config.eval_every and s.test_set and s.step % s.config.eval_every == 0)
+
+
 def evaluate_and_stop(run: Run, s: JobState) -> str | None:
-    """Held-out loss when due, snapshots, and early stopping (ASPEN): a job whose held-out loss
-    stalls or diverges stops, freeing its slot for a waiting job. Returns why it stops, or None."""
+    """Held-out loss (and task score) when due, snapshots, and early stopping (ASPEN): a job whose
+    held-out loss (or task score: early_stop_metric) stalls, or whose loss diverges, stops,
+    freeing its slot for a waiting job. Returns why it stops, or None."""
     job, name = s.config, s.config.name
     stop_reason = None
-    if job.eval_every and s.test_set and s.step % job.eval_every == 0:
+    if eval_due(s):
         s.eval_loss, s.eval_rewards = evaluate(run.model, job, s.test_set, run.pad_id, run.device,
                                                packed=run.cfg.packing)
+        s.eval_task = task_score(run, s)
         record = {"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1, "eval_loss": s.eval_loss}
         if s.eval_rewards is None:
             record["eval_ppl"] = math.exp(min(s.eval_loss, 50))
         else:   # a pair loss has no perplexity
             record.update({f"eval_{key}": value for key, value in s.eval_rewards.items()})
+        if job.task_metric is not None:
+            record["eval_task"] = s.eval_task
         run.log(record)
         if job.early_stop is not None:
-            if not math.isfinite(s.eval_loss) or s.eval_loss > job.diverge_factor * s.best.loss:
+            watched = "loss" if job.early_stop_metric == "loss" else "task score"
+            if job.early_stop_metric == "loss" and (not math.isfinite(s.eval_loss)
+                                                    or s.eval_loss > job.diverge_factor * s.best.loss):
                 stop_reason = f"diverged: held-out loss {s.eval_loss:.4g}, best {s.best.loss:.4g}"
-            elif s.eval_loss < s.best.loss:   # keep the best adapter seen, not the last
-                weights = [p.detach().clone() for p in lora.adapter_parameters(run.model, name)]
-                s.best = Best(s.eval_loss, s.step, weights, s.eval_rewards)
+            elif stop_value(job, s.eval_loss, s.eval_task) < stop_value(job, s.best.loss, s.best.task):
+                weights = [p.detach().clone() for p in lora.adapter_parameters(run.model, name)]   # the best, not the last
+                s.best = Best(s.eval_loss, s.step, weights, s.eval_rewards, s.eval_task)
                 s.evals_since_best = 0
             else:
                 s.evals_since_best += 1
                 if s.evals_since_best >= job.early_stop:
-                    stop_reason = f"no better held-out loss in {job.early_stop} evaluations"
+                    stop_reason = f"no better held-out {watched} in {job.early_stop} evaluations"
     if job.save_every and s.step % job.save_every == 0:
         lora.save_peft(run.model, name, run.out_dir / "snapshots" / name / f"step-{s.step}", run.cfg.base_model)
     return stop_reason
@@ -500,18 +592,20 @@ def finish(run: Run, name: str):
     if name not in run.jobs:  # nothing to train (max_steps=0): never admitted, no adapter
         run.log({"event": "finish", "job": name, "time": run.now(), "steps": 0})
         return
-    s = run.jobs.pop(name)
+    s = run.jobs[name]
     if s.test_set:
         s.eval_loss, s.eval_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
                                                packed=run.cfg.packing)
+        s.eval_task = task_score(run, s)
+    del run.jobs[name]
     best = s.best
-    if best is not None and not s.eval_loss < best.loss:  # keep the best adapter, not the last
-        with torch.no_grad():
+    if best is not None and not stop_value(s.config, s.eval_loss, s.eval_task) < stop_value(s.config, best.loss, best.task):
+        with torch.no_grad():   # keep the best adapter, not the last
             for param, weight in zip(lora.adapter_parameters(run.model, name), best.weights):
                 param.copy_(weight)
-        s.eval_loss, s.eval_rewards = best.loss, best.rewards
+        s.eval_loss, s.eval_rewards, s.eval_task = best.loss, best.rewards, best.task
     elif best is not None:
-        best.loss, best.step, best.rewards = s.eval_loss, s.step, s.eval_rewards
+        best.loss, best.step, best.rewards, best.task = s.eval_loss, s.step, s.eval_rewards, s.eval_task
     lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
     lora.remove_adapter(run.model, name)
     latency = time.time() - s.admitted_at
@@ -521,6 +615,8 @@ def finish(run: Run, name: str):
                          "padded_tokens": s.padded_tokens, "padding": 1 - s.tokens / max(s.padded_tokens, 1),
                          "peak_mem_mb": max(s.peak_mb, M.peak_memory(run.device)),
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
+    if s.config.task_metric is not None:
+        run.summary[name].update({"initial_eval_task": s.initial_eval_task, "eval_task": s.eval_task})
     if s.config.objective != "sft":   # its last training step's and its held-out rewards, margin, accuracy
         run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
         run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
@@ -534,12 +630,16 @@ def reach_rung(run: Run, s: JobState):
     rung = run.sweep.rung_at(name, s.step)
     if rung is None:
         return
-    if s.config.eval_every and s.step % s.config.eval_every == 0:   # evaluate_and_stop just did
-        loss = s.eval_loss
+    if eval_due(s):   # evaluate_and_stop just did
+        loss, task = s.eval_loss, s.eval_task
     else:
         loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
-    run.log({"event": "rung", "job": name, "rung": rung, "step": s.step, "fused_step": run.step + 1, "eval_loss": loss})
-    if run.sweep.arrive(name, rung, loss):
+        task = task_score(run, s)
+    record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "fused_step": run.step + 1, "eval_loss": loss}
+    if s.config.task_metric is not None:
+        record["eval_task"] = task
+    run.log(record)
+    if run.sweep.arrive(name, rung, task if run.sweep.sweep.metric == "task" else loss):
         run.sched.stop(name)
 
 
@@ -556,7 +656,13 @@ def settle_rungs(run: Run):
     again, ahead of lower priorities; the others finish with their adapter of that rung."""
     if run.sweep is None:
         return
-    for name, reason in run.sweep.decide(set(run.summary)):
+    verdicts = run.sweep.decide(set(run.summary))
+    # The trials a decision stops finish with their adapter of that rung; with task metrics all
+    # are loaded first, so that their final task scores are generated in one batch.
+    jobs = {job.name: job for job in run.cfg.jobs}
+    batched = any(jobs[name].task_metric for name, reason in verdicts if reason is not None)
+    stopped = []
+    for name, reason in verdicts:
         plan = run.plans[name]
         if reason is None:
             waiting = run.sched.waiting
@@ -567,7 +673,13 @@ def settle_rungs(run: Run):
         run.bar.total -= plan.remaining
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step, "reason": reason,
                  "nonfinite": False})
-        finish(run, name)
+        stopped.append(name)
+        if not batched:
+            finish(run, name)
+    if batched:
+        prefetch_tasks(run, stopped)
+        for name in stopped:
+            finish(run, name)
 
 
 # ----------------------------------------------------------------------------- checkpoint and resume
@@ -585,7 +697,7 @@ def job_state(run: Run, s: JobState) -> dict:
             "admitted_s": s.admitted_at - run.start,
             "best": None if s.best is None else {"loss": s.best.loss, "step": s.best.step,
                                                  "weights": [w.cpu() for w in s.best.weights],
-                                                 "rewards": s.best.rewards},
+                                                 "rewards": s.best.rewards, "task": s.best.task},
             **{key: getattr(s, key) for key in COUNTERS}}
 
 
@@ -606,7 +718,8 @@ def load_job(run: Run, name: str, saved: dict) -> JobState:
         setattr(s, key, saved.get(key, getattr(s, key)))
     if saved["best"] is not None:
         best = saved["best"]
-        s.best = Best(best["loss"], best["step"], [w.to(run.device) for w in best["weights"]], best.get("rewards"))
+        s.best = Best(best["loss"], best["step"], [w.to(run.device) for w in best["weights"]], best.get("rewards"),
+                      best.get("task"))
     return s
 
 
@@ -735,6 +848,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     device = M.resolve_device(cfg.device)
     check_base(cfg)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
+    task_sets = {job.name: data.load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
+                 for job in cfg.jobs if job.task_metric}
     mode = claim_out_dir(cfg, overwrite)
     out_dir = Path(cfg.out_dir)
     if mode == "finished":
@@ -757,7 +872,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
               train_sets, test_sets, inputs, metrics=open(out_dir / "metrics.jsonl", "r+b" if state else "wb"),
-              start=time.time(),
+              start=time.time(), tokenizer=tokenizer, task_sets=task_sets,
               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))
     if cfg.sweep is not None:
         run.sweep = sweep.Sweep(cfg, run.plans)
@@ -818,8 +933,7 @@ def train_step(run: Run):
     """Admit waiting jobs, run one fused step, step the optimizers whose accumulation ended,
     finish the jobs that are done."""
     sched, cfg = run.sched, run.cfg
-    for name in sched.admit():
-        admit(run, name)
+    admit_all(run, sched.admit())
     if not sched.candidates:  # only jobs with nothing to train (max_steps=0) were left
         for name in sched.pop_finished():
             finish(run, name)
@@ -856,6 +970,7 @@ def train_step(run: Run):
     if micro_batches:
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
         row_lengths = batch.lengths.split([mb.sequences for mb in micro_batches])
+        stepped = []
         for s, mb, loss, reward_sums, lengths in zip(states, micro_batches, losses, rewards, row_lengths):
             s.loss_sum = s.loss_sum + loss
             s.reward_sums = s.reward_sums + reward_sums
@@ -865,22 +980,31 @@ def train_step(run: Run):
                 reason = optimizer_step(run, s)
                 if reason:
                     stop_early(run, s, reason, nonfinite=True)
-                    continue
-                reason = evaluate_and_stop(run, s)
-                if reason:
-                    stop_early(run, s, reason)
-                elif run.sweep is not None:
-                    reach_rung(run, s)
+                else:
+                    stepped.append(s)
+        # Every job evaluating now (eval_every, or a sweep rung) has its task score generated in
+        # one batch; evaluating after all optimizer steps changes nothing: adapters are apart.
+        prefetch_tasks(run, [s.config.name for s in stepped if eval_due(s) or run.sweep is not None
+                             and run.sweep.rung_at(s.config.name, s.step) is not None])
+        for s in stepped:
+            reason = evaluate_and_stop(run, s)
+            if reason:
+                stop_early(run, s, reason)
+            elif run.sweep is not None:
+                reach_rung(run, s)
         log_step(run, micro_batches, batch, time.time() - t0, between_mb, step_mb)
     else:
         run.step += 1
     # ---- finished jobs: save, free their slot (the next waiting job is admitted next time);
     # sweep trials at a rung park there, and rungs whose trials are all in are decided
-    for name in sched.pop_finished():
+    finished = sched.pop_finished()
+    prefetch_tasks(run, [name for name in finished if run.sweep is None or not run.sweep.waits(name)])
+    for name in finished:
         if run.sweep is not None and run.sweep.waits(name) and name in run.jobs:
             park(run, name)
         else:
             finish(run, name)
+    run.task_scores = {}
     settle_rungs(run)
 
 

@@ -1,0 +1,173 @@
+"""Task-level evaluation (issue 15, part 2): generated answers to a job's held-out prompts scored
+exact / contains / regex, every evaluating job's prompts in one generation batch; logged like the
+held-out loss, watched by early stopping, ranking a sweep; a killed run resumes to the same scores."""
+import contextlib
+import io
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+import train
+from conftest import make_hf_model, run_killed, save_hf, write_rows
+from tokenizer_util import write_tokenizer_json
+
+# A constant answer is learnt in a few steps: at lr 3e-2 the tiny model answers every held-out
+# prompt "ok" (exact 1.0) by step 9 of 12; the base (or lr 1e-30) answers none of them.
+OK_JOB = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "lr": 3e-2, "batch_size": 4, "micro_batch_size": 4,
+          "epochs": 4, "eval_every": 3, "task_metric": "exact", "task_max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny base, 12 training rows and 4 held-out rows whose output is "ok"."""
+    tmp = tmp_path_factory.mktemp("task")
+    vocab = write_tokenizer_json(tmp / "base")
+    base = save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), tmp / "base")
+    rows = [{"instruction": "Say ok.", "input": row["input"], "output": "ok"}
+            for row in json.loads(Path(write_rows(tmp / "rows.json", 16, 5, "reverse")).read_text())]
+    (tmp / "ok.json").write_text(json.dumps(rows[:12]))
+    (tmp / "ok_test.json").write_text(json.dumps(rows[12:]))
+    return {"base": str(base), "data": str(tmp / "ok.json"), "test_data": str(tmp / "ok_test.json")}
+
+
+def write_config(files, folder: Path, jobs: list[dict], **extra) -> str:
+    jobs = [{"data": files["data"], "test_data": files["test_data"], **OK_JOB, **job} for job in jobs]
+    cfg = {"base_model": files["base"], "dtype": "float32", "device": "cpu", "out_dir": str(folder / "out"),
+           "scheduler": {"max_candidates": 4, "max_concurrent": 2}, "jobs": jobs, **extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return str(folder / "cfg.json")
+
+
+def run(path: str, *overrides: str) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(["--config", path, *overrides])
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == kind]
+
+
+def count_generate(monkeypatch) -> list[list]:
+    """Record every generate call's adapters (one list per call)."""
+    calls, real = [], generate.generate
+
+    def counted(model, prompts, adapters, **kw):
+        calls.append(list(adapters))
+        return real(model, prompts, adapters, **kw)
+    monkeypatch.setattr(generate, "generate", counted)
+    return calls
+
+
+def test_task_correct():
+    assert train.task_correct("exact", " ok\n", "ok") and not train.task_correct("exact", "ok ok", "ok")
+    assert train.task_correct("contains", "it is ok.", " ok") and not train.task_correct("contains", "o k", "ok")
+    assert train.task_correct("regex", " 42 ", "ignored", r"\d+") and not train.task_correct("regex", "42a", "", r"\d+")
+
+
+def test_scores_come_from_generated_answers(files, tmp_path, monkeypatch):
+    """Generation replaced by known answers: the score is the fraction right, per job, from one call."""
+    tokenizer = train.data.load_tokenizer(files["base"])
+    rows = train.data.load_task_rows(files["test_data"], tokenizer)
+    answers = {"a": ["ok", " ok\n", "ok!", "no"], "b": ["ok", "ok", "ok", "ok"]}
+    calls = []
+
+    def fake(model, prompts, adapters, **kw):
+        calls.append(adapters)
+        assert prompts == [ids for ids, _ in rows] * 2 and kw["max_new_tokens"] == 8
+        return [tokenizer.encode(answers[name][i % 4]) for i, name in enumerate(adapters)]
+    monkeypatch.setattr(generate, "generate", fake)
+    jobs = [train.JobConfig(name=name, data="x", test_data="y", task_metric="exact", task_max_new_tokens=8)
+            for name in ("a", "b")]
+    assert train.evaluate_tasks(None, tokenizer, [(job, rows) for job in jobs]) == [0.5, 1.0]
+    assert calls == [["a"] * 4 + ["b"] * 4]
+
+
+def test_two_jobs_learn_ok_and_each_eval_is_one_generation_batch(files, tmp_path, monkeypatch):
+    calls = count_generate(monkeypatch)
+    path = write_config(files, tmp_path, [{"name": "a"}, {"name": "b", "task_metric": "contains", "r": 8}])
+    assert run(path) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("a", "b"):
+        assert summary[name]["initial_eval_task"] == 0.0 and summary[name]["eval_task"] == 1.0
+        assert [e["step"] for e in events(out, "eval") if e["job"] == name] == [3, 6, 9, 12]
+        assert [e["eval_task"] for e in events(out, "eval") if e["job"] == name][-1] == 1.0
+    assert [e["initial_eval_task"] for e in events(out, "admit")] == [0.0, 0.0]
+    # Both jobs step together: admission, steps 3, 6, 9, 12 and the finish are one batch each.
+    assert len(calls) == 6 and all(sorted(set(c)) == ["a", "b"] and len(c) == 8 for c in calls)
+
+
+def test_early_stop_on_the_task_score(files, tmp_path):
+    """Task score 0 at init and at step 3: no better score in one evaluation stops the job there."""
+    path = write_config(files, tmp_path, [{"name": "a", "early_stop": 1, "early_stop_metric": "task"}])
+    assert run(path) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["a"]
+    assert s["steps"] == 3 and s["stopped"] == "no better held-out task score in 1 evaluations"
+    assert s["best_step"] == 0 and s["eval_task"] == 0.0
+
+
+def test_sweep_ranked_by_task_score_picks_the_learner(files, tmp_path, monkeypatch):
+    calls = count_generate(monkeypatch)
+    base = {"data": files["data"], "test_data": files["test_data"], **{k: v for k, v in OK_JOB.items() if k != "lr"},
+            "eval_every": 0}
+    path = write_config(files, tmp_path, [], sweep={"name": "ok", "job": base, "metric": "task", "policy": "halving",
+                                                    "eta": 4, "rung_steps": 6,
+                                                    "space": {"lr": [1e-30, 2e-30, 3e-30, 3e-2]}})
+    assert run(path) == 0
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert report["best"]["trial"] == "ok-t03" and report["best"]["final"] == 1.0
+    assert report["metric"].startswith("task score")
+    trials = {row["trial"]: row for row in report["trials"]}
+    assert trials["ok-t03"]["rungs"]["6"] > 0 and all(trials[f"ok-t0{i}"]["rungs"] == {"6": 0.0} for i in range(3))
+    assert trials["ok-t00"]["stopped"].startswith("successive halving: task score 0 at rung 0")
+    # All four admitted at once (one batch), two fused at a time reach the rung together (one batch
+    # a pair), the decision's three losers finish in one batch, the winner alone.
+    assert [sorted(set(c)) for c in calls] == [[f"ok-t0{i}" for i in range(4)], ["ok-t00", "ok-t01"],
+                                               ["ok-t02", "ok-t03"], ["ok-t00", "ok-t01", "ok-t02"], ["ok-t03"]]
+
+
+def test_killed_run_resumes_to_the_same_scores(files, tmp_path):
+    path = write_config(files, tmp_path, [{"name": "a", "early_stop": 3, "early_stop_metric": "task"},
+                                          {"name": "b", "task_metric": "regex", "task_pattern": "o+k"}],
+                        checkpoint_every=1)
+    (tmp_path / "ref").mkdir()
+    reference = write_config(files, tmp_path / "ref", json.loads(Path(path).read_text())["jobs"], checkpoint_every=1)
+    assert run(reference) == 0
+    assert run_killed(path, dict(target="train.evaluate_and_stop", n=5)) == -signal.SIGKILL
+    assert run(path) == 0
+    got, expected = (json.loads((folder / "out" / "summary.json").read_text()) for folder in (tmp_path, tmp_path / "ref"))
+    for name in ("a", "b"):
+        assert {k: got[name][k] for k in ("eval_task", "initial_eval_task", "best_step", "stopped", "steps")} == \
+               {k: expected[name][k] for k in ("eval_task", "initial_eval_task", "best_step", "stopped", "steps")}
+        for key, tensor in load_file(tmp_path / "ref" / "out" / name / "adapter_model.safetensors").items():
+            assert torch.equal(tensor, load_file(tmp_path / "out" / name / "adapter_model.safetensors")[key])
+
+
+@pytest.mark.parametrize("job, sweep, message", [
+    ({"task_metric": "exactt"}, None, "jobs[0].task_metric: expected null or one of exact, contains, regex, got 'exactt'"),
+    ({"test_data": None}, None, "jobs[0].task_metric: needs test_data"),
+    ({"objective": "dpo"}, None, "jobs[0].task_metric: sft jobs only"),
+    ({"task_metric": "regex"}, None, "jobs[0].task_pattern: expected a regular expression with task_metric regex"),
+    ({"task_pattern": "ok"}, None, "jobs[0].task_pattern: expected a regular expression with task_metric regex, null otherwise"),
+    ({"task_metric": "regex", "task_pattern": "(ok"}, None, "jobs[0].task_pattern: expected a valid regular expression"),
+    ({"task_max_new_tokens": 0}, None, "jobs[0].task_max_new_tokens: expected 1 <= task_max_new_tokens <= 4096"),
+    ({"task_metric": None, "early_stop": 1, "early_stop_metric": "task"}, None, "jobs[0].early_stop_metric: task needs a task_metric"),
+    ({"early_stop_metric": "acc"}, None, "jobs[0].early_stop_metric: expected one of loss, task, got 'acc'"),
+    ({}, {"metric": "acc"}, "sweep.metric: expected one of loss, task, got 'acc'"),
+    ({}, {"metric": "task", "job": {"task_metric": None}}, "sweep.metric: task needs sweep.job.task_metric"),
+])
+def test_bad_task_fields_are_one_line_errors(files, tmp_path, capsys, job, sweep, message):
+    extra = {}
+    if sweep is not None:
+        base = {"data": files["data"], "test_data": files["test_data"], **OK_JOB, **sweep.pop("job", {})}
+        extra["sweep"] = {"name": "s", "job": base, "space": {"r": [4]}, **sweep}
+    path = write_config(files, tmp_path, [{"name": "a", **job}], **extra)
+    assert train.main(["--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
