@@ -10,6 +10,7 @@ import data
 import lora
 from llama import Llama
 import model as M
+import objectives
 import train
 from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 
@@ -210,7 +211,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     labels[:, :7] = -100
     labels[2, 15:] = -100
     batch = data.Batch(ids, labels, torch.tensor([20, 20, 15]), ["a"] * 3)
-    monkeypatch.setattr(train, "LOSS_CHUNK_ELEMENTS", 5 * net.config.vocab_size + 1)  # chunks of 5 rows
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 5 * net.config.vocab_size + 1)  # chunks of 5 rows
     results = []
     for chunked in (True, False):
         with lora.route(net, batch.adapter_names):
