@@ -52,7 +52,7 @@ def check(job: str, expected: str, answer: str) -> bool:
 
 
 def resolve_paths(cfg, config_file: Path = CONFIG):
-    """A bundled config's paths (demo/config.json, demo/methods.json) are relative to the
+    """A bundled config's paths (demo/config.json, methods.json, sweep.json) are relative to the
     repository, wherever it is run from; a path given as an override (--base_model=DIR) is the
     user's, relative to where they run, and left alone. Converts the bundled base the first time."""
     bundled = json.loads(Path(config_file).read_text())
@@ -64,7 +64,10 @@ def resolve_paths(cfg, config_file: Path = CONFIG):
     if Path(cfg.base_model) == BASE:
         prepare_base()
     cfg.out_dir = repo_path(cfg.out_dir, bundled["out_dir"])
-    for job, bundled_job in zip(cfg.jobs, bundled["jobs"]):  # overrides cannot add or drop jobs
+    pairs = list(zip(cfg.jobs, bundled.get("jobs", [])))   # overrides cannot add or drop jobs
+    if cfg.sweep is not None and "sweep" in bundled:        # demo/sweep.json: the trials' base job
+        pairs.append((cfg.sweep.job, bundled["sweep"]["job"]))
+    for job, bundled_job in pairs:
         job.data = repo_path(job.data, bundled_job["data"])
         job.test_data = repo_path(job.test_data, bundled_job.get("test_data"))
 

@@ -152,3 +152,13 @@ def test_methods_demo_runs_from_any_folder_on_a_tiny_base(base_dir, tmp_path, ca
     assert methods == {"lora": "sft lora", "dora": "sft dora", "rslora_plus": "sft rslora+", "dpo": "dpo lora"}
     shown = [line.split()[0] for line in table if "answers in French" in line]   # then each method generates
     assert shown == ["base", *names]
+
+
+def test_sweep_demo_config_expands_to_16_trials_of_the_repos_data(tmp_path, monkeypatch):
+    """demo/sweep.json from any folder: 16 trials over lr x r x targets, on the repository's data."""
+    import sweep
+    monkeypatch.setattr(demo, "prepare_base", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep.expand(train.load_config_file(str(demo.REPO / "demo" / "sweep.json"), []))
+    assert len(cfg.jobs) == 16 and len({(j.lr, j.r, tuple(j.targets)) for j in cfg.jobs}) == 16
+    assert all(j.data == str(demo.REPO / "demo" / "french.json") for j in cfg.jobs)
