@@ -89,6 +89,7 @@ class SweepConfig:
     policy: str = "halving"                # full (every trial runs its whole schedule) | halving (synchronous successive halving)
     eta: int = 3                           # at each rung the best 1/eta of the trials that reached it go on (at least one)
     rung_steps: int = 1                    # the first rung, in a trial's optimizer steps; rung k at rung_steps x eta^k
+    rung_tokens: int | None = None         # rungs by tokens instead: rung k at the first optimizer step where the trial has trained rung_tokens x eta^k tokens
     metric: str = "loss"                   # what ranks trials: loss (held-out, lower is better) | task (the job's task_metric score, higher is better)
 
 
@@ -244,6 +245,7 @@ def validate_sweep(sweep: SweepConfig, where: str):
     need(sweep.policy in POLICIES, "policy", f"expected one of {', '.join(POLICIES)}")
     need(2 <= sweep.eta <= 1000, "eta", "expected 2 <= eta <= 1000")
     need(1 <= sweep.rung_steps <= 2**30, "rung_steps", "expected 1 <= rung_steps <= 1073741824")
+    need(sweep.rung_tokens is None or 1 <= sweep.rung_tokens <= 2**50, "rung_tokens", "expected null or 1 <= rung_tokens <= 2**50")
     need(sweep.metric in EVAL_METRICS, "metric", f"expected one of {', '.join(EVAL_METRICS)}")
     need(sweep.metric == "loss" or isinstance(sweep.job, JobConfig) and sweep.job.task_metric is not None,
          "metric", "task needs sweep.job.task_metric")

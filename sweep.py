@@ -154,10 +154,13 @@ class Sweep:
         self.points = {name: {field: getattr(jobs[name], field) for field in cfg.sweep.space} for name in self.names}
         self.total_steps = {name: plans[name].total_steps for name in self.names}
         self.planned_tokens = {name: planned_tokens(plans[name]) for name in self.names}
-        self.rungs, step = [], cfg.sweep.rung_steps      # rung k: a trial's optimizer steps
-        while step < max(self.total_steps.values()):
-            self.rungs.append(step)
-            step *= cfg.sweep.eta
+        # Rung k: a trial's optimizer steps, or (rung_tokens) the tokens it has trained.
+        self.unit = "steps" if cfg.sweep.rung_tokens is None else "tokens"
+        ends = self.total_steps if self.unit == "steps" else self.planned_tokens
+        self.rungs, mark = [], cfg.sweep.rung_steps if self.unit == "steps" else cfg.sweep.rung_tokens
+        while mark < max(ends.values()):
+            self.rungs.append(mark)
+            mark *= cfg.sweep.eta
         # The metric's value (held-out loss, or task score) at rung 0, 1, ...; "losses" as it was first named.
         self.losses: dict[str, list[float]] = {name: [] for name in self.names}
         self.open = 0                                    # the rung halving decides next
@@ -169,18 +172,21 @@ class Sweep:
     def describe(self) -> str:
         policy = f"successive halving, eta {self.sweep.eta}" if self.sweep.policy == "halving" else "full runs"
         return (f"sweep {self.sweep.name}: {len(self.names)} trials ({self.sweep.search} over "
-                f"{', '.join(self.sweep.space)}), {policy}; rungs at steps {', '.join(map(str, self.rungs)) or 'none'}")
+                f"{', '.join(self.sweep.space)}), {policy}; rungs at {self.unit} {', '.join(map(str, self.rungs)) or 'none'}")
 
     def rank(self, value: float | None) -> float:
         """The metric's value for ranking, lower is better: a loss, or minus a task score; missing last."""
         return rank_loss(value if self.metric == "loss" or value is None else -value)
 
-    def rung_at(self, name: str, step: int) -> int | None:
-        """The rung a trial is at after its optimizer step `step`, if any (a rung at its last step is its end)."""
+    def rung_at(self, name: str, step: int, tokens: int = 0) -> int | None:
+        """The rung a trial is at after its optimizer step `step`, having trained `tokens`, if any
+        (a rung at its last step is its end). By tokens: the first step at or past the rung's."""
         if name not in self.losses or step >= self.total_steps[name]:
             return None
         k = len(self.losses[name])
-        return k if k < len(self.rungs) and self.rungs[k] == step else None
+        if k >= len(self.rungs):
+            return None
+        return k if (self.rungs[k] == step if self.unit == "steps" else tokens >= self.rungs[k]) else None
 
     def arrive(self, name: str, rung: int, value: float) -> bool:
         """Record a trial's metric at a rung; True when it waits there (halving) for the decision."""
@@ -208,7 +214,7 @@ class Sweep:
             for name in ranked[keep:]:
                 self.stopped[name] = k
                 verdicts.append((name, f"successive halving: {METRIC_NAMES[self.metric]} {self.losses[name][k]:.4g} at rung {k} "
-                                       f"(step {self.rungs[k]}) not among the best {keep} of {len(ranked)}"))
+                                       f"({self.rungs[k]} {self.unit}) not among the best {keep} of {len(ranked)}"))
             self.racing, self.parked, self.open = ranked[:keep], [], k + 1
         return verdicts
 
@@ -252,7 +258,7 @@ def write_report(sweep: Sweep, cfg: RunConfig, summary: dict[str, dict]) -> dict
     lora.atomic_write(out / "best.json", json.dumps(alone, indent=2) + "\n")
     tokens, planned = sum(r["tokens"] for r in board), sum(r["planned_tokens"] for r in board)
     report = {"name": sweep.sweep.name, "search": sweep.sweep.search, "policy": sweep.sweep.policy,
-              "eta": sweep.sweep.eta, "rungs": sweep.rungs, "space": list(sweep.sweep.space),
+              "eta": sweep.sweep.eta, "rungs": sweep.rungs, "rung_unit": sweep.unit, "space": list(sweep.sweep.space),
               "metric": ("held-out loss on the trial's test_data (lower is better)" if sweep.metric == "loss" else
                          "task score on the trial's test_data (its task_metric; higher is better)"),
               "tokens": tokens, "planned_tokens": planned,   # trained, and what every trial's whole schedule takes
@@ -313,13 +319,14 @@ def plot(sweep: Sweep, summary: dict[str, dict], png: Path):
         s = summary.get(name, {})
         key = "eval_loss" if sweep.metric == "loss" else "eval_task"
         points = [(0, s.get(f"initial_{key}"))] + list(zip(sweep.rungs, sweep.losses[name]))
-        points = [(step, loss) for step, loss in points + [(s.get("steps"), s.get(key))]
+        end = s.get("steps") if sweep.unit == "steps" else s.get("tokens")
+        points = [(step, loss) for step, loss in points + [(end, s.get(key))]
                   if loss is not None and math.isfinite(loss)]
         if points:
             ax.plot(*zip(*points), "o-" if name not in sweep.stopped else "x--", label=name)
     for step in sweep.rungs:
         ax.axvline(step, color="gray", alpha=0.3)
-    ax.set_xlabel("trial's optimizer steps (gray: rungs)")
+    ax.set_xlabel(f"trial's {'optimizer steps' if sweep.unit == 'steps' else 'tokens trained'} (gray: rungs)")
     ax.set_ylabel(METRIC_NAMES[sweep.metric])
     ax.set_title(f"sweep {sweep.sweep.name}: {sweep.sweep.policy}")
     if len(sweep.names) <= 16:

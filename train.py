@@ -463,7 +463,7 @@ def reach_rung(run: Run, s: JobState):
     """A sweep trial's optimizer step at one of its rungs (sweep.py): its held-out loss there is
     recorded; under halving it leaves the scheduler, and train_step parks it."""
     name = s.config.name
-    rung = run.sweep.rung_at(name, s.step)
+    rung = run.sweep.rung_at(name, s.step, s.tokens)
     if rung is None:
         return
     if eval_due(s):   # evaluate_and_stop just did
@@ -471,7 +471,8 @@ def reach_rung(run: Run, s: JobState):
     else:
         loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
         task = task_score(run, s)
-    record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "fused_step": run.step + 1, "eval_loss": loss}
+    record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "tokens": s.tokens, "fused_step": run.step + 1,
+              "eval_loss": loss}
     if s.config.task_metric is not None:
         record["eval_task"] = task
     run.log(record)
@@ -821,7 +822,7 @@ def train_step(run: Run):
         # Every job evaluating now (eval_every, or a sweep rung) has its task score generated in
         # one batch; evaluating after all optimizer steps changes nothing: adapters are apart.
         prefetch_tasks(run, [s.config.name for s in stepped if eval_due(s) or run.sweep is not None
-                             and run.sweep.rung_at(s.config.name, s.step) is not None])
+                             and run.sweep.rung_at(s.config.name, s.step, s.tokens) is not None])
         for s in stepped:
             reason = evaluate_and_stop(run, s)
             if reason:

@@ -188,6 +188,7 @@ GOOD = {"name": "lr", "space": {"lr": [1e-3, 1e-2]},
     ({"eta": 1}, "sweep.eta: expected 2 <= eta <= 1000, got 1"),
     ({"eta": 2.5}, "sweep.eta: expected int, got 2.5"),
     ({"rung_steps": 0}, "sweep.rung_steps: expected 1 <= rung_steps"),
+    ({"rung_tokens": 0}, "sweep.rung_tokens: expected null or 1 <= rung_tokens"),
     ({"search": "random"}, "sweep.trials: random search: expected 1 <= trials <= 10000, got None"),
     ({"trials": 4}, "sweep.trials: a grid runs every combination: expected null, got 4"),
     ({"name": "a/b"}, "sweep.name: expected a plain name"),
@@ -272,3 +273,23 @@ def test_expand_keeps_a_resolved_config(sweeps):
     expanded = sweep.expand(cfg)
     assert sweep.expand(expanded) == expanded and len(expanded.jobs) == 1 + len(LRS)
     assert dataclasses.asdict(expanded) == json.loads((sweeps["halving"]["out"] / "config.json").read_text())
+
+
+def test_rungs_by_tokens(sweeps, tmp_path):
+    """rung_tokens: rung k at the first optimizer step where a trial has trained rung_tokens x eta^k
+    tokens; the non-learners still stop at the first rung and the best trial wins."""
+    path, out = write_sweep(tmp_path, sweeps["base"], "bytokens", "halving", rung_tokens=300)
+    code, printed = run(path)
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["rung_unit"] == "tokens" and len(report["rungs"]) >= 2
+    assert report["rungs"] == [300 * 4**k for k in range(len(report["rungs"]))]
+    assert code == 0 and f"rungs at tokens {', '.join(map(str, report['rungs']))}" in printed
+    assert max(report["rungs"]) < max(row["planned_tokens"] for row in report["trials"])
+    rows = by_trial(report)
+    assert report["best"]["trial"] == BEST and all(rows[name]["rungs"].keys() == {"300"} for name in NON_LEARNERS)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rung_events = [e for e in events if e.get("event") == "rung"]
+    per_step = max(e["tokens"] for e in rung_events) // max(e["step"] for e in rung_events) * 3   # a generous step
+    for e in rung_events:
+        threshold = report["rungs"][e["rung"]]
+        assert threshold <= e["tokens"] < threshold + per_step, e
