@@ -905,14 +905,18 @@ def write_results(run: Run):
     lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
     shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
     # One row per job, side by side: its method, training and held-out loss (a preference job's
-    # loss is its objective's), and a preference job's held-out reward margin and accuracy.
+    # loss is its objective's), a preference job's held-out reward margin and accuracy, and where
+    # any job has a task_metric, its held-out task score before and after.
     number = lambda value, digits=4: "-" if value is None else f"{value:.{digits}f}"
+    tasks = any(job.task_metric for job in run.cfg.jobs)
     print(f"\n{'job':<16} {'method':<14} {'steps':>6} {'tokens':>8} {'latency s':>10} {'tokens/s':>9} "
-          f"{'loss':>8} {'eval before':>12} {'eval':>8} {'margin':>7} {'accuracy':>8}")
+          f"{'loss':>8} {'eval before':>12} {'eval':>8} {'margin':>7} {'accuracy':>8}"
+          + (f" {'task before':>11} {'task':>6}" if tasks else ""))
     for name, s in run.summary.items():
         print(f"{name:<16} {method(next(j for j in run.cfg.jobs if j.name == name)):<14} {s['steps']:>6} {s['tokens']:>8} {s['latency_s']:>10.1f} "
               f"{s['tokens_per_s']:>9.1f} {number(s['final_loss']):>8} {number(s['initial_eval_loss']):>12} "
-              f"{number(s['eval_loss']):>8} {number(s.get('eval_margin'), 3):>7} {number(s.get('eval_accuracy'), 2):>8}")
+              f"{number(s['eval_loss']):>8} {number(s.get('eval_margin'), 3):>7} {number(s.get('eval_accuracy'), 2):>8}"
+              + (f" {number(s.get('initial_eval_task'), 2):>11} {number(s.get('eval_task'), 2):>6}" if tasks else ""))
     print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
           f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
     if report is not None:

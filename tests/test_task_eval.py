@@ -90,8 +90,13 @@ def test_scores_come_from_generated_answers(files, tmp_path, monkeypatch):
 def test_two_jobs_learn_ok_and_each_eval_is_one_generation_batch(files, tmp_path, monkeypatch):
     calls = count_generate(monkeypatch)
     path = write_config(files, tmp_path, [{"name": "a"}, {"name": "b", "task_metric": "contains", "r": 8}])
-    assert run(path) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train.main(["--config", path]) == 0
     out = tmp_path / "out"
+    table = printed.getvalue().split("\njob ", 1)[1].splitlines()   # the end-of-run table shows the scores
+    assert table[0].split()[-3:] == ["task", "before", "task"]
+    assert [line.split()[-2:] for line in table[1:3]] == [["0.00", "1.00"], ["0.00", "1.00"]]
     summary = json.loads((out / "summary.json").read_text())
     for name in ("a", "b"):
         assert summary[name]["initial_eval_task"] == 0.0 and summary[name]["eval_task"] == 1.0
