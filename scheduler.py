@@ -309,6 +309,12 @@ class Scheduler:
                 return min(windows, key=lambda w: self.padding([j.peek() for j in w]))
         return self.candidates[:1]
 
+    def requeue(self, job: JobPlan):
+        """Put a stopped job back among the waiting (a sweep trial promoted past a rung): ahead of
+        lower priorities, behind its own, as admission orders them; it goes on where it was."""
+        at = next((i for i, p in enumerate(self.waiting) if p.priority < job.priority), len(self.waiting))
+        self.waiting.insert(at, job)
+
     def stop(self, name: str) -> bool:
         """Stop a job early: it frees its slot for the next waiting job. False if not running."""
         job = next((j for j in self.candidates if j.name == name), None)

@@ -503,8 +503,7 @@ def settle_rungs(run: Run):
     for name, reason in verdicts:
         plan = run.plans[name]
         if reason is None:
-            waiting = run.sched.waiting
-            waiting.insert(next((i for i, p in enumerate(waiting) if p.priority < plan.priority), len(waiting)), plan)
+            run.sched.requeue(plan)
             continue
         s = load_job(run, name, run.parked.pop(name))
         s.stopped = reason
@@ -812,8 +811,9 @@ def train_step(run: Run):
         for s, mb, loss, reward_sums, lengths in zip(states, micro_batches, losses, rewards, row_lengths):
             s.loss_sum = s.loss_sum + loss
             s.reward_sums = s.reward_sums + reward_sums
-            s.tokens += int(lengths.sum())
-            s.padded_tokens += int(lengths.sum()) if batch.packed else len(lengths) * batch.input_ids.size(1)
+            tokens = int(lengths.sum())
+            s.tokens += tokens
+            s.padded_tokens += tokens if batch.packed else len(lengths) * batch.input_ids.size(1)
             if mb.last_in_step:
                 reason = optimizer_step(run, s)
                 if reason:
