@@ -154,7 +154,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
             losses.sum().backward()
             return batch
         # The same fused step as train.py's (one optimizer step per micro-batch here).
-        _, _, batch, _ = train.fused_step(net, [configs[n] for n in group], [ex for _, ex in parts],
+        _, _, _, batch, _ = train.fused_step(net, [configs[n] for n in group], [ex for _, ex in parts],
                                           [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
                                           generators, 0, device, args.packing)
         for n in group:

@@ -74,6 +74,7 @@ class SchedulerConfig:
     max_concurrent: int = 2                # jobs fused into one step
     memory_budget_gb: float | None = None  # cap on each step's predicted peak memory, GiB (None: no cap)
     token_budget: int | None = None        # cap on each step's processed tokens (padding included); fast-fit fills up to it
+    placement: str = "data"                # under torchrun (dist.py): data (each step's rows split over the ranks) | job (each rank its own jobs)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
     sweep: SweepConfig | None = None       # a hyperparameter search whose trials run as jobs beside `jobs` (sweep.py)
 
 
@@ -118,11 +120,12 @@ class ConfigError(ValueError):
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots",
              "sweep.json", "sweep.png", "best.json")
 # Config fields a resumed run may change: they change no result.
-RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s")
 OBJECTIVES, LOSS_TYPES = ("sft", "dpo", "cpo"), ("sigmoid", "ipo")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
 TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex"), ("loss", "task")
+PLACEMENTS = ("data", "job")
 MAX_TRIALS = 10_000
 FLOAT32_MAX = 3.4028234663852886e38
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -156,6 +159,8 @@ def validate(cfg: RunConfig, where: str):
     need(sc.memory_budget_gb is None or finite(sc.memory_budget_gb) and sc.memory_budget_gb > 0,
          "scheduler.memory_budget_gb", sc.memory_budget_gb, "expected null or a number > 0")
     need(sc.token_budget is None or sc.token_budget >= 1, "scheduler.token_budget", sc.token_budget, "expected null or >= 1")
+    need(sc.placement in PLACEMENTS, "scheduler.placement", sc.placement, f"expected one of {', '.join(PLACEMENTS)}")
+    need(0 < cfg.dist_timeout_s <= 86400, "dist_timeout_s", cfg.dist_timeout_s, "expected seconds in (0, 86400]")
     need(bool(cfg.jobs) or cfg.sweep is not None, "jobs", cfg.jobs, "expected a non-empty list of jobs (or a sweep)")
     seen = {}
     for i, job in enumerate(cfg.jobs):

@@ -241,6 +241,8 @@ class RouteGroup(NamedTuple):
     length: int | None              # the longest of its rows (right padding), None: all T
     seed: int | None                # this forward's dropout seed, drawn from the job's RNG
     row_lengths: tuple[int, ...] | None = None   # real tokens of each of its rows (right padding)
+    tokens: tuple[int, torch.Tensor] | None = None   # data parallel: (the adapter's real tokens in the
+                                    # whole step, which of them are here): masks drawn for all, these kept
 
 
 @dataclass
@@ -459,10 +461,17 @@ class MultiLoRALinear(nn.Module):
         seed = mix_seed(group.seed, self.seed)
         rows, length, width = shape
         lengths = group.row_lengths
-        if lengths is None or all(n >= length for n in lengths):   # no padding inside: one draw as is
+        padded = lengths is not None and any(n < length for n in lengths)
+        if group.tokens is not None:   # data parallel: this rank's tokens of the whole step's mask
+            total, here = group.tokens
+            flat = keep_mask((total, width), p, seed, device)[here.to(device)]
+            if not padded:
+                return flat.view(tuple(shape))
+        elif not padded:   # no padding inside: one draw as is
             return keep_mask(tuple(shape), p, seed, device)
+        else:
+            flat = keep_mask((sum(min(n, length) for n in lengths), width), p, seed, device)
         real = torch.arange(length) < torch.tensor(lengths)[:, None]               # [rows, length]
-        flat = keep_mask((sum(min(n, length) for n in lengths), width), p, seed, device)
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
 
     def extra_repr(self) -> str:
@@ -591,7 +600,8 @@ def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
 
 @contextmanager
 def route(model: nn.Module, names: list[str | None], *, lengths=None,
-          generators: dict[str, torch.Generator] | None = None, packed: bool = False):
+          generators: dict[str, torch.Generator] | None = None, packed: bool = False,
+          dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = ()):
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
@@ -601,6 +611,12 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     every layer's mask follows from that seed, so a recomputed forward (activation
     checkpointing: run backward inside the block) draws the same masks. Adapters without a
     generator draw their seed from torch's global RNG.
+
+    Data parallel (dist.py): each rank holds some of a step's examples. dropout_tokens[name] =
+    (the adapter's real tokens in the whole step, the positions of this rank's among them):
+    every mask is drawn for the whole step and this rank's part kept, so the masks are the
+    ones one process draws. `elsewhere`: adapters in the step with no example here; their seed
+    is drawn all the same, so that their streams stay in step on every rank.
     """
     layers = [layer for _, layer in lora_layers(model)]
     configs = {name: adapter.config for layer in layers for name, adapter in layer.adapters.items()}
@@ -613,6 +629,10 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     device = next(model.parameters()).device
     ends = None if lengths is None else list(itertools.accumulate(lengths))   # packed token ends
     groups = []
+    for name in elsewhere:
+        if model.training and configs[name].dropout > 0:
+            torch.randint(2**62, (), generator=(generators or {}).get(name))
+    dropout_tokens = dropout_tokens or {}
     for name in dict.fromkeys(n for n in names if n is not None):
         idx = [i for i, n in enumerate(names) if n == name]
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
@@ -622,11 +642,12 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         if packed:  # its examples' tokens, laid end to end: rows of one token each
             if not contiguous:
                 raise ValueError(f"route: adapter {name!r}'s examples must be adjacent in a packed batch")
-            groups.append(RouteGroup(name, slice(ends[idx[0]] - lengths[idx[0]], ends[idx[-1]]), None, seed))
+            groups.append(RouteGroup(name, slice(ends[idx[0]] - lengths[idx[0]], ends[idx[-1]]), None, seed,
+                                     tokens=dropout_tokens.get(name)))
             continue
         rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
         own = None if lengths is None else tuple(lengths[i] for i in idx)
-        groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own))
+        groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
     routing = Routing(groups, cache={}, packed=packed)
     for layer in layers:
         layer.routing = routing

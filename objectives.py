@@ -150,6 +150,11 @@ def job_parts(job: JobConfig, rows: list) -> list[tuple[str | None, list[data.Ex
     return [(job.name, answers)] + ([(None, answers)] if job.objective == "dpo" else [])
 
 
+def adapter_rows(job: JobConfig, n: int) -> list[int]:
+    """For n rows, the row of each sequence job_parts routes to the job's adapter, in its order."""
+    return list(range(n)) if job.objective == "sft" else list(range(n)) * 2
+
+
 def sequence_lengths(job: JobConfig, row) -> tuple[int, ...]:
     """The lengths of the sequences one row (example or pair) puts in a fused batch: the scheduler's unit."""
     return tuple(len(example.input_ids) for _, examples in job_parts(job, [row]) for example in examples)

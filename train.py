@@ -3,12 +3,13 @@
     python train.py                                  the bundled demo (demo.py)
     python train.py --config cfg.json [--key=value ...] [--overwrite]
     python train.py --merge out/JOB --to DIR [--base DIR] [--quant nf4]   export base + adapter merged
+    torchrun --nproc_per_node=N train.py --config cfg.json    N ranks (dist.py): gloo on CPUs, NCCL on GPUs
 
 A run checkpoints to out_dir/checkpoint/ every `checkpoint_every` fused steps and on Ctrl-C
 (SIGINT) or SIGTERM; rerunning the same command resumes it exactly. A different config into
 a used out_dir is refused; --overwrite replaces that run's outputs (and only those).
 Exit status: 0 done, 2 bad input (one line on stderr), 3 a job stopped on non-finite values,
-128+N stopped by signal N (resumable).
+4 another rank died or stalled (resumable), 128+N stopped by signal N (resumable).
 
 Each step fuses the next micro-batches of several jobs into one batch (packed), runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
@@ -33,12 +34,13 @@ from pathlib import Path
 import torch
 
 import data
+import dist
 import generate
 import lora
 import model as M
 import sweep
 from export import MERGE_MARKER, export_merged  # noqa: F401
-from objectives import (REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
+from objectives import (REWARD_KEYS, adapter_rows, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
                         task_correct, token_losses)
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
@@ -209,13 +211,21 @@ class Run:
     signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
     sweep: "sweep.Sweep | None" = None     # a sweep's rungs and decisions (sweep.py)
     parked: dict[str, dict] = field(default_factory=dict)   # sweep trials waiting at a rung: job_state(), on the CPU
+    dist: "dist.Dist | None" = None        # under torchrun: this rank and its collectives (dist.py)
     tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
     task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
     task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
 
     def log(self, record: dict):
+        if self.metrics is None:   # under torchrun, rank 0 writes
+            return
         self.metrics.write((json.dumps(record) + "\n").encode())
         self.metrics.flush()
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes out_dir: one process, or rank 0 of several."""
+        return self.dist is None or self.dist.main
 
     def now(self) -> float:
         return time.time() - self.start
@@ -298,39 +308,102 @@ def admit(run: Run, name: str):
 
 def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
                generators: dict[str, torch.Generator], pad_id: int, device, packed: bool = True,
-               check_finite: bool = False, step_rows: list[int] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, data.Batch, bool]:
+               check_finite: bool = False, step_rows: list[int] | None = None, share: dict | None = None,
+               reduce=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, data.Batch | None, bool]:
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all sequences end to end in one row; else padded rows), each sequence routed as
     job_parts says (its job's adapter; a DPO job's reference copies to none); returns each job's
-    loss [k], its reward sums [k, 4] (job_loss), the batch, and whether backward ran.
+    loss [k], its reward sums [k, 4] (job_loss), its real and processed tokens [k, 2], the
+    batch (None: nothing here), and whether backward ran.
 
     examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
     step_rows[i] the rows of its whole optimizer step (None: each micro-batch is a whole step).
     check_finite: no backward when a job's loss is not finite (the caller drops that job and
     runs the step again without it). Needed where adapters share matmuls (lora.concatenates):
     there a NaN row would reach every adapter's gradient as 0 x NaN.
+    Data parallel (split_step): `examples` are this rank's rows (a job may have none here),
+    `share` routes their dropout, and reduce(stats) sums the losses, rewards and token counts
+    over the ranks before the finite check; backward stays this rank's part.
     """
+    k = len(jobs)
     parts = [job_parts(job, rows) for job, rows in zip(jobs, examples)]
-    batch = make_batch([part for job_part in parts for part in job_part], pad_id, packed).to(device)
     sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
-    job_of_row = torch.tensor([i for i, n in enumerate(sequences) for _ in range(n)], device=device)
-    first_row = [sum(sequences[:i]) for i in range(len(jobs))]
-    step_rows = step_rows or [len(rows) for rows in examples]
+    share = share or {"dropout_tokens": None, "elsewhere": ()}
     model.train()
-    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed):
+    losses = torch.zeros(k, device=device)
+    rewards = torch.zeros(k, 4, device=device)
+    counts = torch.zeros(k, 2, dtype=torch.long)   # on the CPU: bookkeeping
+    if not any(sequences):   # data parallel: nothing here this step; the dropout streams still advance
+        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs)):
+            pass
+        stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
+        return stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu(), None, False
+    batch = make_batch([part for job_part in parts for part in job_part], pad_id, packed).to(device)
+    job_of_row = torch.tensor([i for i, n in enumerate(sequences) for _ in range(n)], device=device)
+    first_row = [sum(sequences[:i]) for i in range(k)]
+    step_rows = step_rows or [len(rows) for rows in examples]
+    for i, lengths in enumerate(batch.lengths.split(sequences)):   # real tokens, and processed (padding too)
+        counts[i, 0] = lengths.sum()
+        counts[i, 1] = lengths.sum() if batch.packed else len(lengths) * batch.input_ids.size(1)
+    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
+                    **share):
         token_nll, rows = token_losses(model, batch)
         token_job = job_of_row[rows]
-        results = [job_loss(job, token_nll[token_job == i], rows[token_job == i] - first_row[i], len(examples[i]),
-                            step_loss_tokens[i], step_rows[i]) for i, job in enumerate(jobs)]
-        losses = torch.stack([loss for loss, _ in results])
-        rewards = torch.stack([reward_sums for _, reward_sums in results])
+        here = [i for i in range(k) if sequences[i]]
+        results = [job_loss(jobs[i], token_nll[token_job == i], rows[token_job == i] - first_row[i],
+                            len(examples[i]), step_loss_tokens[i], step_rows[i]) for i in here]
+        local = losses.index_put((torch.tensor(here, device=device),), torch.stack([loss for loss, _ in results]))
+        rewards[here] = torch.stack([reward_sums for _, reward_sums in results]).detach()
+        losses, rewards = local.detach(), rewards
+        if reduce:   # syncs the device
+            stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
+            losses, rewards, counts = stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu()
         if check_finite and not bool(losses.isfinite().all()):  # syncs the device
-            return losses.detach(), rewards, batch, False
+            return losses, rewards, counts, batch, False
         # Backward inside the routing block: a layer recomputed in backward (activation
         # checkpointing) reads the routing and redraws the same dropout masks.
-        losses.sum().backward()
-    return losses.detach(), rewards, batch, True
+        local.sum().backward()
+    return losses, rewards, counts, batch, True
+
+
+def split_step(jobs: list[JobConfig], examples: list[list], d) -> tuple[list[list], dict]:
+    """Data parallel: this rank's part of a fused step. The step's rows, all jobs in order, are
+    cut into one contiguous range per rank of about equal tokens (dist.split_rows); returns each
+    job's rows here and lora.route's dropout sharing: for each job here, its adapter's real
+    tokens in the whole step and which of them are here (so its masks are one process's), and
+    the jobs with nothing here (their dropout streams advance all the same)."""
+    costs = [sum(sequence_lengths(job, row)) for job, rows in zip(jobs, examples) for row in rows]
+    mine = dist.split_rows(costs, d.world)[d.rank]
+    local, dropout_tokens, elsewhere, first = [], {}, [], 0
+    for job, rows in zip(jobs, examples):
+        a, b = min(max(mine.start - first, 0), len(rows)), min(max(mine.stop - first, 0), len(rows))
+        first += len(rows)
+        local.append(rows[a:b])
+        if a == b:
+            elsewhere.append(job.name)
+            continue
+        (_, sequences), *_ = job_parts(job, rows)   # the adapter's sequences in the whole step
+        here, offset = [], 0
+        for example, row in zip(sequences, adapter_rows(job, len(rows))):
+            if a <= row < b:
+                here.append(torch.arange(offset, offset + len(example.input_ids)))
+            offset += len(example.input_ids)
+        dropout_tokens[job.name] = (offset, torch.cat(here))
+    return local, {"dropout_tokens": dropout_tokens, "elsewhere": tuple(elsewhere)}
+
+
+def reduce_gradients(run: Run, states: list[JobState], settle: bool = False):
+    """Data parallel: sum these jobs' gradients over the ranks (dist.reduce: a few flat buckets).
+    Between reductions each rank accumulates its own part; rank 0 alone carries what was summed
+    before. settle (a checkpoint mid-accumulation): rank 0 then holds the sums, the others none."""
+    params = [p for s in states for p in lora.adapter_parameters(run.model, s.config.name)]
+    for p in params:   # a rank with none of a job's rows has no gradient: it adds zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    run.dist.reduce([p.grad for p in params])
+    if settle and not run.dist.main:
+        for p in params:
+            p.grad = None
 
 
 def optimizer_step(run: Run, s: JobState) -> str | None:
@@ -400,7 +473,7 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
                 s.evals_since_best += 1
                 if s.evals_since_best >= job.early_stop:
                     stop_reason = f"no better held-out {watched} in {job.early_stop} evaluations"
-    if job.save_every and s.step % job.save_every == 0:
+    if job.save_every and s.step % job.save_every == 0 and run.writes:
         lora.save_peft(run.model, name, run.out_dir / "snapshots" / name / f"step-{s.step}", run.cfg.base_model)
     return stop_reason
 
@@ -443,7 +516,8 @@ def finish(run: Run, name: str):
         s.eval_loss, s.eval_rewards, s.eval_task = best.loss, best.rewards, best.task
     elif best is not None:
         best.loss, best.step, best.rewards, best.task = s.eval_loss, s.step, s.eval_rewards, s.eval_task
-    lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
+    if run.writes:
+        lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
     lora.remove_adapter(run.model, name)
     latency = time.time() - s.admitted_at
     run.summary[name] = {"steps": s.step, "tokens": s.tokens, "latency_s": latency, "finish_s": run.now(),
@@ -563,8 +637,12 @@ def load_job(run: Run, name: str, saved: dict) -> JobState:
 def save_checkpoint(run: Run):
     """The whole run's state in one file, written atomically (out_dir/checkpoint/state.pt):
     enough for the same command to go on exactly where this step ended."""
+    if run.dist is not None and run.cfg.scheduler.placement == "data":   # rank 0 holds the summed gradients
+        reduce_gradients(run, list(run.jobs.values()), settle=True)
     # Admission order, as the adapters sit in the layers.
     jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
+    if not run.writes:
+        return
     state = {"version": 1, "config": dataclasses.asdict(run.cfg), "inputs": run.inputs,
              "elapsed_s": run.now(), "step": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
              "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors, "summary": run.summary,
@@ -588,7 +666,9 @@ def restore(run: Run, state: dict):
     run.bar.refresh()
     run.sched.load_state_dict(state["scheduler"])
     for name, saved in state["jobs"].items():
-        load_job(run, name, saved)
+        s = load_job(run, name, saved)
+        if not run.writes:   # data parallel: rank 0 carries the gradients summed so far
+            s.optimizer.zero_grad(set_to_none=True)
     if run.sweep is not None:
         run.sweep.load_state_dict(state["sweep"])
         run.parked = state["parked"]
@@ -597,8 +677,9 @@ def restore(run: Run, state: dict):
                 for _ in range(saved["popped"]):
                     run.plans[name].pop()
     torch.set_rng_state(state["torch_rng"])
-    run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
-    run.metrics.seek(state["metrics_bytes"])
+    if run.metrics is not None:
+        run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
+        run.metrics.seek(state["metrics_bytes"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -678,49 +759,86 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     Everything is checked before out_dir is touched: the config, the base folder, every data
     row, and what out_dir holds (claim_out_dir). An unfinished run of the same config there is
     resumed from its checkpoint; `overwrite` replaces a previous run's outputs instead.
+    Under torchrun (dist.py) every rank runs this; rank 0 alone reads and writes out_dir.
     """
-    from tqdm import tqdm
     validate(cfg, "config")
     cfg = sweep.expand(cfg, "config")   # its trials become jobs
-    device = M.resolve_device(cfg.device)
-    check_base(cfg)
-    tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
-    task_sets = {job.name: data.load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
-                 for job in cfg.jobs if job.task_metric}
-    mode = claim_out_dir(cfg, overwrite)
+    d = dist.setup(cfg.device, cfg.dist_timeout_s)
+    try:
+        return train_on(cfg, overwrite, d)
+    finally:
+        if d is not None:
+            d.close()
+
+
+def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
+    """train() in this process (one of the ranks when d is set)."""
+    from tqdm import tqdm
+    writes = d is None or d.main
+    device = M.resolve_device(cfg.device) if d is None else d.device
+    error = mode = state = None
+    try:
+        check_base(cfg)
+        tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
+        task_sets = {job.name: data.load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
+                     for job in cfg.jobs if job.task_metric}
+        files = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
+        inputs = {str(f): file_digest(f) for f in files}
+        if d is not None and d.world > 1 and cfg.sweep is not None and cfg.scheduler.placement == "job":
+            raise ConfigError("sweep: its rungs compare trials across ranks; use scheduler.placement 'data' under torchrun")
+        if writes:
+            mode = claim_out_dir(cfg, overwrite)
+            state = read_checkpoint(Path(cfg.out_dir), inputs) if mode == "resume" else None
+    except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
+        if d is None:
+            raise
+        error = e
+    if d is not None:   # every rank checked the same inputs: all go on, or all stop with the first error
+        message = d.agree(error)
+        if message:
+            raise ConfigError(message)
+        mode, state = d.broadcast((mode, state))
     out_dir = Path(cfg.out_dir)
     if mode == "finished":
-        print(f"{out_dir} holds the finished run of this config (run.json): nothing to do; "
-              f"--overwrite trains it again")
-        return json.loads((out_dir / "summary.json").read_text())
-    files = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
-    inputs = {str(f): file_digest(f) for f in files}
-    state = read_checkpoint(out_dir, inputs) if mode == "resume" else None
+        if writes:
+            print(f"{out_dir} holds the finished run of this config (run.json): nothing to do; "
+                  f"--overwrite trains it again")
+        summary = json.loads((out_dir / "summary.json").read_text()) if writes else None
+        return summary if d is None else d.broadcast(summary)
     torch.manual_seed(cfg.seed)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
     model.checkpoint_blocks = cfg.activation_checkpointing
-    if mode == "overwrite":
-        clear_run(out_dir)
-    elif mode in ("resume", "restart"):
-        remove_partial_writes(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}")
+    metrics = None
+    if writes:
+        if mode == "overwrite":
+            clear_run(out_dir)
+        elif mode in ("resume", "restart"):
+            remove_partial_writes(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}"
+              + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}"))
+        metrics = open(out_dir / "metrics.jsonl", "r+b" if state else "wb")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
-              train_sets, test_sets, inputs, metrics=open(out_dir / "metrics.jsonl", "r+b" if state else "wb"),
-              start=time.time(), tokenizer=tokenizer, task_sets=task_sets,
-              bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True))
+              train_sets, test_sets, inputs, metrics=metrics, start=time.time(), tokenizer=tokenizer,
+              task_sets=task_sets, dist=d,
+              bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True,
+                       disable=not writes))
     if cfg.sweep is not None:
         run.sweep = sweep.Sweep(cfg, run.plans)
-        print(run.sweep.describe())
+        if writes:
+            print(run.sweep.describe())
     if state is not None:
         restore(run, state)
-        print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
-              f"{len(run.jobs)} admitted)")
+        if writes:
+            print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
+                  f"{len(run.jobs)} admitted)")
     with signals_checkpoint(run):
         while not sched.done:
             train_step(run)
+            if d is not None:   # a signal any rank received stops them all at this step
+                run.signal = int(d.max_(torch.tensor([run.signal or 0], device=device)).item()) or None
             if run.signal is not None or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
                 save_checkpoint(run)
             if run.signal is not None:
@@ -728,7 +846,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
                 raise Interrupted(run.signal, f"{signal.Signals(run.signal).name}: checkpoint of fused step "
                                               f"{run.step} in {out_dir}/checkpoint; the same command resumes")
     run.bar.close()
-    write_results(run)
+    if writes:
+        write_results(run)
     return run.summary
 
 
@@ -752,8 +871,9 @@ def signals_checkpoint(run: Run):
     A second one acts as it normally would."""
     def note(signum, frame):
         run.signal = signum
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if run.dist is None:   # under torchrun, its SIGTERM follows a Ctrl-C's SIGINT: both mean stop after this step
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         print(f"\n{signal.Signals(signum).name}: checkpointing after this step (again to stop at once)", file=sys.stderr)
 
     previous = {}
@@ -784,36 +904,49 @@ def train_step(run: Run):
     # the peaks too; then a fresh window for this step, whose peak the memory model learns.
     between_mb = M.peak_memory(run.device)
     M.reset_peak_memory(run.device)
+    parallel = run.dist is not None and run.cfg.scheduler.placement == "data"
     while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
         rng = [s.generator.get_state() for s in states]   # a step run again draws the same dropout
-        losses, rewards, batch, stepped = fused_step(
-            run.model, [s.config for s in states],
-            [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
+        rows = [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)]
+        share = None
+        if parallel:   # this rank's part of the step
+            rows, share = split_step([s.config for s in states], rows, run.dist)
+        losses, rewards, counts, batch, stepped = fused_step(
+            run.model, [s.config for s in states], rows,
             [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
             run.pad_id, run.device, cfg.packing, check_finite=lora.concatenates(run.device),
-            step_rows=[mb.step_rows for mb in micro_batches])
-        if stepped:
+            step_rows=[mb.step_rows for mb in micro_batches], share=share,
+            reduce=run.dist.sum_ if parallel else None)
+        if stepped or parallel and not lora.concatenates(run.device):
             break
         # A job whose loss is not finite stops; the others run the step again without it.
         finite = [math.isfinite(loss) for loss in losses.tolist()]
+        if all(finite):   # data parallel: nothing of this step was here
+            break
         for s, ok, state in zip(states, finite, rng):
             s.generator.set_state(state)
             if not ok:
                 stop_early(run, s, f"non-finite loss at step {s.step + 1}", nonfinite=True)
         micro_batches = [mb for mb, ok in zip(micro_batches, finite) if ok]
     step_mb = M.peak_memory(run.device)  # forward + backward: where a step's memory peaks
+    if run.dist is not None:   # every rank: the largest peak, and a signal any rank received
+        agreed = run.dist.max_(torch.tensor([between_mb, step_mb, run.signal or 0], dtype=torch.float64,
+                                            device=run.device)).tolist()
+        between_mb, step_mb, run.signal = agreed[0], agreed[1], int(agreed[2]) or None
 
     if micro_batches:
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
-        row_lengths = batch.lengths.split([mb.sequences for mb in micro_batches])
+        ending = [s for s, mb in zip(states, micro_batches) if mb.last_in_step]
+        if parallel:   # their gradients summed over the ranks, in a few buckets
+            reduce_gradients(run, ending)
         stepped = []
-        for s, mb, loss, reward_sums, lengths in zip(states, micro_batches, losses, rewards, row_lengths):
+        for s, mb, loss, reward_sums, (tokens, processed) in zip(states, micro_batches, losses, rewards,
+                                                                  counts.tolist()):
             s.loss_sum = s.loss_sum + loss
             s.reward_sums = s.reward_sums + reward_sums
-            tokens = int(lengths.sum())
             s.tokens += tokens
-            s.padded_tokens += tokens if batch.packed else len(lengths) * batch.input_ids.size(1)
+            s.padded_tokens += processed
             if mb.last_in_step:
                 reason = optimizer_step(run, s)
                 if reason:
@@ -830,7 +963,7 @@ def train_step(run: Run):
                 stop_early(run, s, reason)
             elif run.sweep is not None:
                 reach_rung(run, s)
-        log_step(run, micro_batches, batch, time.time() - t0, between_mb, step_mb)
+        log_step(run, micro_batches, counts.sum(0).tolist(), time.time() - t0, between_mb, step_mb)
     else:
         run.step += 1
     # ---- finished jobs: save, free their slot (the next waiting job is admitted next time);
@@ -846,9 +979,10 @@ def train_step(run: Run):
     settle_rungs(run)
 
 
-def log_step(run: Run, micro_batches: list, batch: data.Batch, elapsed: float, between_mb: float, step_mb: float):
-    """Count the step, teach the memory model its peak, and log a line (every log_every steps)."""
-    tokens, processed = batch.num_tokens, batch.input_ids.numel()
+def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):
+    """Count the step (counts: its real and processed tokens), teach the memory model its peak,
+    and log a line (every log_every steps)."""
+    tokens, processed = counts
     run.step += 1
     run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + processed
     run.peak_mb = max(run.peak_mb, between_mb, step_mb)
@@ -1026,8 +1160,12 @@ def main(argv: list[str]) -> int:
                       f"each keeps its last finite adapter)", file=sys.stderr)
                 return 3
     except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # ranks agreed on it
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except dist.RankLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except Interrupted as e:
         print(f"stopped by {e}", file=sys.stderr)
         return 128 + e.signum

@@ -130,7 +130,7 @@ def test_rewards_margin_and_accuracy(tiny_llama):
         cfg = train.JobConfig(name=objective, data="-", objective=objective, beta=0.3, dropout=0.0, targets=TARGETS)
         lora.add_adapters(ours, {objective: cfg.lora_config()})
         randomize_B(ours, objective, seed=3)
-        _, rewards, batch, _ = train.fused_step(ours, [cfg], [pairs], [1], {}, 0, "cpu")
+        _, rewards, _, batch, _ = train.fused_step(ours, [cfg], [pairs], [1], {}, 0, "cpu")
         # The pairs' answers routed to the adapter, for DPO again to none: the reference.
         assert batch.adapter_names == [objective] * 8 + ([None] * 8 if objective == "dpo" else [])
         with torch.no_grad():

@@ -1,0 +1,143 @@
+"""More than one process: train.py under torchrun, through torch.distributed (nothing home-made).
+
+    torchrun --nproc_per_node=2 train.py --config C      # gloo on CPUs, NCCL on GPUs
+
+torchrun starts the processes (ranks) and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address; `setup` joins them. Every rank reads the same config and data and makes
+the same scheduler decisions (they are a pure function of the data, the seed and values every
+rank agrees on); rank 0 alone writes out_dir. Two placements (scheduler.placement):
+
+- data: every rank holds the base; each fused step's rows are split across the ranks
+  (`split_rows`, balanced by tokens), each job's gradients summed over the ranks (`reduce`, in a
+  few flat buckets) when its accumulation ends; the optimizer steps are then the same everywhere.
+- job: each rank trains its own jobs (train.py's `assign_jobs`) and sends rank 0 what it writes.
+
+A collective that fails (a rank died: gloo says "connection reset"; or one stalled past the
+timeout) raises RankLost: one line, and the run resumes from its last checkpoint.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 32 * 2**20    # gradients are summed in flat buckets of about this size
+
+
+class RankLost(Exception):
+    """A collective failed: another rank died, or stalled past the timeout."""
+
+
+class Dist:
+    """This process's place in the run and the collectives train.py uses."""
+
+    def __init__(self, rank: int, world: int, local_rank: int, device: str, objects):
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.objects = objects    # a gloo group: Python objects travel through the CPU
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError, dist.DistError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankLost(f"rank {self.rank}: {what} failed, another rank died or stalled ({first[:160]}); "
+                           f"the same torchrun command resumes from the last checkpoint") from None
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks, in place; returns it."""
+        self.call("all_reduce", dist.all_reduce, tensor)
+        return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.call("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def reduce(self, tensors: list[torch.Tensor]):
+        """Sum each tensor over the ranks in place, through flat buckets of ~BUCKET_BYTES (a few
+        collectives per step, not one per tensor). Tensors of one dtype and device."""
+        bucket, size = [], 0
+        for t in tensors + [None]:
+            if t is not None:
+                bucket.append(t)
+                size += t.numel() * t.element_size()
+            if bucket and (t is None or size >= BUCKET_BYTES):
+                flat = self.sum_(torch.cat([b.reshape(-1) for b in bucket]))
+                for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                    b.copy_(part.view_as(b))
+                bucket, size = [], 0
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        box = [obj if self.main else None]
+        self.call("broadcast", dist.broadcast_object_list, box, src=0, group=self.objects)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        out = [None] * self.world
+        self.call("all_gather", dist.all_gather_object, out, obj, group=self.objects)
+        return out
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` in rank order, on rank 0 (None elsewhere)."""
+        out = [None] * self.world if self.main else None
+        self.call("gather", dist.gather_object, obj, out, dst=0, group=self.objects)
+        return out
+
+    def agree(self, error: Exception | None) -> str | None:
+        """Validation: every rank checked the same inputs. The first failing rank's error (None
+        if none failed), on every rank, so that all stop and none waits at a collective."""
+        errors = self.all_gather(None if error is None else str(error))
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if not failed:
+            return None
+        rank, message = failed[0]
+        return message if rank == 0 else f"rank {rank}: {message}"
+
+    def describe(self, placement: str) -> str:
+        how = ("each step's rows split over the ranks, gradients summed" if placement == "data"
+               else "each rank trains its own jobs")
+        return f"torchrun: {self.world} ranks ({'nccl' if self.device.startswith('cuda') else 'gloo'}), placement {placement}: {how}"
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(device: str, timeout_s: float) -> Dist | None:
+    """Join the ranks torchrun started (None when it started one process, or none ran).
+    device "auto" (or "cuda") becomes this rank's GPU, cuda:LOCAL_RANK, with NCCL; CPUs use gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    objects = dist.new_group(backend="gloo", timeout=timeout) if device.startswith("cuda") else dist.group.WORLD
+    return Dist(rank, world, local_rank, device, objects)
+
+
+def split_rows(costs: list[int], world: int) -> list[range]:
+    """Cut rows (in order) into `world` contiguous ranges of about equal total cost (tokens):
+    each cut at the row boundary nearest to its share. Ranges may be empty."""
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    cuts = [0]
+    for k in range(1, world):
+        target = prefix[-1] * k / world
+        cut = min(range(cuts[-1], len(costs) + 1), key=lambda i: (abs(prefix[i] - target), i))
+        cuts.append(cut)
+    cuts.append(len(costs))
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
