@@ -17,6 +17,7 @@ timeout) raises RankLost: one line, and the run resumes from its last checkpoint
 """
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,8 @@ class Dist:
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ValueError, dist.DistError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())   # gloo's "[.../pair.cc:537] Read error ..."
+            first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
             raise RankLost(f"rank {self.rank}: {what} failed, another rank died or stalled ({first[:160]}); "
                            f"the same torchrun command resumes from the last checkpoint") from None
 

@@ -834,7 +834,7 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
         if writes:
             print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
                   f"{len(run.jobs)} admitted)")
-    with signals_checkpoint(run):
+    with signals_checkpoint(run), closing_bar(run):
         while not sched.done:
             train_step(run)
             if d is not None:   # a signal any rank received stops them all at this step
@@ -863,6 +863,16 @@ def read_checkpoint(out_dir: Path, inputs: dict[str, str]) -> dict:
             raise ConfigError(f"{path}: changed since the run in {out_dir} started; "
                               f"restore it, or pass --overwrite to start again")
     return state
+
+
+@contextlib.contextmanager
+def closing_bar(run: Run):
+    """The progress bar ends its line before an error is printed under it."""
+    try:
+        yield
+    except BaseException:
+        run.bar.close()
+        raise
 
 
 @contextlib.contextmanager

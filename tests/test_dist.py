@@ -121,11 +121,23 @@ def test_split_rows_balances_tokens():
     assert [r.start for r in cuts] == [0, 2, 4] and cuts[-1].stop == 7
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_data_parallel_equals_one_process(base, one_process, setting):
+@pytest.fixture(scope="module")
+def two_ranks(base):
+    """The run on 2 ranks, data parallel, in a setting: (its out_dir, torchrun's result); run once."""
     tmp, base_dir = base
-    path, out = write_config(tmp, base_dir, f"dp-{setting}", **SETTINGS[setting])
-    result = torchrun(path)
+    runs = {}
+
+    def run(setting: str):
+        if setting not in runs:
+            path, out = write_config(tmp, base_dir, f"dp-{setting}", **SETTINGS[setting])
+            runs[setting] = out, torchrun(path)
+        return runs[setting]
+    return run
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_data_parallel_equals_one_process(one_process, two_ranks, setting):
+    out, result = two_ranks(setting)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torchrun: 2 ranks (gloo), placement data" in result.stdout
     reference = one_process[setting]
@@ -149,3 +161,49 @@ def test_data_parallel_equals_one_process(base, one_process, setting):
         # Padded rows: each rank pads its own rows to their longest, which pads no more.
         assert summary[name]["padded_tokens"] <= expected[name]["padded_tokens"]
     assert not (out / "checkpoint").exists()
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+calls = [0]
+step = train.fused_step
+def fused_step(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == {rank!r} and calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(*args, **kwargs)
+train.fused_step = fused_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_rank_ends_the_run_and_it_resumes(base, two_ranks, tmp_path):
+    """Rank 1 killed at its 7th fused step (after the checkpoint of step 4): rank 0 stops with
+    one line within seconds, exit 4; the same command then resumes from the checkpoint and
+    ends bitwise equal to an uninterrupted 2-rank run (whose checkpoints sum the gradients at
+    the same points)."""
+    tmp, base_dir = base
+    reference, result = two_ranks("padded")
+    assert result.returncode == 0
+    path, out = write_config(tmp, base_dir, "dp-killed", **SETTINGS["padded"])
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(root=str(ROOT), rank="1", n=7))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(killer),
+               "--config", path]
+    t0 = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    elapsed = time.time() - t0
+    assert result.returncode != 0 and elapsed < 60
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0:")]
+    assert len(ours) == 1 and "another rank died or stalled" in ours[0] and "resumes" in ours[0], result.stderr[-2000:]
+    assert 'train.py", line' not in result.stderr and 'dist.py", line' not in result.stderr   # no traceback of ours
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "run.json").exists()
+    resumed = torchrun(path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+    a, b = adapters(out), adapters(reference)
+    assert relative_errors(a, b) == dict.fromkeys(b, 0.0)
+    assert step_losses(out) == step_losses(reference)
