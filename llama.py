@@ -17,7 +17,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -244,6 +243,7 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         # (Written against torch 2.13's documented interface; no GPU was at hand to run it:
         # tests/test_cuda.py compares it with the segment-by-segment path below.)
+        from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
         lengths = torch.tensor(segments.lengths, device=q.device, dtype=torch.int32)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))                   # [E+1] segment starts
         left = -1 if segments.window is None else segments.window - 1             # keys i-left .. i

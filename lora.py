@@ -794,9 +794,11 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
     """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does, as a whole:
     both files go into a new folder that replaces `out_dir` in one step (replace_dir), so a
     reader or a kill never sees new weights beside an old config."""
-    import shutil
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
+    write_peft(out_dir, *peft_files(model, name, base_model_path))
+
+
+def peft_files(model: nn.Module, name: str, base_model_path: str | None = None) -> tuple[dict, dict]:
+    """What save_peft writes: (PEFT's adapter config, the weights by PEFT's keys, on the CPU)."""
     cfg = adapter_config(model, name)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name, as_plain_lora=True).items()}
     r, alpha = cfg.r, cfg.alpha
@@ -811,6 +813,14 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
         "init_lora_weights": cfg.init if cfg.init == "gaussian" else True,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
+    return peft_config, state
+
+
+def write_peft(out_dir, peft_config: dict, state: dict):
+    """peft_files' config and weights as a PEFT folder, replacing out_dir as a whole."""
+    import shutil
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

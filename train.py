@@ -212,15 +212,26 @@ class Run:
     sweep: "sweep.Sweep | None" = None     # a sweep's rungs and decisions (sweep.py)
     parked: dict[str, dict] = field(default_factory=dict)   # sweep trials waiting at a rung: job_state(), on the CPU
     dist: "dist.Dist | None" = None        # under torchrun: this rank and its collectives (dist.py)
+    outbox: list | None = None             # job parallel, ranks > 0: what rank 0 is to write (flush_outbox)
+    ticks: int = 0                         # loop turns (job parallel: its checkpoints count these, as all ranks do)
     tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
     task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
     task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
 
     def log(self, record: dict):
-        if self.metrics is None:   # under torchrun, rank 0 writes
+        if self.jobs_apart:   # job parallel: each rank's lines say whose
+            record = {"rank": self.dist.rank, **record}   # a line sent from another rank keeps its own
+        if self.metrics is None:   # under torchrun, rank 0 writes (job parallel: sent to it)
+            if self.outbox is not None:
+                self.outbox.append(("log", record))
             return
         self.metrics.write((json.dumps(record) + "\n").encode())
         self.metrics.flush()
+
+    @property
+    def jobs_apart(self) -> bool:
+        """Job parallel under torchrun: each rank its own jobs."""
+        return self.dist is not None and self.cfg.scheduler.placement == "job"
 
     @property
     def writes(self) -> bool:
@@ -473,8 +484,8 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
                 s.evals_since_best += 1
                 if s.evals_since_best >= job.early_stop:
                     stop_reason = f"no better held-out {watched} in {job.early_stop} evaluations"
-    if job.save_every and s.step % job.save_every == 0 and run.writes:
-        lora.save_peft(run.model, name, run.out_dir / "snapshots" / name / f"step-{s.step}", run.cfg.base_model)
+    if job.save_every and s.step % job.save_every == 0:
+        save_adapter(run, name, run.out_dir / "snapshots" / name / f"step-{s.step}")
     return stop_reason
 
 
@@ -516,8 +527,7 @@ def finish(run: Run, name: str):
         s.eval_loss, s.eval_rewards, s.eval_task = best.loss, best.rewards, best.task
     elif best is not None:
         best.loss, best.step, best.rewards, best.task = s.eval_loss, s.step, s.eval_rewards, s.eval_task
-    if run.writes:
-        lora.save_peft(run.model, name, run.out_dir / name, run.cfg.base_model)
+    save_adapter(run, name, run.out_dir / name)
     lora.remove_adapter(run.model, name)
     latency = time.time() - s.admitted_at
     run.summary[name] = {"steps": s.step, "tokens": s.tokens, "latency_s": latency, "finish_s": run.now(),
@@ -532,6 +542,27 @@ def finish(run: Run, name: str):
         run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
         run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
+
+
+def save_adapter(run: Run, name: str, folder: Path):
+    """The job's adapter as a PEFT folder: written by rank 0; job parallel, the others send it there."""
+    if run.writes:
+        lora.save_peft(run.model, name, folder, run.cfg.base_model)
+    elif run.outbox is not None:
+        run.outbox.append(("peft", str(folder), *lora.peft_files(run.model, name, run.cfg.base_model)))
+
+
+def flush_outbox(run: Run):
+    """Job parallel: every rank's metrics lines and adapters to rank 0, which writes them (rank order)."""
+    sent = run.dist.gather(run.outbox or [])
+    if run.outbox is not None:
+        run.outbox.clear()
+    for items in sent or []:
+        for kind, *item in items:
+            if kind == "log":
+                run.log(item[0])
+            else:
+                lora.write_peft(*item)
 
 
 def reach_rung(run: Run, s: JobState):
@@ -641,14 +672,16 @@ def save_checkpoint(run: Run):
         reduce_gradients(run, list(run.jobs.values()), settle=True)
     # Admission order, as the adapters sit in the layers.
     jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
+    own = {"elapsed_s": run.now(), "step": run.step, "ticks": run.ticks, "tokens": run.tokens,
+           "padded_tokens": run.padded_tokens, "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors,
+           "summary": run.summary, "bar": [run.bar.n, run.bar.total], "scheduler": run.sched.state_dict(),
+           "jobs": jobs, "torch_rng": torch.get_rng_state(),
+           "sweep": None if run.sweep is None else run.sweep.state_dict(), "parked": run.parked}
+    ranks = run.dist.gather(None if run.writes else own) if run.jobs_apart else None   # job parallel: each rank's own
     if not run.writes:
         return
     state = {"version": 1, "config": dataclasses.asdict(run.cfg), "inputs": run.inputs,
-             "elapsed_s": run.now(), "step": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
-             "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors, "summary": run.summary,
-             "metrics_bytes": run.metrics.tell(), "bar": [run.bar.n, run.bar.total],
-             "scheduler": run.sched.state_dict(), "jobs": jobs, "torch_rng": torch.get_rng_state(),
-             "sweep": None if run.sweep is None else run.sweep.state_dict(), "parked": run.parked}
+             "metrics_bytes": run.metrics.tell(), **own, "ranks": ranks}
     folder = run.out_dir / "checkpoint"
     folder.mkdir(exist_ok=True)
     t0 = time.time()
@@ -659,7 +692,11 @@ def save_checkpoint(run: Run):
 
 def restore(run: Run, state: dict):
     """Put a run back as save_checkpoint left it (read_checkpoint checked its inputs)."""
+    metrics_bytes = state["metrics_bytes"]
+    if run.jobs_apart and not run.writes:   # job parallel: this rank's own part
+        state = state["ranks"][run.dist.rank]
     run.start = time.time() - state["elapsed_s"]
+    run.ticks = state.get("ticks", 0)
     run.step, run.tokens, run.padded_tokens = state["step"], state["tokens"], state["padded_tokens"]
     run.peak_mb, run.prediction_errors, run.summary = state["peak_mb"], state["prediction_errors"], state["summary"]
     run.bar.n, run.bar.total = state["bar"]
@@ -678,8 +715,8 @@ def restore(run: Run, state: dict):
                     run.plans[name].pop()
     torch.set_rng_state(state["torch_rng"])
     if run.metrics is not None:
-        run.metrics.truncate(state["metrics_bytes"])   # lines after the checkpoint are written again
-        run.metrics.seek(state["metrics_bytes"])
+        run.metrics.truncate(metrics_bytes)   # lines after the checkpoint are written again
+        run.metrics.seek(metrics_bytes)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -729,14 +766,32 @@ def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], 
                              [loss_tokens(job, row) for row in rows], job.batch_size, job.micro_batch_size,
                              job.epochs, cfg.seed, job.max_steps, group_by_length=job.group_by_length,
                              priority=job.priority))
+    return tokenizer, train_sets, test_sets, plans, make_scheduler(cfg, plans)
+
+
+def make_scheduler(cfg: RunConfig, plans: list[JobPlan]) -> Scheduler:
     sc = cfg.scheduler
     try:
-        sched = Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
-                          memory_budget=None if sc.memory_budget_gb is None else sc.memory_budget_gb * 2**30,
-                          pad_multiple=PAD_MULTIPLE, packed=cfg.packing)
+        return Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
+                         memory_budget=None if sc.memory_budget_gb is None else sc.memory_budget_gb * 2**30,
+                         pad_multiple=PAD_MULTIPLE, packed=cfg.packing)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return tokenizer, train_sets, test_sets, plans, sched
+
+
+def assign_jobs(plans: list[JobPlan], world: int) -> list[list[str]]:
+    """Job parallel: which rank trains which jobs. In the scheduler's admission order (priority,
+    then config order), each job goes to the rank with the least work so far (its tokens: every
+    epoch's, up to max_steps), as if the first rank to come free took the next waiting job.
+    Deterministic: the same on every rank and on resume. (A job that stops early frees its rank
+    sooner than planned; the plan does not change.)"""
+    load, ranks = [0.0] * world, [[] for _ in range(world)]
+    for plan in sorted(plans, key=lambda p: -p.priority):   # stable: config order within a priority
+        tokens = sum(sum(n) for n in plan.sequences) * plan.total_steps / max(plan.steps_per_epoch, 1)
+        rank = min(range(world), key=lambda r: (load[r], r))
+        ranks[rank].append(plan.name)
+        load[rank] += tokens
+    return ranks
 
 
 def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
@@ -805,6 +860,16 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
                   f"--overwrite trains it again")
         summary = json.loads((out_dir / "summary.json").read_text()) if writes else None
         return summary if d is None else d.broadcast(summary)
+    apart = d is not None and cfg.scheduler.placement == "job"
+    if apart:   # this rank's jobs only, on its own scheduler
+        assignment = assign_jobs(plans, d.world)
+        plans = [p for p in plans if p.name in assignment[d.rank]]
+        sched = make_scheduler(cfg, plans)
+    if state is not None and len(state.get("ranks") or ()) != (d.world if apart else 0):
+        raise ConfigError(f"{out_dir}/checkpoint: a job parallel run's, on {len(state['ranks'])} ranks; it resumes "
+                          f"under torchrun on as many" if state.get("ranks") else
+                          f"{out_dir}/checkpoint: not a job parallel run's; resume it with scheduler.placement 'data' "
+                          f"or in one process")
     torch.manual_seed(cfg.seed)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
     model.checkpoint_blocks = cfg.activation_checkpointing
@@ -818,11 +883,13 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
         if state is None:
             lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}"
-              + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}"))
+              + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}")
+              + ("".join(f"\n  rank {r}: {', '.join(names) or 'no jobs'}" for r, names in enumerate(assignment))
+                 if apart else ""))
         metrics = open(out_dir / "metrics.jsonl", "r+b" if state else "wb")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
               train_sets, test_sets, inputs, metrics=metrics, start=time.time(), tokenizer=tokenizer,
-              task_sets=task_sets, dist=d,
+              task_sets=task_sets, dist=d, outbox=[] if apart and not writes else None,
               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True,
                        disable=not writes))
     if cfg.sweep is not None:
@@ -835,20 +902,45 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
             print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
                   f"{len(run.jobs)} admitted)")
     with signals_checkpoint(run), closing_bar(run):
-        while not sched.done:
-            train_step(run)
+        more = not sched.done if not apart else bool(d.max_(torch.tensor([not sched.done], device=device)))
+        while more:
+            if not sched.done:   # job parallel: a rank whose jobs are done waits for the others
+                train_step(run)
+            more = not sched.done
             if d is not None:   # a signal any rank received stops them all at this step
-                run.signal = int(d.max_(torch.tensor([run.signal or 0], device=device)).item()) or None
-            if run.signal is not None or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                agreed = d.max_(torch.tensor([run.signal or 0, more, len(run.outbox or ())], device=device)).tolist()
+                run.signal, more = int(agreed[0]) or None, bool(agreed[1])
+                if agreed[2]:
+                    flush_outbox(run)
+            run.ticks += 1
+            due = cfg.checkpoint_every and (run.ticks if apart else run.step) % cfg.checkpoint_every == 0
+            if run.signal is not None or due:
                 save_checkpoint(run)
             if run.signal is not None:
                 run.bar.close()
                 raise Interrupted(run.signal, f"{signal.Signals(run.signal).name}: checkpoint of fused step "
                                               f"{run.step} in {out_dir}/checkpoint; the same command resumes")
     run.bar.close()
+    if apart:   # every rank's finished jobs and totals, to rank 0
+        gather_results(run)
     if writes:
         write_results(run)
-    return run.summary
+    return run.summary if d is None else d.broadcast(run.summary)
+
+
+def gather_results(run: Run):
+    """Job parallel: rank 0's summary gets every rank's jobs (in config order) and its totals the
+    sums (tokens), the largest (peak memory, fused steps) and all memory-model errors."""
+    totals = run.dist.gather((run.summary, run.step, run.tokens, run.padded_tokens, run.peak_mb,
+                              run.prediction_errors))
+    if totals is None:
+        return
+    summary = {name: job for ranks in totals for name, job in ranks[0].items()}
+    run.summary = {job.name: summary[job.name] for job in run.cfg.jobs if job.name in summary}
+    run.step = max(t[1] for t in totals)
+    run.tokens, run.padded_tokens = sum(t[2] for t in totals), sum(t[3] for t in totals)
+    run.peak_mb = max(t[4] for t in totals)
+    run.prediction_errors = [e for t in totals for e in t[5]]
 
 
 def read_checkpoint(out_dir: Path, inputs: dict[str, str]) -> dict:
@@ -940,10 +1032,9 @@ def train_step(run: Run):
                 stop_early(run, s, f"non-finite loss at step {s.step + 1}", nonfinite=True)
         micro_batches = [mb for mb, ok in zip(micro_batches, finite) if ok]
     step_mb = M.peak_memory(run.device)  # forward + backward: where a step's memory peaks
-    if run.dist is not None:   # every rank: the largest peak, and a signal any rank received
-        agreed = run.dist.max_(torch.tensor([between_mb, step_mb, run.signal or 0], dtype=torch.float64,
-                                            device=run.device)).tolist()
-        between_mb, step_mb, run.signal = agreed[0], agreed[1], int(agreed[2]) or None
+    if parallel:   # every rank's memory model learns the same peaks: the largest of any rank
+        between_mb, step_mb = run.dist.max_(torch.tensor([between_mb, step_mb], dtype=torch.float64,
+                                                         device=run.device)).tolist()
 
     if micro_batches:
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop

@@ -22,6 +22,7 @@ from conftest import make_hf_model, save_hf, write_rows
 from tokenizer_util import write_tokenizer_json
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("dist")   # one worker: the module's runs are made once
 
 
 def torchrun(config: str, *args: str, ranks: int = 2, env: dict | None = None, timeout: float = 120):
@@ -179,31 +180,62 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_a_dead_rank_ends_the_run_and_it_resumes(base, two_ranks, tmp_path):
-    """Rank 1 killed at its 7th fused step (after the checkpoint of step 4): rank 0 stops with
-    one line within seconds, exit 4; the same command then resumes from the checkpoint and
-    ends bitwise equal to an uninterrupted 2-rank run (whose checkpoints sum the gradients at
-    the same points)."""
+@pytest.mark.parametrize("placement", ["data", "job"])
+def test_a_dead_rank_ends_the_run_and_it_resumes(base, two_ranks, one_process, tmp_path, placement):
+    """Rank 1 killed at its 7th fused step (job parallel: its 3rd), after a checkpoint: rank 0 stops with one line
+    within seconds, exit 4; the same command then resumes from the checkpoint and ends bitwise
+    equal to the uninterrupted run: data parallel, the 2-rank run (whose checkpoints sum the
+    gradients at the same points); job parallel, one process (as the test above)."""
     tmp, base_dir = base
-    reference, result = two_ranks("padded")
-    assert result.returncode == 0
-    path, out = write_config(tmp, base_dir, "dp-killed", **SETTINGS["padded"])
+    if placement == "data":
+        changes = SETTINGS["padded"]
+        reference, result = two_ranks("padded")
+        assert result.returncode == 0
+    else:
+        changes = {"scheduler": {"placement": "job"}}
+        reference = one_process["packed"]
+    path, out = write_config(tmp, base_dir, f"{placement}-killed", **changes)
     killer = tmp_path / "killer.py"
-    killer.write_text(KILLER.format(root=str(ROOT), rank="1", n=7))
+    killer.write_text(KILLER.format(root=str(ROOT), rank="1", n=7 if placement == "data" else 3))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(killer),
                "--config", path]
     t0 = time.time()
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     elapsed = time.time() - t0
-    assert result.returncode != 0 and elapsed < 60
+    assert result.returncode != 0 and elapsed < 60, (result.returncode, elapsed, result.stderr[-3000:])
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0:")]
     assert len(ours) == 1 and "another rank died or stalled" in ours[0] and "resumes" in ours[0], result.stderr[-2000:]
     assert 'train.py", line' not in result.stderr and 'dist.py", line' not in result.stderr   # no traceback of ours
-    assert (out / "checkpoint" / "state.pt").exists() and not (out / "run.json").exists()
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "run.json").exists(), result.stderr[-3000:]
     resumed = torchrun(path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout
     a, b = adapters(out), adapters(reference)
     assert relative_errors(a, b) == dict.fromkeys(b, 0.0)
-    assert step_losses(out) == step_losses(reference)
+    if placement == "data":
+        assert step_losses(out) == step_losses(reference)
+
+
+def test_job_parallel_trains_each_job_as_one_process_does(one_process, base):
+    """scheduler.placement 'job': the jobs shared between the ranks by tokens (a, c, d on one;
+    b on the other...), each rank fusing its own; rank 0 writes every adapter and metrics line.
+    Each job ends as in one process, where it was fused with other jobs: fused = alone."""
+    tmp, base_dir = base
+    path, out = write_config(tmp, base_dir, "jp", scheduler={"placement": "job"})
+    result = torchrun(path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "placement job" in result.stdout
+    assignment = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("  rank ")]
+    assert len(assignment) == 2 and all(assignment), result.stdout
+    reference = one_process["packed"]
+    errors = relative_errors(adapters(out), adapters(reference))
+    assert errors == dict.fromkeys(errors, 0.0), errors
+    summary, expected = json.loads((out / "summary.json").read_text()), json.loads((reference / "summary.json").read_text())
+    assert list(summary) == ["a", "b", "c", "d"]
+    for name in expected:
+        for key in ("steps", "tokens", "padded_tokens", "stopped", "best_step", "final_loss", "eval_loss"):
+            assert summary[name][key] == expected[name][key], (name, key)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["rank"] for line in lines if "rank" in line} == {0, 1}
+    assert not (out / "checkpoint").exists()
