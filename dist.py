@@ -105,8 +105,14 @@ class Dist:
                else "each rank trains its own jobs")
         return f"torchrun: {self.world} ranks ({'nccl' if self.device.startswith('cuda') else 'gloo'}), placement {placement}: {how}"
 
-    def close(self):
+    def close(self, together: bool = True):
+        """Leave the process group. together (every rank got here alike: the run ended, or all
+        stopped on an agreed signal): a barrier first, so that no rank tears its connections down
+        while another still reads from them (seen: gloo's threads then abort the process, 2 runs
+        in 14). Not after an error: the others may be waiting in another collective."""
         if dist.is_initialized():
+            if together:
+                self.call("barrier", dist.barrier, group=self.objects)
             dist.destroy_process_group()
 
 

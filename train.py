@@ -819,11 +819,20 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
     validate(cfg, "config")
     cfg = sweep.expand(cfg, "config")   # its trials become jobs
     d = dist.setup(cfg.device, cfg.dist_timeout_s)
-    try:
+    if d is None:
         return train_on(cfg, overwrite, d)
-    finally:
-        if d is not None:
-            d.close()
+    try:
+        summary = train_on(cfg, overwrite, d)
+    except (Interrupted, ConfigError):   # every rank stopped at the same step, or on the same (agreed) error
+        d.close()
+        raise
+    except dist.RankLost:   # no teardown with a dead peer (gloo can abort in it): main's exit skips it
+        raise
+    except BaseException:
+        d.close(together=False)
+        raise
+    d.close()
+    return summary
 
 
 def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
@@ -1276,5 +1285,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def exit_with(status: int):
+    """sys.exit; but with a rank lost (4), leave at once: tearing the process group down with a
+    dead peer can abort in gloo's threads, which would replace our exit status."""
+    if status == 4:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(main(sys.argv[1:]))

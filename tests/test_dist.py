@@ -176,7 +176,7 @@ def fused_step(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return step(*args, **kwargs)
 train.fused_step = fused_step
-sys.exit(train.main(sys.argv[1:]))
+train.exit_with(train.main(sys.argv[1:]))
 """
 
 
@@ -204,6 +204,7 @@ def test_a_dead_rank_ends_the_run_and_it_resumes(base, two_ranks, one_process, t
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     elapsed = time.time() - t0
     assert result.returncode != 0 and elapsed < 60, (result.returncode, elapsed, result.stderr[-3000:])
+    assert "exitcode  : 4 " in result.stderr, result.stderr[-3000:]   # rank 0's: a rank was lost
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0:")]
     assert len(ours) == 1 and "another rank died or stalled" in ours[0] and "resumes" in ours[0], result.stderr[-2000:]
     assert 'train.py", line' not in result.stderr and 'dist.py", line' not in result.stderr   # no traceback of ours
