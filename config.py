@@ -109,6 +109,7 @@ class RunConfig:
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
+    shard_base: bool = False               # under torchrun, data placement: the frozen base split over the ranks (FSDP2), for a base too big for one device
     sweep: SweepConfig | None = None       # a hyperparameter search whose trials run as jobs beside `jobs` (sweep.py)
 
 
@@ -161,6 +162,10 @@ def validate(cfg: RunConfig, where: str):
     need(sc.token_budget is None or sc.token_budget >= 1, "scheduler.token_budget", sc.token_budget, "expected null or >= 1")
     need(sc.placement in PLACEMENTS, "scheduler.placement", sc.placement, f"expected one of {', '.join(PLACEMENTS)}")
     need(0 < cfg.dist_timeout_s <= 86400, "dist_timeout_s", cfg.dist_timeout_s, "expected seconds in (0, 86400]")
+    need(not cfg.shard_base or cfg.quant is None, "shard_base", cfg.shard_base,
+         f"a {cfg.quant} base cannot be sharded (bitsandbytes' packed weights are not FSDP2's); use quant null")
+    need(not cfg.shard_base or sc.placement == "data", "shard_base", cfg.shard_base,
+         "works with scheduler.placement 'data' only (job parallel ranks run different steps)")
     need(bool(cfg.jobs) or cfg.sweep is not None, "jobs", cfg.jobs, "expected a non-empty list of jobs (or a sweep)")
     seen = {}
     for i, job in enumerate(cfg.jobs):

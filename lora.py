@@ -328,6 +328,8 @@ class MultiLoRALinear(nn.Module):
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
         base = self.base_weight() if cfg.use_dora or cfg.init in ("pissa", "olora") else None
+        if hasattr(base, "full_tensor"):   # a sharded base (FSDP2's DTensor): the whole weight (a collective)
+            base = base.full_tensor()
         self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype, base)
 
     def base_weight(self) -> torch.Tensor:
@@ -525,20 +527,30 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
             raise ValueError(f"adapter {name!r}: use_dora with init {cfg.init!r} is not supported")
         cfg = dataclasses.replace(cfg, targets=targets)   # stored with the layers, saved by save_peft
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
-        for path, module in list(model.named_modules()):
-            if path.rsplit(".", 1)[-1] not in targets:
-                continue
-            if isinstance(module, (nn.Linear, quant.QuantLinear)):
-                parent_path, _, child = path.rpartition(".")
-                parent = model.get_submodule(parent_path)
-                module = MultiLoRALinear(module, seed=zlib.crc32(mask_key(model, path).encode()))
-                module.train(parent.training)  # a new module starts in training mode: follow the model
-                setattr(parent, child, module)
-            if isinstance(module, MultiLoRALinear):
-                module.add_adapter(name, cfg, generator, dtype)
+        for layer in wrap_targets(model, targets):
+            layer.add_adapter(name, cfg, generator, dtype)
     link_siblings(model)
     mark_only_lora_trainable(model)
     return model
+
+
+def wrap_targets(model: nn.Module, targets) -> list["MultiLoRALinear"]:
+    """Every layer named in targets as a MultiLoRALinear (a plain linear is swapped for one
+    holding it); returns them. With all of model.LORA_TARGETS before the base is sharded
+    (FSDP2, dist.py): adapters added later then live in layers FSDP already knows."""
+    layers = []
+    for path, module in list(model.named_modules()):
+        if path.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(module, (nn.Linear, quant.QuantLinear)):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            module = MultiLoRALinear(module, seed=zlib.crc32(mask_key(model, path).encode()))
+            module.train(parent.training)  # a new module starts in training mode: follow the model
+            setattr(parent, child, module)
+        if isinstance(module, MultiLoRALinear):
+            layers.append(module)
+    return layers
 
 
 def mask_key(model: nn.Module, path: str) -> str:

@@ -337,9 +337,14 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     over the ranks before the finite check; backward stays this rank's part.
     """
     k = len(jobs)
-    parts = [job_parts(job, rows) for job, rows in zip(jobs, examples)]
+    share = dict(share or {"dropout_tokens": None, "elsewhere": ()})
+    # A sharded base (FSDP2) gathers each block's weights from all ranks in every forward and
+    # backward: every rank must run the same blocks, so a job with no rows here gets one
+    # 1-token row without labels (routed to its adapter; it adds nothing to any loss).
+    stand_ins = share.pop("stand_ins", ())
+    parts = [job_parts(job, rows) if rows else [(job.name, [data.Example([pad_id], [data.IGNORE_INDEX])])]
+             if job.name in stand_ins else [] for job, rows in zip(jobs, examples)]
     sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
-    share = share or {"dropout_tokens": None, "elsewhere": ()}
     model.train()
     losses = torch.zeros(k, device=device)
     rewards = torch.zeros(k, 4, device=device)
@@ -354,17 +359,23 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     first_row = [sum(sequences[:i]) for i in range(k)]
     step_rows = step_rows or [len(rows) for rows in examples]
     for i, lengths in enumerate(batch.lengths.split(sequences)):   # real tokens, and processed (padding too)
+        if not examples[i]:   # a stand-in row
+            continue
         counts[i, 0] = lengths.sum()
         counts[i, 1] = lengths.sum() if batch.packed else len(lengths) * batch.input_ids.size(1)
     with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
                     **share):
         token_nll, rows = token_losses(model, batch)
         token_job = job_of_row[rows]
-        here = [i for i in range(k) if sequences[i]]
+        here = [i for i in range(k) if examples[i]]
         results = [job_loss(jobs[i], token_nll[token_job == i], rows[token_job == i] - first_row[i],
                             len(examples[i]), step_loss_tokens[i], step_rows[i]) for i in here]
-        local = losses.index_put((torch.tensor(here, device=device),), torch.stack([loss for loss, _ in results]))
-        rewards[here] = torch.stack([reward_sums for _, reward_sums in results]).detach()
+        local = losses
+        if here:
+            local = losses.index_put((torch.tensor(here, device=device),), torch.stack([loss for loss, _ in results]))
+            rewards[here] = torch.stack([reward_sums for _, reward_sums in results]).detach()
+        if stand_ins:   # backward through the whole batch, stand-ins too (their part is zero)
+            local = local + 0 * token_nll.sum()
         losses, rewards = local.detach(), rewards
         if reduce:   # syncs the device
             stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
@@ -377,12 +388,28 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     return losses, rewards, counts, batch, True
 
 
-def split_step(jobs: list[JobConfig], examples: list[list], d) -> tuple[list[list], dict]:
+def shard_base(model: torch.nn.Module, d: "dist.Dist"):
+    """FSDP2 (torch's fully_shard): each block's frozen weights, and the embeddings and output
+    layer, split over the ranks; each forward and backward gathers a block's weights just for
+    its turn. Every LoRA target is a MultiLoRALinear first (lora.wrap_targets), so that adapters
+    added later sit beside the sharded weights as ordinary tensors, replicated on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    lora.wrap_targets(model, model.LORA_TARGETS)
+    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world,))
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def split_step(jobs: list[JobConfig], examples: list[list], d, sharded: bool = False) -> tuple[list[list], dict]:
     """Data parallel: this rank's part of a fused step. The step's rows, all jobs in order, are
     cut into one contiguous range per rank of about equal tokens (dist.split_rows); returns each
     job's rows here and lora.route's dropout sharing: for each job here, its adapter's real
     tokens in the whole step and which of them are here (so its masks are one process's), and
-    the jobs with nothing here (their dropout streams advance all the same)."""
+    the jobs with nothing here (their dropout streams advance all the same; with a sharded base
+    they get a stand-in row instead, fused_step)."""
     costs = [sum(sequence_lengths(job, row)) for job, rows in zip(jobs, examples) for row in rows]
     mine = dist.split_rows(costs, d.world)[d.rank]
     local, dropout_tokens, elsewhere, first = [], {}, [], 0
@@ -391,6 +418,8 @@ def split_step(jobs: list[JobConfig], examples: list[list], d) -> tuple[list[lis
         first += len(rows)
         local.append(rows[a:b])
         if a == b:
+            if sharded:   # its stand-in row's mask: any one token's
+                dropout_tokens[job.name] = (1, torch.zeros(1, dtype=torch.long))
             elsewhere.append(job.name)
             continue
         (_, sequences), *_ = job_parts(job, rows)   # the adapter's sequences in the whole step
@@ -400,6 +429,8 @@ def split_step(jobs: list[JobConfig], examples: list[list], d) -> tuple[list[lis
                 here.append(torch.arange(offset, offset + len(example.input_ids)))
             offset += len(example.input_ids)
         dropout_tokens[job.name] = (offset, torch.cat(here))
+    if sharded:
+        return local, {"dropout_tokens": dropout_tokens, "elsewhere": (), "stand_ins": tuple(elsewhere)}
     return local, {"dropout_tokens": dropout_tokens, "elsewhere": tuple(elsewhere)}
 
 
@@ -882,6 +913,12 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
     torch.manual_seed(cfg.seed)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
     model.checkpoint_blocks = cfg.activation_checkpointing
+    if d is not None and cfg.shard_base:
+        shard_base(model, d)
+        if writes:
+            local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
+            print(f"base sharded (FSDP2) over {d.world} ranks: {local:,} of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters on this rank")
     metrics = None
     if writes:
         if mode == "overwrite":
@@ -1022,7 +1059,7 @@ def train_step(run: Run):
         rows = [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)]
         share = None
         if parallel:   # this rank's part of the step
-            rows, share = split_step([s.config for s in states], rows, run.dist)
+            rows, share = split_step([s.config for s in states], rows, run.dist, sharded=cfg.shard_base)
         losses, rewards, counts, batch, stepped = fused_step(
             run.model, [s.config for s in states], rows,
             [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
