@@ -5,6 +5,7 @@
     python bench.py --tiny --quick     # a tiny random model (RUN_SLOW=1 tests run this)
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
     python bench.py --scenario memory       # 8 jobs: activation peak with/without checkpointing, vs 8 PEFT processes
+    python bench.py --scenario ranks        # train.py on 1 process and on 2 ranks under torchrun (dist.py): scaling
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
   ours           k jobs' micro-batches fused into one step (what train.py does each step),
@@ -532,6 +533,75 @@ def memory_scenario(args) -> dict:
     return result
 
 
+def ranks_scenario(args) -> list[dict]:
+    """train.py on one process and on 2 ranks under torchrun (gloo on the CPU; NCCL with GPUs):
+    the same config, four jobs of ragged rows, run as a user runs it (fresh processes, one after
+    another, each alone). Tokens/s are run.json's (tokens through the forward / the training
+    loop's seconds). Scaling efficiency: N ranks' tokens/s over N x one rank's at the same
+    threads per rank; and against one process using every core, the machine's best single run."""
+    import random
+    import subprocess
+    import sys
+    folder = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    rng = random.Random(0)
+    words = "apple river stone cloud green quick house music light paper ocean tiger moon garden".split()
+    jobs = []
+    for j in range(4):
+        rows = []
+        for _ in range(args.scenario_rows):
+            text = " ".join(rng.choice(words) for _ in range(max(4, int(rng.gauss(40, 15)))))
+            rows.append({"instruction": "Repeat the words.", "input": text, "output": text})
+        (folder / f"job{j}.json").write_text(json.dumps(rows))
+        jobs.append({"name": f"job{j}", "data": str(folder / f"job{j}.json"), "r": args.r, "alpha": 2 * args.r,
+                     "dropout": args.dropout, "targets": args.targets.split(","), "lr": 3e-4, "batch_size": 8,
+                     "micro_batch_size": 8, "epochs": 1, "cutoff_len": 256})
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    cores = os.cpu_count() or 1
+    if gpus:   # one process per GPU
+        variants = [(f"{n} GPU{'s' if n > 1 else ''}, {placement}", n, None, placement)
+                    for n in (1, 2, 4) if n <= gpus for placement in (("data", "job") if n > 1 else ("data",))]
+    else:
+        variants = [(f"1 process, {cores} threads", 1, cores, "data"), ("1 process, 1 thread", 1, 1, "data")]
+        variants += [(f"{n} ranks x 1 thread, {placement}", n, 1, placement)
+                     for n in (2,) for placement in ("data", "job")]
+    results = []
+    for label, ranks, threads, placement in variants:
+        out = folder / label.replace(" ", "_").replace(",", "")
+        raw = {"base_model": args.base, "dtype": args.dtype, "device": args.device, "seed": 42, "out_dir": str(out),
+               "checkpoint_every": 0, "scheduler": {"strategy": "trivial", "max_candidates": 4, "max_concurrent": 4,
+                                                    "placement": placement}, "jobs": jobs}
+        config = out.with_suffix(".json")
+        config.write_text(json.dumps(raw))
+        train_py = str(Path(__file__).resolve().parent / "train.py")
+        command = ([sys.executable, train_py] if ranks == 1 else
+                   [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", train_py])
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        t0 = time.time()
+        done = subprocess.run(command + ["--config", str(config)], env=env, capture_output=True, text=True)
+        wall = time.time() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{label}: train.py exited {done.returncode}: {done.stderr[-2000:]}")
+        run = json.loads((out / "run.json").read_text())
+        results.append({"variant": label, "ranks": ranks, "threads_per_rank": threads, "placement": placement,
+                        "tokens": run["tokens"], "train_s": run["total_s"], "wall_s": wall,
+                        "tokens_per_s": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"]})
+        print(f"  {label}: {run['tokens_per_s']:.0f} tokens/s ({run['total_s']:.1f} s training, {wall:.1f} s wall)",
+              flush=True)
+    single = next(r for r in results if r["ranks"] == 1 and r["threads_per_rank"] in (1, None))
+    best_single = max((r for r in results if r["ranks"] == 1), key=lambda r: r["tokens_per_s"])
+    for r in results:
+        r["scaling_efficiency"] = r["tokens_per_s"] / (r["ranks"] * single["tokens_per_s"])
+        r["vs_best_single_process"] = r["tokens_per_s"] / best_single["tokens_per_s"]
+    print(f"\nranks: {args.base}, {args.dtype}, {'GPUs' if gpus else f'{cores} CPU cores'}; 4 jobs x "
+          f"{args.scenario_rows} rows (ragged, ~40 words), 1 epoch, batch 8, r={args.r} on {args.targets}\n")
+    print("| variant | tokens | training s | tokens/s | scaling efficiency | vs best single process | peak MiB (rank 0) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['tokens']} | {r['train_s']:.1f} | {r['tokens_per_s']:.0f} "
+              f"| {r['scaling_efficiency']:.2f} | {r['vs_best_single_process']:.2f} | {r['peak_mem_mb']:.0f} |")
+    return results
+
+
 def ensure_base(args) -> str:
     """A checkpoint folder for every system: --base, the demo's SmolLM2, or random weights."""
     if args.base:
@@ -574,7 +644,7 @@ def main(argv: list[str] | None = None):
                    help="run every system in this process, one after another (tests: the same work in seconds; "
                         "memory and peft-parallel's speed are not comparable)")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--scenario", choices=["systems", "strategies", "memory"], default="systems",
+    p.add_argument("--scenario", choices=["systems", "strategies", "memory", "ranks"], default="systems",
                    help="strategies: the seed's batching-strategy table (needs a base with a tokenizer)")
     p.add_argument("--scenario-rows", type=int, default=32, help="rows per job in the strategies scenario")
     p.add_argument("--token-budget", type=int, default=1024, help="fast-fit's rows x padded length per step")
@@ -583,6 +653,10 @@ def main(argv: list[str] | None = None):
     if args.scenario == "strategies":
         results = strategies_scenario(args)
         Path(args.out).write_text(json.dumps({"strategies": results}, indent=2) + "\n")
+        return results, []
+    if args.scenario == "ranks":
+        results = ranks_scenario(args)
+        Path(args.out).write_text(json.dumps({"ranks": results}, indent=2) + "\n")
         return results, []
     if args.scenario == "memory":
         result = memory_scenario(args)

@@ -50,8 +50,10 @@ class Dist:
                            f"the same torchrun command resumes from the last checkpoint") from None
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place; returns it."""
-        self.call("all_reduce", dist.all_reduce, tensor)
+        """Sum `tensor` over the ranks, in place; returns it. (A CPU tensor between GPU ranks
+        goes through the gloo group.)"""
+        group = self.objects if tensor.device.type == "cpu" and self.device.startswith("cuda") else None
+        self.call("all_reduce", dist.all_reduce, tensor, group=group)
         return tensor
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:

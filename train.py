@@ -93,20 +93,24 @@ def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, 
 
 @torch.no_grad()
 def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: int = 8,
-             packed: bool = True) -> tuple[float, dict | None]:
+             packed: bool = True, d: "dist.Dist | None" = None) -> tuple[float, dict | None]:
     """The job's adapter on held-out rows, `rows` of them (examples or pairs) per forward: its
     loss as in training over one step of all of them (SFT: the mean token loss; dpo/cpo: the
-    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy."""
+    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy.
+    d (data parallel): each rank takes every N-th forward, and the sums are summed over the ranks."""
     model.eval()
     step_loss_tokens = sum(loss_tokens(job, row) for row in examples)
     totals = torch.zeros(5, dtype=torch.float64)
-    for start in range(0, len(examples), rows):
+    starts = range(0, len(examples), rows)
+    for start in starts if d is None else starts[d.rank::d.world]:
         chunk = examples[start:start + rows]
         batch = make_batch(job_parts(job, chunk), pad_id, packed).to(device)
         with lora.route(model, batch.adapter_names, lengths=batch.lengths, packed=batch.packed):
             token_nll, sequences = token_losses(model, batch)
         loss, rewards = job_loss(job, token_nll, sequences, len(chunk), step_loss_tokens, len(examples))
         totals += torch.cat([loss[None], rewards]).double().cpu()  # syncs the device
+    if d is not None:
+        d.sum_(totals)
     return totals[0].item(), reward_means(totals[1:].tolist())
 
 
@@ -307,7 +311,7 @@ def admit(run: Run, name: str):
     initial_rewards = None
     if s.test_set:
         s.initial_eval_loss, initial_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
-                                                        packed=run.cfg.packing)
+                                                        packed=run.cfg.packing, d=eval_ranks(run))
         s.initial_eval_task = task_score(run, s)
     if s.config.early_stop is not None:  # the adapter at init (the base model) is the first "best"
         s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)],
@@ -492,7 +496,7 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     stop_reason = None
     if eval_due(s):
         s.eval_loss, s.eval_rewards = evaluate(run.model, job, s.test_set, run.pad_id, run.device,
-                                               packed=run.cfg.packing)
+                                               packed=run.cfg.packing, d=eval_ranks(run))
         s.eval_task = task_score(run, s)
         record = {"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1, "eval_loss": s.eval_loss}
         if s.eval_rewards is None:
@@ -547,7 +551,7 @@ def finish(run: Run, name: str):
     s = run.jobs[name]
     if s.test_set:
         s.eval_loss, s.eval_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
-                                               packed=run.cfg.packing)
+                                               packed=run.cfg.packing, d=eval_ranks(run))
         s.eval_task = task_score(run, s)
     del run.jobs[name]
     best = s.best
@@ -573,6 +577,13 @@ def finish(run: Run, name: str):
         run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
         run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
+
+
+def eval_ranks(run: Run) -> "dist.Dist | None":
+    """Who shares held-out evaluation: data parallel ranks split it, unless the base is sharded
+    (then every rank must run every forward: each gathers the weights from all)."""
+    parallel = run.dist is not None and run.cfg.scheduler.placement == "data"
+    return run.dist if parallel and not run.cfg.shard_base else None
 
 
 def save_adapter(run: Run, name: str, folder: Path):
@@ -606,7 +617,8 @@ def reach_rung(run: Run, s: JobState):
     if eval_due(s):   # evaluate_and_stop just did
         loss, task = s.eval_loss, s.eval_task
     else:
-        loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing)
+        loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing,
+                           d=eval_ranks(run))
         task = task_score(run, s)
     record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "tokens": s.tokens, "fused_step": run.step + 1,
               "eval_loss": loss}
