@@ -956,9 +956,9 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
             print(run.sweep.describe())
     if state is not None:
         restore(run, state)
-        if writes:
-            print(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
-                  f"{len(run.jobs)} admitted)")
+        if writes:   # below the progress bar, not inside its line
+            run.bar.write(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
+                          f"{len(run.jobs)} admitted)")
     with signals_checkpoint(run), closing_bar(run):
         more = not sched.done if not apart else bool(d.max_(torch.tensor([not sched.done], device=device)))
         while more:
@@ -1326,7 +1326,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     except Interrupted as e:
-        print(f"stopped by {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # all stopped alike
+            print(f"stopped by {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted before training started: nothing to resume", file=sys.stderr)
