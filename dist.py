@@ -10,7 +10,8 @@ rank agrees on); rank 0 alone writes out_dir. Two placements (scheduler.placemen
 - data: every rank holds the base; each fused step's rows are split across the ranks
   (`split_rows`, balanced by tokens), each job's gradients summed over the ranks (`reduce`, in a
   few flat buckets) when its accumulation ends; the optimizer steps are then the same everywhere.
-- job: each rank trains its own jobs (train.py's `assign_jobs`) and sends rank 0 what it writes.
+- job: each rank trains its own jobs (a rank with a free slot takes the next waiting job:
+  train.py's `assign_waiting`) and sends rank 0 what it writes.
 
 A collective that fails (a rank died: gloo says "connection reset"; or one stalled past the
 timeout) raises RankLost: one line, and the run resumes from its last checkpoint.

@@ -218,6 +218,8 @@ class Run:
     dist: "dist.Dist | None" = None        # under torchrun: this rank and its collectives (dist.py)
     outbox: list | None = None             # job parallel, ranks > 0: what rank 0 is to write (flush_outbox)
     ticks: int = 0                         # loop turns (job parallel: its checkpoints count these, as all ranks do)
+    pending: list[str] = field(default_factory=list)   # job parallel: jobs no rank has taken yet (the same on every rank)
+    free: list[int] = field(default_factory=list)      # job parallel: each rank's free slots, as last agreed
     tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
     task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
     task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
@@ -715,7 +717,7 @@ def save_checkpoint(run: Run):
         reduce_gradients(run, list(run.jobs.values()), settle=True)
     # Admission order, as the adapters sit in the layers.
     jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
-    own = {"elapsed_s": run.now(), "step": run.step, "ticks": run.ticks, "tokens": run.tokens,
+    own = {"elapsed_s": run.now(), "step": run.step, "ticks": run.ticks, "pending": run.pending, "tokens": run.tokens,
            "padded_tokens": run.padded_tokens, "peak_mb": run.peak_mb, "prediction_errors": run.prediction_errors,
            "summary": run.summary, "bar": [run.bar.n, run.bar.total], "scheduler": run.sched.state_dict(),
            "jobs": jobs, "torch_rng": torch.get_rng_state(),
@@ -739,11 +741,13 @@ def restore(run: Run, state: dict):
     if run.jobs_apart and not run.writes:   # job parallel: this rank's own part
         state = state["ranks"][run.dist.rank]
     run.start = time.time() - state["elapsed_s"]
-    run.ticks = state.get("ticks", 0)
+    run.ticks, run.pending = state.get("ticks", 0), state.get("pending", [])
     run.step, run.tokens, run.padded_tokens = state["step"], state["tokens"], state["padded_tokens"]
     run.peak_mb, run.prediction_errors, run.summary = state["peak_mb"], state["prediction_errors"], state["summary"]
     run.bar.n, run.bar.total = state["bar"]
     run.bar.refresh()
+    if run.jobs_apart:   # this rank's scheduler holds the jobs it was given
+        run.sched.waiting = [run.plans[name] for name in state["scheduler"]["waiting"] + state["scheduler"]["candidates"]]
     run.sched.load_state_dict(state["scheduler"])
     for name, saved in state["jobs"].items():
         s = load_job(run, name, saved)
@@ -822,19 +826,39 @@ def make_scheduler(cfg: RunConfig, plans: list[JobPlan]) -> Scheduler:
         raise ConfigError(str(e)) from None
 
 
-def assign_jobs(plans: list[JobPlan], world: int) -> list[list[str]]:
-    """Job parallel: which rank trains which jobs. In the scheduler's admission order (priority,
-    then config order), each job goes to the rank with the least work so far (its tokens: every
-    epoch's, up to max_steps), as if the first rank to come free took the next waiting job.
-    Deterministic: the same on every rank and on resume. (A job that stops early frees its rank
-    sooner than planned; the plan does not change.)"""
-    load, ranks = [0.0] * world, [[] for _ in range(world)]
-    for plan in sorted(plans, key=lambda p: -p.priority):   # stable: config order within a priority
-        tokens = sum(sum(n) for n in plan.sequences) * plan.total_steps / max(plan.steps_per_epoch, 1)
-        rank = min(range(world), key=lambda r: (load[r], r))
-        ranks[rank].append(plan.name)
-        load[rank] += tokens
-    return ranks
+def agree_turn(run: Run) -> bool:
+    """Under torchrun, after each turn: every rank learns whether any rank received a signal
+    (all then stop at this step), whether any has work left, whether any has lines or adapters
+    for rank 0 (flush_outbox), and (job parallel) how many free slots each has. One small
+    collective. Returns whether the run goes on."""
+    d = run.dist
+    free = [0] * d.world
+    if run.jobs_apart:   # candidate slots not yet given a job
+        free[d.rank] = run.cfg.scheduler.max_candidates - len(run.sched.candidates) - len(run.sched.waiting)
+    flags = [run.signal or 0, not run.sched.done or bool(run.pending), len(run.outbox or ())]
+    agreed = [int(x) for x in d.max_(torch.tensor(flags + free, device=run.device)).tolist()]   # syncs the device
+    run.signal = agreed[0] or None
+    if agreed[2]:
+        flush_outbox(run)
+    run.free = agreed[3:]
+    return bool(agreed[1])
+
+
+def assign_waiting(run: Run):
+    """Job parallel: the next waiting jobs (admission order) go to the ranks with free slots, one
+    at a time, the rank with the fewest jobs first (then the lowest rank): a rank that comes
+    free takes the next waiting job. Every rank computes the same from the same agreed counts."""
+    free, load = list(run.free), [0] * run.dist.world
+    while run.pending and any(free):
+        rank = min((r for r in range(len(free)) if free[r]), key=lambda r: (load[r], r))
+        name = run.pending.pop(0)
+        free[rank] -= 1
+        load[rank] += 1
+        if rank == run.dist.rank:
+            run.sched.waiting.append(run.plans[name])
+        run.log({"event": "assign", "job": name, "to_rank": rank, "fused_step": run.step})
+        if run.writes:
+            run.bar.write(f"rank {rank} takes job {name}")
 
 
 def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
@@ -913,10 +937,8 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
         summary = json.loads((out_dir / "summary.json").read_text()) if writes else None
         return summary if d is None else d.broadcast(summary)
     apart = d is not None and cfg.scheduler.placement == "job"
-    if apart:   # this rank's jobs only, on its own scheduler
-        assignment = assign_jobs(plans, d.world)
-        plans = [p for p in plans if p.name in assignment[d.rank]]
-        sched = make_scheduler(cfg, plans)
+    if apart:   # each rank's own scheduler, given jobs as it has room (assign_waiting)
+        sched = make_scheduler(cfg, [])
     if state is not None and len(state.get("ranks") or ()) != (d.world if apart else 0):
         raise ConfigError(f"{out_dir}/checkpoint: a job parallel run's, on {len(state['ranks'])} ranks; it resumes "
                           f"under torchrun on as many" if state.get("ranks") else
@@ -942,13 +964,14 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
             lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}"
               + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}")
-              + ("".join(f"\n  rank {r}: {', '.join(names) or 'no jobs'}" for r, names in enumerate(assignment))
-                 if apart else ""))
+              )
         metrics = open(out_dir / "metrics.jsonl", "r+b" if state else "wb")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
               train_sets, test_sets, inputs, metrics=metrics, start=time.time(), tokenizer=tokenizer,
               task_sets=task_sets, dist=d, outbox=[] if apart and not writes else None,
-              bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True,
+              pending=[p.name for p in sorted(plans, key=lambda p: -p.priority)] if apart else [],
+              bar=tqdm(total=None if apart else sum(p.num_micro_batches for p in plans), unit="mb", desc="train",
+                       dynamic_ncols=True,
                        disable=not writes))
     if cfg.sweep is not None:
         run.sweep = sweep.Sweep(cfg, run.plans)
@@ -960,16 +983,13 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
             run.bar.write(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
                           f"{len(run.jobs)} admitted)")
     with signals_checkpoint(run), closing_bar(run):
-        more = not sched.done if not apart else bool(d.max_(torch.tensor([not sched.done], device=device)))
+        more = not sched.done if d is None else agree_turn(run)
         while more:
-            if not sched.done:   # job parallel: a rank whose jobs are done waits for the others
+            if apart:
+                assign_waiting(run)
+            if not sched.done:   # job parallel: a rank with no job waits for the others
                 train_step(run)
-            more = not sched.done
-            if d is not None:   # a signal any rank received stops them all at this step
-                agreed = d.max_(torch.tensor([run.signal or 0, more, len(run.outbox or ())], device=device)).tolist()
-                run.signal, more = int(agreed[0]) or None, bool(agreed[1])
-                if agreed[2]:
-                    flush_outbox(run)
+            more = not sched.done if d is None else agree_turn(run)
             run.ticks += 1
             due = cfg.checkpoint_every and (run.ticks if apart else run.step) % cfg.checkpoint_every == 0
             if run.signal is not None or due:

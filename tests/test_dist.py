@@ -183,7 +183,8 @@ def test_a_dead_rank_ends_the_run_and_it_resumes(base, one_process, tmp_path, pl
         changes = SETTINGS["padded"]
         reference = one_process["padded"]
     else:
-        changes = dict(packing=True, optimizer="sgd", scheduler={"placement": "job"})
+        # One job per rank at a time: c and d wait until a rank comes free.
+        changes = dict(packing=True, optimizer="sgd", scheduler={"placement": "job", "max_candidates": 1})
         reference = one_process["packed"]   # (its shard_base does nothing in one process)
     path, out = write_config(tmp, base_dir, f"{placement}-killed", **changes)
     killer = tmp_path / "killer.py"
@@ -210,12 +211,13 @@ def test_a_dead_rank_ends_the_run_and_it_resumes(base, one_process, tmp_path, pl
     assert relative_errors(a, b) == dict.fromkeys(b, 0.0)
     # Job parallel: the jobs shared between the ranks, each fused with its rank's own only, end
     # as in one process, where they were fused with others: fused = alone. Rank 0 wrote all.
-    assignment = [line.split(":", 1)[1].strip() for line in resumed.stdout.splitlines() if line.startswith("  rank ")]
-    assert len(assignment) == 2 and all(assignment), resumed.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    taken = {line["job"]: (line["to_rank"], line["fused_step"]) for line in lines if line.get("event") == "assign"}
+    assert sorted(taken) == ["a", "b", "c", "d"] and {rank for rank, _ in taken.values()} == {0, 1}, taken
+    assert taken["a"][1] == taken["b"][1] == 0 and taken["c"][1] > 0 and taken["d"][1] > 0, taken
     summary, expected = json.loads((out / "summary.json").read_text()), json.loads((reference / "summary.json").read_text())
     assert list(summary) == ["a", "b", "c", "d"]
     for name in expected:
         for key in ("steps", "tokens", "padded_tokens", "stopped", "best_step", "final_loss", "eval_loss"):
             assert summary[name][key] == expected[name][key], (name, key)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["rank"] for line in lines if "rank" in line} == {0, 1}
