@@ -23,6 +23,10 @@ import re
 import torch
 import torch.distributed as dist
 
+import lora
+from config import JobConfig
+from objectives import adapter_rows, job_parts, sequence_lengths
+
 BUCKET_BYTES = 32 * 2**20    # gradients are summed in flat buckets of about this size
 
 
@@ -152,3 +156,128 @@ def split_rows(costs: list[int], world: int) -> list[range]:
     cuts.append(len(costs))
     return [range(a, b) for a, b in zip(cuts, cuts[1:])]
 
+
+# ----------------------------------------------------------------------------- train.py's steps across ranks
+# (`run` is train.Run, `states` train.JobState: this file does not import train.py, which imports it)
+
+def reduce_gradients(run, states: list, settle: bool = False):
+    """Data parallel: sum these jobs' gradients over the ranks (dist.reduce: a few flat buckets).
+    Between reductions each rank accumulates its own part; rank 0 alone carries what was summed
+    before. settle (a checkpoint mid-accumulation): rank 0 then holds the sums, the others none."""
+    params = [p for s in states for p in lora.adapter_parameters(run.model, s.config.name)]
+    for p in params:   # a rank with none of a job's rows has no gradient: it adds zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    run.dist.reduce([p.grad for p in params])
+    if settle and not run.dist.main:
+        for p in params:
+            p.grad = None
+
+
+def split_step(jobs: list[JobConfig], examples: list[list], d, sharded: bool = False) -> tuple[list[list], dict]:
+    """Data parallel: this rank's part of a fused step. The step's rows, all jobs in order, are
+    cut into one contiguous range per rank of about equal tokens (dist.split_rows); returns each
+    job's rows here and lora.route's dropout sharing: for each job here, its adapter's real
+    tokens in the whole step and which of them are here (so its masks are one process's), and
+    the jobs with nothing here (their dropout streams advance all the same; with a sharded base
+    they get a stand-in row instead, fused_step)."""
+    costs = [sum(sequence_lengths(job, row)) for job, rows in zip(jobs, examples) for row in rows]
+    mine = split_rows(costs, d.world)[d.rank]
+    local, dropout_tokens, elsewhere, first = [], {}, [], 0
+    for job, rows in zip(jobs, examples):
+        a, b = min(max(mine.start - first, 0), len(rows)), min(max(mine.stop - first, 0), len(rows))
+        first += len(rows)
+        local.append(rows[a:b])
+        if a == b:
+            if sharded:   # its stand-in row's mask: any one token's
+                dropout_tokens[job.name] = (1, torch.zeros(1, dtype=torch.long))
+            elsewhere.append(job.name)
+            continue
+        (_, sequences), *_ = job_parts(job, rows)   # the adapter's sequences in the whole step
+        here, offset = [], 0
+        for example, row in zip(sequences, adapter_rows(job, len(rows))):
+            if a <= row < b:
+                here.append(torch.arange(offset, offset + len(example.input_ids)))
+            offset += len(example.input_ids)
+        dropout_tokens[job.name] = (offset, torch.cat(here))
+    if sharded:
+        return local, {"dropout_tokens": dropout_tokens, "elsewhere": (), "stand_ins": tuple(elsewhere)}
+    return local, {"dropout_tokens": dropout_tokens, "elsewhere": tuple(elsewhere)}
+
+
+def shard_base(model: torch.nn.Module, d: "Dist"):
+    """FSDP2 (torch's fully_shard): each block's frozen weights, and the embeddings and output
+    layer, split over the ranks; each forward and backward gathers a block's weights just for
+    its turn. Every LoRA target is a MultiLoRALinear first (lora.wrap_targets), so that adapters
+    added later sit beside the sharded weights as ordinary tensors, replicated on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    lora.wrap_targets(model, model.LORA_TARGETS)
+    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world,))
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def flush_outbox(run):
+    """Job parallel: every rank's metrics lines and adapters to rank 0, which writes them (rank order)."""
+    sent = run.dist.gather(run.outbox or [])
+    if run.outbox is not None:
+        run.outbox.clear()
+    for items in sent or []:
+        for kind, *item in items:
+            if kind == "log":
+                run.log(item[0])
+            else:
+                lora.write_peft(*item)
+
+
+def agree_turn(run) -> bool:
+    """Under torchrun, after each turn: every rank learns whether any rank received a signal
+    (all then stop at this step), whether any has work left, whether any has lines or adapters
+    for rank 0 (flush_outbox), and (job parallel) how many free slots each has. One small
+    collective. Returns whether the run goes on."""
+    d = run.dist
+    free = [0] * d.world
+    if run.jobs_apart:   # candidate slots not yet given a job
+        free[d.rank] = run.cfg.scheduler.max_candidates - len(run.sched.candidates) - len(run.sched.waiting)
+    flags = [run.signal or 0, not run.sched.done or bool(run.pending), len(run.outbox or ())]
+    agreed = [int(x) for x in d.max_(torch.tensor(flags + free, device=run.device)).tolist()]   # syncs the device
+    run.signal = agreed[0] or None
+    if agreed[2]:
+        flush_outbox(run)
+    run.free = agreed[3:]
+    return bool(agreed[1])
+
+
+def assign_waiting(run):
+    """Job parallel: the next waiting jobs (admission order) go to the ranks with free slots, one
+    at a time, the rank with the fewest jobs first (then the lowest rank): a rank that comes
+    free takes the next waiting job. Every rank computes the same from the same agreed counts."""
+    free, load = list(run.free), [0] * run.dist.world
+    while run.pending and any(free):
+        rank = min((r for r in range(len(free)) if free[r]), key=lambda r: (load[r], r))
+        name = run.pending.pop(0)
+        free[rank] -= 1
+        load[rank] += 1
+        if rank == run.dist.rank:
+            run.sched.waiting.append(run.plans[name])
+        run.log({"event": "assign", "job": name, "to_rank": rank, "fused_step": run.step})
+        if run.writes:
+            run.bar.write(f"rank {rank} takes job {name}")
+
+
+def gather_results(run):
+    """Job parallel: rank 0's summary gets every rank's jobs (in config order) and its totals the
+    sums (tokens), the largest (peak memory, fused steps) and all memory-model errors."""
+    totals = run.dist.gather((run.summary, run.step, run.tokens, run.padded_tokens, run.peak_mb,
+                              run.prediction_errors))
+    if totals is None:
+        return
+    summary = {name: job for ranks in totals for name, job in ranks[0].items()}
+    run.summary = {job.name: summary[job.name] for job in run.cfg.jobs if job.name in summary}
+    run.step = max(t[1] for t in totals)
+    run.tokens, run.padded_tokens = sum(t[2] for t in totals), sum(t[3] for t in totals)
+    run.peak_mb = max(t[4] for t in totals)
+    run.prediction_errors = [e for t in totals for e in t[5]]

@@ -394,66 +394,6 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     return losses, rewards, counts, batch, True
 
 
-def shard_base(model: torch.nn.Module, d: "dist.Dist"):
-    """FSDP2 (torch's fully_shard): each block's frozen weights, and the embeddings and output
-    layer, split over the ranks; each forward and backward gathers a block's weights just for
-    its turn. Every LoRA target is a MultiLoRALinear first (lora.wrap_targets), so that adapters
-    added later sit beside the sharded weights as ordinary tensors, replicated on every rank."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    lora.wrap_targets(model, model.LORA_TARGETS)
-    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world,))
-    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def split_step(jobs: list[JobConfig], examples: list[list], d, sharded: bool = False) -> tuple[list[list], dict]:
-    """Data parallel: this rank's part of a fused step. The step's rows, all jobs in order, are
-    cut into one contiguous range per rank of about equal tokens (dist.split_rows); returns each
-    job's rows here and lora.route's dropout sharing: for each job here, its adapter's real
-    tokens in the whole step and which of them are here (so its masks are one process's), and
-    the jobs with nothing here (their dropout streams advance all the same; with a sharded base
-    they get a stand-in row instead, fused_step)."""
-    costs = [sum(sequence_lengths(job, row)) for job, rows in zip(jobs, examples) for row in rows]
-    mine = dist.split_rows(costs, d.world)[d.rank]
-    local, dropout_tokens, elsewhere, first = [], {}, [], 0
-    for job, rows in zip(jobs, examples):
-        a, b = min(max(mine.start - first, 0), len(rows)), min(max(mine.stop - first, 0), len(rows))
-        first += len(rows)
-        local.append(rows[a:b])
-        if a == b:
-            if sharded:   # its stand-in row's mask: any one token's
-                dropout_tokens[job.name] = (1, torch.zeros(1, dtype=torch.long))
-            elsewhere.append(job.name)
-            continue
-        (_, sequences), *_ = job_parts(job, rows)   # the adapter's sequences in the whole step
-        here, offset = [], 0
-        for example, row in zip(sequences, adapter_rows(job, len(rows))):
-            if a <= row < b:
-                here.append(torch.arange(offset, offset + len(example.input_ids)))
-            offset += len(example.input_ids)
-        dropout_tokens[job.name] = (offset, torch.cat(here))
-    if sharded:
-        return local, {"dropout_tokens": dropout_tokens, "elsewhere": (), "stand_ins": tuple(elsewhere)}
-    return local, {"dropout_tokens": dropout_tokens, "elsewhere": tuple(elsewhere)}
-
-
-def reduce_gradients(run: Run, states: list[JobState], settle: bool = False):
-    """Data parallel: sum these jobs' gradients over the ranks (dist.reduce: a few flat buckets).
-    Between reductions each rank accumulates its own part; rank 0 alone carries what was summed
-    before. settle (a checkpoint mid-accumulation): rank 0 then holds the sums, the others none."""
-    params = [p for s in states for p in lora.adapter_parameters(run.model, s.config.name)]
-    for p in params:   # a rank with none of a job's rows has no gradient: it adds zeros
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    run.dist.reduce([p.grad for p in params])
-    if settle and not run.dist.main:
-        for p in params:
-            p.grad = None
-
-
 def optimizer_step(run: Run, s: JobState) -> str | None:
     """Clip, set the scheduled lr, step and clear the job's gradients (its accumulation ended).
     A non-finite loss or gradient skips the step, and a step that leaves non-finite weights is
@@ -596,19 +536,6 @@ def save_adapter(run: Run, name: str, folder: Path):
         run.outbox.append(("peft", str(folder), *lora.peft_files(run.model, name, run.cfg.base_model)))
 
 
-def flush_outbox(run: Run):
-    """Job parallel: every rank's metrics lines and adapters to rank 0, which writes them (rank order)."""
-    sent = run.dist.gather(run.outbox or [])
-    if run.outbox is not None:
-        run.outbox.clear()
-    for items in sent or []:
-        for kind, *item in items:
-            if kind == "log":
-                run.log(item[0])
-            else:
-                lora.write_peft(*item)
-
-
 def reach_rung(run: Run, s: JobState):
     """A sweep trial's optimizer step at one of its rungs (sweep.py): its held-out loss there is
     recorded; under halving it leaves the scheduler, and train_step parks it."""
@@ -714,7 +641,7 @@ def save_checkpoint(run: Run):
     """The whole run's state in one file, written atomically (out_dir/checkpoint/state.pt):
     enough for the same command to go on exactly where this step ended."""
     if run.dist is not None and run.cfg.scheduler.placement == "data":   # rank 0 holds the summed gradients
-        reduce_gradients(run, list(run.jobs.values()), settle=True)
+        dist.reduce_gradients(run, list(run.jobs.values()), settle=True)
     # Admission order, as the adapters sit in the layers.
     jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
     own = {"elapsed_s": run.now(), "step": run.step, "ticks": run.ticks, "pending": run.pending, "tokens": run.tokens,
@@ -826,41 +753,6 @@ def make_scheduler(cfg: RunConfig, plans: list[JobPlan]) -> Scheduler:
         raise ConfigError(str(e)) from None
 
 
-def agree_turn(run: Run) -> bool:
-    """Under torchrun, after each turn: every rank learns whether any rank received a signal
-    (all then stop at this step), whether any has work left, whether any has lines or adapters
-    for rank 0 (flush_outbox), and (job parallel) how many free slots each has. One small
-    collective. Returns whether the run goes on."""
-    d = run.dist
-    free = [0] * d.world
-    if run.jobs_apart:   # candidate slots not yet given a job
-        free[d.rank] = run.cfg.scheduler.max_candidates - len(run.sched.candidates) - len(run.sched.waiting)
-    flags = [run.signal or 0, not run.sched.done or bool(run.pending), len(run.outbox or ())]
-    agreed = [int(x) for x in d.max_(torch.tensor(flags + free, device=run.device)).tolist()]   # syncs the device
-    run.signal = agreed[0] or None
-    if agreed[2]:
-        flush_outbox(run)
-    run.free = agreed[3:]
-    return bool(agreed[1])
-
-
-def assign_waiting(run: Run):
-    """Job parallel: the next waiting jobs (admission order) go to the ranks with free slots, one
-    at a time, the rank with the fewest jobs first (then the lowest rank): a rank that comes
-    free takes the next waiting job. Every rank computes the same from the same agreed counts."""
-    free, load = list(run.free), [0] * run.dist.world
-    while run.pending and any(free):
-        rank = min((r for r in range(len(free)) if free[r]), key=lambda r: (load[r], r))
-        name = run.pending.pop(0)
-        free[rank] -= 1
-        load[rank] += 1
-        if rank == run.dist.rank:
-            run.sched.waiting.append(run.plans[name])
-        run.log({"event": "assign", "job": name, "to_rank": rank, "fused_step": run.step})
-        if run.writes:
-            run.bar.write(f"rank {rank} takes job {name}")
-
-
 def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     """A few lines on what will run (the whole resolved config goes to out_dir/config.json)."""
     sc = cfg.scheduler
@@ -948,7 +840,7 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
     model.checkpoint_blocks = cfg.activation_checkpointing
     if d is not None and cfg.shard_base:
-        shard_base(model, d)
+        dist.shard_base(model, d)
         if writes:
             local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
             print(f"base sharded (FSDP2) over {d.world} ranks: {local:,} of {sum(p.numel() for p in model.parameters()):,} "
@@ -983,13 +875,13 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
             run.bar.write(f"resumed {out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
                           f"{len(run.jobs)} admitted)")
     with signals_checkpoint(run), closing_bar(run):
-        more = not sched.done if d is None else agree_turn(run)
+        more = not sched.done if d is None else dist.agree_turn(run)
         while more:
             if apart:
-                assign_waiting(run)
+                dist.assign_waiting(run)
             if not sched.done:   # job parallel: a rank with no job waits for the others
                 train_step(run)
-            more = not sched.done if d is None else agree_turn(run)
+            more = not sched.done if d is None else dist.agree_turn(run)
             run.ticks += 1
             due = cfg.checkpoint_every and (run.ticks if apart else run.step) % cfg.checkpoint_every == 0
             if run.signal is not None or due:
@@ -1000,25 +892,10 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
                                               f"{run.step} in {out_dir}/checkpoint; the same command resumes")
     run.bar.close()
     if apart:   # every rank's finished jobs and totals, to rank 0
-        gather_results(run)
+        dist.gather_results(run)
     if writes:
         write_results(run)
     return run.summary if d is None else d.broadcast(run.summary)
-
-
-def gather_results(run: Run):
-    """Job parallel: rank 0's summary gets every rank's jobs (in config order) and its totals the
-    sums (tokens), the largest (peak memory, fused steps) and all memory-model errors."""
-    totals = run.dist.gather((run.summary, run.step, run.tokens, run.padded_tokens, run.peak_mb,
-                              run.prediction_errors))
-    if totals is None:
-        return
-    summary = {name: job for ranks in totals for name, job in ranks[0].items()}
-    run.summary = {job.name: summary[job.name] for job in run.cfg.jobs if job.name in summary}
-    run.step = max(t[1] for t in totals)
-    run.tokens, run.padded_tokens = sum(t[2] for t in totals), sum(t[3] for t in totals)
-    run.peak_mb = max(t[4] for t in totals)
-    run.prediction_errors = [e for t in totals for e in t[5]]
 
 
 def read_checkpoint(out_dir: Path, inputs: dict[str, str]) -> dict:
@@ -1091,7 +968,7 @@ def train_step(run: Run):
         rows = [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)]
         share = None
         if parallel:   # this rank's part of the step
-            rows, share = split_step([s.config for s in states], rows, run.dist, sharded=cfg.shard_base)
+            rows, share = dist.split_step([s.config for s in states], rows, run.dist, sharded=cfg.shard_base)
         losses, rewards, counts, batch, stepped = fused_step(
             run.model, [s.config for s in states], rows,
             [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
@@ -1118,7 +995,7 @@ def train_step(run: Run):
         # ---- per job: accumulate; where its optimizer step ends, step, evaluate, maybe stop
         ending = [s for s, mb in zip(states, micro_batches) if mb.last_in_step]
         if parallel:   # their gradients summed over the ranks, in a few buckets
-            reduce_gradients(run, ending)
+            dist.reduce_gradients(run, ending)
         stepped = []
         for s, mb, loss, reward_sums, (tokens, processed) in zip(states, micro_batches, losses, rewards,
                                                                   counts.tolist()):
