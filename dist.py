@@ -11,7 +11,7 @@ rank agrees on); rank 0 alone writes out_dir. Two placements (scheduler.placemen
   (`split_rows`, balanced by tokens), each job's gradients summed over the ranks (`reduce`, in a
   few flat buckets) when its accumulation ends; the optimizer steps are then the same everywhere.
 - job: each rank trains its own jobs (a rank with a free slot takes the next waiting job:
-  train.py's `assign_waiting`) and sends rank 0 what it writes.
+  `assign_waiting`) and sends rank 0 what it writes.
 
 A collective that fails (a rank died: gloo says "connection reset"; or one stalled past the
 timeout) raises RankLost: one line, and the run resumes from its last checkpoint.
@@ -123,6 +123,11 @@ class Dist:
             dist.destroy_process_group()
 
 
+def first_rank() -> bool:
+    """Whether this process is rank 0 of torchrun's ranks, or the only process (before setup too)."""
+    return int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
 def setup(device: str, timeout_s: float) -> Dist | None:
     """Join the ranks torchrun started (None when it started one process, or none ran).
     device "auto" (or "cuda") becomes this rank's GPU, cuda:LOCAL_RANK, with NCCL; CPUs use gloo."""
@@ -200,9 +205,8 @@ def split_step(jobs: list[JobConfig], examples: list[list], d, sharded: bool = F
                 here.append(torch.arange(offset, offset + len(example.input_ids)))
             offset += len(example.input_ids)
         dropout_tokens[job.name] = (offset, torch.cat(here))
-    if sharded:
-        return local, {"dropout_tokens": dropout_tokens, "elsewhere": (), "stand_ins": tuple(elsewhere)}
-    return local, {"dropout_tokens": dropout_tokens, "elsewhere": tuple(elsewhere)}
+    return local, {"dropout_tokens": dropout_tokens, "elsewhere": () if sharded else tuple(elsewhere),
+                   "stand_ins": tuple(elsewhere) if sharded else ()}
 
 
 def shard_base(model: torch.nn.Module, d: "Dist"):
@@ -253,8 +257,9 @@ def agree_turn(run) -> bool:
 
 def assign_waiting(run):
     """Job parallel: the next waiting jobs (admission order) go to the ranks with free slots, one
-    at a time, the rank with the fewest jobs first (then the lowest rank): a rank that comes
-    free takes the next waiting job. Every rank computes the same from the same agreed counts."""
+    at a time, in turn (the rank given fewest this turn first, then the lowest rank): a rank
+    that comes free takes the next waiting job. Every rank computes the same from the same
+    agreed counts."""
     free, load = list(run.free), [0] * run.dist.world
     while run.pending and any(free):
         rank = min((r for r in range(len(free)) if free[r]), key=lambda r: (load[r], r))

@@ -40,7 +40,7 @@ import lora
 import model as M
 import sweep
 from export import MERGE_MARKER, export_merged  # noqa: F401
-from objectives import (REWARD_KEYS, adapter_rows, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
+from objectives import (REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
                         task_correct, token_losses)
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
@@ -240,6 +240,11 @@ class Run:
         return self.dist is not None and self.cfg.scheduler.placement == "job"
 
     @property
+    def rows_apart(self) -> bool:
+        """Data parallel under torchrun: each step's rows split over the ranks."""
+        return self.dist is not None and self.cfg.scheduler.placement == "data"
+
+    @property
     def writes(self) -> bool:
         """Whether this process writes out_dir: one process, or rank 0 of several."""
         return self.dist is None or self.dist.main
@@ -343,11 +348,11 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     over the ranks before the finite check; backward stays this rank's part.
     """
     k = len(jobs)
-    share = dict(share or {"dropout_tokens": None, "elsewhere": ()})
+    share = dict(share or {"dropout_tokens": None, "elsewhere": (), "stand_ins": ()})
     # A sharded base (FSDP2) gathers each block's weights from all ranks in every forward and
     # backward: every rank must run the same blocks, so a job with no rows here gets one
     # 1-token row without labels (routed to its adapter; it adds nothing to any loss).
-    stand_ins = share.pop("stand_ins", ())
+    stand_ins = share.pop("stand_ins")
     parts = [job_parts(job, rows) if rows else [(job.name, [data.Example([pad_id], [data.IGNORE_INDEX])])]
              if job.name in stand_ins else [] for job, rows in zip(jobs, examples)]
     sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
@@ -382,7 +387,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
             rewards[here] = torch.stack([reward_sums for _, reward_sums in results]).detach()
         if stand_ins:   # backward through the whole batch, stand-ins too (their part is zero)
             local = local + 0 * token_nll.sum()
-        losses, rewards = local.detach(), rewards
+        losses = local.detach()
         if reduce:   # syncs the device
             stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
             losses, rewards, counts = stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu()
@@ -524,8 +529,7 @@ def finish(run: Run, name: str):
 def eval_ranks(run: Run) -> "dist.Dist | None":
     """Who shares held-out evaluation: data parallel ranks split it, unless the base is sharded
     (then every rank must run every forward: each gathers the weights from all)."""
-    parallel = run.dist is not None and run.cfg.scheduler.placement == "data"
-    return run.dist if parallel and not run.cfg.shard_base else None
+    return run.dist if run.rows_apart and not run.cfg.shard_base else None
 
 
 def save_adapter(run: Run, name: str, folder: Path):
@@ -640,7 +644,7 @@ def load_job(run: Run, name: str, saved: dict) -> JobState:
 def save_checkpoint(run: Run):
     """The whole run's state in one file, written atomically (out_dir/checkpoint/state.pt):
     enough for the same command to go on exactly where this step ended."""
-    if run.dist is not None and run.cfg.scheduler.placement == "data":   # rank 0 holds the summed gradients
+    if run.rows_apart:   # rank 0 holds the summed gradients
         dist.reduce_gradients(run, list(run.jobs.values()), settle=True)
     # Admission order, as the adapters sit in the layers.
     jobs = {name: job_state(run, s) for name, s in run.jobs.items()}
@@ -831,9 +835,10 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
     apart = d is not None and cfg.scheduler.placement == "job"
     if apart:   # each rank's own scheduler, given jobs as it has room (assign_waiting)
         sched = make_scheduler(cfg, [])
-    if state is not None and len(state.get("ranks") or ()) != (d.world if apart else 0):
-        raise ConfigError(f"{out_dir}/checkpoint: a job parallel run's, on {len(state['ranks'])} ranks; it resumes "
-                          f"under torchrun on as many" if state.get("ranks") else
+    written_by = len(state.get("ranks") or ()) if state is not None else 0   # job parallel: its ranks
+    if state is not None and written_by != (d.world if apart else 0):
+        raise ConfigError(f"{out_dir}/checkpoint: a job parallel run's, on {written_by} ranks; it resumes under "
+                          f"torchrun on as many" if written_by else
                           f"{out_dir}/checkpoint: not a job parallel run's; resume it with scheduler.placement 'data' "
                           f"or in one process")
     torch.manual_seed(cfg.seed)
@@ -855,16 +860,14 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
         if state is None:
             lora.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         print(describe(cfg, device, train_sets) + f"\nresolved config: {out_dir / 'config.json'}"
-              + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}")
-              )
+              + ("" if d is None else f"\n{d.describe(cfg.scheduler.placement)}"))
         metrics = open(out_dir / "metrics.jsonl", "r+b" if state else "wb")
     run = Run(cfg, device, out_dir, model, tokenizer.pad_id, sched, {p.name: p for p in plans},
               train_sets, test_sets, inputs, metrics=metrics, start=time.time(), tokenizer=tokenizer,
               task_sets=task_sets, dist=d, outbox=[] if apart and not writes else None,
               pending=[p.name for p in sorted(plans, key=lambda p: -p.priority)] if apart else [],
               bar=tqdm(total=None if apart else sum(p.num_micro_batches for p in plans), unit="mb", desc="train",
-                       dynamic_ncols=True,
-                       disable=not writes))
+                       dynamic_ncols=True, disable=not writes))
     if cfg.sweep is not None:
         run.sweep = sweep.Sweep(cfg, run.plans)
         if writes:
@@ -961,7 +964,7 @@ def train_step(run: Run):
     # the peaks too; then a fresh window for this step, whose peak the memory model learns.
     between_mb = M.peak_memory(run.device)
     M.reset_peak_memory(run.device)
-    parallel = run.dist is not None and run.cfg.scheduler.placement == "data"
+    parallel = run.rows_apart
     while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
         rng = [s.generator.get_state() for s in states]   # a step run again draws the same dropout
@@ -1216,14 +1219,14 @@ def main(argv: list[str]) -> int:
                       f"each keeps its last finite adapter)", file=sys.stderr)
                 return 3
     except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # ranks agreed on it
+        if dist.first_rank():   # under torchrun the ranks agreed on it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         return 2
     except dist.RankLost as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
     except Interrupted as e:
-        if int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:   # all stopped alike
+        if dist.first_rank():   # all ranks stopped alike
             print(f"stopped by {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
