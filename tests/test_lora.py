@@ -308,3 +308,25 @@ def test_dropout_keep_mask_rate_and_reproducibility(p):
     # Neighbouring elements (from the same 64-bit word) are uncorrelated.
     flat = mask.flatten().float()
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_drop_positions_are_independent_drops_at_rate_p(p):
+    """The CPU's dropout (lora.drop_positions, geometric gaps between drops): sorted distinct
+    positions in [0, n); each element dropped with probability drawn_p(p), evenly along the
+    range, neighbours uncorrelated; reproducible from the seed; and the same whatever the
+    number of words drawn at a time (here 7 at a time: hundreds of rounds)."""
+    n = 32 * 64 * 96
+    drops = lora.drop_positions(n, p, seed=11)
+    assert drops.dtype == torch.long and bool((drops[1:] > drops[:-1]).all()) and 0 <= drops[0] and drops[-1] < n
+    keep = lora.keep_of(drops, (n,)).float()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs((1 - keep.mean().item()) - lora.drawn_p(p)) < 5 * sigma
+    for quarter in keep.chunk(4):   # no drift along the range (a wrong gap law would show here)
+        assert abs((1 - quarter.mean().item()) - p) < 5 * 2 * sigma
+    assert abs(torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()) < 0.01
+    assert torch.equal(drops, lora.drop_positions(n, p, seed=11, draws=7))
+    assert not torch.equal(drops, lora.drop_positions(n, p, seed=12))
+    x = torch.randn(2, 3, 5)   # applying them: the same zeros as the mask they stand for
+    few = lora.drop_positions(x.numel(), 0.5, seed=3)
+    assert torch.equal(lora.apply_dropout(x, few), x * lora.keep_of(few, x.shape))

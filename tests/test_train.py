@@ -227,8 +227,8 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
         net.zero_grad(set_to_none=True)
     assert len(results[0][0]) == 13 + 13 + 8  # labels 7..19, 7..19 and 7..14
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    for got, expected in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    for got, expected in zip(results[0][1], results[1][1]):   # float32 noise scales with the tensor's largest
+        torch.testing.assert_close(got, expected, atol=1e-6 * float(expected.abs().max()), rtol=1e-4)
 
 
 def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, monkeypatch):

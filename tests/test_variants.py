@@ -58,7 +58,7 @@ def run_ours(net, names, idx, p):
 
     def recording(self, group, shape, device, prob):
         keep = real(self, group, shape, device, prob)
-        masks[(id(self), group.name)] = keep
+        masks[(id(self), group.name)] = None if keep is None else lora.keep_of(keep, shape)
         return keep
     net.train()
     lora.MultiLoRALinear.dropout_keep = recording
