@@ -140,7 +140,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
         targets = args.targets.split(",")
         lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, targets=targets)
                                 for n in names})
-        optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4) for n in names}
+        optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4, fused=True) for n in names}
         generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
         configs = {n: train.JobConfig(name=n, data="-") for n in names}  # job_loss reads the objective
     else:  # backward through the frozen layers needs an input that requires grad
@@ -224,7 +224,7 @@ def peft_worker(args, jobs: list[int], barrier=None, packed: bool = False) -> di
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                      target_modules=targets, task_type="CAUSAL_LM"))
         pm.train()
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, fused=True)
         current.update(job=job, model=pm, opt=opt, work=job_batches(args, job, hf.config.vocab_size))
 
     def one_repeat():
@@ -355,6 +355,7 @@ def record(system: str, args, k: int, raw: dict, device: str) -> dict:
     return {"system": system, "k": k, "rows": args.rows, "seq": args.seq, "steps": args.steps, "r": args.r,
             "dtype": args.dtype, "quant": args.quant, "device": device, "tokens": raw["tokens"],
             "latency_s": latency, "latency_spread_s": [min(raw["times"]), max(raw["times"])],
+            "repeats": len(raw["times"]),
             "tokens_per_s": raw["tokens"] / latency, "peak_mem_mb": raw["peak_mb"],
             "padding_fraction": 1 - raw["tokens"] / raw["padded_tokens"], "gpu_util": raw["gpu_util"]}
 
@@ -630,6 +631,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seq", default=None, help="tokens per row, or 'alpaca' for a length distribution")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per job per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the systems this many times, in turn (every other round in reverse order), each "
+                        "time in fresh processes with --repeats repeats: drift of the machine's speed over "
+                        "minutes then falls on every system alike")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--dropout", type=float, default=0.05)
@@ -673,15 +678,22 @@ def main(argv: list[str] | None = None):
     for rows, seq, ks in workloads:
         w = argparse.Namespace(**{**vars(args), "rows": rows, "seq": seq})
         for k in ks:
-            for system in systems:
-                raw = run_system(system, w, k)
-                records.append(record(system, w, k, raw, device))
-                print(f"  {system:<14} k={k} {rows}x{seq}: {records[-1]['tokens_per_s']:.0f} tokens/s, "
-                      f"{records[-1]['peak_mem_mb']:.0f} MiB", flush=True)
+            raws = {}
+            for r in range(args.rounds):
+                for system in systems if r % 2 == 0 else systems[::-1]:
+                    raw = run_system(system, w, k)
+                    print(f"  {system:<14} k={k} {rows}x{seq}: {record(system, w, k, raw, device)['tokens_per_s']:.0f} "
+                          f"tokens/s, {raw['peak_mb']:.0f} MiB", flush=True)
+                    if system in raws:   # the repeats of all rounds together; the highest memory peak
+                        raw = {**raw, "times": raws[system]["times"] + raw["times"],
+                               "peak_mb": max(raws[system]["peak_mb"], raw["peak_mb"])}
+                    raws[system] = raw
+            records += [record(system, w, k, raws[system], device) for system in systems]
     ratio_rows = ratios(records)
     title = (f"{args.base} on {device} ({torch.get_num_threads()} threads), {args.dtype}"
              f"{', ' + args.quant if args.quant else ''}; r={args.r} on {args.targets}; {args.steps} steps per job "
-             f"per repeat, median of {args.repeats} repeats after a warm-up; {time.time() - t0:.0f}s in all"
+             f"per repeat, median of {args.repeats * args.rounds} repeats after a warm-up"
+             f"{f' ({args.rounds} rounds of {args.repeats})' if args.rounds > 1 else ''}; {time.time() - t0:.0f}s in all"
              f"{'; ours with activation checkpointing' if args.checkpointing else ''}"
              f"{'; ours packed (no padding)' if args.packing else '; ours on padded rows'}"
              f"{'; in-process: memory and peft-parallel not comparable' if args.in_process else ''}")

@@ -52,6 +52,13 @@ def test_unpacked_bench_pads_fused_rows_more_than_each_job_alone(tmp_path):
     assert by_system["ours"]["padding_fraction"] >= by_system["ours-seq"]["padding_fraction"] > 0
 
 
+def test_rounds_pool_the_repeats_of_every_round(tmp_path):
+    out = run_tiny_bench(tmp_path, "--in-process", "--systems", "ours,base-only", "--rounds", "2")
+    result = json.loads(out.read_text())
+    assert [(r["system"], r["repeats"]) for r in result["records"]] == [("ours", 2), ("base-only", 2)]
+    assert "median of 2 repeats after a warm-up (2 rounds of 1)" in result["title"]
+
+
 @slow
 def test_quick_tiny_bench_schema_and_equal_work(tmp_path):
     """The real thing: each system in fresh processes, peft-parallel as k concurrent ones."""
