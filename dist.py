@@ -163,7 +163,7 @@ def split_rows(costs: list[int], world: int) -> list[range]:
 
 
 # ----------------------------------------------------------------------------- train.py's steps across ranks
-# (`run` is train.Run, `states` train.JobState: this file does not import train.py, which imports it)
+# (`run` is state.Run, `states` state.JobState: this file does not import state.py, which imports it)
 
 def reduce_gradients(run, states: list, settle: bool = False):
     """Data parallel: sum these jobs' gradients over the ranks (dist.reduce: a few flat buckets).
