@@ -565,27 +565,24 @@ class MultiLoRALinear(nn.Module):
         rows, length, width = shape
         lengths = group.row_lengths
         padded = lengths is not None and any(n < length for n in lengths)
+        # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
+        total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
+        real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
         if torch.device(device).type == "cpu":
-            total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
-            drops = drop_positions(total * width, p, seed)                       # over its real tokens
-            if here is not None:   # data parallel: this rank's tokens of the whole step's draw, renumbered
+            drops = drop_positions(total * width, p, seed)
+            if here is not None:   # renumbered among this rank's tokens
                 local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))
                 token = local[drops // width]
                 drops = token[token >= 0] * width + drops[token >= 0] % width
-            if padded:   # real token i -> its slot in the [rows, length] layout
-                slots = (torch.arange(length) < torch.tensor(lengths)[:, None]).flatten().nonzero().squeeze(1)
+            if real is not None:   # real token i -> its slot in the [rows, length] layout
+                slots = real.flatten().nonzero().squeeze(1)
                 drops = slots[drops // width] * width + drops % width
             return drops
-        if group.tokens is not None:   # data parallel: this rank's tokens of the whole step's mask
-            total, here = group.tokens
-            flat = keep_mask((total, width), p, seed, device)[here.to(device)]
-            if not padded:
-                return flat.view(tuple(shape))
-        elif not padded:   # no padding inside: one draw as is
-            return keep_mask(tuple(shape), p, seed, device)
-        else:
-            flat = keep_mask((sum(min(n, length) for n in lengths), width), p, seed, device)
-        real = torch.arange(length) < torch.tensor(lengths)[:, None]               # [rows, length]
+        flat = keep_mask((total, width), p, seed, device)
+        if here is not None:
+            flat = flat[here.to(device)]
+        if real is None:
+            return flat.view(tuple(shape))
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
 
     def extra_repr(self) -> str:
