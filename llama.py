@@ -10,6 +10,7 @@ through a sliding window (per layer, as transformers decides it; see sliding_win
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
 """
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -241,15 +242,20 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     one SDPA call with the [N, N] block-diagonal mask 354 ms, the same rows padded 92 ms.
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # (Written against torch 2.13's documented interface; no GPU was at hand to run it:
-        # tests/test_cuda.py compares it with the segment-by-segment path below.)
+        # tests/test_cuda.py compares it with the segment-by-segment path below (run on an
+        # H200 with torch 2.11, whose varlen_attn has no enable_gqa yet).
         from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
         lengths = torch.tensor(segments.lengths, device=q.device, dtype=torch.int32)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))                   # [E+1] segment starts
         left = -1 if segments.window is None else segments.window - 1             # keys i-left .. i
         longest = max(segments.lengths)
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))          # [N, heads, hd]
-        y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(left, 0), enable_gqa=gqa)   # [N, nh, hd]
+        extra = {}
+        if gqa and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            extra["enable_gqa"] = True
+        elif gqa:   # torch < 2.13 takes no enable_gqa: each k/v head repeated for its group of q heads
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(left, 0), **extra)   # [N, nh, hd]
         return y.transpose(0, 1)[None]                                             # [1, nh, N, hd]
     # split, not slicing: autograd joins split gradients with one cat, where each slice's
     # gradient would be a zero-filled [1, nh, N, hd] added up (0.4 s of a 20 s step, measured).

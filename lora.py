@@ -304,21 +304,25 @@ class Routing:
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
     shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
 
-    def coefficients(self, layer: "MultiLoRALinear", names: list[str], B: int, training: bool) -> torch.Tensor:
-        """[B, 1, sum r]: row i's coefficient is its adapter's scale on that adapter's r columns
-        (with dropout's 1/(1-p) folded in while training), 0 elsewhere. Cached per adapter set."""
-        adapters = [layer.adapters[n] for n in names]
-        key = (tuple(names), tuple(a.scaling for a in adapters), training)
+    def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
+                     training: bool) -> torch.Tensor:
+        """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
+        layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
+        its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
+        training), 0 elsewhere. Cached per adapter set."""
+        adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
+        key = (tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own), training)
         if key not in self.cache:
-            coef = torch.zeros(B, 1, sum(a.config.r for a in adapters))
-            start = 0
-            for name, adapter in zip(names, adapters):
-                rows = next(g.rows for g in self.groups if g.name == name)
-                p = adapter.config.dropout if training else 0.0
-                r = adapter.config.r
-                coef[rows.cpu() if torch.is_tensor(rows) else rows, :, start:start + r] = adapter.scaling / (1 - p)
-                start += r
-            self.cache[key] = coef.to(device=adapters[0].lora_A.weight.device)
+            rows_of = {g.name: g.rows for g in self.groups}
+            columns = []
+            for own, owned in zip(names, adapters):
+                for name, adapter in zip(own, owned):
+                    column = torch.zeros(B, 1, adapter.config.r)
+                    p = adapter.config.dropout if training else 0.0
+                    rows = rows_of[name]
+                    column[rows.cpu() if torch.is_tensor(rows) else rows] = adapter.scaling / (1 - drawn_p(p))
+                    columns.append(column)
+            self.cache[key] = torch.cat(columns, dim=-1).to(device=adapters[0][0].lora_A.weight.device)
         return self.cache[key]
 
 
@@ -458,44 +462,27 @@ class MultiLoRALinear(nn.Module):
                                    "checkpointing, run backward inside it too), or call model.eval()")
             return self.base_forward(x)                              # [B, T, out], all rows at once
         # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
-        # kernel launches, so all adapters go through two matmuls; on a CPU the k-fold
+        # kernel launches, so all adapters go through shared matmuls; on a CPU the k-fold
         # wasted flops of that cost more than small per-adapter matmuls.
-        if not concatenates(x.device) or any(self.adapters[g.name].is_variant for g in groups):
-            return self.add_per_adapter(x, groups)
-        out = self.base_forward(x)
-        if routing.packed:  # [1, N, .] -> [N, 1, .]: each token is a "row" of its adapter
-            return out + self.delta_concatenated(x.reshape(-1, 1, x.size(-1)), groups).to(out.dtype).view(out.shape)
-        return out + self.delta_concatenated(x, groups).to(out.dtype)
+        return self.add_updates(x, concatenates(x.device))
 
-    def delta_concatenated(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
-        """Every row through the concatenated A's; a per-row coefficient keeps only its own
-        adapter's r columns (times its scale) and zeroes the rest, so B_cat adds exactly that
-        adapter's update. Two matmuls per layer whatever the number of adapters. (Plain LoRA
-        only: a variant whose `update` is not x A^T B^T needs the per-adapter path.)"""
-        names = [g.name for g in groups]
-        A = torch.cat([self.adapters[n].lora_A.weight for n in names])          # [sum r, in]
-        B = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)   # [out, sum r]
-        coef = self.routing.coefficients(self, names, x.size(0), self.training)  # [B, 1, sum r]
-        if self.training and any(self.adapters[n].config.dropout > 0 for n in names):
-            keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)     # [B, T, in]
-            for group in groups:
-                length = self.own_length(group, x.size(1))
-                shape = (self.row_count(group, x.size(0)), length, x.size(2))
-                mask = self.dropout_keep(group, shape, x.device, self.adapters[group.name].config.dropout)
-                keep[group.rows, :length] = True if mask is None else keep_of(mask, shape)
-            x = x * keep
-        return ((x.to(A.dtype) @ A.t()) * coef) @ B.t()                         # [B, T, out]
-
-    def add_per_adapter(self, x: torch.Tensor, groups: list[RouteGroup]) -> torch.Tensor:
+    def add_updates(self, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
         """The base's output plus each adapter's update on its own rows and their own padded
         length only (rows of no adapter: the base alone), in one autograd node (LoRAUpdate)
-        with the siblings that read the same x, whose outputs wait in the routing for them."""
+        with the siblings that read the same x, whose outputs wait in the routing for them.
+
+        concatenated (the GPU path): ONE pseudo-group over all rows, x [A's of every layer and
+        adapter]^T in one matmul, times a per-row coefficient that keeps only the row's own
+        adapter's columns (with its scale), then per layer one matmul with its adapters' B's
+        side by side. Each adapter's dropout is drawn exactly as on the per-adapter path and
+        laid into one keep mask over x. Launches per layer no longer grow with the adapters.
+        """
         routing = self.routing
         layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
                            and any(s.adapts(g.name) for g in routing.groups)]
         flat = x.reshape(-1, x.size(-1))
         B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
-        plan, tensors, variants = [], [], []
+        plan, tensors, variants, keeps = [], [], [], []
         for group in routing.groups:
             owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
             if not owners:
@@ -512,8 +499,31 @@ class MultiLoRALinear(nn.Module):
                 continue
             plan.append((group.rows, length, scale, tuple(owners)))
             tensors.append(keep)
+            if concatenated and keep is not None:
+                keeps.append((group.rows, length, keep_of(keep, (self.row_count(group, B), length, x.size(-1)))))
             for i in owners:
                 tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
+        if concatenated and plan:
+            names = [[g.name for g in routing.groups if layer.adapts(g.name) and not layer.adapters[g.name].is_variant]
+                     for layer in layers]
+            keep = None
+            starts = [rows.start or 0 if isinstance(rows, slice) and length == T else -1 for rows, length, _ in keeps]
+            ends = [rows.stop if isinstance(rows, slice) else -1 for rows, _, _ in keeps]
+            if keeps and starts == [0] + ends[:-1] and ends[-1] == B:   # the masks tile x (packed): one cat
+                keep = torch.cat([mask for _, _, mask in keeps])
+            elif keeps:
+                keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
+                for rows, length, mask in keeps:
+                    keep[rows, :length] = mask
+            coef = routing.coefficients(layers, names, B, self.training)    # [B, 1, sum of all r]
+            plan = [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))]
+            tensors = [keep]
+            for layer, own in zip(layers, names):
+                if not own:   # only variants adapt this layer
+                    continue
+                As = [layer.adapters[n].lora_A.weight for n in own]
+                Bs = [layer.adapters[n].lora_B.weight for n in own]
+                tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
         # A frozen float base goes into the node (one input-gradient buffer); otherwise (a
         # quantized or trainable base) its outputs are computed here as [tokens, out], never
         # a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them.

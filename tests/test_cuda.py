@@ -38,7 +38,11 @@ def test_bf16_mixed_batch_on_cuda(tiny_llama):
             torch.testing.assert_close(mixed[row], ours(idx[row:row + 1])[0], atol=2e-2, rtol=2e-2)
 
 
-def test_fused_job_equals_job_alone_on_cuda(tmp_path):
+@pytest.mark.parametrize("fuse", ["cuda", "never"])
+def test_fused_job_equals_job_alone_on_cuda(tmp_path, monkeypatch, fuse):
+    """Both LoRA paths on a GPU: all adapters in shared matmuls (the default there), and
+    LoRAUpdate per adapter (bool dropout masks, the base matmuls inside the node)."""
+    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
     from conftest import make_hf_model, save_hf
     from tokenizer_util import write_tokenizer_json
     vocab = write_tokenizer_json(tmp_path / "base")

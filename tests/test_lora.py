@@ -214,18 +214,39 @@ def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeyp
     assert_all_agree(results)
 
 
-def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
-    """An adapter's rows need not be adjacent in a padded batch (the index path)."""
+def test_masks_tiling_the_batch_agree_on_both_paths(ours, monkeypatch):
+    """Every token routed to an adapter with dropout (the usual packed step): the concatenated
+    path joins the adapters' masks end to end instead of writing each into a full mask."""
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
-                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL)})
+                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.1, targets=ALL)})
     for i, name in enumerate("ab"):
         randomize_B(ours, name, seed=i)
     ours.train()
-    idx = torch.randint(0, 384, (5, 11), generator=torch.Generator().manual_seed(9))
+    idx = torch.randint(0, 384, (4, 11), generator=torch.Generator().manual_seed(9))
+    for packed, lengths in ((True, [11, 9, 5, 7]), (False, [11] * 4)):
+        results = []
+        for mode in ("always", "never"):
+            monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
+            results.append(logits_and_grads(ours, idx, ["b", "b", "a", "a"], lengths, packed))
+        assert_all_agree(results)
+
+
+def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
+    """An adapter's rows need not be adjacent in a padded batch (the index path); a variant
+    (DoRA, on its own path) in the same batch leaves the others' shared matmuls as they are."""
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
+                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL),
+                             "v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj", "o_proj"],
+                                                  use_dora=True)})
+    for i, name in enumerate("abv"):
+        randomize_B(ours, name, seed=i)
+    ours.train()
+    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(9))
     results = []
     for mode in ("always", "never"):
         monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-        results.append(logits_and_grads(ours, idx, ["b", "a", None, "b", "a"], [11, 5, 11, 9, 7], packed=False))
+        results.append(logits_and_grads(ours, idx, ["b", "a", None, "b", "v", "a"], [11, 5, 11, 9, 8, 7],
+                                        packed=False))
     assert_all_agree(results)
 
 
