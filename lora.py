@@ -607,16 +607,6 @@ def lora_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
 
 
-def routed_layers(model: nn.Module) -> list["MultiLoRALinear"]:
-    """lora_layers' modules, kept on the model: `route` runs every step, and walking every
-    module (~3000 with adapters on a 30-layer model) costs milliseconds. wrap_targets, which
-    makes LoRA layers, forgets the list."""
-    layers = model.__dict__.get("_routed_layers")
-    if layers is None:
-        layers = model.__dict__["_routed_layers"] = [layer for _, layer in lora_layers(model)]
-    return layers
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     names = {}
     for _, layer in lora_layers(model):
@@ -668,7 +658,6 @@ def wrap_targets(model: nn.Module, targets) -> list["MultiLoRALinear"]:
     holding it); returns them. With all of model.LORA_TARGETS before the base is sharded
     (FSDP2, dist.py): adapters added later then live in layers FSDP already knows."""
     layers = []
-    model.__dict__.pop("_routed_layers", None)
     for path, module in list(model.named_modules()):
         if path.rsplit(".", 1)[-1] not in targets:
             continue
@@ -760,7 +749,7 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     ones one process draws. `elsewhere`: adapters in the step with no example here; their seed
     is drawn all the same, so that their streams stay in step on every rank.
     """
-    layers = routed_layers(model)
+    layers = [layer for _, layer in lora_layers(model)]
     configs = {name: adapter.config for layer in layers for name, adapter in layer.adapters.items()}
     unknown = {n for n in names if n is not None and n not in configs}
     if unknown:

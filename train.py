@@ -70,15 +70,8 @@ def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inp
 
 
 def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, packed: bool) -> data.Batch:
-    """The fused batch of these jobs' examples: packed in one row, or padded rows.
-
-    Packed, but every example of one length: rows of that length instead. They pad nothing
-    either, and attend through the plain causal kernel rather than segment by segment. 4 jobs
-    x 2 x 256 tokens, SmolLM2 fp32 on 2 CPU cores, a fused step 11.2-12.4 s instead of
-    12.7-13.0 s; on an H200 (bf16) the base alone 105 ms instead of 170."""
-    if packed and len({len(example.input_ids) for _, examples in parts for example in examples}) > 1:
-        return data.pack(parts)
-    return data.fuse(parts, pad_id, multiple_of=1 if packed else PAD_MULTIPLE)
+    """The fused batch of these jobs' examples: packed in one row, or padded rows."""
+    return data.pack(parts) if packed else data.fuse(parts, pad_id, multiple_of=PAD_MULTIPLE)
 
 
 @torch.no_grad()
@@ -214,8 +207,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     parts = [job_parts(job, rows) if rows else [(job.name, [data.Example([pad_id], [data.IGNORE_INDEX])])]
              if job.name in stand_ins else [] for job, rows in zip(jobs, examples)]
     sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
-    if not model.training:   # train() walks every module (adapters too): 35 ms a step on a 30-layer model
-        model.train()
+    model.train()
     losses = torch.zeros(k, device=device)
     rewards = torch.zeros(k, 4, device=device)
     counts = torch.zeros(k, 2, dtype=torch.long)   # on the CPU: bookkeeping

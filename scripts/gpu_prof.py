@@ -23,7 +23,6 @@ import train
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="smollm2-135m")
-    p.add_argument("--base", default=None, help="a checkpoint folder instead of random weights")
     p.add_argument("--k", default="4,8")
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--seq", default="256")
@@ -32,13 +31,9 @@ def main():
     p.add_argument("--modes", default="concat,per-adapter,base")
     p.add_argument("--packing", default="1,0")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
-    args = argparse.Namespace(shape=a.shape, tiny=False, base=a.base, rows=a.rows, seq=a.seq, steps=a.steps)
+    args = argparse.Namespace(shape=a.shape, tiny=False, base=None, rows=a.rows, seq=a.seq, steps=a.steps)
     base = bench.ensure_base(args)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = M.resolve_device("auto")
     cuda = torch.device(device).type == "cuda"
     sync = lambda: bench.sync(str(device))   # noqa: E731
@@ -77,7 +72,7 @@ def main():
                         opts[n].zero_grad(set_to_none=True)
                     return batch.num_tokens
 
-                for s in range(a.warmup):
+                for s in range(3):
                     step(s)
                 times = []
                 for s in range(a.steps):

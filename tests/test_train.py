@@ -281,17 +281,6 @@ def test_pack_lays_examples_end_to_end():
     assert padded.example_of(torch.ones(3, 4, dtype=torch.bool)).tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_examples_of_one_length_make_rows_not_a_packed_row():
-    """Packing on, but every example of one length: plain rows of that length, no padding."""
-    same = [data.Example([1, 2, 3], [-100, 2, 3]), data.Example([4, 5, 6], [4, 5, 6]), data.Example([7, 8, 9], [7, 8, 9])]
-    batch = train.make_batch([("a", same[:2]), ("b", same[2:])], pad_id=0, packed=True)
-    assert not batch.packed and batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert batch.adapter_names == ["a", "a", "b"] and batch.num_tokens == batch.input_ids.numel() == 9
-    ragged = train.make_batch([("a", same[:2]), ("b", [data.Example([7, 8], [7, 8])])], pad_id=0, packed=True)
-    assert ragged.packed and ragged.input_ids.shape == (1, 8)
-    assert train.make_batch([("a", same)], pad_id=0, packed=False).input_ids.shape == (3, train.PAD_MULTIPLE)
-
-
 def test_packed_route_needs_adjacent_examples(tmp_path, base_dir):
     net = M.load_model(base_dir)
     lora.add_adapters(net, {"a": lora.LoRAConfig(), "b": lora.LoRAConfig()})
