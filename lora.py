@@ -26,6 +26,9 @@ import quant
 # "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
 # (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
 FUSE_ADAPTERS = "cuda"
+# "auto": dropout drawn as dropped positions on CPUs (drop_positions), as bool masks on GPUs
+# (keep_mask, no host sync); "masks": masks everywhere (tests and profiles of the GPU's path).
+DROPOUT_DRAW = "auto"
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
@@ -578,7 +581,7 @@ class MultiLoRALinear(nn.Module):
         # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
         total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
         real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and DROPOUT_DRAW == "auto":
             drops = drop_positions(total * width, p, seed)
             if here is not None:   # renumbered among this rank's tokens
                 local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))

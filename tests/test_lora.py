@@ -191,11 +191,13 @@ def assert_all_agree(results):
             torch.testing.assert_close(grads[key], results[0][1][key], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeypatch, dropout):
+@pytest.mark.parametrize("dropout,draw", [(0.0, "auto"), (0.3, "auto"), (0.3, "masks")])
+def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeypatch, dropout, draw):
     """The GPU path (all adapters in two matmuls) and the CPU path (a loop) give the same
     outputs and gradients, dropout masks included, on padded rows or the same examples packed
-    end to end in one row (the masks are drawn over each adapter's real tokens in order)."""
+    end to end in one row (the masks are drawn over each adapter's real tokens in order).
+    draw "masks": dropout as a GPU draws it (bool masks laid into the rows), here on the CPU."""
+    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
                              "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
                              "c": lora.LoRAConfig(r=4, alpha=32, dropout=0.0, targets=["down_proj"]),

@@ -15,8 +15,13 @@ import train
 from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 
 
-def test_fused_job_equals_job_alone(tmp_path, base_dir):
-    """Same seed, dropout on: fused with two other jobs or alone, the same final adapter."""
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_fused_job_equals_job_alone(tmp_path, base_dir, monkeypatch, gpu_path):
+    """Same seed, dropout on: fused with two other jobs or alone, the same final adapter. Also
+    on the GPU's path run here (adapters in shared matmuls, dropout drawn as bool masks)."""
+    if gpu_path:
+        monkeypatch.setattr(lora, "FUSE_ADAPTERS", "always")
+        monkeypatch.setattr(lora, "DROPOUT_DRAW", "masks")
     d = tmp_path
     target = job("target", write_rows(d / "t.json", 12, 0, "reverse"))
     others = [job("wide", write_rows(d / "w.jsonl", 10, 1, "upper"), r=8, lr=3e-3, micro_batch_size=4,
@@ -248,10 +253,13 @@ def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, m
         assert_same_adapter(adapter(d / "ckpt", name), adapter(d / "plain", name))
 
 
-def test_packed_training_equals_padded(tmp_path, base_dir):
+@pytest.mark.parametrize("draw", ["auto", "masks"])
+def test_packed_training_equals_padded(tmp_path, base_dir, monkeypatch, draw):
     """Packing changes the layout, not what is learned: two jobs of ragged rows fused, dropout
     on, trained packed (one row, no padding) and padded end with the same adapters. The dropout
-    masks are drawn over each job's real tokens in order, so they match too."""
+    masks are drawn over each job's real tokens in order, so they match too (draw "masks":
+    as a GPU draws them, bool masks laid into the padded rows)."""
+    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
     d = tmp_path
     jobs = [job("rev", write_rows(d / "r.json", 8, 7, "reverse"), dropout=0.3,
                 targets=list(Llama.LORA_TARGETS), train_on_inputs=True),
