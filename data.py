@@ -552,3 +552,11 @@ def pack(parts: list[tuple[str | None, list[Example]]]) -> Batch:
                           dtype=torch.long)
     lengths = torch.tensor([len(example.input_ids) for _, example in rows], dtype=torch.long)
     return Batch(input_ids, labels, lengths, [name for name, _ in rows], packed=True)
+
+
+PAD_MULTIPLE = 8  # fuse rounds a fused batch's length up to this in training; the scheduler plans with it
+
+
+def make_batch(parts: list[tuple[str | None, list[Example]]], pad_id: int, packed: bool) -> Batch:
+    """The fused batch of these jobs' examples: packed in one row, or padded rows."""
+    return pack(parts) if packed else fuse(parts, pad_id, multiple_of=PAD_MULTIPLE)

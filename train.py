@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -33,7 +32,6 @@ import torch
 
 import data
 import dist
-import generate
 import lora
 import model as M
 import sweep
@@ -43,10 +41,11 @@ from objectives import (REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_me
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
 from scheduler import JobPlan, Scheduler
+from data import PAD_MULTIPLE, make_batch  # noqa: F401
+from report import evaluate, evaluate_tasks, job_record, log_step, method, plot_losses, write_results  # noqa: F401
 from state import (Best, Interrupted, JobState, Run, add_job, job_state, load_job, make_optimizer,  # noqa: F401
                    read_checkpoint, restore, save_checkpoint)
 
-PAD_MULTIPLE = 8  # data.fuse rounds a fused batch's length up to this; the scheduler plans with it
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -69,62 +68,12 @@ def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inp
     return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
 
 
-def make_batch(parts: list[tuple[str | None, list[data.Example]]], pad_id: int, packed: bool) -> data.Batch:
-    """The fused batch of these jobs' examples: packed in one row, or padded rows."""
-    return data.pack(parts) if packed else data.fuse(parts, pad_id, multiple_of=PAD_MULTIPLE)
-
-
-@torch.no_grad()
-def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: int = 8,
-             packed: bool = True, d: "dist.Dist | None" = None) -> tuple[float, dict | None]:
-    """The job's adapter on held-out rows, `rows` of them (examples or pairs) per forward: its
-    loss as in training over one step of all of them (SFT: the mean token loss; dpo/cpo: the
-    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy.
-    d (data parallel): each rank takes every N-th forward, and the sums are summed over the ranks."""
-    model.eval()
-    step_loss_tokens = sum(loss_tokens(job, row) for row in examples)
-    totals = torch.zeros(5, dtype=torch.float64)
-    starts = range(0, len(examples), rows)
-    for start in starts if d is None else starts[d.rank::d.world]:
-        chunk = examples[start:start + rows]
-        batch = make_batch(job_parts(job, chunk), pad_id, packed).to(device)
-        with lora.route(model, batch.adapter_names, lengths=batch.lengths, packed=batch.packed):
-            token_nll, sequences = token_losses(model, batch)
-        loss, rewards = job_loss(job, token_nll, sequences, len(chunk), step_loss_tokens, len(examples))
-        totals += torch.cat([loss[None], rewards]).double().cpu()  # syncs the device
-    if d is not None:
-        d.sum_(totals)
-    return totals[0].item(), reward_means(totals[1:].tolist())
-
-
-def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
-                   ) -> list[float]:
-    """Each job's task score (the fraction of its held-out prompts answered right): every job's
-    prompts in ONE generation batch, row i through its job's adapter (generate.generate, greedy),
-    each job's answers cut at its task_max_new_tokens (greedy: as if generated alone)."""
-    prompts = [ids for _, rows in jobs for ids, _ in rows]
-    if not prompts:
-        return [0.0 for _ in jobs]
-    outputs = iter(generate.generate(model, prompts, [job.name for job, rows in jobs for _ in rows],
-                                     max_new_tokens=max(job.task_max_new_tokens for job, _ in jobs),
-                                     stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                                     vocab_size=tokenizer.vocab_size))
-    scores = []
-    for job, rows in jobs:
-        right = sum(task_correct(job.task_metric, tokenizer.decode(next(outputs)[:job.task_max_new_tokens], skip_special=True),
-                                 expected, job.task_pattern) for _, expected in rows)
-        scores.append(right / max(len(rows), 1))
-    return scores
-
-
 def stop_value(job: JobConfig, loss: float | None, task: float | None) -> float:
     """What early stopping compares, lower is better: the held-out loss, or minus the task score."""
     if job.early_stop_metric == "task":
         return -task if task is not None else math.inf
     return loss if loss is not None else math.inf
 
-
-# ----------------------------------------------------------------------------- state
 
 # ----------------------------------------------------------------------------- the steps
 
@@ -776,124 +725,6 @@ def train_step(run: Run):
             finish(run, name)
     run.task_scores = {}
     settle_rungs(run)
-
-
-def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):
-    """Count the step (counts: its real and processed tokens), teach the memory model its peak,
-    and log a line (every log_every steps)."""
-    tokens, processed = counts
-    run.step += 1
-    run.tokens, run.padded_tokens = run.tokens + tokens, run.padded_tokens + processed
-    run.peak_mb = max(run.peak_mb, between_mb, step_mb)
-    for s in run.jobs.values():  # a job's peak: the run's peak while it was admitted
-        s.peak_mb = max(s.peak_mb, between_mb, step_mb)
-    # The memory model's prediction for this step, made before it ran (None until it has data).
-    predicted_mb = None if run.sched.predicted_peak is None else run.sched.predicted_peak / 2**20
-    prediction_error = None if predicted_mb is None else (predicted_mb - step_mb) / step_mb
-    if prediction_error is not None:
-        run.prediction_errors.append(prediction_error)
-    run.sched.memory.observe(*run.sched.features(micro_batches), step_mb * 2**20)
-    run.bar.update(len(micro_batches))
-    if run.step % run.cfg.log_every:
-        return
-    jobs = {mb.job: run.jobs[mb.job] for mb in micro_batches}
-    # A job shows no loss before its first optimizer step.
-    run.bar.set_postfix({name: round(s.last_loss, 4) for name, s in jobs.items() if s.last_loss is not None})
-    run.log({"step": run.step, "time": run.now(), "ms": 1000 * elapsed,
-             "tokens": tokens, "padded_tokens": processed, "padding": 1 - tokens / processed,
-             "tokens_per_s": tokens / max(elapsed, 1e-9),
-             "peak_mem_mb": step_mb, "pred_peak_mb": predicted_mb, "mem_pred_error": prediction_error,
-             "jobs": {name: job_record(s) for name, s in jobs.items()}})
-
-
-def job_record(s: JobState) -> dict:
-    """A job's part of a metrics line: its last optimizer step (a preference job's rewards too)."""
-    record = {"step": s.step, "loss": s.last_loss, "lr": s.lr}
-    if s.config.objective != "sft":   # null before its first step, as its loss
-        record.update(s.last_rewards or dict.fromkeys(REWARD_KEYS))
-    return record
-
-
-def write_results(run: Run):
-    """Run totals (the seed's table's columns), summary.json, run.json, loss.png and a table."""
-    run.peak_mb = max(run.peak_mb, M.peak_memory(run.device))
-    total_s = run.now()
-    memory = run.sched.memory
-    errors = run.prediction_errors
-    totals = {"total_s": total_s, "steps": run.step, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
-              "padding": 1 - run.tokens / max(run.padded_tokens, 1), "tokens_per_s": run.tokens / max(total_s, 1e-9),
-              "peak_mem_mb": run.peak_mb, "strategy": run.cfg.scheduler.strategy,
-              # How well the memory model predicted each step's peak (relative error, predicted - measured).
-              "mem_pred_mean_abs_error": sum(map(abs, errors)) / len(errors) if errors else None,
-              # b0 + b1*tokens + b2*squares in bytes (scheduler.MemoryModel); null until enough
-              # steps of 3+ shapes were measured.
-              "mem_model": memory.coefficients, "mem_model_points": len(memory.points),
-              "mem_model_shapes": len({p[0] for p in memory.points})}
-    run.log({"run": totals})
-    os.fsync(run.metrics.fileno())
-    run.metrics.close()
-    lora.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
-    plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
-    report = None if run.sweep is None else sweep.write_report(run.sweep, run.cfg, run.summary)
-    lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
-    shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
-    # One row per job, side by side: its method, training and held-out loss (a preference job's
-    # loss is its objective's), a preference job's held-out reward margin and accuracy, and where
-    # any job has a task_metric, its held-out task score before and after.
-    number = lambda value, digits=4: "-" if value is None else f"{value:.{digits}f}"
-    tasks = any(job.task_metric for job in run.cfg.jobs)
-    print(f"\n{'job':<16} {'method':<14} {'steps':>6} {'tokens':>8} {'latency s':>10} {'tokens/s':>9} "
-          f"{'loss':>8} {'eval before':>12} {'eval':>8} {'margin':>7} {'accuracy':>8}"
-          + (f" {'task before':>11} {'task':>6}" if tasks else ""))
-    for name, s in run.summary.items():
-        print(f"{name:<16} {method(next(j for j in run.cfg.jobs if j.name == name)):<14} {s['steps']:>6} {s['tokens']:>8} {s['latency_s']:>10.1f} "
-              f"{s['tokens_per_s']:>9.1f} {number(s['final_loss']):>8} {number(s['initial_eval_loss']):>12} "
-              f"{number(s['eval_loss']):>8} {number(s.get('eval_margin'), 3):>7} {number(s.get('eval_accuracy'), 2):>8}"
-              + (f" {number(s.get('initial_eval_task'), 2):>11} {number(s.get('eval_task'), 2):>6}" if tasks else ""))
-    print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
-          f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
-    if report is not None:
-        print(sweep.table(report))
-
-
-def method(job: JobConfig) -> str:
-    """A job's method in a few characters: objective and LoRA variant, e.g. "dpo", "sft dora+"."""
-    variant = "dora" if job.use_dora else "rslora" if job.use_rslora else "lora"
-    if job.init in ("pissa", "olora"):
-        variant = job.init if variant == "lora" else f"{variant},{job.init}"
-    return f"{job.objective} {variant}{'+' if job.loraplus_lr_ratio else ''}"
-
-
-def plot_losses(metrics_file: Path, png: Path):
-    """One training-loss line per job (and its held-out loss as dots) against fused steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss.png")
-        return
-    curves, evals = {}, {}
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
-        for name, job in record.get("jobs", {}).items():
-            if job["loss"] is not None:  # None until the job's first optimizer step
-                curves.setdefault(name, []).append((record["step"], job["loss"]))
-        if record.get("event") == "eval":
-            evals.setdefault(record["job"], []).append((record["fused_step"], record["eval_loss"]))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, points in curves.items():
-        line, = ax.plot(*zip(*points), label=f"{name} (train)")
-        if name in evals:
-            ax.plot(*zip(*evals[name]), "o--", color=line.get_color(), label=f"{name} (held-out)")
-    ax.set_xlabel("fused step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    lora.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def run_demo(overrides: list[str] | None = None, overwrite: bool = False) -> dict:
