@@ -16,6 +16,7 @@ import data
 import generate
 import lora
 import model as M
+import peft_format
 
 REPO = Path(__file__).resolve().parent
 BASE = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -79,7 +80,7 @@ def show_results(cfg, summary: dict):
     net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)  # the base as trained
     # A job with nothing to train (max_steps=0) has no adapter: it is left out of the table.
     trained = [job.name for job in cfg.jobs if job.name in summary]
-    names = [lora.load_peft(net, Path(cfg.out_dir) / name) for name in trained]
+    names = [peft_format.load_peft(net, Path(cfg.out_dir) / name) for name in trained]
     prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
     rows, adapters = [], []
     for p in prompts:
@@ -118,7 +119,7 @@ def show_methods(cfg, summary: dict):
     questions in ONE generation batch; how many answers are French, per method."""
     tokenizer = data.load_tokenizer(cfg.base_model)
     net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=M.resolve_device(cfg.device), quant=cfg.quant)
-    names = [lora.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs if job.name in summary]
+    names = [peft_format.load_peft(net, Path(cfg.out_dir) / job.name) for job in cfg.jobs if job.name in summary]
     questions = [row["instruction"] for row in json.loads((REPO / "demo" / "french_test.json").read_text())]
     rows, adapters = [], []
     for question in questions:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import lora
 from config import JobConfig
 from objectives import adapter_rows, job_parts, sequence_lengths
+import peft_format
 
 BUCKET_BYTES = 32 * 2**20    # gradients are summed in flat buckets of about this size
 
@@ -234,7 +235,7 @@ def flush_outbox(run):
             if kind == "log":
                 run.log(item[0])
             else:
-                lora.write_peft(*item)
+                peft_format.write_peft(*item)
 
 
 def agree_turn(run) -> bool:

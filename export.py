@@ -12,6 +12,7 @@ import torch
 import lora
 import model as M
 from config import ConfigError
+import peft_format
 
 MERGE_MARKER = "merged_from.json"   # in every folder export_merged writes: the only kind it replaces
 
@@ -52,7 +53,7 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     M.check_checkpoint(base)
     net = M.load_model(base, dtype=torch.float32, quant=quant)
     try:
-        name = lora.load_peft(net, adapter_dir)
+        name = peft_format.load_peft(net, adapter_dir)
     except (KeyError, ValueError, TypeError, OSError) as e:
         raise ConfigError(f"{adapter_dir}: cannot load the adapter onto {base}: {e}".replace("\n", " ")) from None
     net.eval()  # the adapter layers were just added, in training mode (dropout)

@@ -16,6 +16,7 @@ import torch
 import data
 import lora
 import model as M
+import peft_format
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         model = M.load_model(args.base, dtype=dtype, device=device)
         names = []
         for folder in args.adapter:
-            names.append(lora.load_peft(model, folder, unique_name(folder, set(names))))
+            names.append(peft_format.load_peft(model, folder, unique_name(folder, set(names))))
         # Prompt-major rows, so the answers to one prompt print together.
         row_adapters = ([None] if args.with_base or not names else []) + names
         rows = [(text, name) for text in args.prompt for name in row_adapters]

@@ -34,6 +34,7 @@ import data
 import dist
 import lora
 import model as M
+import peft_format
 import sweep
 from export import MERGE_MARKER, export_merged  # noqa: F401
 from objectives import (REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
@@ -335,9 +336,9 @@ def eval_ranks(run: Run) -> "dist.Dist | None":
 def save_adapter(run: Run, name: str, folder: Path):
     """The job's adapter as a PEFT folder: written by rank 0; job parallel, the others send it there."""
     if run.writes:
-        lora.save_peft(run.model, name, folder, run.cfg.base_model)
+        peft_format.save_peft(run.model, name, folder, run.cfg.base_model)
     elif run.outbox is not None:
-        run.outbox.append(("peft", str(folder), *lora.peft_files(run.model, name, run.cfg.base_model)))
+        run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model)))
 
 
 def reach_rung(run: Run, s: JobState):

@@ -10,6 +10,7 @@ import data
 import lora
 from chatglm import ChatGLM
 import model as M
+import peft_format
 import train
 from conftest import V, assert_same_adapter, job, make_glm, randomize_B, run_cfg, write_chatglm, write_rows
 from tokenizer_util import TEXT
@@ -246,7 +247,7 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
     path, _ = mqa
     ours = M.load_model(path)
     lora.add_adapters(ours, {"d": lora.LoRAConfig()})  # no targets named: the family's default
-    assert lora.adapter_config(ours, "d").targets == ["query_key_value", "dense"]
+    assert peft_format.adapter_config(ours, "d").targets == ["query_key_value", "dense"]
     lora.remove_adapter(ours, "d")
     with pytest.raises(ValueError, match="valid targets: query_key_value, dense, dense_h_to_4h, dense_4h_to_h$"):
         lora.add_adapters(ours, {"x": lora.LoRAConfig(targets=["output_layer"])})
@@ -254,7 +255,7 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
                              "b": lora.LoRAConfig(r=2, alpha=4, targets=["query_key_value"])})
     randomize_B(ours, "a", 0)
     randomize_B(ours, "b", 1)
-    lora.save_peft(ours, "a", tmp_path / "a")
+    peft_format.save_peft(ours, "a", tmp_path / "a")
     keys = load_file(tmp_path / "a" / "adapter_model.safetensors").keys()
     assert "base_model.model.transformer.encoder.layers.0.self_attention.query_key_value.lora_A.weight" in keys
     assert "base_model.model.transformer.encoder.layers.1.mlp.dense_4h_to_h.lora_B.weight" in keys
@@ -270,7 +271,7 @@ def test_lora_targets_peft_names_and_mixed_batch(mqa, tmp_path):
     with torch.no_grad(), lora.route(ours, ["a"] * 4):
         torch.testing.assert_close(ours(idx), pm(idx), atol=1e-5, rtol=1e-4)
     peft_layers = {n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert peft_layers == {lora.PEFT_PREFIX + p for p, m in lora.lora_layers(ours) if "a" in m.adapters}
+    assert peft_layers == {peft_format.PEFT_PREFIX + p for p, m in lora.lora_layers(ours) if "a" in m.adapters}
     # A mixed batch equals each row run alone with its own adapter (or none).
     names = ["b", None, "a", "b"]
     with torch.no_grad(), lora.route(ours, names):

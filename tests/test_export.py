@@ -9,6 +9,7 @@ import demo
 import lora
 from llama import Llama
 import model as M
+import peft_format
 import train
 from conftest import randomize_B
 from tokenizer_util import write_tokenizer_json
@@ -23,7 +24,7 @@ def test_merged_export_loads_in_transformers(tmp_path, tiny_llama):
     ours = M.load_model(path)
     lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(Llama.LORA_TARGETS))})
     randomize_B(ours, "job")
-    lora.save_peft(ours, "job", tmp_path / "job", base_model_path=str(path))
+    peft_format.save_peft(ours, "job", tmp_path / "job", base_model_path=str(path))
     assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0
     merged_dir = tmp_path / "merged"
     assert (merged_dir / "tokenizer.json").exists() and not list(tmp_path.glob(".merged.partial"))
@@ -43,7 +44,7 @@ def test_merge_never_replaces_what_it_did_not_create(tmp_path, tiny_llama, capsy
     ours = M.load_model(path)
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8)})
     run = tmp_path / "out"
-    lora.save_peft(ours, "a", run / "a", base_model_path=str(path))
+    peft_format.save_peft(ours, "a", run / "a", base_model_path=str(path))
     (run / "metrics.jsonl").write_text("{}\n")                      # a training run's folder
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -7,6 +7,7 @@ import lora
 from llama import Llama
 import model as M
 from conftest import make_hf_model, randomize_B, save_hf
+import peft_format
 from tokenizer_util import write_tokenizer_json
 
 LENGTHS = (5, 9, 3, 7)  # different prompt lengths, so every batch is left padded
@@ -68,7 +69,7 @@ def test_greedy_with_adapter_equals_peft(tmp_path, tiny_llama):
     import peft
     path, hf = tiny_llama
     ours = with_adapters(path)
-    lora.save_peft(ours, "a", tmp_path / "a")
+    peft_format.save_peft(ours, "a", tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "a")
     prompts = random_prompts(seed=2)
     got = G.generate(ours, prompts, ["a"] * 4, max_new_tokens=10)
@@ -141,8 +142,8 @@ def test_cli_with_two_adapters_and_base(tmp_path, capsys):
     save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
     ours = with_adapters(tmp_path / "base")
     # Two folders with the same name: the second loads as "job-2".
-    lora.save_peft(ours, "a", tmp_path / "x" / "job")
-    lora.save_peft(ours, "b", tmp_path / "y" / "job")
+    peft_format.save_peft(ours, "a", tmp_path / "x" / "job")
+    peft_format.save_peft(ours, "b", tmp_path / "y" / "job")
     rc = G.main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "x" / "job"),
                  "--adapter", str(tmp_path / "y" / "job"), "--with-base", "--prompt", "hello world",
                  "--prompt", "The quick brown fox", "--max-new-tokens", "4"])

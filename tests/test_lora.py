@@ -8,6 +8,7 @@ import lora
 from llama import Llama
 import model as M
 from conftest import randomize_B
+import peft_format
 
 ALL = list(Llama.LORA_TARGETS)
 
@@ -32,7 +33,7 @@ def test_forward_and_grads_match_peft(tmp_path, tiny_llama, ours):
     cfg = lora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj", "o_proj"])
     lora.add_adapters(ours, {"job": cfg})
     randomize_B(ours, "job")
-    lora.save_peft(ours, "job", tmp_path / "job")
+    peft_format.save_peft(ours, "job", tmp_path / "job")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job", is_trainable=True)
     idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
     expected = pm(idx).logits
@@ -53,7 +54,7 @@ def test_forward_and_grads_match_peft(tmp_path, tiny_llama, ours):
 def test_saved_adapter_format(tmp_path, ours):
     from safetensors.torch import load_file
     lora.add_adapters(ours, {"job": lora.LoRAConfig(r=2, alpha=4, dropout=0.1, targets=["k_proj", "up_proj"])})
-    lora.save_peft(ours, "job", tmp_path / "job")
+    peft_format.save_peft(ours, "job", tmp_path / "job")
     cfg = json.loads((tmp_path / "job" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (2, 4, 0.1, ["k_proj", "up_proj"])
     keys = load_file(tmp_path / "job" / "adapter_model.safetensors").keys()
@@ -70,7 +71,7 @@ def test_peft_saved_adapter_loads_into_ours(tmp_path, tiny_llama, ours):
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["gate_proj", "k_proj"],
                                                  init_lora_weights=False))
     pm.save_pretrained(tmp_path / "from_peft")
-    name = lora.load_peft(ours, tmp_path / "from_peft")
+    name = peft_format.load_peft(ours, tmp_path / "from_peft")
     assert name == "from_peft"
     idx = torch.randint(0, 384, (1, 10))
     with lora.route(ours, [name]):
@@ -159,7 +160,7 @@ def test_bad_targets_and_names(ours):
     with pytest.raises(ValueError, match="valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj$"):
         lora.add_adapters(ours, {"a": lora.LoRAConfig(targets=["q_proj", "qkv"])})
     lora.add_adapters(ours, {"a": lora.LoRAConfig()})  # no targets named: the family's default
-    assert lora.adapter_config(ours, "a").targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert peft_format.adapter_config(ours, "a").targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     with pytest.raises(ValueError, match="valid targets: q_proj, .*down_proj$"):  # adapter names are not targets
         lora.add_adapters(ours, {"b": lora.LoRAConfig(targets=["a"])})
     with pytest.raises(ValueError, match="already exists"):
@@ -303,9 +304,9 @@ def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path
     path, hf = tiny_llama
     cfg = lora.LoRAConfig(r=16, alpha=8, targets=["q_proj", "up_proj"], use_rslora=True, init="gaussian")
     lora.add_adapters(ours, {"rs": cfg})
-    assert lora.adapter_config(ours, "rs") == cfg
+    assert peft_format.adapter_config(ours, "rs") == cfg
     randomize_B(ours, "rs")
-    lora.save_peft(ours, "rs", tmp_path / "rs")
+    peft_format.save_peft(ours, "rs", tmp_path / "rs")
     saved = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"], saved["use_rslora"], saved["init_lora_weights"]) == (16, 8, True, "gaussian")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "rs")
@@ -313,8 +314,8 @@ def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path
     with lora.route(ours, ["rs", "rs"]):
         torch.testing.assert_close(ours(idx), pm(idx).logits, atol=1e-5, rtol=1e-4)
     # And back: our loader reads the same fields.
-    name = lora.load_peft(ours, tmp_path / "rs", "again")
-    assert lora.adapter_config(ours, name) == cfg
+    name = peft_format.load_peft(ours, tmp_path / "rs", "again")
+    assert peft_format.adapter_config(ours, name) == cfg
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import data
 import lora
 import model as M
+import peft_format
 import train
 from conftest import WORDS, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 from scheduler import JobPlan, Scheduler
@@ -100,7 +101,7 @@ def test_loss_and_gradients_equal_the_published_formulas_on_peft(tmp_path, tiny_
     ours = M.load_model(path, dtype=torch.float32)
     lora.add_adapters(ours, {"p": cfg.lora_config()})
     randomize_B(ours, "p")
-    lora.save_peft(ours, "p", tmp_path / "p")
+    peft_format.save_peft(ours, "p", tmp_path / "p")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "p", is_trainable=True)
     pairs = random_pairs(3, hf.config.vocab_size, seed=1)
 

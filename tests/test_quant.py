@@ -9,6 +9,7 @@ import lora
 from chatglm import ChatGLM
 from llama import Llama
 import model as M
+import peft_format
 import quant
 import train
 from conftest import (adapter, assert_same_adapter, job, make_glm, make_hf_model, randomize_B, run_cfg, save_hf,
@@ -186,7 +187,7 @@ def test_merge_export_from_4bit_base_uses_dequantized_weights(tmp_path, llama_di
     lora.add_adapters(net, {"job": lora.LoRAConfig(r=4, alpha=8, dropout=0.1, targets=["q_proj", "v_proj", "up_proj"])})
     randomize_B(net, "job")
     net.eval()
-    lora.save_peft(net, "job", tmp_path / "job", base_model_path=str(llama_dir))
+    peft_format.save_peft(net, "job", tmp_path / "job", base_model_path=str(llama_dir))
     divergence = train.export_merged(str(tmp_path / "job"), str(tmp_path / "merged"), quant="nf4")
     out = capsys.readouterr().out
     assert "DEQUANTIZED nf4 weights" in out and "max |logits difference|" in out and divergence < 1e-4

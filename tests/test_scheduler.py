@@ -8,6 +8,7 @@ import pytest
 import data
 import lora
 import model as M
+import peft_format
 import train
 from scheduler import JobPlan, MemoryModel, Scheduler
 from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
@@ -275,7 +276,7 @@ def test_early_stop_keeps_the_best_adapter_and_frees_the_slot(tmp_path, base_dir
     assert summary["wild"]["eval_loss"] == pytest.approx(best)
     tok = data.load_tokenizer(base_dir)
     net = M.load_model(base_dir)
-    lora.load_peft(net, out / "wild")
+    peft_format.load_peft(net, out / "wild")
     held_out = data.load_job_data(test_rows, tok)
     assert train.evaluate(net, jobs[1], held_out, tok.pad_id, "cpu")[0] == pytest.approx(best, rel=1e-5)
 

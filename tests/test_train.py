@@ -11,6 +11,7 @@ import lora
 from llama import Llama
 import model as M
 import objectives
+import peft_format
 import train
 from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 
@@ -82,7 +83,7 @@ def test_train_writes_outputs_and_adapters_load_in_peft(tmp_path, base_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(hf, out / "a")
     ours = M.load_model(base_dir)
-    lora.load_peft(ours, out / "a")
+    peft_format.load_peft(ours, out / "a")
     idx = torch.randint(0, 300, (2, 10))
     with lora.route(ours, ["a", "a"]):
         torch.testing.assert_close(ours(idx), pm(idx).logits, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import lora
 import model as M
+import peft_format
 import train
 from conftest import make_hf_model, randomize_B, save_hf
 from tokenizer_util import write_tokenizer_json
@@ -154,7 +155,7 @@ def test_variant_adapters_save_load_in_peft_and_merge(tmp_path):
     for name, (ours_kwargs, _) in VARIANTS.items():
         with torch.no_grad(), lora.route(net, [name, name]):
             expected = net(idx)
-        lora.save_peft(net, name, tmp_path / name, str(path))
+        peft_format.save_peft(net, name, tmp_path / name, str(path))
         saved = __import__("json").loads((tmp_path / name / "adapter_config.json").read_text())
         assert saved["use_dora"] == ours_kwargs.get("use_dora", False)
         assert saved["use_rslora"] == ours_kwargs.get("use_rslora", False)
@@ -164,7 +165,7 @@ def test_variant_adapters_save_load_in_peft_and_merge(tmp_path):
             torch.testing.assert_close(pm(idx).logits, expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         # Our own loader reads it back (DoRA's magnitude included).
         other = M.load_model(path, dtype=torch.float32)
-        lora.load_peft(other, tmp_path / name, name)
+        peft_format.load_peft(other, tmp_path / name, name)
         with torch.no_grad(), lora.route(other, [name, name]):
             torch.testing.assert_close(other(idx), expected, atol=2e-5, rtol=1e-4)
         # Merged into the weights, the bare model gives the same logits.
