@@ -2,6 +2,7 @@
 # The lent GPU's checks in one call, from the repo root: scripts/devrun.sh prof / final.
 # The CUDA tests, then a profile (prof) or the GPU benchmarks (final). Needs the wheels that the
 # device image lacks in .whl/ (bitsandbytes, gguf; see benchmarks.md), carried with the call.
+# "final" took about 7 minutes on an H200 (2026-11-29; peft-seq at k=8 needs the 300 s stage).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ if [ "$1" = final ]; then
   timeout 45 python3 scripts/gpu_prof.py --k 4 --modes concat --packing 1 --steps 4 --profile 2>&1 > $OUT/prof.log
   grep -E "^k=|launches|Error" $OUT/prof.log
   B="python3 bench.py --shape smollm2-135m --dtype bfloat16 --repeats 3"
-  timeout 200 $B --k 4,8 --rows 2 --seq 256 --systems ours,peft-parallel,base-only,peft-seq --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
+  timeout 300 $B --k 4,8 --rows 2 --seq 256 --systems ours,peft-parallel,base-only,peft-seq --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
   echo "bench 256: $(( $(date +%s) - t0 )) s"
   timeout 110 $B --k 4 --rows 4 --seq alpaca --systems ours,peft-parallel-packed,base-only,peft-seq-packed --out $OUT/bench_alpaca.json 2>&1 | grep -v Warn | tee $OUT/bench_alpaca.log | grep -E "^  |^\||Error"
   echo "all: $(( $(date +%s) - t0 )) s"
