@@ -234,6 +234,39 @@ def test_masks_tiling_the_batch_agree_on_both_paths(ours, monkeypatch):
         assert_all_agree(results)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fuse,draw", [("never", "auto"), ("always", "auto"), ("never", "masks"), ("always", "masks")])
+def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse, draw, packed):
+    """Data parallel (dist.split_step): a rank that holds some of a step's examples, told which
+    of each adapter's tokens in the step they are, draws the dropout one process draws for
+    them, so its outputs equal one process's for those examples: on both LoRA paths, with
+    dropout drawn as on a CPU or as on a GPU, padded or packed."""
+    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
+    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=ALL),
+                             "b": lora.LoRAConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "v_proj"])})
+    for i, name in enumerate("ab"):
+        randomize_B(ours, name, seed=i)
+    ours.train()
+    idx = torch.randint(0, 384, (5, 11), generator=torch.Generator().manual_seed(4))
+    names, lengths = ["a", "a", "a", "b", "b"], [11, 7, 9, 5, 8]
+
+    def outputs(rows, dropout_tokens=None):
+        gens = {n: torch.Generator().manual_seed(3) for n in "ab"}
+        ids, own = idx[rows], [lengths[i] for i in rows]
+        real = torch.arange(ids.size(1))[None, :] < torch.tensor(own)[:, None]
+        with torch.no_grad(), lora.route(ours, [names[i] for i in rows], lengths=own, generators=gens,
+                                         packed=packed, dropout_tokens=dropout_tokens):
+            return ours(ids[real][None], segments=tuple(own))[0] if packed else ours(ids)[real]
+
+    whole = outputs([0, 1, 2, 3, 4])
+    # This rank: a's 2nd and 3rd examples (its tokens 11..26 of 27) and b's 1st (0..4 of 13).
+    part = outputs([1, 2, 3], {"a": (27, torch.arange(11, 27)), "b": (13, torch.arange(0, 5))})
+    torch.testing.assert_close(part, whole[11:11 + 7 + 9 + 5], atol=1e-5, rtol=1e-5)
+    # Told nothing, the rank draws its own masks: not one process's.
+    assert not torch.allclose(outputs([1, 2, 3]), whole[11:32], atol=1e-3)
+
+
 def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
     """An adapter's rows need not be adjacent in a padded batch (the index path); a variant
     (DoRA, on its own path) in the same batch leaves the others' shared matmuls as they are."""
