@@ -307,7 +307,7 @@ class Routing:
     shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
 
     def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
-                     training: bool) -> torch.Tensor:
+                     training: bool, device) -> torch.Tensor:
         """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
         layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
         its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
@@ -324,7 +324,7 @@ class Routing:
                     rows = rows_of[name]
                     column[rows.cpu() if torch.is_tensor(rows) else rows] = adapter.scaling / (1 - drawn_p(p))
                     columns.append(column)
-            self.cache[key] = torch.cat(columns, dim=-1).to(device=adapters[0][0].lora_A.weight.device)
+            self.cache[key] = torch.cat(columns, dim=-1).to(device)
         return self.cache[key]
 
 
@@ -517,7 +517,7 @@ class MultiLoRALinear(nn.Module):
                 keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
                 for rows, length, mask in keeps:
                     keep[rows, :length] = mask
-            coef = routing.coefficients(layers, names, B, self.training)    # [B, 1, sum of all r]
+            coef = routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
             plan = [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))]
             tensors = [keep]
             for layer, own in zip(layers, names):

@@ -267,6 +267,22 @@ def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse,
     assert not torch.allclose(outputs([1, 2, 3]), whole[11:32], atol=1e-3)
 
 
+def test_a_shared_input_whose_first_layer_only_a_variant_adapts(ours, monkeypatch):
+    """q/k/v read one input; DoRA adapts q alone and plain LoRA k alone: the shared matmuls of
+    the concatenated path hold k's adapter only, and both paths still agree."""
+    lora.add_adapters(ours, {"v": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj"], use_dora=True),
+                             "a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj"])})
+    for i, name in enumerate("va"):
+        randomize_B(ours, name, seed=i)
+    ours.train()
+    idx = torch.randint(0, 384, (3, 11), generator=torch.Generator().manual_seed(9))
+    results = []
+    for mode in ("always", "never"):
+        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
+        results.append(logits_and_grads(ours, idx, ["v", "a", None], [11, 9, 11], packed=False))
+    assert_all_agree(results)
+
+
 def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
     """An adapter's rows need not be adjacent in a padded batch (the index path); a variant
     (DoRA, on its own path) in the same batch leaves the others' shared matmuls as they are."""
