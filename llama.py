@@ -10,6 +10,7 @@ through a sliding window (per layer, as transformers decides it; see sliding_win
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
 """
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -233,6 +234,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+@functools.cache
+def varlen_takes_gqa() -> bool:
+    """Whether this torch's varlen_attn takes enable_gqa (2.13 does, 2.11 does not)."""
+    from torch.nn.attention.varlen import varlen_attn
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, gqa: bool) -> torch.Tensor:
     """Block-diagonal causal attention over one packed row, no mask materialised.
 
@@ -251,7 +259,7 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
         longest = max(segments.lengths)
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))          # [N, heads, hd]
         extra = {}
-        if gqa and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        if gqa and varlen_takes_gqa():
             extra["enable_gqa"] = True
         elif gqa:   # torch < 2.13 takes no enable_gqa: each k/v head repeated for its group of q heads
             k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))

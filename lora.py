@@ -155,7 +155,7 @@ class UpdatePlan(NamedTuple):
     base outputs x W_j^T + b_j itself (else they come computed, e.g. by a quantized base)."""
     shape: tuple[int, int]          # (rows, length) the groups index: (B, T), or (N, 1) for a packed row
     outputs: int
-    groups: list[tuple[slice | torch.Tensor, int, float, tuple[int, ...]]]
+    groups: list[tuple[slice | torch.Tensor, int, float | torch.Tensor, tuple[int, ...]]]   # scale: or per-row [rows, 1, sum r]
     base: bool = False
 
 
@@ -484,48 +484,31 @@ class MultiLoRALinear(nn.Module):
                            and any(s.adapts(g.name) for g in routing.groups)]
         flat = x.reshape(-1, x.size(-1))
         B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
-        plan, tensors, variants, keeps = [], [], [], []
+        plan, variants = [], []
         for group in routing.groups:
             owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
             if not owners:
                 continue
             adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
             length = self.own_length(group, T)
+            shape = (self.row_count(group, B), length, x.size(-1))
             keep, scale = None, adapter.scaling
             if self.training and adapter.config.dropout > 0:
-                shape = (self.row_count(group, B), length, x.size(-1))
                 keep = self.dropout_keep(group, shape, x.device, adapter.config.dropout)
                 scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
             if adapter.is_variant:
                 variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
-                continue
-            plan.append((group.rows, length, scale, tuple(owners)))
-            tensors.append(keep)
-            if concatenated and keep is not None:
-                keeps.append((group.rows, length, keep_of(keep, (self.row_count(group, B), length, x.size(-1)))))
-            for i in owners:
-                tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
+            else:
+                plan.append((group, length, shape, keep, scale, owners))
         if concatenated and plan:
-            names = [[g.name for g in routing.groups if layer.adapts(g.name) and not layer.adapters[g.name].is_variant]
-                     for layer in layers]
-            keep = None
-            starts = [rows.start or 0 if isinstance(rows, slice) and length == T else -1 for rows, length, _ in keeps]
-            ends = [rows.stop if isinstance(rows, slice) else -1 for rows, _, _ in keeps]
-            if keeps and starts == [0] + ends[:-1] and ends[-1] == B:   # the masks tile x (packed): one cat
-                keep = torch.cat([mask for _, _, mask in keeps])
-            elif keeps:
-                keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
-                for rows, length, mask in keeps:
-                    keep[rows, :length] = mask
-            coef = routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
-            plan = [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))]
-            tensors = [keep]
-            for layer, own in zip(layers, names):
-                if not own:   # only variants adapt this layer
-                    continue
-                As = [layer.adapters[n].lora_A.weight for n in own]
-                Bs = [layer.adapters[n].lora_B.weight for n in own]
-                tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
+            plan, tensors = self.one_group(layers, plan, B, T, x)
+        else:
+            tensors = []
+            for group, _, _, keep, _, owners in plan:
+                tensors.append(keep)
+                for i in owners:
+                    tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
+            plan = [(group.rows, length, scale, tuple(owners)) for group, length, _, _, scale, owners in plan]
         # A frozen float base goes into the node (one input-gradient buffer); otherwise (a
         # quantized or trainable base) its outputs are computed here as [tokens, out], never
         # a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them.
@@ -550,6 +533,35 @@ class MultiLoRALinear(nn.Module):
         for layer, layer_out in zip(layers[1:], outs[1:]):
             routing.shared[layer] = (x, layer_out)
         return outs[0]
+
+    def one_group(self, layers: list["MultiLoRALinear"], plan: list, B: int, T: int, x: torch.Tensor):
+        """The concatenated path's plan and tensors: all rows as one group of every adapter in
+        `plan` (add_updates' per-adapter entries), their per-row coefficients as its scale,
+        their masks in one keep mask over x, per layer its adapters' A's and B's side by side."""
+        names = [[] for _ in layers]
+        for group, _, _, _, _, owners in plan:
+            for i in owners:
+                names[i].append(group.name)
+        masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, _, _ in plan
+                 if keep is not None]
+        keep = None
+        if masks:
+            rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
+            if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
+                    and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
+                keep = torch.cat([mask for _, _, mask in masks])
+            else:
+                keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
+                for r, length, mask in masks:
+                    keep[r, :length] = mask
+        coef = self.routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
+        tensors = [keep]
+        for layer, own in zip(layers, names):
+            if own:   # else only variants adapt this layer
+                As = [layer.adapters[n].lora_A.weight for n in own]
+                Bs = [layer.adapters[n].lora_B.weight for n in own]
+                tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
+        return [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))], tensors
 
     @staticmethod
     def row_count(group: RouteGroup, B: int) -> int:

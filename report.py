@@ -42,7 +42,6 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
     return totals[0].item(), reward_means(totals[1:].tolist())
 
 
-
 def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
                    ) -> list[float]:
     """Each job's task score (the fraction of its held-out prompts answered right): every job's
@@ -61,7 +60,6 @@ def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig,
                                  expected, job.task_pattern) for _, expected in rows)
         scores.append(right / max(len(rows), 1))
     return scores
-
 
 
 def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):
@@ -92,14 +90,12 @@ def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, b
              "jobs": {name: job_record(s) for name, s in jobs.items()}})
 
 
-
 def job_record(s: JobState) -> dict:
     """A job's part of a metrics line: its last optimizer step (a preference job's rewards too)."""
     record = {"step": s.step, "loss": s.last_loss, "lr": s.lr}
     if s.config.objective != "sft":   # null before its first step, as its loss
         record.update(s.last_rewards or dict.fromkeys(REWARD_KEYS))
     return record
-
 
 
 def write_results(run: Run):
@@ -144,14 +140,12 @@ def write_results(run: Run):
         print(sweep.table(report))
 
 
-
 def method(job: JobConfig) -> str:
     """A job's method in a few characters: objective and LoRA variant, e.g. "dpo", "sft dora+"."""
     variant = "dora" if job.use_dora else "rslora" if job.use_rslora else "lora"
     if job.init in ("pissa", "olora"):
         variant = job.init if variant == "lora" else f"{variant},{job.init}"
     return f"{job.objective} {variant}{'+' if job.loraplus_lr_ratio else ''}"
-
 
 
 def plot_losses(metrics_file: Path, png: Path):
