@@ -192,6 +192,25 @@ def assert_all_agree(results):
             torch.testing.assert_close(grads[key], results[0][1][key], atol=1e-5, rtol=1e-4)
 
 
+def with_random_adapters(model, configs: dict, rows: int) -> torch.Tensor:
+    """Add these adapters, B randomized (each its own seed), model in training mode; returns
+    a batch of `rows` random token rows of 11."""
+    lora.add_adapters(model, configs)
+    for i, name in enumerate(configs):
+        randomize_B(model, name, seed=i)
+    model.train()
+    return torch.randint(0, 384, (rows, 11), generator=torch.Generator().manual_seed(9))
+
+
+def on_both_paths(model, monkeypatch, idx, names, lengths, packed: bool) -> list:
+    """logits_and_grads with all adapters in shared matmuls, then per adapter."""
+    results = []
+    for mode in ("always", "never"):
+        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
+        results.append(logits_and_grads(model, idx, names, lengths, packed))
+    return results
+
+
 @pytest.mark.parametrize("dropout,draw", [(0.0, "auto"), (0.3, "auto"), (0.3, "masks")])
 def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeypatch, dropout, draw):
     """The GPU path (all adapters in two matmuls) and the CPU path (a loop) give the same
@@ -199,39 +218,24 @@ def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeyp
     end to end in one row (the masks are drawn over each adapter's real tokens in order).
     draw "masks": dropout as a GPU draws it (bool masks laid into the rows), here on the CPU."""
     monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
-    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
-                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
-                             "c": lora.LoRAConfig(r=4, alpha=32, dropout=0.0, targets=["down_proj"]),
-                             # Only on the later layers of q/k/v and gate/up, which share their input.
-                             "d": lora.LoRAConfig(r=3, alpha=6, dropout=dropout, targets=["k_proj", "up_proj"])})
-    for i, name in enumerate("abcd"):
-        randomize_B(ours, name, seed=i)
-    ours.train()
-    idx = torch.randint(0, 384, (7, 11), generator=torch.Generator().manual_seed(9))
-    results = []
-    for packed in (False, True):
-        for mode in ("always", "never"):
-            monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-            results.append(logits_and_grads(ours, idx, ["b", "b", None, "a", "a", "c", "d"], [11, 9, 11, 5, 7, 11, 8],
-                                            packed))
+    idx = with_random_adapters(ours, {
+        "a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
+        "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
+        "c": lora.LoRAConfig(r=4, alpha=32, dropout=0.0, targets=["down_proj"]),
+        # Only on the later layers of q/k/v and gate/up, which share their input.
+        "d": lora.LoRAConfig(r=3, alpha=6, dropout=dropout, targets=["k_proj", "up_proj"])}, rows=7)
+    results = [result for packed in (False, True) for result in on_both_paths(
+        ours, monkeypatch, idx, ["b", "b", None, "a", "a", "c", "d"], [11, 9, 11, 5, 7, 11, 8], packed)]
     assert_all_agree(results)
 
 
 def test_masks_tiling_the_batch_agree_on_both_paths(ours, monkeypatch):
     """Every token routed to an adapter with dropout (the usual packed step): the concatenated
     path joins the adapters' masks end to end instead of writing each into a full mask."""
-    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
-                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.1, targets=ALL)})
-    for i, name in enumerate("ab"):
-        randomize_B(ours, name, seed=i)
-    ours.train()
-    idx = torch.randint(0, 384, (4, 11), generator=torch.Generator().manual_seed(9))
+    idx = with_random_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
+                                      "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.1, targets=ALL)}, rows=4)
     for packed, lengths in ((True, [11, 9, 5, 7]), (False, [11] * 4)):
-        results = []
-        for mode in ("always", "never"):
-            monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-            results.append(logits_and_grads(ours, idx, ["b", "b", "a", "a"], lengths, packed))
-        assert_all_agree(results)
+        assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["b", "b", "a", "a"], lengths, packed))
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -270,36 +274,20 @@ def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse,
 def test_a_shared_input_whose_first_layer_only_a_variant_adapts(ours, monkeypatch):
     """q/k/v read one input; DoRA adapts q alone and plain LoRA k alone: the shared matmuls of
     the concatenated path hold k's adapter only, and both paths still agree."""
-    lora.add_adapters(ours, {"v": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj"], use_dora=True),
-                             "a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj"])})
-    for i, name in enumerate("va"):
-        randomize_B(ours, name, seed=i)
-    ours.train()
-    idx = torch.randint(0, 384, (3, 11), generator=torch.Generator().manual_seed(9))
-    results = []
-    for mode in ("always", "never"):
-        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-        results.append(logits_and_grads(ours, idx, ["v", "a", None], [11, 9, 11], packed=False))
-    assert_all_agree(results)
+    idx = with_random_adapters(ours, {"v": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj"], use_dora=True),
+                                      "a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj"])}, rows=3)
+    assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["v", "a", None], [11, 9, 11], packed=False))
 
 
 def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
     """An adapter's rows need not be adjacent in a padded batch (the index path); a variant
     (DoRA, on its own path) in the same batch leaves the others' shared matmuls as they are."""
-    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
-                             "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL),
-                             "v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj", "o_proj"],
-                                                  use_dora=True)})
-    for i, name in enumerate("abv"):
-        randomize_B(ours, name, seed=i)
-    ours.train()
-    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(9))
-    results = []
-    for mode in ("always", "never"):
-        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-        results.append(logits_and_grads(ours, idx, ["b", "a", None, "b", "v", "a"], [11, 5, 11, 9, 8, 7],
-                                        packed=False))
-    assert_all_agree(results)
+    idx = with_random_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
+                                      "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL),
+                                      "v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj", "o_proj"],
+                                                           use_dora=True)}, rows=6)
+    assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["b", "a", None, "b", "v", "a"], [11, 5, 11, 9, 8, 7],
+                                   packed=False))
 
 
 @pytest.mark.parametrize("packed", [False, True])
