@@ -573,7 +573,7 @@ def clear_run(out: Path):
 
 
 def remove_partial_writes(out: Path):
-    """What a killed run left half-written: lora.atomic_write's and replace_dir's temporary
+    """What a killed run left half-written: files.atomic_write's and replace_dir's temporary
     files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes."""
     for folder in (out, *(p for p in out.iterdir() if p.is_dir()), *(out / "snapshots").glob("*")):
         for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):

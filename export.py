@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import files
 import lora
 import model as M
 from config import ConfigError
@@ -77,9 +78,9 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
             if file.is_file() and not file.name.startswith(("model", "pytorch_model")) and file.suffix != ".safetensors":
                 shutil.copy(file, tmp / file.name)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        lora.atomic_write(tmp / MERGE_MARKER, json.dumps({"adapter": str(adapter_dir.resolve()), "base": str(Path(base).resolve()),
+        files.atomic_write(tmp / MERGE_MARKER, json.dumps({"adapter": str(adapter_dir.resolve()), "base": str(Path(base).resolve()),
                                                           "quant": quant}, indent=2) + "\n")
-        lora.replace_dir(tmp, to)
+        files.replace_dir(tmp, to)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import files
 import lora
 
 PEFT_PREFIX = "base_model.model."
@@ -75,9 +76,9 @@ def write_peft(out_dir, peft_config: dict, state: dict):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        lora.atomic_write(tmp / "adapter_model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        lora.atomic_write(tmp / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
-        lora.replace_dir(tmp, out_dir)
+        files.atomic_write(tmp / "adapter_model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        files.atomic_write(tmp / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
+        files.replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

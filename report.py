@@ -10,6 +10,7 @@ import torch
 
 import data
 import dist
+import files
 import generate
 import lora
 import model as M
@@ -116,10 +117,10 @@ def write_results(run: Run):
     run.log({"run": totals})
     os.fsync(run.metrics.fileno())
     run.metrics.close()
-    lora.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
+    files.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     report = None if run.sweep is None else sweep.write_report(run.sweep, run.cfg, run.summary)
-    lora.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
+    files.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
     shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
     # One row per job, side by side: its method, training and held-out loss (a preference job's
     # loss is its objective's), a preference job's held-out reward margin and accuracy, and where
@@ -176,5 +177,5 @@ def plot_losses(metrics_file: Path, png: Path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    lora.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    files.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

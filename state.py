@@ -16,6 +16,7 @@ import torch
 
 import data
 import dist
+import files
 import lora
 from config import ConfigError, JobConfig, RunConfig
 from scheduler import JobPlan, Scheduler
@@ -234,7 +235,7 @@ def save_checkpoint(run: Run):
     folder = run.out_dir / "checkpoint"
     folder.mkdir(exist_ok=True)
     t0 = time.time()
-    lora.atomic_write(folder / "state.pt", write=lambda p: torch.save(state, p))
+    files.atomic_write(folder / "state.pt", write=lambda p: torch.save(state, p))
     run.log({"event": "checkpoint", "fused_step": run.step, "ms": 1000 * (time.time() - t0),
              "bytes": (folder / "state.pt").stat().st_size})
 

@@ -37,7 +37,7 @@ import math
 import random
 from pathlib import Path
 
-import lora
+import files
 from config import ConfigError, RunConfig, SweepConfig, sweep_space, validate_job
 from scheduler import JobPlan
 
@@ -255,7 +255,7 @@ def write_report(sweep: Sweep, cfg: RunConfig, summary: dict[str, dict]) -> dict
     folder = out if out.name else out.resolve()   # "." has no name to extend
     alone = {**dataclasses.asdict(cfg), "out_dir": str(folder.with_name(f"{folder.name}-{best}")), "sweep": None,
              "jobs": [dataclasses.asdict(next(job for job in cfg.jobs if job.name == best))]}
-    lora.atomic_write(out / "best.json", json.dumps(alone, indent=2) + "\n")
+    files.atomic_write(out / "best.json", json.dumps(alone, indent=2) + "\n")
     tokens, planned = sum(r["tokens"] for r in board), sum(r["planned_tokens"] for r in board)
     report = {"name": sweep.sweep.name, "search": sweep.sweep.search, "policy": sweep.sweep.policy,
               "eta": sweep.sweep.eta, "rungs": sweep.rungs, "rung_unit": sweep.unit, "space": list(sweep.sweep.space),
@@ -267,7 +267,7 @@ def write_report(sweep: Sweep, cfg: RunConfig, summary: dict[str, dict]) -> dict
                        "adapter": str(out / best), "config_file": str(out / "best.json"),
                        "command": f"python train.py --config {out / 'best.json'}"},
               "trials": board}
-    lora.atomic_write(out / "sweep.json", json.dumps(report, indent=2) + "\n")
+    files.atomic_write(out / "sweep.json", json.dumps(report, indent=2) + "\n")
     plot(sweep, summary, out / "sweep.png")
     return report
 
@@ -333,5 +333,5 @@ def plot(sweep: Sweep, summary: dict[str, dict], png: Path):
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    lora.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    files.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

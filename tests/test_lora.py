@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lora
+import lora_update
 from llama import Llama
 import model as M
 from conftest import randomize_B
@@ -359,13 +360,13 @@ def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path
 def test_dropout_keep_mask_rate_and_reproducibility(p):
     """keep_mask draws 16-bit integers: each element kept with probability 1 - drawn_p(p), and
     drawn_p(p) is within 2^-17 of p; the same seed gives the same mask, another seed another."""
-    assert abs(lora.drawn_p(p) - p) <= 2**-17
-    mask = lora.keep_mask((32, 64, 96), p, seed=11, device="cpu")
+    assert abs(lora_update.drawn_p(p) - p) <= 2**-17
+    mask = lora_update.keep_mask((32, 64, 96), p, seed=11, device="cpu")
     n = mask.numel()
     kept = mask.float().mean().item()
-    assert abs(kept - (1 - lora.drawn_p(p))) < 5 * (p * (1 - p) / n) ** 0.5
-    assert torch.equal(mask, lora.keep_mask((32, 64, 96), p, seed=11, device="cpu"))
-    assert not torch.equal(mask, lora.keep_mask((32, 64, 96), p, seed=12, device="cpu"))
+    assert abs(kept - (1 - lora_update.drawn_p(p))) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(mask, lora_update.keep_mask((32, 64, 96), p, seed=11, device="cpu"))
+    assert not torch.equal(mask, lora_update.keep_mask((32, 64, 96), p, seed=12, device="cpu"))
     # Neighbouring elements (from the same 64-bit word) are uncorrelated.
     flat = mask.flatten().float()
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
@@ -373,21 +374,21 @@ def test_dropout_keep_mask_rate_and_reproducibility(p):
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_drop_positions_are_independent_drops_at_rate_p(p):
-    """The CPU's dropout (lora.drop_positions, geometric gaps between drops): sorted distinct
+    """The CPU's dropout (lora_update.drop_positions, geometric gaps between drops): sorted distinct
     positions in [0, n); each element dropped with probability drawn_p(p), evenly along the
     range, neighbours uncorrelated; reproducible from the seed; and the same whatever the
     number of words drawn at a time (here 7 at a time: hundreds of rounds)."""
     n = 32 * 64 * 96
-    drops = lora.drop_positions(n, p, seed=11)
+    drops = lora_update.drop_positions(n, p, seed=11)
     assert drops.dtype == torch.long and bool((drops[1:] > drops[:-1]).all()) and 0 <= drops[0] and drops[-1] < n
-    keep = lora.keep_of(drops, (n,)).float()
+    keep = lora_update.keep_of(drops, (n,)).float()
     sigma = (p * (1 - p) / n) ** 0.5
-    assert abs((1 - keep.mean().item()) - lora.drawn_p(p)) < 5 * sigma
+    assert abs((1 - keep.mean().item()) - lora_update.drawn_p(p)) < 5 * sigma
     for quarter in keep.chunk(4):   # no drift along the range (a wrong gap law would show here)
         assert abs((1 - quarter.mean().item()) - p) < 5 * 2 * sigma
     assert abs(torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()) < 0.01
-    assert torch.equal(drops, lora.drop_positions(n, p, seed=11, draws=7))
-    assert not torch.equal(drops, lora.drop_positions(n, p, seed=12))
+    assert torch.equal(drops, lora_update.drop_positions(n, p, seed=11, draws=7))
+    assert not torch.equal(drops, lora_update.drop_positions(n, p, seed=12))
     x = torch.randn(2, 3, 5)   # applying them: the same zeros as the mask they stand for
-    few = lora.drop_positions(x.numel(), 0.5, seed=3)
-    assert torch.equal(lora.apply_dropout(x, few), x * lora.keep_of(few, x.shape))
+    few = lora_update.drop_positions(x.numel(), 0.5, seed=3)
+    assert torch.equal(lora_update.apply_dropout(x, few), x * lora_update.keep_of(few, x.shape))

@@ -77,10 +77,10 @@ KILL_POINTS = {
     "during a checkpoint write (temp file written, not renamed)": dict(target="torch.save", n=2),
     "right after a checkpoint": dict(target="train.save_checkpoint", n=3),
     "during an adapter save (weights written, config not)": dict(
-        target="lora.atomic_write", n=1, before=True, when=is_named("adapter_config.json")),
-    "between an adapter's folder swap and the next checkpoint": dict(target="lora.replace_dir", n=2),
+        target="files.atomic_write", n=1, before=True, when=is_named("adapter_config.json")),
+    "between an adapter's folder swap and the next checkpoint": dict(target="files.replace_dir", n=2),
     "while writing the results (summary written, run.json not)": dict(
-        target="lora.atomic_write", n=1, before=True, when=is_named("run.json")),
+        target="files.atomic_write", n=1, before=True, when=is_named("run.json")),
 }
 
 

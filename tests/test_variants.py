@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import lora
+import lora_update
 import model as M
 import peft_format
 import train
@@ -31,10 +32,10 @@ QUANT_VARIANTS = ["plain", "dora", "rs"]   # PEFT refuses PiSSA on a quantized b
 
 
 class GivenDropout(nn.Module):
-    """PEFT's lora_dropout replaced by a given keep mask, with our 1/(1-p) (lora.drawn_p)."""
+    """PEFT's lora_dropout replaced by a given keep mask, with our 1/(1-p) (lora_update.drawn_p)."""
     def __init__(self, keep: torch.Tensor, p: float):
         super().__init__()
-        self.keep, self.scale = keep, 1 / (1 - lora.drawn_p(p))
+        self.keep, self.scale = keep, 1 / (1 - lora_update.drawn_p(p))
 
     def forward(self, x):
         return x * self.keep * self.scale
@@ -59,7 +60,7 @@ def run_ours(net, names, idx, p):
 
     def recording(self, group, shape, device, prob):
         keep = real(self, group, shape, device, prob)
-        masks[(id(self), group.name)] = None if keep is None else lora.keep_of(keep, shape)
+        masks[(id(self), group.name)] = None if keep is None else lora_update.keep_of(keep, shape)
         return keep
     net.train()
     lora.MultiLoRALinear.dropout_keep = recording

@@ -1,0 +1,60 @@
+"""Writes that a kill at any moment cannot leave half done: a file replaced atomically
+(atomic_write), a folder swapped in one step (replace_dir)."""
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+
+def atomic_write(path, content: bytes | str | None = None, *, write=None):
+    """Write a file so that a reader (or a kill at any moment) sees the old file or the new
+    one, never a mix: a temporary file beside it, fsynced, renamed over it, the folder fsynced.
+    Give the content, or `write(tmp_path)` that writes the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if write is not None:
+            write(tmp)
+        else:
+            tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: Path, target: Path):
+    """Put folder `new` at `target` in one step (Linux renameat2 RENAME_EXCHANGE: the old
+    folder and the new swap atomically), then delete the old one. Elsewhere, or when the
+    file system refuses, the old folder is renamed aside first: a kill between the two
+    renames leaves it beside, as .<name>.old-<pid>, not lost."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        return
+    exchanged = False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        exchanged = libc.renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(target), RENAME_EXCHANGE) == 0
+    except (OSError, AttributeError):
+        pass
+    if exchanged:
+        old = new                           # the old folder now sits where the new one was
+    else:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old)
