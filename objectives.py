@@ -46,11 +46,17 @@ class ChunkedTokenLosses(torch.autograd.Function):
         for start in range(0, N, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.t()).to(dtype)                             # [n, V]
-            lse = logits.logsumexp(-1)                                      # [n]
-            losses[start:start + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
+            # log-sum-exp as top + log sum exp(logits - top), keeping those exps for the softmax:
+            # torch's logsumexp took 42 ms of a 341 x 49k chunk on 2 CPU cores, these four ops 17,
+            # and exp runs once, not twice (logsumexp, then the softmax).
+            top = logits.amax(-1, keepdim=True)                             # [n, 1]
+            target_logits = logits.gather(1, t[:, None])                    # [n, 1]
+            probs = logits.sub_(top).exp_()                                 # unnormalised softmax, in place
+            total = probs.sum(-1, keepdim=True)                             # [n, 1]
+            losses[start:start + chunk] = (top + total.log() - target_logits)[:, 0]
             if grad_hidden is not None:
-                probs = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1
+                probs.div_(total)
+                probs[torch.arange(len(t), device=t.device), t] -= 1        # softmax - onehot
                 grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return losses
