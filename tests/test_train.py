@@ -237,6 +237,23 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
         torch.testing.assert_close(got, expected, atol=1e-6 * float(expected.abs().max()), rtol=1e-4)
 
 
+def test_chunked_loss_of_half_precision_hidden_states_is_computed_in_float32(monkeypatch):
+    """bf16 hidden states and output layer (a GPU's): the logits of each chunk are taken to fp32
+    before the softmax, as F.cross_entropy over the fp32 logits of the same bf16 matmul."""
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # chunks of 7 rows, the last of 1
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 32, generator=g).bfloat16().requires_grad_()
+    weight, targets = torch.randn(100, 32, generator=g).bfloat16(), torch.randint(0, 100, (50,), generator=g)
+    losses = objectives.chunked_token_losses(hidden, weight, targets)
+    losses.sum().backward()
+    grad, hidden.grad = hidden.grad, None
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="none")
+    expected.sum().backward()
+    assert losses.dtype == torch.float32
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, hidden.grad)
+
+
 def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, monkeypatch):
     """A run option: each block recomputed in backward, dropout masks redrawn the same; the
     adapters end as without it."""
