@@ -38,16 +38,15 @@ import lora
 import model as M
 import sweep
 from export import MERGE_MARKER, export_merged  # noqa: F401
-from objectives import (REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
+from objectives import (job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
                         task_correct, token_losses)
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
 from jobs import admit_all, eval_due, evaluate_and_stop, finish, park, prefetch_tasks, reach_rung, settle_rungs, stop_early
 from scheduler import JobPlan, Scheduler
 from data import PAD_MULTIPLE, make_batch  # noqa: F401
-from report import evaluate, evaluate_tasks, job_record, log_step, method, plot_losses, write_results  # noqa: F401
-from state import (Best, Interrupted, JobState, Run, add_job, job_state, load_job, make_optimizer,  # noqa: F401
-                   read_checkpoint, restore, save_checkpoint)
+from report import evaluate, evaluate_tasks, log_step, plot_losses, write_results  # noqa: F401
+from state import Interrupted, JobState, Run, make_optimizer, read_checkpoint, restore, save_checkpoint  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- helpers
