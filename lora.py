@@ -403,9 +403,8 @@ class MultiLoRALinear(nn.Module):
                 slots = real.flatten().nonzero().squeeze(1)
                 drops = slots[drops // width] * width + drops % width
             return drops
-        flat = keep_mask((total, width), p, seed, device)
-        if here is not None:
-            flat = flat[here.to(device)]
+        index = torch.arange(total, device=device) if here is None else here.to(device)
+        flat = keep_mask(index, width, p, seed)                                   # [tokens here, width]
         if real is None:
             return flat.view(tuple(shape))
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)

@@ -358,18 +358,52 @@ def test_rslora_and_gaussian_init_are_saved_truthfully_and_load_in_peft(tmp_path
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_dropout_keep_mask_rate_and_reproducibility(p):
-    """keep_mask draws 16-bit integers: each element kept with probability 1 - drawn_p(p), and
-    drawn_p(p) is within 2^-17 of p; the same seed gives the same mask, another seed another."""
+    """keep_mask takes 16 bits of a counter-based hash per element: each element kept with
+    probability 1 - drawn_p(p), and drawn_p(p) is within 2^-17 of p; the same seed gives the
+    same mask, another seed another, and a token's mask is the same drawn with any others."""
     assert abs(lora_update.drawn_p(p) - p) <= 2**-17
-    mask = lora_update.keep_mask((32, 64, 96), p, seed=11, device="cpu")
+    index = torch.arange(32 * 64)
+    mask = lora_update.keep_mask(index, 96, p, seed=11)
     n = mask.numel()
     kept = mask.float().mean().item()
     assert abs(kept - (1 - lora_update.drawn_p(p))) < 5 * (p * (1 - p) / n) ** 0.5
-    assert torch.equal(mask, lora_update.keep_mask((32, 64, 96), p, seed=11, device="cpu"))
-    assert not torch.equal(mask, lora_update.keep_mask((32, 64, 96), p, seed=12, device="cpu"))
-    # Neighbouring elements (from the same 64-bit word) are uncorrelated.
+    assert torch.equal(mask, lora_update.keep_mask(index, 96, p, seed=11))
+    assert not torch.equal(mask, lora_update.keep_mask(index, 96, p, seed=12))
+    assert torch.equal(mask[[5, 700, 3]], lora_update.keep_mask(torch.tensor([5, 700, 3]), 96, p, seed=11))
+    # Neighbouring elements (from the same 64-bit word, and across words and tokens) are uncorrelated.
     flat = mask.flatten().float()
-    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+    for lag in (1, 4, 96):
+        assert abs(torch.corrcoef(torch.stack([flat[:-lag], flat[lag:]]))[0, 1].item()) < 0.01
+    # Neighbouring seeds (mix_seed of one adapter seed and neighbouring layers) are uncorrelated.
+    other = lora_update.keep_mask(index, 96, p, seed=lora.mix_seed(11, 1)).flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat, other]))[0, 1].item()) < 0.01
+
+
+def splitmix64_reference(state: int) -> int:
+    """splitmix64's output for a state, in Python integers (Vigna's splitmix64.c, by hand)."""
+    z = state % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_keep_mask_bits_are_splitmix64_of_the_counter():
+    """The int64 arithmetic (wrapping multiplies, arithmetic shifts masked) gives splitmix64's
+    exact outputs, and element j of token i is 16-bit piece j % 4 (little-endian, read as
+    int16) of word i * ceil(width/4) + j // 4; the per-token form (seeds and thresholds as tensors) draws
+    the same as one seed and p per call."""
+    seed, width = 2**62 + 12345, 10                      # 3 words per token, the last one cut
+    words = [splitmix64_reference(seed + c * 0x9E3779B97F4A7C15) for c in range(5 * 3)]
+    p = 0.3
+    pieces = [[(words[i * 3 + j // 4] >> (16 * (j % 4))) & 0xFFFF for j in range(width)] for i in range(5)]
+    signed = torch.tensor(pieces) - 2**16 * (torch.tensor(pieces) >= 2**15)     # read as int16
+    expected = signed >= round(p * 2**16) - 2**15
+    got = lora_update.keep_mask(torch.arange(5), width, p, seed)
+    assert torch.equal(got, expected)
+    assert 0 < (~got).sum() < got.numel()
+    per_token = lora_update.keep_mask(torch.arange(5), width, torch.full((5,), lora_update.drop_threshold(p), dtype=torch.int16),
+                                      torch.full((5,), seed))
+    assert torch.equal(per_token, expected)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
