@@ -168,12 +168,26 @@ class Segments(NamedTuple):
     window: int | None = None
 
 
+class PackedRow(NamedTuple):
+    """A packed row described by device tensors only, so that its shapes and kernels are the
+    same from step to step (graphs.py replays the step as a CUDA graph): each token's position
+    [1, N] and segment number [N], the segments' starts [E+1] (int32), and `longest`, a bound
+    on a segment's length (the flash kernel's grid)."""
+    positions: torch.Tensor
+    segment: torch.Tensor
+    starts: torch.Tensor
+    longest: int
+    window: int | None = None
+
+
 def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
               segments: tuple[int, ...] | None = None) -> torch.Tensor:
     """Position ids [B, T]. Without attention_mask every row is taken as unpadded (right padding
     needs no mask under causal attention); with it, positions count real tokens only, so a
     left-padded row starts at 0. With segments (one packed row) they restart at each segment."""
     B, T = input_ids.shape
+    if isinstance(segments, PackedRow):
+        return segments.positions
     if segments is not None:
         if B != 1 or sum(segments) != T or past or attention_mask is not None:
             raise ValueError(f"segments {list(segments)} must cover one packed row of {T} tokens "
@@ -197,6 +211,8 @@ def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: 
     `return kv_idx > q_idx - sliding_window`): at most `window` keys, itself included, counted in
     cache indices, padding included, as transformers counts them.
     """
+    if isinstance(segments, PackedRow):
+        return segments._replace(window=window)
     if segments is not None:
         return Segments(tuple(segments), window)
     cuts = window is not None and past + T > window         # else the window hides no key
@@ -231,6 +247,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, Segments):
         return attend_segments(q, k, v, mask, gqa)
+    if isinstance(mask, PackedRow):
+        return attend_packed(q, k, v, mask, gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -252,25 +270,44 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         # tests/test_cuda.py compares it with the segment-by-segment path below (run on an
         # H200 with torch 2.11, whose varlen_attn has no enable_gqa yet).
-        from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
         lengths = torch.tensor(segments.lengths, device=q.device, dtype=torch.int32)
-        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))                   # [E+1] segment starts
-        left = -1 if segments.window is None else segments.window - 1             # keys i-left .. i
-        longest = max(segments.lengths)
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))          # [N, heads, hd]
-        extra = {}
-        if gqa and varlen_takes_gqa():
-            extra["enable_gqa"] = True
-        elif gqa:   # torch < 2.13 takes no enable_gqa: each k/v head repeated for its group of q heads
-            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-        y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(left, 0), **extra)   # [N, nh, hd]
-        return y.transpose(0, 1)[None]                                             # [1, nh, N, hd]
+        starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))               # [E+1] segment starts
+        return attend_varlen(q, k, v, starts, max(segments.lengths), segments.window, gqa)
     # split, not slicing: autograd joins split gradients with one cat, where each slice's
     # gradient would be a zero-filled [1, nh, N, hd] added up (0.4 s of a 20 s step, measured).
     lengths = list(segments.lengths)
     out = [attend(qs, ks, vs, causal_mask(length, 0, None, segments.window, q.device), gqa)
            for qs, ks, vs, length in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), lengths)]
     return torch.cat(out, dim=2)
+
+
+def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, longest: int,
+                  window: int | None, gqa: bool) -> torch.Tensor:
+    """torch's variable-length flash kernel over the segments of one packed row that begin at
+    `starts` [E+1] (int32, the last = N): [1, nh, N, hd]. CUDA, 16-bit only."""
+    from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
+    left = -1 if window is None else window - 1                                   # keys i-left .. i
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))              # [N, heads, hd]
+    extra = {}
+    if gqa and varlen_takes_gqa():
+        extra["enable_gqa"] = True
+    elif gqa:   # torch < 2.13 takes no enable_gqa: each k/v head repeated for its group of q heads
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    y = varlen_attn(q, k, v, starts, starts, longest, longest, window_size=(left, 0), **extra)   # [N, nh, hd]
+    return y.transpose(0, 1)[None]                                                 # [1, nh, N, hd]
+
+
+def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: PackedRow, gqa: bool) -> torch.Tensor:
+    """Block-diagonal causal attention over a PackedRow, with no host read: the flash kernel on
+    CUDA in 16-bit, else SDPA with the [N, N] mask built from the segment numbers (the same
+    arithmetic as segment by segment, at N^2 cost: for tests, and fp32 on a GPU)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return attend_varlen(q, k, v, row.starts, row.longest, row.window, gqa)
+    i = torch.arange(q.size(2), device=q.device)
+    mask = (row.segment[:, None] == row.segment[None, :]) & (i[None, :] <= i[:, None])    # [N, N]
+    if row.window is not None:
+        mask &= i[None, :] > i[:, None] - row.window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 # ----------------------------------------------------------------------------- blocks, checkpointed or not
@@ -409,7 +446,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, output_mask: torch.Tensor | None = None,
-                head: bool = True, segments: tuple[int, ...] | None = None) -> torch.Tensor:
+                head: bool = True, segments: tuple[int, ...] | PackedRow | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, T_past+T] (1 = real token) handles left or right padding; without
@@ -418,7 +455,7 @@ class Llama(nn.Module):
         head=False returns the final hidden states ([B, T, C] or [N, C]) instead, for a loss
         that applies the output layer itself (train.chunked_token_losses). segments (lengths
         summing to T, B = 1) marks a packed row (data.pack): positions restart and attention
-        stays inside each segment.
+        stays inside each segment; a PackedRow gives the same as device tensors.
         """
         T = input_ids.size(1)
         past = cache.length if cache is not None else 0

@@ -161,13 +161,26 @@ class RouteGroup(NamedTuple):
                                     # whole step, which of them are here): masks drawn for all, these kept
 
 
+class TokenRouting(NamedTuple):
+    """A packed row's routing as device tensors, one entry per token (route_tokens; graphs.py
+    replays a step with it as a CUDA graph): its adapter's number in `names` (len(names): none),
+    its adapter's dropout seed for this step and its number among that adapter's tokens (what
+    keep_mask draws from), and its drop threshold (lora_update.drop_threshold; -2^15 keeps all)."""
+    names: tuple[str, ...]
+    adapter: torch.Tensor            # [N] long
+    seed: torch.Tensor               # [N] long
+    index: torch.Tensor              # [N] long
+    threshold: torch.Tensor          # [N] int16
+
+
 @dataclass
 class Routing:
-    """Which rows of the fused batch belong to which adapter, set by `route`."""
+    """Which rows of the fused batch belong to which adapter, set by `route` (or `route_tokens`)."""
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
     shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
+    tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
 
     def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
                      training: bool, device) -> torch.Tensor:
@@ -189,6 +202,25 @@ class Routing:
                     columns.append(column)
             self.cache[key] = torch.cat(columns, dim=-1).to(device)
         return self.cache[key]
+
+    def token_coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], training: bool,
+                           device) -> torch.Tensor:
+        """coefficients' [N, 1, sum r] for a TokenRouting: a table of one row per adapter of
+        tokens.names (and a last row of zeros), cached per adapter set, gathered per token."""
+        adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
+        key = ("tokens", tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own),
+               training)
+        if key not in self.cache:
+            everyone = self.tokens.names
+            columns = []
+            for own, owned in zip(names, adapters):
+                for name, adapter in zip(own, owned):
+                    column = torch.zeros(len(everyone) + 1, adapter.config.r)
+                    p = adapter.config.dropout if training else 0.0
+                    column[everyone.index(name)] = adapter.scaling / (1 - drawn_p(p))
+                    columns.append(column)
+            self.cache[key] = torch.cat(columns, dim=-1).to(device)
+        return self.cache[key][self.tokens.adapter][:, None]
 
 
 def mix_seed(*parts: int) -> int:
@@ -255,6 +287,8 @@ class MultiLoRALinear(nn.Module):
             done = routing.shared.pop(self, None)
             if done is not None and done[0] is x:
                 return done[1]
+        if routing is not None and routing.tokens is not None and any(map(self.adapts, routing.tokens.names)):
+            return self.token_updates(x)
         groups = [] if routing is None else [g for g in routing.groups if self.adapts(g.name)]
         if not groups:
             if routing is None and self.training and len(self.adapters) > len(self.merged):
@@ -302,7 +336,9 @@ class MultiLoRALinear(nn.Module):
             else:
                 plan.append((group, length, shape, keep, scale, owners))
         if concatenated and plan:
-            plan, tensors = self.one_group(layers, plan, B, T, x)
+            names = [[group.name for group, *_, owners in plan if i in owners] for i in range(len(layers))]
+            coef = routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
+            plan, tensors = self.one_group(layers, names, self.joined_masks(plan, B, T, x), coef, T)
         else:
             tensors = []
             for group, _, _, keep, _, owners in plan:
@@ -310,18 +346,7 @@ class MultiLoRALinear(nn.Module):
                 for i in owners:
                     tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
             plan = [(group.rows, length, scale, tuple(owners)) for group, length, _, _, scale, owners in plan]
-        # A frozen float base goes into the node (one input-gradient buffer); otherwise (a
-        # quantized or trainable base) its outputs are computed here as [tokens, out], never
-        # a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them.
-        in_node = bool(plan) and all(layer.quantized is None and not layer.weight.requires_grad for layer in layers)
-        if in_node:
-            bases = [t for layer in layers for t in (layer.weight, layer.bias)]
-            outs = LoRAUpdate.apply(x, UpdatePlan((B, T), len(layers), plan, base=True), *bases, *tensors)
-        else:
-            outs = [layer.base_forward(flat) for layer in layers]
-            if plan:
-                outs = LoRAUpdate.apply(x, UpdatePlan((B, T), len(outs), plan), *outs, *tensors)   # a tuple
-        outs = [out.view(B, T, out.size(-1)) for out in outs]
+        outs = self.update(layers, x, (B, T), plan, tensors)
         xs = x.reshape(B, T, x.size(-1))
         for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
             xr = xs[rows, :length]                                               # [b, L, in]
@@ -330,32 +355,54 @@ class MultiLoRALinear(nn.Module):
             for i in owners:
                 update = layers[i].adapters[name].update(xr, dropped, layers[i])
                 outs[i] = outs[i].index_put(index, update.to(outs[i].dtype), accumulate=True)
+        return self.share(layers, x, outs)
+
+    def share(self, layers: list["MultiLoRALinear"], x: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+        """This layer's output; the siblings' wait in the routing for their own forward."""
         outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
         for layer, layer_out in zip(layers[1:], outs[1:]):
-            routing.shared[layer] = (x, layer_out)
+            self.routing.shared[layer] = (x, layer_out)
         return outs[0]
 
-    def one_group(self, layers: list["MultiLoRALinear"], plan: list, B: int, T: int, x: torch.Tensor):
-        """The concatenated path's plan and tensors: all rows as one group of every adapter in
-        `plan` (add_updates' per-adapter entries), their per-row coefficients as its scale,
-        their masks in one keep mask over x, per layer its adapters' A's and B's side by side."""
-        names = [[] for _ in layers]
-        for group, _, _, _, _, owners in plan:
-            for i in owners:
-                names[i].append(group.name)
+    @staticmethod
+    def update(layers: list["MultiLoRALinear"], x: torch.Tensor, shape: tuple[int, int], plan: list,
+               tensors: list) -> list[torch.Tensor]:
+        """The layers' base outputs [rows, length, out_j] with the plan's updates added (LoRAUpdate).
+        A frozen float base goes into the node (one input-gradient buffer); otherwise (a
+        quantized or trainable base) its outputs are computed here as [tokens, out], never
+        a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them."""
+        in_node = bool(plan) and all(layer.quantized is None and not layer.weight.requires_grad for layer in layers)
+        if in_node:
+            bases = [t for layer in layers for t in (layer.weight, layer.bias)]
+            outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(layers), plan, base=True), *bases, *tensors)
+        else:
+            outs = [layer.base_forward(x.reshape(-1, x.size(-1))) for layer in layers]
+            if plan:
+                outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(outs), plan), *outs, *tensors)   # a tuple
+        return [out.view(*shape, out.size(-1)) for out in outs]
+
+    @staticmethod
+    def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | None:
+        """add_updates' per-adapter dropout (plan entries) laid into one keep mask over x."""
         masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, _, _ in plan
                  if keep is not None]
-        keep = None
-        if masks:
-            rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
-            if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
-                    and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
-                keep = torch.cat([mask for _, _, mask in masks])
-            else:
-                keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
-                for r, length, mask in masks:
-                    keep[r, :length] = mask
-        coef = self.routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
+        if not masks:
+            return None
+        rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
+        if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
+                and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
+            return torch.cat([mask for _, _, mask in masks])
+        keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
+        for r, length, mask in masks:
+            keep[r, :length] = mask
+        return keep
+
+    @staticmethod
+    def one_group(layers: list["MultiLoRALinear"], names: list[list[str]], keep: torch.Tensor | None,
+                  coef: torch.Tensor, T: int):
+        """The concatenated path's plan and tensors: all rows as one group of the adapters
+        names[i] of each layer i, their per-row coefficients as its scale, one keep mask
+        over x, per layer its adapters' A's and B's side by side."""
         tensors = [keep]
         for layer, own in zip(layers, names):
             if own:   # else only variants adapt this layer
@@ -363,6 +410,26 @@ class MultiLoRALinear(nn.Module):
                 Bs = [layer.adapters[n].lora_B.weight for n in own]
                 tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
         return [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))], tensors
+
+    def token_updates(self, x: torch.Tensor) -> torch.Tensor:
+        """add_updates for a TokenRouting (route_tokens): every adapter of the routing through
+        the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
+        the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
+        no host read: the same kernels whatever the tokens hold (graphs.py)."""
+        routing = self.routing
+        tokens = routing.tokens
+        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
+                           and any(map(s.adapts, tokens.names))]
+        names = [[n for n in tokens.names if layer.adapts(n)] for layer in layers]
+        if any(layer.adapters[n].is_variant for layer, own in zip(layers, names) for n in own):
+            raise ValueError("route_tokens: plain LoRA adapters only (DoRA, PiSSA and OLoRA need their own update)")
+        keep = None
+        if self.training and any(layer.adapters[n].config.dropout > 0 for layer, own in zip(layers, names) for n in own):
+            seed = (tokens.seed * 1_000_003 + self.seed) & (2**63 - 1)              # mix_seed(its seed, this layer's)
+            keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
+        coef = routing.token_coefficients(layers, names, self.training, x.device)  # [N, 1, sum of all r]
+        plan, tensors = self.one_group(layers, names, keep, coef, 1)
+        return self.share(layers, x, self.update(layers, x, (len(tokens.adapter), 1), plan, tensors))
 
     @staticmethod
     def row_count(group: RouteGroup, B: int) -> int:
@@ -575,15 +642,12 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     ends = None if lengths is None else list(itertools.accumulate(lengths))   # packed token ends
     groups = []
     for name in elsewhere:
-        if model.training and configs[name].dropout > 0:
-            torch.randint(2**62, (), generator=(generators or {}).get(name))
+        draw_seed(model, configs[name], (generators or {}).get(name))
     dropout_tokens = dropout_tokens or {}
     for name in dict.fromkeys(n for n in names if n is not None):
         idx = [i for i, n in enumerate(names) if n == name]
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
-        seed = None
-        if model.training and configs[name].dropout > 0:
-            seed = int(torch.randint(2**62, (), generator=(generators or {}).get(name)))
+        seed = draw_seed(model, configs[name], (generators or {}).get(name))
         if packed:  # its examples' tokens, laid end to end: rows of one token each
             if not contiguous:
                 raise ValueError(f"route: adapter {name!r}'s examples must be adjacent in a packed batch")
@@ -594,6 +658,29 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         own = None if lengths is None else tuple(lengths[i] for i in idx)
         groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
     routing = Routing(groups, cache={}, packed=packed)
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def draw_seed(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | None) -> int | None:
+    """An adapter's dropout seed for one forward (None: no dropout now), the next from its stream."""
+    if model.training and cfg.dropout > 0:
+        return int(torch.randint(2**62, (), generator=generator))
+    return None
+
+
+@contextmanager
+def route_tokens(model: nn.Module, tokens: TokenRouting, cache: dict):
+    """Route each token of one packed row as `tokens` says (lora.TokenRouting: device tensors,
+    fixed shapes; graphs.py). `cache` keeps the coefficient tables from one step to the next
+    (a captured step must find them built)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    routing = Routing([], cache=cache, packed=True, tokens=tokens)
     for layer in layers:
         layer.routing = routing
     try:

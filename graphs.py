@@ -1,0 +1,202 @@
+"""The fused step at fixed shapes, replayed as a CUDA graph (the run option cuda_graphs).
+
+On a GPU the fused step is bound by the host: ~9000 kernel launches, each 20-60 us of Python
+and dispatch, around ~80 ms of GPU work (benchmarks.md, "Issue 11 on a GPU"). A CUDA graph
+replays all the kernels of a step in one launch, but only the kernels it recorded, on the
+memory it recorded: nothing in the step may depend on a host value that changes from step to
+step. So this step computes what train.fused_step computes for SFT jobs, differently:
+- the jobs' examples are packed in one row padded to a bucket of tokens (`bucket`); the
+  padding is one more segment, routed to no adapter and given no loss;
+- attention, positions and routing read device tensors (llama.PackedRow, lora.TokenRouting):
+  every adapter goes through the concatenated path's shared matmuls, its rows picked by
+  per-token coefficients, dropout drawn by lora_update.keep_mask from per-token seeds (the
+  masks the eager step draws on a GPU);
+- the loss covers every position, each weighted by 1 / its job's step loss tokens (0 where
+  unlabelled), so one weighted sum is every job's job_loss at once;
+- the gradients are the graph's outputs (autograd.grad), added to the adapters' .grad after
+  the replay, only when every job's loss is finite.
+One graph per (adapters, bucket, segments); the MAX_GRAPHS last used are kept. Off a GPU the
+same step runs eagerly (tests/test_graphs.py: equal to fused_step, and free of host reads).
+What it takes (`fits`): SFT jobs, plain LoRA on a float base, a llama-family model, one process.
+"""
+import math
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+
+import data
+import llama
+import lora
+from lora_update import drop_threshold
+from objectives import chunked_token_losses
+
+MAX_GRAPHS = 8          # graphs kept (each holds its own memory pool: about one step's activations)
+MIN_BUCKET = 64
+
+
+def bucket(n: int) -> int:
+    """n tokens rounded up to one of 8 sizes per power of two (at most 12.5% more), >= MIN_BUCKET:
+    few distinct shapes, so few graphs to capture."""
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    step = 2 ** (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+class StepInputs(NamedTuple):
+    """Everything a step reads that changes from step to step: the graph's input buffers."""
+    input_ids: torch.Tensor     # [1, N] long
+    positions: torch.Tensor     # [1, N] long, restarting at each segment
+    segment: torch.Tensor       # [N] long
+    starts: torch.Tensor        # [E+1] int32: where each segment starts, then N
+    targets: torch.Tensor       # [N] long: the next token (0 where there is no loss)
+    weights: torch.Tensor       # [N] float32: 1 / the job's step loss tokens, 0 without a loss
+    adapter: torch.Tensor       # [N] long: the token's job (k: the padding)
+    seed: torch.Tensor          # [N] long: its job's dropout seed this step
+    index: torch.Tensor         # [N] long: its number among its job's tokens
+    threshold: torch.Tensor     # [N] int16: its job's drop threshold (-2^15: none)
+
+
+def step_inputs(dropouts: list[float], examples: list[list[data.Example]], step_loss_tokens: list[int],
+                seeds: list[int | None], pad_id: int) -> StepInputs:
+    """The step's inputs on the CPU: job i's examples end to end (as data.pack lays them), its
+    adapter's dropout p and seed (None: no dropout now), then the padding up to
+    bucket(tokens + 1) as one more segment."""
+    lengths = [len(e.input_ids) for rows in examples for e in rows]
+    real = sum(lengths)
+    N = bucket(real + 1)
+    lengths.append(N - real)
+    ids, labels, adapter, index, seed, threshold, weight = [], [], [], [], [], [], []
+    for i, rows in enumerate(examples):
+        n = sum(len(e.input_ids) for e in rows)
+        for e in rows:
+            ids += e.input_ids
+            labels += [data.IGNORE_INDEX] + e.labels[1:]   # as data.pack: an example's first label is no target
+        adapter += [i] * n
+        index += range(n)
+        seed += [seeds[i] or 0] * n
+        threshold += [drop_threshold(dropouts[i] if seeds[i] is not None else 0.0)] * n
+        weight += [1 / max(step_loss_tokens[i], 1)] * n
+    pad = N - real
+    ids += [pad_id] * pad
+    labels += [data.IGNORE_INDEX] * pad
+    adapter += [len(examples)] * pad
+    index += range(pad)
+    seed += [0] * pad
+    threshold += [drop_threshold(0.0)] * pad
+    weight += [0.0] * pad
+    lengths_t = torch.tensor(lengths)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+    starts = torch.nn.functional.pad(lengths_t.cumsum(0), (1, 0))
+    targets = torch.tensor(labels[1:] + [data.IGNORE_INDEX])      # position t predicts token t + 1
+    labelled = targets != data.IGNORE_INDEX
+    return StepInputs(torch.tensor([ids]), (torch.arange(N) - starts[segment])[None], segment,
+                      starts.to(torch.int32), targets.where(labelled, 0),
+                      torch.tensor(weight, dtype=torch.float32) * labelled, torch.tensor(adapter),
+                      torch.tensor(seed), torch.tensor(index), torch.tensor(threshold, dtype=torch.int16))
+
+
+def step_losses(model, inputs: StepInputs, names: tuple[str, ...], longest: int, cache: dict):
+    """The step's weighted loss sum and each job's loss [k], from the inputs alone."""
+    row = llama.PackedRow(inputs.positions, inputs.segment, inputs.starts, longest)
+    with lora.route_tokens(model, lora.TokenRouting(names, inputs.adapter, inputs.seed, inputs.index,
+                                                    inputs.threshold), cache):
+        hidden = model(inputs.input_ids, head=False, segments=row)[0]                   # [N, C]
+        nll = chunked_token_losses(hidden, model.get_submodule(model.OUTPUT_LAYER).weight, inputs.targets)
+        weighted = nll * inputs.weights
+        per_job = weighted.new_zeros(len(names) + 1).index_add_(0, inputs.adapter, weighted.detach())
+        return weighted.sum(), per_job[:len(names)]
+
+
+class Step:
+    """One captured step: its input buffers, its graph (on CUDA) and what the graph leaves:
+    each job's loss and every adapter parameter's gradient for this step."""
+
+    def __init__(self, model, names: tuple[str, ...], N: int, segments: int, device):
+        self.model, self.names = model, names
+        self.params = [p for name in names for p in lora.adapter_parameters(model, name)]
+        self.sizes = [len(lora.adapter_parameters(model, name)) for name in names]
+        self.longest, self.cache, self.graph, self.outputs = N, {}, None, None
+        shapes = StepInputs([1, N], [1, N], [N], [segments + 1], [N], [N], [N], [N], [N], [N])
+        dtypes = StepInputs(*[torch.long] * 3, torch.int32, torch.long, torch.float32, *[torch.long] * 3, torch.int16)
+        self.inputs = StepInputs(*[torch.zeros(s, dtype=d, device=device) for s, d in zip(shapes, dtypes)])
+
+    def compute(self):
+        total, per_job = step_losses(self.model, self.inputs, self.names, self.longest, self.cache)
+        return per_job, torch.autograd.grad(total, self.params)
+
+    def run(self, inputs: StepInputs):
+        """This step's (losses [k], gradients) for these inputs: copied into the buffers, then
+        the graph replayed (captured the first time, after a warm-up run), or run eagerly off a GPU."""
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value, non_blocking=True)
+        if self.inputs.input_ids.device.type != "cuda":
+            return self.compute()
+        if self.graph is None:
+            # The warm-up builds what capture cannot (the coefficient tables: host copies; cuBLAS
+            # workspaces), on a side stream as torch.cuda.graphs asks.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.compute()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.compute()
+        self.graph.replay()
+        return self.outputs
+
+
+class Graphs:
+    """The steps captured so far, by (adapters, bucket, segments); `step` is train.fused_step's
+    counterpart for the jobs that `fits` admits."""
+
+    def __init__(self):
+        self.steps: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def fits(model, jobs: list, examples: list[list], distributed: bool, packed: bool) -> bool:
+        """Whether this step can run at fixed shapes: SFT jobs, each with rows here, plain LoRA on
+        a float llama-family base, packed, one process."""
+        if distributed or not packed or not isinstance(model, llama.Llama):
+            return False
+        if any(job.objective != "sft" or not rows for job, rows in zip(jobs, examples)):
+            return False
+        names = {job.name for job in jobs}
+        return all(layer.quantized is None and not any(layer.adapters[n].is_variant for n in names & set(layer.adapters))
+                   for _, layer in lora.lora_layers(model))
+
+    def step(self, model, jobs: list, examples: list[list], step_loss_tokens: list[int],
+             generators: dict[str, torch.Generator], pad_id: int, device):
+        """As train.fused_step (packed, SFT): (losses [k], reward sums [k, 4], tokens [k, 2],
+        None, whether the gradients were added). Each job's dropout seed is drawn from its
+        stream as lora.route draws it; the gradients are added only when every loss is finite."""
+        model.train()
+        names = tuple(job.name for job in jobs)
+        configs = {name: adapter.config for _, layer in lora.lora_layers(model) for name, adapter in layer.adapters.items()}
+        seeds = [lora.draw_seed(model, configs[name], generators.get(name)) for name in names]
+        inputs = step_inputs([configs[name].dropout for name in names], examples, step_loss_tokens, seeds, pad_id)
+        key = (names, inputs.input_ids.size(1), len(inputs.starts) - 1)
+        step = self.steps.pop(key, None)
+        params = [p for name in names for p in lora.adapter_parameters(model, name)]
+        if step is None or len(step.params) != len(params) or any(a is not b for a, b in zip(step.params, params)):
+            step = Step(model, names, key[1], key[2], device)
+        self.steps[key] = step
+        while len(self.steps) > MAX_GRAPHS:
+            self.steps.popitem(last=False)
+        losses, grads = step.run(inputs)
+        tokens = [sum(len(e.input_ids) for e in rows) for rows in examples]
+        padding = key[1] - sum(tokens)
+        counts = torch.tensor([[n, n + (padding if i == 0 else 0)] for i, n in enumerate(tokens)])
+        rewards = torch.zeros(len(jobs), 4, device=device)
+        if not all(math.isfinite(loss) for loss in losses.tolist()):   # syncs the device
+            return losses.clone(), rewards, counts, None, False
+        # The graph's outputs are overwritten by its next replay: added (or copied) out now.
+        adding = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None]
+        if adding:
+            torch._foreach_add_([a for a, _ in adding], [g for _, g in adding])
+        fresh = [(p, g) for p, g in zip(params, grads) if p.grad is None]
+        for (p, _), copy in zip(fresh, torch._foreach_mul([g for _, g in fresh], 1.0) if fresh else []):
+            p.grad = copy
+        return losses.clone(), rewards, counts, None, True
