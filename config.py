@@ -107,6 +107,7 @@ class RunConfig:
     checkpoint_every: int = 50             # write the run checkpoint (out_dir/checkpoint/) every N fused steps (0: only on SIGINT/SIGTERM)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
+    cuda_graphs: bool = False              # steps at fixed shapes, replayed as CUDA graphs (graphs.py; packed SFT, plain LoRA, llama family, one process)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
     shard_base: bool = False               # under torchrun, data placement: the frozen base split over the ranks (FSDP2), for a base too big for one device

@@ -120,6 +120,7 @@ class Run:
     tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
     task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
     task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
+    graphs: typing.Any = None              # graphs.Graphs with cuda_graphs: the captured steps
 
     def log(self, record: dict):
         if self.jobs_apart:   # job parallel: each rank's lines say whose

@@ -34,6 +34,7 @@ import torch
 import data
 import dist
 import files
+import graphs
 import lora
 import model as M
 import sweep
@@ -344,7 +345,7 @@ def train_on(cfg: RunConfig, overwrite: bool, d: "dist.Dist | None") -> dict:
               task_sets=task_sets, dist=d, outbox=[] if apart and not writes else None,
               pending=[p.name for p in sorted(plans, key=lambda p: -p.priority)] if apart else [],
               bar=tqdm(total=None if apart else sum(p.num_micro_batches for p in plans), unit="mb", desc="train",
-                       dynamic_ncols=True, disable=not writes))
+                       dynamic_ncols=True, disable=not writes), graphs=graphs.Graphs() if cfg.cuda_graphs else None)
     if cfg.sweep is not None:
         run.sweep = sweep.Sweep(cfg, run.plans)
         if writes:
@@ -435,12 +436,17 @@ def train_step(run: Run):
         share = None
         if parallel:   # this rank's part of the step
             rows, share = dist.split_step([s.config for s in states], rows, run.dist, sharded=cfg.shard_base)
-        losses, rewards, counts, batch, stepped = fused_step(
-            run.model, [s.config for s in states], rows,
-            [mb.step_loss_tokens for mb in micro_batches], {s.config.name: s.generator for s in states},
-            run.pad_id, run.device, cfg.packing, check_finite=lora.concatenates(run.device),
-            step_rows=[mb.step_rows for mb in micro_batches], share=share,
-            reduce=run.dist.sum_ if parallel else None)
+        configs, generators = [s.config for s in states], {s.config.name: s.generator for s in states}
+        loss_tokens = [mb.step_loss_tokens for mb in micro_batches]
+        fixed = run.graphs is not None and run.graphs.fits(run.model, configs, rows, parallel, cfg.packing)
+        if fixed:   # the same step at fixed shapes, a CUDA graph replayed on GPUs (it checks the losses)
+            losses, rewards, counts, _, stepped = run.graphs.step(run.model, configs, rows, loss_tokens, generators,
+                                                                  run.pad_id, run.device)
+        else:
+            losses, rewards, counts, _, stepped = fused_step(
+                run.model, configs, rows, loss_tokens, generators, run.pad_id, run.device, cfg.packing,
+                check_finite=lora.concatenates(run.device), step_rows=[mb.step_rows for mb in micro_batches],
+                share=share, reduce=run.dist.sum_ if parallel else None)
         if stepped or parallel and not lora.concatenates(run.device):
             break
         # A job whose loss is not finite stops; the others run the step again without it.
