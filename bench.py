@@ -55,7 +55,7 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed",
-           "base-only", "hf-base-only")
+           "base-only", "hf-base-only", "ours-graphs")   # ours-graphs: the fused step at fixed shapes (graphs.py)
 DEFAULT_SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "base-only", "hf-base-only")
 DEFAULT_BASE = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 
@@ -126,9 +126,10 @@ def sync(device: str):
 
 # ----------------------------------------------------------------------------- workers
 
-def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> dict:
-    """Our model: fused (all jobs each step), one after another, or the bare base."""
-    import data
+def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, graphed: bool = False) -> dict:
+    """Our model: fused (all jobs each step; graphed: replayed as CUDA graphs on GPUs), one
+    after another, or the bare base."""
+    import graphs
     import lora
     import train
     device = M.resolve_device(args.device)
@@ -143,6 +144,7 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
         optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4, fused=True) for n in names}
         generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
         configs = {n: train.JobConfig(name=n, data="-") for n in names}  # job_loss reads the objective
+        captured = graphs.Graphs()
     else:  # backward through the frozen layers needs an input that requires grad
         net.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
@@ -153,15 +155,18 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
             net.train()
             losses, _ = train.token_losses(net, batch)
             losses.sum().backward()
-            return batch
+            return batch.num_tokens, batch.input_ids.numel()
         # The same fused step as train.py's (one optimizer step per micro-batch here).
-        _, _, _, batch, _ = train.fused_step(net, [configs[n] for n in group], [ex for _, ex in parts],
-                                          [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
-                                          generators, 0, device, args.packing)
+        step_args = ([configs[n] for n in group], [ex for _, ex in parts],
+                     [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts], generators, 0, device)
+        if graphed:
+            _, _, counts, _, _ = captured.step(net, *step_args)
+        else:
+            _, _, counts, _, _ = train.fused_step(net, *step_args, args.packing)
         for n in group:
             optimizers[n].step()
             optimizers[n].zero_grad(set_to_none=True)
-        return batch
+        return counts.sum(0).tolist()
 
     def one_repeat():
         real = padded = 0
@@ -170,9 +175,9 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False) -> 
         t0 = time.perf_counter()
         for group in order:
             for s in range(args.steps):
-                batch = step(group, s)
-                real += batch.num_tokens
-                padded += batch.input_ids.numel()
+                tokens, processed = step(group, s)
+                real += tokens
+                padded += processed
         sync(device)
         return real, padded, time.perf_counter() - t0
 
@@ -302,7 +307,8 @@ def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
         return peft_worker(args, jobs, barrier, packed=kind == "peft-packed")
     if kind == "hf-base-only":
         return hf_base_worker(args, jobs)
-    return ours_worker(args, jobs, fused=kind == "ours", base_only=kind == "base-only")
+    return ours_worker(args, jobs, fused=kind in ("ours", "ours-graphs"), base_only=kind == "base-only",
+                       graphed=kind == "ours-graphs")
 
 
 def _child(kind: str, args, jobs, barrier, queue):
@@ -372,6 +378,10 @@ def ratios(records: list[dict]) -> list[dict]:
         for other in ("peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed", "ours-seq", "base-only"):
             if other in same:
                 row[f"ours/{other}"] = rec["tokens_per_s"] / same[other]["tokens_per_s"]
+            if other in same and "ours-graphs" in same:
+                row[f"graphs/{other}"] = same["ours-graphs"]["tokens_per_s"] / same[other]["tokens_per_s"]
+        if "ours-graphs" in same:
+            row["graphs/ours"] = same["ours-graphs"]["tokens_per_s"] / rec["tokens_per_s"]
         if "base-only" in same and "hf-base-only" in same:
             row["base/hf-base"] = same["base-only"]["tokens_per_s"] / same["hf-base-only"]["tokens_per_s"]
         one = [r for r in records if key(r) == key(rec) and r["system"] == "ours" and r["k"] == 1]
@@ -392,7 +402,9 @@ def print_tables(records, ratio_rows, title):
               f"| {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['padding_fraction']:.1f}% | {util} |")
     if ratio_rows:
         cols = [c for c in ("ours/peft-seq", "ours/peft-seq-packed", "ours/peft-parallel", "ours/peft-parallel-packed",
-                            "ours/ours-seq", "ours/base-only", "base/hf-base", "mem_k/mem_1")
+                            "ours/ours-seq", "ours/base-only", "base/hf-base", "mem_k/mem_1", "graphs/ours",
+                            "graphs/peft-seq", "graphs/peft-seq-packed", "graphs/peft-parallel",
+                            "graphs/peft-parallel-packed")
                 if any(c in r for r in ratio_rows)]
         print(f"\n| workload | k | {' | '.join(cols)} |")
         print("|---|---|" + "---|" * len(cols))

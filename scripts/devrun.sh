@@ -1,6 +1,7 @@
 #!/bin/bash
-# The lent GPU's checks in one call, from the repo root: scripts/devrun.sh prof / final.
-# The CUDA tests, then a profile (prof) or the GPU benchmarks (final). Needs the wheels that the
+# The lent GPU's checks in one call, from the repo root: scripts/devrun.sh prof / final / graphs.
+# The CUDA tests, then a profile (prof), the GPU benchmarks (final), or the CUDA-graph step
+# (graphs.py) against the eager step and PEFT in parallel processes (graphs). Needs the wheels that the
 # device image lacks in .whl/ (bitsandbytes, gguf; see benchmarks.md), carried with the call.
 # "final" took about 7 minutes on an H200 (2026-11-29; peft-seq at k=8 needs the 300 s stage).
 set -o pipefail
@@ -25,5 +26,13 @@ if [ "$1" = final ]; then
   timeout 300 $B --k 4,8 --rows 2 --seq 256 --systems ours,peft-parallel,base-only,peft-seq --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
   echo "bench 256: $(( $(date +%s) - t0 )) s"
   timeout 110 $B --k 4 --rows 4 --seq alpaca --systems ours,peft-parallel-packed,base-only,peft-seq-packed --out $OUT/bench_alpaca.json 2>&1 | grep -v Warn | tee $OUT/bench_alpaca.log | grep -E "^  |^\||Error"
+  echo "all: $(( $(date +%s) - t0 )) s"
+fi
+if [ "$1" = graphs ]; then
+  t0=$(date +%s)
+  B="python3 bench.py --shape smollm2-135m --dtype bfloat16 --repeats 3"
+  timeout 240 $B --k 4,8 --rows 2 --seq 256 --systems ours,ours-graphs,peft-parallel --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
+  echo "bench 256: $(( $(date +%s) - t0 )) s"
+  timeout 120 $B --k 4 --rows 4 --seq alpaca --systems ours,ours-graphs,peft-parallel-packed,peft-seq-packed --out $OUT/bench_alpaca.json 2>&1 | grep -v Warn | tee $OUT/bench_alpaca.log | grep -E "^  |^\||Error"
   echo "all: $(( $(date +%s) - t0 )) s"
 fi
