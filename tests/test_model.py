@@ -280,7 +280,7 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(tmp_path, name)
     kind, overrides, save_kwargs, old_keys = VARIANTS[name]
     hf = make_hf_model(kind, **overrides)
     ours = M.load_model(save_hf(hf, tmp_path / name, old_config_keys=old_keys), dtype=torch.float32)
-    lengths = [7, 1, 19, 13]
+    lengths = [7, 1, 19, 13, 13, 13]   # the run of 13s goes through SDPA as one batch
     seqs, row, positions = packed_row(lengths)
     with torch.no_grad():
         got = assert_packed_equals_alone(ours, seqs, row, lengths)
@@ -290,9 +290,10 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(tmp_path, name)
 
 
 def test_packed_row_with_sliding_window(sliding):
-    """Each segment keeps its own window (5 here; segments longer and shorter than it)."""
+    """Each segment keeps its own window (5 here; segments longer and shorter than it, two of
+    one length batched)."""
     ours, hf = sliding
-    lengths = [9, 3, 12]
+    lengths = [9, 9, 3, 12]
     seqs, row, positions = packed_row(lengths)
     with torch.no_grad():
         got = assert_packed_equals_alone(ours, seqs, row, lengths)
