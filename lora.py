@@ -187,40 +187,24 @@ class Routing:
         """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
         layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
         its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
-        training), 0 elsewhere. Cached per adapter set."""
+        training), 0 elsewhere. Cached per adapter set. With a TokenRouting: a table of one
+        row per adapter of tokens.names (and one of zeros, for no adapter), gathered per token."""
         adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
         key = (tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own), training)
         if key not in self.cache:
-            rows_of = {g.name: g.rows for g in self.groups}
+            if self.tokens is None:
+                rows_of = {g.name: g.rows.cpu() if torch.is_tensor(g.rows) else g.rows for g in self.groups}
+            else:
+                rows_of, B = {name: i for i, name in enumerate(self.tokens.names)}, len(self.tokens.names) + 1
             columns = []
             for own, owned in zip(names, adapters):
                 for name, adapter in zip(own, owned):
                     column = torch.zeros(B, 1, adapter.config.r)
                     p = adapter.config.dropout if training else 0.0
-                    rows = rows_of[name]
-                    column[rows.cpu() if torch.is_tensor(rows) else rows] = adapter.scaling / (1 - drawn_p(p))
+                    column[rows_of[name]] = adapter.scaling / (1 - drawn_p(p))
                     columns.append(column)
             self.cache[key] = torch.cat(columns, dim=-1).to(device)
-        return self.cache[key]
-
-    def token_coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], training: bool,
-                           device) -> torch.Tensor:
-        """coefficients' [N, 1, sum r] for a TokenRouting: a table of one row per adapter of
-        tokens.names (and a last row of zeros), cached per adapter set, gathered per token."""
-        adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
-        key = ("tokens", tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own),
-               training)
-        if key not in self.cache:
-            everyone = self.tokens.names
-            columns = []
-            for own, owned in zip(names, adapters):
-                for name, adapter in zip(own, owned):
-                    column = torch.zeros(len(everyone) + 1, adapter.config.r)
-                    p = adapter.config.dropout if training else 0.0
-                    column[everyone.index(name)] = adapter.scaling / (1 - drawn_p(p))
-                    columns.append(column)
-            self.cache[key] = torch.cat(columns, dim=-1).to(device)
-        return self.cache[key][self.tokens.adapter][:, None]
+        return self.cache[key] if self.tokens is None else self.cache[key][self.tokens.adapter]
 
 
 def mix_seed(*parts: int) -> int:
@@ -427,7 +411,7 @@ class MultiLoRALinear(nn.Module):
         if self.training and any(layer.adapters[n].config.dropout > 0 for layer, own in zip(layers, names) for n in own):
             seed = (tokens.seed * 1_000_003 + self.seed) & (2**63 - 1)              # mix_seed(its seed, this layer's)
             keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
-        coef = routing.token_coefficients(layers, names, self.training, x.device)  # [N, 1, sum of all r]
+        coef = routing.coefficients(layers, names, len(tokens.adapter), self.training, x.device)   # [N, 1, sum of all r]
         plan, tensors = self.one_group(layers, names, keep, coef, 1)
         return self.share(layers, x, self.update(layers, x, (len(tokens.adapter), 1), plan, tensors))
 
