@@ -116,7 +116,6 @@ class Step:
     def __init__(self, model, names: tuple[str, ...], N: int, segments: int, device):
         self.model, self.names = model, names
         self.params = [p for name in names for p in lora.adapter_parameters(model, name)]
-        self.sizes = [len(lora.adapter_parameters(model, name)) for name in names]
         self.longest, self.cache, self.graph, self.outputs = N, {}, None, None
         shapes = StepInputs([1, N], [1, N], [N], [segments + 1], [N], [N], [N], [N], [N], [N])
         dtypes = StepInputs(*[torch.long] * 3, torch.int32, torch.long, torch.float32, *[torch.long] * 3, torch.int16)
@@ -180,14 +179,14 @@ class Graphs:
         key = (names, inputs.input_ids.size(1), len(inputs.starts) - 1)
         step = self.steps.pop(key, None)
         params = [p for name in names for p in lora.adapter_parameters(model, name)]
-        if step is None or len(step.params) != len(params) or any(a is not b for a, b in zip(step.params, params)):
+        if step is None or list(map(id, step.params)) != list(map(id, params)):   # new adapters of old names
             step = Step(model, names, key[1], key[2], device)
         self.steps[key] = step
         while len(self.steps) > MAX_GRAPHS:
             self.steps.popitem(last=False)
         losses, grads = step.run(inputs)
         tokens = [sum(len(e.input_ids) for e in rows) for rows in examples]
-        padding = key[1] - sum(tokens)
+        padding = key[1] - sum(tokens)   # the bucket's padding, counted as the first job's processed tokens
         counts = torch.tensor([[n, n + (padding if i == 0 else 0)] for i, n in enumerate(tokens)])
         rewards = torch.zeros(len(jobs), 4, device=device)
         if not all(math.isfinite(loss) for loss in losses.tolist()):   # syncs the device
