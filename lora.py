@@ -641,14 +641,8 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
         own = None if lengths is None else tuple(lengths[i] for i in idx)
         groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
-    routing = Routing(groups, cache={}, packed=packed)
-    for layer in layers:
-        layer.routing = routing
-    try:
+    with routed(layers, Routing(groups, cache={}, packed=packed)):
         yield
-    finally:
-        for layer in layers:
-            layer.routing = None
 
 
 def draw_seed(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | None) -> int | None:
@@ -663,8 +657,13 @@ def route_tokens(model: nn.Module, tokens: TokenRouting, cache: dict):
     """Route each token of one packed row as `tokens` says (lora.TokenRouting: device tensors,
     fixed shapes; graphs.py). `cache` keeps the coefficient tables from one step to the next
     (a captured step must find them built)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    routing = Routing([], cache=cache, packed=True, tokens=tokens)
+    with routed([layer for _, layer in lora_layers(model)], Routing([], cache=cache, packed=True, tokens=tokens)):
+        yield
+
+
+@contextmanager
+def routed(layers: list[MultiLoRALinear], routing: Routing):
+    """Every LoRA layer reads `routing` inside the block, and none after it."""
     for layer in layers:
         layer.routing = routing
     try:
