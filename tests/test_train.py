@@ -313,3 +313,28 @@ def test_packed_route_needs_adjacent_examples(tmp_path, base_dir):
     with pytest.raises(ValueError, match="adapter 'a'.s examples must be adjacent"):
         with lora.route(net, ["a", "b", "a"], lengths=[2, 2, 2], packed=True):
             pass
+
+
+def test_a_step_that_leaves_non_finite_weights_is_undone(base_dir):
+    """optimizer_step: finite gradients, but an update that overflows the weights; the job gets
+    its weights from before the step back, bit for bit, and the reason it stops."""
+    from types import SimpleNamespace
+    ours = M.load_model(base_dir)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, targets=["q_proj"])})
+    params = lora.adapter_parameters(ours, "a")
+    for p in params:
+        p.grad = torch.full_like(p, 1e3)      # lr x grad overflows fp32 even after any warmup's scaling
+    before = [p.detach().clone() for p in params]
+    cfg = train.JobConfig(name="a", data="-", lr=3e38, optimizer="sgd", max_grad_norm=None)
+    s = SimpleNamespace(config=cfg, loss_sum=torch.zeros(()), reward_sums=torch.zeros(4), step=0, total_steps=4,
+                        optimizer=torch.optim.SGD(params, lr=cfg.lr), lr=None, last_loss=None, last_rewards=None)
+    reason = train.optimizer_step(SimpleNamespace(model=ours, device="cpu"), s)
+    assert reason == "non-finite weights after step 1 (undone)" and s.step == 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)
+    # The same with a sane lr steps, and changes the weights.
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    s.config = train.JobConfig(name="a", data="-", lr=1e-3, optimizer="sgd")
+    assert train.optimizer_step(SimpleNamespace(model=ours, device="cpu"), s) is None and s.step == 1
+    assert not torch.equal(params[0], before[0])
