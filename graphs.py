@@ -97,8 +97,9 @@ def step_inputs(dropouts: list[float], examples: list[list[data.Example]], step_
                       torch.tensor(seed), torch.tensor(index), torch.tensor(threshold, dtype=torch.int16))
 
 
-def step_losses(model, inputs: StepInputs, names: tuple[str, ...], longest: int, cache: dict):
-    """The step's weighted loss sum and each job's loss [k], from the inputs alone."""
+def step_gradients(model, inputs: StepInputs, names: tuple[str, ...], params: list, longest: int, cache: dict):
+    """Each job's loss [k] and the gradients of `params` (its adapters') from the inputs alone.
+    Backward runs inside the routing: activation checkpointing recomputes blocks in it."""
     row = llama.PackedRow(inputs.positions, inputs.segment, inputs.starts, longest)
     with lora.route_tokens(model, lora.TokenRouting(names, inputs.adapter, inputs.seed, inputs.index,
                                                     inputs.threshold), cache):
@@ -106,7 +107,7 @@ def step_losses(model, inputs: StepInputs, names: tuple[str, ...], longest: int,
         nll = chunked_token_losses(hidden, model.get_submodule(model.OUTPUT_LAYER).weight, inputs.targets)
         weighted = nll * inputs.weights
         per_job = weighted.new_zeros(len(names) + 1).index_add_(0, inputs.adapter, weighted.detach())
-        return weighted.sum(), per_job[:len(names)]
+        return per_job[:len(names)], torch.autograd.grad(weighted.sum(), params)
 
 
 class Step:
@@ -122,8 +123,7 @@ class Step:
         self.inputs = StepInputs(*[torch.zeros(s, dtype=d, device=device) for s, d in zip(shapes, dtypes)])
 
     def compute(self):
-        total, per_job = step_losses(self.model, self.inputs, self.names, self.longest, self.cache)
-        return per_job, torch.autograd.grad(total, self.params)
+        return step_gradients(self.model, self.inputs, self.names, self.params, self.longest, self.cache)
 
     def run(self, inputs: StepInputs):
         """This step's (losses [k], gradients) for these inputs: copied into the buffers, then

@@ -52,11 +52,14 @@ def test_bucket_sizes():
     assert all(n <= graphs.bucket(n) <= n * 1.125 for n in range(65, 5000))
 
 
-def test_fixed_shape_step_equals_fused_step(setup):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fixed_shape_step_equals_fused_step(setup, checkpointing):
     """Two steps (the second accumulating into the first's gradients): each job's loss and
     every adapter gradient as train.fused_step gives them packed, the dropout masks included
-    (the same seeds from the same streams, the same keep_mask draws)."""
+    (the same seeds from the same streams, the same keep_mask draws); also with activation
+    checkpointing (blocks recomputed in backward, inside the routing)."""
     ours, jobs, examples, pad_id = setup
+    ours.checkpoint_blocks = checkpointing
     names = [j.name for j in jobs]
     steps = [([rows[0:2] for rows in examples], [9, 7, 8]), ([rows[2:5] for rows in examples], [11, 13, 6])]
     results = []
