@@ -184,3 +184,17 @@ def test_a_nonfinite_job_stops_alone(tmp_path, reference, monkeypatch, capsys, f
             load_file(tmp_path / "clean" / name / "adapter_model.safetensors")
         for key in want:
             assert torch.isfinite(got[key]).all() and torch.equal(got[key], want[key]), f"{name} {key}"
+
+
+def test_a_killed_run_with_cuda_graphs_resumes_bitwise(tmp_path, reference):
+    """cuda_graphs (the fixed-shape step, eager on a CPU): killed right after its second
+    checkpoint and rerun, it ends bitwise equal to its own uninterrupted run (the dropout
+    seeds come from the jobs' checkpointed streams, as on the eager path)."""
+    base, _ = reference
+    whole_path, whole = write_run(tmp_path, base, out_name="whole", cuda_graphs=True)
+    assert train.main(["--config", whole_path]) == 0
+    path, out = write_run(tmp_path, base, cuda_graphs=True)
+    assert run_killed(path, dict(target="train.save_checkpoint", n=2)) == -signal.SIGKILL
+    assert (out / "checkpoint").exists() and not (out / "run.json").exists()
+    assert train.main(["--config", path]) == 0
+    assert_bitwise_equal(outputs(out), outputs(whole))
