@@ -30,9 +30,11 @@ if [ "$1" = final ]; then
 fi
 if [ "$1" = graphs ]; then
   t0=$(date +%s)
+  timeout 60 python3 scripts/gpu_prof.py --k 4 --modes concat,graphs --packing 1 --steps 4 --profile 2>&1 > $OUT/prof.log
+  grep -E "^k=|launches|Error" $OUT/prof.log
   B="python3 bench.py --shape smollm2-135m --dtype bfloat16 --repeats 3"
-  timeout 240 $B --k 4,8 --rows 2 --seq 256 --systems ours,ours-graphs,peft-parallel --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
+  timeout 200 $B --k 4,8 --rows 2 --seq 256 --systems ours,ours-graphs,peft-parallel --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
   echo "bench 256: $(( $(date +%s) - t0 )) s"
-  timeout 120 $B --k 4 --rows 4 --seq alpaca --systems ours,ours-graphs,peft-parallel-packed,peft-seq-packed --out $OUT/bench_alpaca.json 2>&1 | grep -v Warn | tee $OUT/bench_alpaca.log | grep -E "^  |^\||Error"
+  timeout 110 $B --k 4 --rows 4 --seq alpaca --systems ours,ours-graphs,peft-parallel-packed,peft-seq-packed --out $OUT/bench_alpaca.json 2>&1 | grep -v Warn | tee $OUT/bench_alpaca.log | grep -E "^  |^\||Error"
   echo "all: $(( $(date +%s) - t0 )) s"
 fi

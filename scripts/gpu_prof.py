@@ -1,6 +1,7 @@
 """Where a fused step's time goes (made for a GPU, runs anywhere): step times of our two LoRA
-paths (concatenated, per adapter) and of the base alone, packed or padded, and with --profile
-a torch.profiler table of one step (kernel launches, top ops by host time).
+paths (concatenated, per adapter), of the step at fixed shapes (graphs: a replayed CUDA graph
+on a GPU; packed only) and of the base alone, packed or padded, and with --profile a
+torch.profiler table of one step (kernel launches, top ops by host time).
 
     python scripts/gpu_prof.py --k 4,8 --profile        # SmolLM2-135M shape, random weights, bf16
 """
@@ -15,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench
+import graphs
 import lora
 import model as M
 import train
@@ -28,7 +30,7 @@ def main():
     p.add_argument("--seq", default="256")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--modes", default="concat,per-adapter,base")
+    p.add_argument("--modes", default="concat,per-adapter,graphs,base")
     p.add_argument("--packing", default="1,0")
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
@@ -39,7 +41,7 @@ def main():
     sync = lambda: bench.sync(str(device))   # noqa: E731
     for k in [int(x) for x in a.k.split(",")]:
         for mode in a.modes.split(","):
-            for packing in [x == "1" for x in a.packing.split(",")]:
+            for packing in [x == "1" for x in a.packing.split(",") if x == "1" or mode != "graphs"]:
                 lora.FUSE_ADAPTERS = {"concat": "always", "per-adapter": "never"}.get(mode, "cuda")
                 net = M.load_model(base, dtype=a.dtype, device=device)
                 names = [f"job{j}" for j in range(k)]
@@ -52,6 +54,7 @@ def main():
                     opts = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4, fused=True) for n in names}
                     gens = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
                     cfgs = {n: train.JobConfig(name=n, data="-") for n in names}
+                    captured = graphs.Graphs()
                 else:
                     net.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
@@ -63,14 +66,16 @@ def main():
                         losses, _ = train.token_losses(net, batch)
                         losses.sum().backward()
                         return batch.num_tokens
-                    _, _, _, batch, _ = train.fused_step(
-                        net, [cfgs[n] for n in names], [ex for _, ex in parts],
-                        [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts],
-                        gens, 0, device, packing)
+                    step_args = ([cfgs[n] for n in names], [ex for _, ex in parts],
+                                 [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts], gens, 0, device)
+                    if mode == "graphs":
+                        _, _, counts, _, _ = captured.step(net, *step_args)
+                    else:
+                        _, _, counts, _, _ = train.fused_step(net, *step_args, packing)
                     for n in names:
                         opts[n].step()
                         opts[n].zero_grad(set_to_none=True)
-                    return batch.num_tokens
+                    return int(counts[:, 0].sum())
 
                 for s in range(3):
                     step(s)
@@ -92,7 +97,8 @@ def main():
                         sync()
                     ev = prof.key_averages()
                     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                     "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+                                                                     "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                                                                     "cudaGraphLaunch"))
                     gpu = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3
                     print(f"    launches {launches}, GPU kernel time {gpu:.1f} ms")
                     print(ev.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
