@@ -60,41 +60,32 @@ class StepInputs(NamedTuple):
 
 def step_inputs(dropouts: list[float], examples: list[list[data.Example]], step_loss_tokens: list[int],
                 seeds: list[int | None], pad_id: int) -> StepInputs:
-    """The step's inputs on the CPU: job i's examples end to end (as data.pack lays them), its
+    """The step's inputs on the CPU: job i's examples end to end (data.pack's row), its
     adapter's dropout p and seed (None: no dropout now), then the padding up to
-    bucket(tokens + 1) as one more segment."""
-    lengths = [len(e.input_ids) for rows in examples for e in rows]
-    real = sum(lengths)
-    N = bucket(real + 1)
-    lengths.append(N - real)
-    ids, labels, adapter, index, seed, threshold, weight = [], [], [], [], [], [], []
-    for i, rows in enumerate(examples):
-        n = sum(len(e.input_ids) for e in rows)
-        for e in rows:
-            ids += e.input_ids
-            labels += [data.IGNORE_INDEX] + e.labels[1:]   # as data.pack: an example's first label is no target
-        adapter += [i] * n
-        index += range(n)
-        seed += [seeds[i] or 0] * n
-        threshold += [drop_threshold(dropouts[i] if seeds[i] is not None else 0.0)] * n
-        weight += [1 / max(step_loss_tokens[i], 1)] * n
-    pad = N - real
-    ids += [pad_id] * pad
-    labels += [data.IGNORE_INDEX] * pad
-    adapter += [len(examples)] * pad
-    index += range(pad)
-    seed += [0] * pad
-    threshold += [drop_threshold(0.0)] * pad
-    weight += [0.0] * pad
-    lengths_t = torch.tensor(lengths)
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-    starts = torch.nn.functional.pad(lengths_t.cumsum(0), (1, 0))
-    targets = torch.tensor(labels[1:] + [data.IGNORE_INDEX])      # position t predicts token t + 1
+    bucket(tokens + 1) as one more segment, of no job."""
+    packed = data.pack([(None, rows) for rows in examples])
+    pad = bucket(packed.num_tokens + 1) - packed.num_tokens
+    lengths = packed.lengths.tolist() + [pad]
+    tokens = torch.tensor([sum(len(e.input_ids) for e in rows) for rows in examples] + [pad])   # per job, then padding
+
+    def per_token(values, dtype=None) -> torch.Tensor:   # one value per job and one for the padding
+        return torch.tensor(values, dtype=dtype).repeat_interleave(tokens)
+    input_ids = torch.nn.functional.pad(packed.input_ids, (0, pad), value=pad_id)     # [1, N]
+    labels = torch.nn.functional.pad(packed.labels[0], (0, pad), value=data.IGNORE_INDEX)
+    targets = torch.cat([labels[1:], labels.new_tensor([data.IGNORE_INDEX])])     # position t predicts token t + 1
     labelled = targets != data.IGNORE_INDEX
-    return StepInputs(torch.tensor([ids]), (torch.arange(N) - starts[segment])[None], segment,
-                      starts.to(torch.int32), targets.where(labelled, 0),
-                      torch.tensor(weight, dtype=torch.float32) * labelled, torch.tensor(adapter),
-                      torch.tensor(seed), torch.tensor(index), torch.tensor(threshold, dtype=torch.int16))
+    segment = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+    job_starts = torch.nn.functional.pad(tokens.cumsum(0), (1, 0))[:-1]
+    return StepInputs(
+        input_ids, llama.positions(input_ids, None, 0, tuple(lengths)), segment,
+        torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32),
+        targets.where(labelled, 0),
+        per_token([1 / max(n, 1) for n in step_loss_tokens] + [0.0], torch.float32) * labelled,
+        per_token(range(len(tokens))),
+        per_token([s or 0 for s in seeds] + [0]),
+        torch.arange(len(segment)) - job_starts.repeat_interleave(tokens),
+        per_token([drop_threshold(p if s is not None else 0.0) for p, s in zip(dropouts, seeds)]
+                  + [drop_threshold(0.0)], torch.int16))
 
 
 def step_gradients(model, inputs: StepInputs, names: tuple[str, ...], params: list, longest: int, cache: dict):
