@@ -312,6 +312,8 @@ def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
 
 
 def _child(kind: str, args, jobs, barrier, queue):
+    if args.malloc == "keep":   # every system alike, as train.py's command line does for ours
+        M.keep_freed_memory()
     try:
         result = run_worker(kind, args, jobs, barrier)
     except Exception as e:  # report, don't hang the parent
@@ -655,6 +657,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our systems")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: every worker process keeps freed memory (model.keep_freed_memory, as train.py "
+                        "does); default: glibc's own settings")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="our systems fuse padded rows instead of packing the examples end to end")
     p.add_argument("--in-process", action="store_true",
@@ -707,6 +712,7 @@ def main(argv: list[str] | None = None):
              f"per repeat, median of {args.repeats * args.rounds} repeats after a warm-up"
              f"{f' ({args.rounds} rounds of {args.repeats})' if args.rounds > 1 else ''}; {time.time() - t0:.0f}s in all"
              f"{'; ours with activation checkpointing' if args.checkpointing else ''}"
+             f"{'; glibc malloc defaults' if args.malloc == 'default' else ''}"
              f"{'; ours packed (no padding)' if args.packing else '; ours on padded rows'}"
              f"{'; in-process: memory and peft-parallel not comparable' if args.in_process else ''}")
     print_tables(records, ratio_rows, title)

@@ -598,4 +598,5 @@ def exit_with(status: int):
 
 
 if __name__ == "__main__":
+    M.keep_freed_memory()   # this process's allocator keeps freed memory for the next step (model.py)
     exit_with(main(sys.argv[1:]))
