@@ -105,9 +105,8 @@ class Step:
     """One captured step: its input buffers, its graph (on CUDA) and what the graph leaves:
     each job's loss and every adapter parameter's gradient for this step."""
 
-    def __init__(self, model, names: tuple[str, ...], N: int, segments: int, device):
-        self.model, self.names = model, names
-        self.params = [p for name in names for p in lora.adapter_parameters(model, name)]
+    def __init__(self, model, names: tuple[str, ...], params: list, N: int, segments: int, device):
+        self.model, self.names, self.params = model, names, params
         self.longest, self.cache, self.graph, self.outputs = N, {}, None, None
         shapes = StepInputs([1, N], [1, N], [N], [segments + 1], [N], [N], [N], [N], [N], [N])
         dtypes = StepInputs(*[torch.long] * 3, torch.int32, torch.long, torch.float32, *[torch.long] * 3, torch.int16)
@@ -164,14 +163,14 @@ class Graphs:
         stream as lora.route draws it; the gradients are added only when every loss is finite."""
         model.train()
         names = tuple(job.name for job in jobs)
-        configs = {name: adapter.config for _, layer in lora.lora_layers(model) for name, adapter in layer.adapters.items()}
+        configs = lora.adapter_configs([layer for _, layer in lora.lora_layers(model)])
         seeds = [lora.draw_seed(model, configs[name], generators.get(name)) for name in names]
         inputs = step_inputs([configs[name].dropout for name in names], examples, step_loss_tokens, seeds, pad_id)
         key = (names, inputs.input_ids.size(1), len(inputs.starts) - 1)
         step = self.steps.pop(key, None)
         params = [p for name in names for p in lora.adapter_parameters(model, name)]
         if step is None or list(map(id, step.params)) != list(map(id, params)):   # new adapters of old names
-            step = Step(model, names, key[1], key[2], device)
+            step = Step(model, names, params, key[1], key[2], device)
         self.steps[key] = step
         while len(self.steps) > MAX_GRAPHS:
             self.steps.popitem(last=False)

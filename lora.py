@@ -479,6 +479,11 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def adapter_configs(layers: list["MultiLoRALinear"]) -> dict[str, LoRAConfig]:
+    """Each adapter's config, by name, from these LoRA layers (lora_layers' or a part of them)."""
+    return {name: adapter.config for layer in layers for name, adapter in layer.adapters.items()}
+
+
 def adapter_seed(seed: int, name: str) -> int:
     """A stable per-adapter seed, so an adapter's init never depends on its neighbours."""
     return mix_seed(seed, zlib.crc32(name.encode()))
@@ -615,7 +620,7 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     is drawn all the same, so that their streams stay in step on every rank.
     """
     layers = [layer for _, layer in lora_layers(model)]
-    configs = {name: adapter.config for layer in layers for name, adapter in layer.adapters.items()}
+    configs = adapter_configs(layers)
     unknown = {n for n in names if n is not None and n not in configs}
     if unknown:
         raise KeyError(f"route: no adapter named {sorted(unknown)}; adapters: {sorted(configs)}")

@@ -142,7 +142,9 @@ def test_fixed_shape_step_is_the_same_ops_whatever_the_data(setup):
     assert not torch.equal(inputs[0].input_ids, inputs[1].input_ids)
     assert not torch.equal(inputs[0].adapter, inputs[1].adapter)
     ours.train()
-    step = graphs.Step(ours, tuple(j.name for j in jobs), N, len(inputs[0].starts) - 1, "cpu")
+    names = tuple(j.name for j in jobs)
+    step = graphs.Step(ours, names, [p for n in names for p in lora.adapter_parameters(ours, n)], N,
+                       len(inputs[0].starts) - 1, "cpu")
     step.run(inputs[0])   # the warm-up: builds the coefficient tables
     traces = []
     for step_input in inputs:
