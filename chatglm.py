@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llama
 from llama import KVCache, attend, positions_and_mask, run_block
 
 
@@ -110,18 +111,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- blocks
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        # ChatGLM's order: normalize and scale by the weight in fp32, then cast back
-        # (model.py's LLaMA casts before the weight, as transformers' Llama does).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+def RMSNorm(dim: int, eps: float) -> llama.RMSNorm:
+    """ChatGLM's order: normalize and scale by the weight in fp32, then cast back (LLaMA
+    casts before the weight, as transformers' Llama does)."""
+    return llama.RMSNorm(dim, eps, weight_in_fp32=True)
 
 
 class SelfAttention(nn.Module):

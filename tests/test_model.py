@@ -105,6 +105,28 @@ def test_bf16_load_close_to_fp32(tiny_llama):
     assert (bf16.float() - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
+def plain_rms_norm(x, weight, eps, weight_in_fp32):
+    """The norm as plain ops, differentiated by autograd: the oracle for RMSNormFunction."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype) if weight_in_fp32 else weight * h.type_as(x)
+
+
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_rms_norm_backward_matches_autograd(weight_in_fp32):
+    import llama
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 5, 8, generator=g) * 3, torch.rand(8, generator=g) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):   # forward bitwise as the plain ops, gradients close
+        xs, ws = x.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        grad = torch.randn(2, 5, 8, generator=g).to(dtype)
+        ours = llama.RMSNormFunction.apply(xs, ws, 1e-5, weight_in_fp32)
+        plain = plain_rms_norm(xs, ws, 1e-5, weight_in_fp32)
+        assert torch.equal(ours, plain)
+        for a, b in zip(torch.autograd.grad(ours, (xs, ws), grad), torch.autograd.grad(plain, (xs, ws), grad)):
+            torch.testing.assert_close(a, b, **({} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}))
+
+
 def test_pytorch_bin_fallback(tmp_path, tiny_llama):
     path, hf = tiny_llama
     bin_dir = tmp_path / "bin"
