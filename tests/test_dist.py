@@ -25,7 +25,6 @@ from conftest import make_hf_model, save_hf, write_rows
 from tokenizer_util import write_tokenizer_json
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.xdist_group("dist")   # one worker: the module's runs are made once
 
 
 def torchrun(config: str, *args: str, ranks: int = 2, env: dict | None = None, timeout: float = 120):
