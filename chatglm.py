@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import llama
-from llama import KVCache, attend, positions_and_mask, run_block
+from llama import KVCache, RMSNorm as LlamaRMSNorm, attend, positions_and_mask, run_block
 
 
 # ----------------------------------------------------------------------------- config
@@ -111,10 +110,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- blocks
 
-def RMSNorm(dim: int, eps: float) -> llama.RMSNorm:
+def RMSNorm(dim: int, eps: float) -> LlamaRMSNorm:
     """ChatGLM's order: normalize and scale by the weight in fp32, then cast back (LLaMA
     casts before the weight, as transformers' Llama does)."""
-    return llama.RMSNorm(dim, eps, weight_in_fp32=True)
+    return LlamaRMSNorm(dim, eps, weight_in_fp32=True)
 
 
 class SelfAttention(nn.Module):
