@@ -22,6 +22,7 @@ def token_losses(model, batch: data.Batch):
 
 
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of chunked_token_losses (64 MiB in fp32; see ChunkedTokenLosses)
+LOSS_CHUNK_MIN_ROWS = 384    # but never fewer rows (223 MiB at a 152k vocabulary): each chunk reads the whole output layer
 
 
 class ChunkedTokenLosses(torch.autograd.Function):
@@ -33,13 +34,17 @@ class ChunkedTokenLosses(torch.autograd.Function):
     so forward computes that [N, C] term right after each chunk's logits and backward only
     scales it: no logits are kept, none recomputed. Chunk size, 2 CPU cores, 1229 tokens x
     SmolLM2's 49k vocabulary, fwd+bwd (median of 5, interleaved): 2^22 logits per chunk (85
-    rows) 1.60 s, 2^24 (341 rows) 1.33 s, all at once through F.cross_entropy 1.41 s.
+    rows) 1.60 s, 2^24 (341 rows) 1.33 s, all at once through F.cross_entropy 1.41 s. With
+    larger vocabularies 2^24 logits are few rows, and each chunk's two matmuls go through the
+    whole [V, C] layer again (545 MB for Qwen2's 152k x 896), so a chunk has at least
+    LOSS_CHUNK_MIN_ROWS rows. 2048 tokens x 152k, fwd+bwd: 110 rows a chunk 12.6-12.8 s, 384
+    rows 9.4-10.1 s, all at once 10.8-11.8 s (`python scripts/loss_time.py --tokens 2048`).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         N, V = hidden.size(0), weight.size(0)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // V)
+        chunk = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // V)
         dtype = torch.promote_types(hidden.dtype, torch.float32)          # softmax in fp32 at least
         losses = torch.empty(N, dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None

@@ -218,6 +218,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     labels[2, 15:] = -100
     batch = data.Batch(ids, labels, torch.tensor([20, 20, 15]), ["a"] * 3)
     monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 5 * net.config.vocab_size + 1)  # chunks of 5 rows
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 1)
     results = []
     for chunked in (True, False):
         with lora.route(net, batch.adapter_names):
@@ -241,6 +242,7 @@ def test_chunked_loss_of_half_precision_hidden_states_is_computed_in_float32(mon
     """bf16 hidden states and output layer (a GPU's): the logits of each chunk are taken to fp32
     before the softmax, as F.cross_entropy over the fp32 logits of the same bf16 matmul."""
     monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # chunks of 7 rows, the last of 1
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 32, generator=g).bfloat16().requires_grad_()
     weight, targets = torch.randn(100, 32, generator=g).bfloat16(), torch.randint(0, 100, (50,), generator=g)
@@ -252,6 +254,33 @@ def test_chunked_loss_of_half_precision_hidden_states_is_computed_in_float32(mon
     assert losses.dtype == torch.float32
     torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, hidden.grad)
+
+
+def test_loss_chunks_have_at_least_the_minimum_rows(monkeypatch):
+    """A large vocabulary makes LOSS_CHUNK_ELEMENTS few rows; chunks then take
+    LOSS_CHUNK_MIN_ROWS rows (two output-layer matmuls per chunk), and the losses and
+    gradient stay F.cross_entropy's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # 7 rows of a 100-word vocabulary
+    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 20)        # chunks of 20, 20 and 10 rows
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 32, generator=g, requires_grad=True)
+    weight, targets = torch.randn(100, 32, generator=g), torch.randint(0, 100, (50,), generator=g)
+    with CountMatmuls() as matmuls:
+        losses = objectives.chunked_token_losses(hidden, weight, targets)
+    assert matmuls.count == 2 * 3
+    losses.sum().backward()
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(hidden.grad, torch.autograd.grad(expected.sum(), hidden)[0])
 
 
 def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, monkeypatch):
