@@ -1,14 +1,14 @@
 """The output layer and next-token loss, fwd+bwd, three ways: objectives.chunked_token_losses
 (chunks of LOSS_CHUNK_ELEMENTS logits but at least LOSS_CHUNK_MIN_ROWS rows, no [N, V] logits
 kept), the same with chunks of LOSS_CHUNK_ELEMENTS logits however few rows (the rule before
-the minimum) and F.cross_entropy over all the logits at once, at three vocabularies: SmolLM2's 49k, Llama 3's 128k and Qwen2's 152k,
-each with its model's hidden size (random weights, fp32; the all-at-once logits alone are
-tokens x V x 4 bytes). Each way runs in a fresh process
-(alternating, `--rounds` times) that reports the median time of `--repeats` calls after one
-warm-up and its peak RSS above what it held before the first call (ru_maxrss: temporaries
-inside an op count too).
+the minimum), and F.cross_entropy over all the logits at once. At three vocabularies, SmolLM2's
+49k, Llama 3's 128k and Qwen2's 152k, each with its model's hidden size (random weights,
+fp32; the all-at-once logits alone are tokens x V x 4 bytes). Each way runs in a fresh
+process (alternating, `--rounds` times) that reports the median time of `--repeats` calls
+after one warm-up and its peak RSS above what it held before the first call (ru_maxrss:
+temporaries inside an op count too).
 
-    python scripts/loss_time.py --tokens 1024
+    python scripts/loss_time.py --tokens 2048
 """
 import argparse
 import resource
