@@ -14,7 +14,6 @@ import argparse
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M  # noqa: E402
 import objectives  # noqa: E402
+from block_time import timed  # noqa: E402  (scripts/, the running script's folder, is on sys.path)
 
 SHAPES = {   # name: (hidden size, vocabulary), as in the models' config.json
     "smollm2-135m": (576, 49152),
@@ -52,14 +52,9 @@ def measure(shape: str, way: str, tokens: int, repeats: int):
         hidden.grad = None
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    seconds = timed(step, repeats, warmup=1) / 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    print(f"{sorted(times)[len(times) // 2]:.3f} {peak:.0f}")
+    print(f"{seconds:.3f} {peak:.0f}")
 
 
 def main():

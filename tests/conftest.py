@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
 import train
@@ -254,3 +255,20 @@ def run_killed(path: str, patch: dict) -> int:
     assert not process.is_alive(), "the killed run hung"
     return process.exitcode
 
+
+class Recorder(TorchDispatchMode):
+    """Every aten op a step runs, with its arguments' shapes and non-tensor values."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", tuple(a.shape), a.dtype)
+            if isinstance(a, (list, tuple)):
+                return tuple(describe(x) for x in a)
+            return a
+        self.ops.append((str(func), describe(args), describe(tuple(sorted((kwargs or {}).items())))))
+        return func(*args, **(kwargs or {}))

@@ -3,14 +3,13 @@ train.fused_step computes, and what a graph would record of it reads nothing fro
 that changes from step to step. Its capture and replay: tests/test_cuda.py."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import graphs
 import lora
 import model as M
 import train
-from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
+from conftest import Recorder, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 from llama import Llama
 from test_preference import write_pairs
 
@@ -100,24 +99,6 @@ def test_dropout_changes_the_fixed_shape_step(setup):
         grads.append(grads_of(ours, ["a", "b"]))
     assert not torch.allclose(grads[0]["a"][0], grads[1]["a"][0])
     torch.testing.assert_close(grads[0]["b"][0], grads[1]["b"][0])   # b has no dropout
-
-
-class Recorder(TorchDispatchMode):
-    """Every aten op a step runs, with its arguments' shapes and non-tensor values."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        def describe(a):
-            if isinstance(a, torch.Tensor):
-                return ("tensor", tuple(a.shape), a.dtype)
-            if isinstance(a, (list, tuple)):
-                return tuple(describe(x) for x in a)
-            return a
-        self.ops.append((str(func), describe(args), describe(tuple(sorted((kwargs or {}).items())))))
-        return func(*args, **(kwargs or {}))
 
 
 def test_fixed_shape_step_is_the_same_ops_whatever_the_data(setup):

@@ -13,7 +13,7 @@ import model as M
 import objectives
 import peft_format
 import train
-from conftest import adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
+from conftest import Recorder, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 
 
 @pytest.mark.parametrize("gpu_path", [False, True])
@@ -260,23 +260,14 @@ def test_loss_chunks_have_at_least_the_minimum_rows(monkeypatch):
     """A large vocabulary makes LOSS_CHUNK_ELEMENTS few rows; chunks then take
     LOSS_CHUNK_MIN_ROWS rows (two output-layer matmuls per chunk), and the losses and
     gradient stay F.cross_entropy's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountMatmuls(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
-            return func(*args, **(kwargs or {}))
-
     monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # 7 rows of a 100-word vocabulary
     monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 20)        # chunks of 20, 20 and 10 rows
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 32, generator=g, requires_grad=True)
     weight, targets = torch.randn(100, 32, generator=g), torch.randint(0, 100, (50,), generator=g)
-    with CountMatmuls() as matmuls:
+    with Recorder() as recorder:
         losses = objectives.chunked_token_losses(hidden, weight, targets)
-    assert matmuls.count == 2 * 3
+    assert sum(op.startswith("aten.mm.") for op, *_ in recorder.ops) == 2 * 3
     losses.sum().backward()
     expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
     torch.testing.assert_close(losses, expected)
