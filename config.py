@@ -236,6 +236,24 @@ def validate_job(job: JobConfig, where: str, label: str):
           "expected null or a finite number > 0")
 
 
+def trial_names(sweep: SweepConfig) -> list[str]:
+    """<name>-t00, <name>-t01, ... (wider indices for 101+ trials), one per trial."""
+    space = sweep_space(sweep, "sweep")
+    count = sweep.trials if sweep.search == "random" else math.prod(len(values) for values in space.values())
+    width = max(2, len(str(count - 1)))
+    return [f"{sweep.name}-t{i:0{width}d}" for i in range(count)]
+
+
+
+def field_label(cfg: RunConfig, i: int, field: str) -> str:
+    """Where job i's field comes from, for an error: jobs[i].field, or a trial's sweep.job / sweep.space."""
+    name = cfg.jobs[i].name
+    if cfg.sweep is None or name not in trial_names(cfg.sweep):
+        return f"jobs[{i}].{field}"
+    return f"sweep.space.{field} (trial {name})" if field in cfg.sweep.space else f"sweep.job.{field}"
+
+
+
 def _compiles(pattern: str) -> bool:
     try:
         re.compile(pattern)

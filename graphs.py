@@ -17,7 +17,8 @@ step. So this step computes what train.fused_step computes for SFT jobs, differe
   the replay, only when every job's loss is finite.
 One graph per (adapters, bucket, segments); the MAX_GRAPHS last used are kept. Off a GPU the
 same step runs eagerly (tests/test_graphs.py: equal to fused_step, and free of host reads).
-What it takes (`fits`): SFT jobs, plain LoRA on a float base, a llama-family model, one process.
+What it takes (`fits`): SFT jobs, plain LoRA on a float base, a llama-family model, packed rows;
+not with data parallel ranks. `fixed_shape` puts it in the place of train.py's forward_backward step.
 """
 import math
 from collections import OrderedDict
@@ -28,6 +29,7 @@ import torch
 import data
 import llama
 import lora
+from jobs import Fused, Run, step_rows
 from lora_update import drop_threshold
 from objectives import chunked_token_losses
 
@@ -145,10 +147,10 @@ class Graphs:
         self.steps: OrderedDict = OrderedDict()
 
     @staticmethod
-    def fits(model, jobs: list, examples: list[list], distributed: bool, packed: bool) -> bool:
-        """Whether this step can run at fixed shapes: SFT jobs, each with rows here, plain LoRA on
-        a float llama-family base, packed, one process."""
-        if distributed or not packed or not isinstance(model, llama.Llama):
+    def fits(model, jobs: list, examples: list[list], packed: bool) -> bool:
+        """Whether this step can run at fixed shapes: SFT jobs, each with rows, plain LoRA on a
+        float llama-family base, packed (fixed_shape is not used with data parallel ranks)."""
+        if not packed or not isinstance(model, llama.Llama):
             return False
         if any(job.objective != "sft" or not rows for job, rows in zip(jobs, examples)):
             return False
@@ -189,3 +191,17 @@ class Graphs:
         for (p, _), copy in zip(fresh, torch._foreach_mul([g for _, g in fresh], 1.0) if fresh else []):
             p.grad = copy
         return losses.clone(), rewards, counts, None, True
+
+
+def fixed_shape(forward_backward):
+    """train.py's forward_backward step at fixed shapes (a CUDA graph on GPUs) where the step fits, else as it was."""
+    graphs = Graphs()
+
+    def step(run: Run, micro_batches: list, check_finite: bool = False) -> Fused:
+        rows = step_rows(run, micro_batches)
+        if not graphs.fits(run.model, rows.jobs, rows.rows, run.cfg.packing):
+            return forward_backward(run, micro_batches, check_finite)
+        losses, rewards, counts, _, stepped = graphs.step(run.model, rows.jobs, rows.rows, rows.loss_tokens,
+                                                          rows.generators, run.pad_id, run.device)
+        return Fused(micro_batches, losses, rewards, counts, stepped)
+    return step

@@ -3,6 +3,7 @@ plugs in (job_loss: SFT, DPO, CPO), the chunked next-token loss under it, how a 
 out as sequences, and the task scorer of held-out generations (task_correct).
 """
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,55 @@ def token_losses(model, batch: data.Batch):
     output_layer = model.get_submodule(model.OUTPUT_LAYER)
     losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]])
     return losses, batch.example_of(keep)
+
+
+class FusedRows(NamedTuple):
+    """Several jobs' rows in one batch: the batch, each sequence's job [S] and each job's first
+    sequence, and each job's real and processed tokens [k, 2] (on the CPU: bookkeeping)."""
+    batch: data.Batch
+    job_of_row: torch.Tensor
+    first_row: list[int]
+    counts: torch.Tensor
+
+
+def fuse_rows(jobs: list[JobConfig], examples: list[list], pad_id: int, packed: bool, device,
+              stand_ins: tuple[str, ...] = ()) -> FusedRows:
+    """Job i's rows examples[i] as the sequences job_parts lays out, all jobs in one batch
+    (packed: end to end in one row; else padded rows). A job in `stand_ins` with no rows gets one
+    1-token row without labels (dist.py: a sharded base needs every rank to run every block)."""
+    stand_in = [data.Example([pad_id], [data.IGNORE_INDEX])]   # routed to its job's adapter, no loss
+    parts = [job_parts(job, rows) if rows else [(job.name, stand_in)] if job.name in stand_ins else []
+             for job, rows in zip(jobs, examples)]
+    sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
+    batch = data.make_batch([part for job_part in parts for part in job_part], pad_id, packed).to(device)
+    job_of_row = torch.tensor([i for i, n in enumerate(sequences) for _ in range(n)], device=device)
+    counts = torch.zeros(len(jobs), 2, dtype=torch.long)
+    for i, lengths in enumerate(batch.lengths.split(sequences)):   # real tokens, and processed (padding too)
+        if examples[i]:   # not a stand-in row
+            counts[i, 0] = lengths.sum()
+            counts[i, 1] = lengths.sum() if batch.packed else len(lengths) * batch.input_ids.size(1)
+    return FusedRows(batch, job_of_row, [sum(sequences[:i]) for i in range(len(jobs))], counts)
+
+
+def job_losses(model, jobs: list[JobConfig], fused: FusedRows, examples: list[list], step_loss_tokens: list[int],
+               step_rows: list[int] | None = None, whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward over a fused batch (inside lora.route) and each job's loss [k] (job_loss;
+    0 for a job with no rows here) and its reward sums [k, 4] (detached). whole_batch: the
+    losses' graph reaches every row, those of no loss too (dist.py's stand-in rows)."""
+    step_rows = step_rows or [len(rows) for rows in examples]
+    token_nll, rows = token_losses(model, fused.batch)
+    token_job = fused.job_of_row[rows]
+    device = token_nll.device
+    losses, rewards = torch.zeros(len(jobs), device=device), torch.zeros(len(jobs), 4, device=device)
+    here = [i for i, rows_i in enumerate(examples) if rows_i]
+    results = [job_loss(jobs[i], token_nll[token_job == i], rows[token_job == i] - fused.first_row[i],
+                        len(examples[i]), step_loss_tokens[i], step_rows[i]) for i in here]
+    if here:
+        losses = losses.index_put((torch.tensor(here, device=device),), torch.stack([loss for loss, _ in results]))
+        rewards[here] = torch.stack([reward_sums for _, reward_sums in results]).detach()
+    if whole_batch:
+        losses = losses + 0 * token_nll.sum()
+    return losses, rewards
 
 
 LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of chunked_token_losses (64 MiB in fp32; see ChunkedTokenLosses)

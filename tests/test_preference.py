@@ -13,6 +13,8 @@ import data
 import lora
 import model as M
 import peft_format
+import objectives
+import state
 import train
 from conftest import WORDS, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 from scheduler import JobPlan, Scheduler
@@ -108,7 +110,7 @@ def test_loss_and_gradients_equal_the_published_formulas_on_peft(tmp_path, tiny_
     expected = published_loss(cfg, pm, pairs)
     expected.backward()
     # One optimizer step of 3 pairs in micro-batches of `micro` pairs: each gives its share.
-    chosen_tokens = sum(train.loss_tokens(cfg, pair) for pair in pairs)
+    chosen_tokens = sum(objectives.loss_tokens(cfg, pair) for pair in pairs)
     got = sum(train.fused_step(ours, [cfg], [pairs[start:start + micro]], [chosen_tokens], {}, 0, "cpu", packed,
                                step_rows=[len(pairs)])[0][0] for start in range(0, len(pairs), micro))
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
@@ -145,7 +147,7 @@ def test_rewards_margin_and_accuracy(tiny_llama):
         chosen, rejected = scores[:4], scores[4:]
         expected = [chosen.sum(), rejected.sum(), (chosen - rejected > 0).sum(), 4]
         torch.testing.assert_close(rewards[0], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
-        metrics = train.reward_means(rewards[0].tolist())
+        metrics = objectives.reward_means(rewards[0].tolist())
         assert metrics["margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
         assert metrics["accuracy"] == expected[2] / 4
 
@@ -235,7 +237,7 @@ def test_interrupted_preference_run_resumes_exactly(tmp_path, base_dir, monkeypa
 
     cfg = run_cfg(base_dir, tmp_path / "stopped", jobs, checkpoint_every=0)
     monkeypatch.setattr(train, "train_step", interrupt_at_3)
-    with pytest.raises(train.Interrupted):
+    with pytest.raises(state.Interrupted):
         train.train(cfg)
     monkeypatch.setattr(train, "train_step", real_step)
     resumed = train.train(cfg)
