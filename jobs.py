@@ -130,7 +130,7 @@ def stop_early(run: Run, s: JobState, reason: str, nonfinite: bool = False):
     if s.stopped is None:
         s.stopped, s.nonfinite = reason, nonfinite
         s.optimizer.zero_grad(set_to_none=True)   # a step's accumulation cut short
-        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
+        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros_like(s.reward_sums)
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
                  "reason": reason, "nonfinite": nonfinite,
                  "best_eval_loss": None if s.best is None else s.best.loss,
@@ -169,9 +169,9 @@ def finish(run: Run, name: str):
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
     if s.config.task_metric is not None:
         run.summary[name].update({"initial_eval_task": s.initial_eval_task, "eval_task": s.eval_task})
-    if s.config.objective != "sft":   # its last training step's and its held-out rewards, margin, accuracy
-        run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
-        run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
+    # Its objective's metrics (none for SFT), of its last training step and held out.
+    run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
+    run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
 
 

@@ -19,6 +19,7 @@ import dist
 import files
 import lora
 from config import ConfigError, JobConfig, RunConfig
+from objectives import METRIC_SUMS
 from scheduler import JobPlan, Scheduler
 
 
@@ -61,17 +62,17 @@ class JobState:
     generator: torch.Generator             # its dropout RNG: one seed drawn per fused step (CPU)
     admitted_at: float                     # time.time() at admission
     loss_sum: torch.Tensor                 # this optimizer step's loss so far (on device: no sync)
-    reward_sums: torch.Tensor              # this step's reward sums so far [4] (job_loss; zeros for SFT)
+    reward_sums: torch.Tensor              # this step's metric sums so far [METRIC_SUMS] (job_loss; zeros for SFT)
     step: int = 0                          # optimizer steps taken
     lr: float | None = None                # lr of its last optimizer step
     last_loss: float | None = None         # training loss of its last optimizer step
-    last_rewards: dict | None = None       # dpo/cpo: its last optimizer step's REWARD_KEYS
+    last_rewards: dict | None = None       # its last optimizer step's objective metrics (None for SFT)
     tokens: int = 0                        # real tokens through the forward
     padded_tokens: int = 0                 # its rows x padded length
     peak_mb: float = 0.0                   # the run's peak memory while it was admitted
     initial_eval_loss: float | None = None
     eval_loss: float | None = None
-    eval_rewards: dict | None = None       # dpo/cpo: REWARD_KEYS on the held-out pairs
+    eval_rewards: dict | None = None       # its objective's metrics on the held-out rows (None for SFT)
     initial_eval_task: float | None = None  # task_metric: the task score at init
     eval_task: float | None = None         # task_metric: the task score at its last evaluation
     best: Best | None = None               # with early_stop
@@ -171,7 +172,7 @@ def add_job(run: Run, name: str) -> JobState:
     s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
                                   run.test_sets.get(name), make_optimizer(params, job, lora_B), generator,
                                   admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device),
-                                  reward_sums=torch.zeros(4, device=run.device))
+                                  reward_sums=torch.zeros(METRIC_SUMS, device=run.device))
     return s
 
 

@@ -15,8 +15,8 @@ Exit status: 0 done, 2 bad input (one line on stderr), 3 a job stopped on non-fi
 Each step fuses the next micro-batches of several jobs into one batch (packed), runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
 and steps each job's own optimizer when that job's gradient accumulation ends. A job's
-objective is SFT, DPO or CPO (job_loss); a DPO job's reference is the frozen base itself:
-its pairs again, routed to no adapter, in the same fused batch.
+objective is an entry of objectives.OBJECTIVES (job_loss); a DPO job's reference is the frozen
+base itself: its pairs again, routed to no adapter, in the same fused batch.
 """
 import contextlib
 import dataclasses
@@ -39,8 +39,8 @@ import lora
 import model as M
 import sweep
 from export import MERGE_MARKER, export_merged  # noqa: F401
-from objectives import (job_loss, job_parts, loss_tokens, reward_means, sequence_lengths,  # noqa: F401
-                        task_correct, token_losses)
+from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means,  # noqa: F401
+                        sequence_lengths, task_correct, token_losses, unused_fields)
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, clear_run,  # noqa: F401
                     file_digest, load_config, remove_partial_writes, validate)
 from jobs import admit_all, eval_due, evaluate_and_stop, finish, park, prefetch_tasks, reach_rung, settle_rungs, stop_early
@@ -65,8 +65,8 @@ def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
 
 
 def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inputs: bool) -> list:
-    """A job's data file: SFT examples, or preference pairs for dpo/cpo."""
-    if job.objective == "sft":
+    """A job's data file: SFT examples, or preference pairs where its objective's rows are pairs."""
+    if not objective_of(job).pairs:
         return data.load_job_data(path, tokenizer, job.template, job.cutoff_len, train_on_inputs)
     return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
 
@@ -80,7 +80,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all sequences end to end in one row; else padded rows), each sequence routed as
     job_parts says (its job's adapter; a DPO job's reference copies to none); returns each job's
-    loss [k], its reward sums [k, 4] (job_loss), its real and processed tokens [k, 2], the
+    loss [k], its metric sums [k, METRIC_SUMS] (job_loss), its real and processed tokens [k, 2], the
     batch (None: nothing here), and whether backward ran.
 
     examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
@@ -103,13 +103,13 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     sequences = [sum(len(seqs) for _, seqs in job_part) for job_part in parts]
     model.train()
     losses = torch.zeros(k, device=device)
-    rewards = torch.zeros(k, 4, device=device)
+    rewards = torch.zeros(k, METRIC_SUMS, device=device)
     counts = torch.zeros(k, 2, dtype=torch.long)   # on the CPU: bookkeeping
     if not any(sequences):   # data parallel: nothing here this step; the dropout streams still advance
         with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs)):
             pass
         stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
-        return stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu(), None, False
+        return stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu(), None, False
     batch = make_batch([part for job_part in parts for part in job_part], pad_id, packed).to(device)
     job_of_row = torch.tensor([i for i, n in enumerate(sequences) for _ in range(n)], device=device)
     first_row = [sum(sequences[:i]) for i in range(k)]
@@ -135,7 +135,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
         losses = local.detach()
         if reduce:   # syncs the device
             stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
-            losses, rewards, counts = stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu()
+            losses, rewards, counts = stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu()
         if check_finite and not bool(losses.isfinite().all()):  # syncs the device
             return losses, rewards, counts, batch, False
         # Backward inside the routing block: a layer recomputed in backward (activation
@@ -156,7 +156,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
     sums = torch.cat([s.loss_sum.float()[None], norm.float().to(s.loss_sum.device)[None], s.reward_sums.float()])
     loss, norm, *reward_sums = sums.tolist()  # syncs the device
-    s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
+    s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros_like(s.reward_sums)
     if not math.isfinite(loss) or not math.isfinite(norm):
         s.optimizer.zero_grad(set_to_none=True)
         return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s.step + 1}"
@@ -171,7 +171,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         with torch.no_grad():
             torch._foreach_copy_(params, before)
         return f"non-finite weights after step {s.step + 1} (undone)"
-    s.last_loss, s.last_rewards = loss, reward_means(reward_sums)
+    s.last_loss, s.last_rewards = loss, reward_means(s.config, reward_sums)
     s.step += 1
     return None
 
@@ -200,16 +200,17 @@ def check_base(cfg: RunConfig) -> torch.nn.Module:
 def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
     """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
     for i, job in enumerate(cfg.jobs):
-        if job.objective != "sft" and job.train_on_inputs:
+        if objective_of(job).pairs and job.train_on_inputs:
             raise ConfigError(f"{sweep.field_label(cfg, i, 'train_on_inputs')}: a {job.objective} job scores its "
                               f"answers only; set it false")
-        if job.objective != "sft" and job.loss_type == "ipo" and job.label_smoothing:
-            print(f"warning: job {job.name!r}: label_smoothing is not used by the ipo loss (TRL ignores it too)")
+        for name in unused_fields(job):
+            print(f"warning: job {job.name!r}: {name} is not read by its objective, "
+                  f"{objective_of(job).describe(job) or job.objective}")
     tokenizer = data.load_tokenizer(cfg.base_model)
     train_sets, test_sets, plans, loaded = {}, {}, [], {}
 
     def rows_of(job: JobConfig, path: str, train_on_inputs: bool) -> list:   # sweep trials share their files
-        key = (job.objective, path, job.template, job.cutoff_len, train_on_inputs)
+        key = (objective_of(job).pairs, path, job.template, job.cutoff_len, train_on_inputs)
         if key not in loaded:
             loaded[key] = load_rows(job, path, tokenizer, train_on_inputs)
         return loaded[key]
@@ -243,8 +244,9 @@ def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
              f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
     for j in cfg.jobs:
-        objective = "" if j.objective == "sft" else f"{j.objective} ({j.loss_type}, beta={j.beta:g}), "
-        lines.append(f"  {j.name}: {objective}{len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} "
+        objective = objective_of(j).describe(j)
+        lines.append(f"  {j.name}: {objective + ', ' if objective else ''}{len(train_sets[j.name])} rows x {j.epochs} "
+                     f"epochs, r={j.r} "
                      f"alpha={j.alpha:g} {','.join(j.targets) if j.targets else 'default targets'}, "
                      f"{j.optimizer} lr={j.lr:g}, batch {j.batch_size} (micro {j.micro_batch_size})")
     return "\n".join(lines)

@@ -9,15 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import lora
 import model as M
 import peft_format
 import train
 from conftest import WORDS, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
+from objectives import OBJECTIVES
 from scheduler import JobPlan, Scheduler
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+PREFERENCE = [name for name, objective in OBJECTIVES.items() if objective.pairs]   # the table's preference objectives
 
 
 def write_pairs(path, n, seed, **fields):
@@ -144,8 +147,9 @@ def test_rewards_margin_and_accuracy(tiny_llama):
             scores = cfg.beta * (logps([objective]) - (logps([None]) if objective == "dpo" else 0))
         chosen, rejected = scores[:4], scores[4:]
         expected = [chosen.sum(), rejected.sum(), (chosen - rejected > 0).sum(), 4]
-        torch.testing.assert_close(rewards[0], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
-        metrics = train.reward_means(rewards[0].tolist())
+        torch.testing.assert_close(rewards[0, :4], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+        assert not rewards[0, 4:].any()   # the sums another objective may have more of
+        metrics = train.reward_means(cfg, rewards[0].tolist())
         assert metrics["margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
         assert metrics["accuracy"] == expected[2] / 4
 
@@ -210,7 +214,7 @@ def test_sft_dpo_cpo_fused_equal_each_alone(tmp_path, base_dir):
 def test_micro_batch_split_gives_the_same_update(tmp_path, base_dir):
     """Accumulating pairs over micro-batches equals one big batch: the loss is a mean over the step's pairs."""
     rows = write_pairs(tmp_path / "d.json", 8, 4)
-    for objective in ("dpo", "cpo"):
+    for objective in PREFERENCE:
         runs = {}
         for micro in (1, 4):
             out = tmp_path / f"{objective}{micro}"
@@ -348,3 +352,34 @@ def test_pairs_are_formatted_like_sft_examples(tmp_path, base_dir):
             assert example == data.make_example(tok, prompt, response, 64, train_on_inputs=False)
         prompt_len = pair.chosen.labels.count(-100)
         assert pair.chosen.input_ids[:prompt_len] == pair.rejected.input_ids[:prompt_len]   # one prompt
+
+
+# ----------------------------------------------------------------------------- the table
+
+def test_an_objective_checks_the_fields_it_reads_and_warns_of_the_others(tmp_path, base_dir, capsys):
+    """A field the job's objective reads is checked (a ConfigError naming it); one it does not
+    read, set away from its default, is ONE warning line naming the job and the field."""
+    def problem(**fields):
+        try:
+            config.validate_job(train.JobConfig(name="a", data="-", **fields), "cfg.json", "jobs[0]")
+        except config.ConfigError as e:
+            return str(e)
+    assert problem(objective="dpo", beta=0.0) == "cfg.json: jobs[0].beta: expected a finite number > 0, got 0.0"
+    assert problem(objective="dpo", loss_type="hinge") == ("cfg.json: jobs[0].loss_type: expected one of "
+                                                           "sigmoid, ipo, got 'hinge'")
+    assert problem(objective="cpo", cpo_alpha=-1.0) == "cfg.json: jobs[0].cpo_alpha: expected a finite number >= 0, got -1.0"
+    assert problem(objective="kto") == f"cfg.json: jobs[0].objective: expected one of {', '.join(OBJECTIVES)}, got 'kto'"
+    assert problem(objective="sft", beta=0.0, loss_type="hinge") is None   # SFT reads neither
+    assert problem(objective="dpo", cpo_alpha=-1.0) is None                # nor DPO cpo_alpha
+
+    pairs = write_pairs(tmp_path / "d.json", 4, 9)
+    cfg = run_cfg(base_dir, tmp_path / "o", [job("s", write_rows(tmp_path / "s.json", 4, 0, "count"), beta=0.3),
+                                             job("d", pairs, objective="dpo", loss_type="ipo", label_smoothing=0.1,
+                                                 cpo_alpha=2.0),
+                                             job("c", pairs, objective="cpo", beta=0.2, cpo_alpha=0.5)])
+    train.prepare(cfg)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: job 's': beta is not read by its objective, sft",
+                        "warning: job 'd': label_smoothing is not read by its objective, dpo (ipo, beta=0.1)",
+                        "warning: job 'd': cpo_alpha is not read by its objective, dpo (ipo, beta=0.1)"]
+
