@@ -3,7 +3,9 @@ transformers + PEFT by the published formulas, fused equals alone, a pair is the
 unit, bad rows, metrics, resume."""
 import json
 import random
+import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +385,9 @@ def test_an_objective_checks_the_fields_it_reads_and_warns_of_the_others(tmp_pat
                         "warning: job 'd': label_smoothing is not read by its objective, dpo (ipo, beta=0.1)",
                         "warning: job 'd': cpo_alpha is not read by its objective, dpo (ipo, beta=0.1)"]
 
+
+def test_the_readme_table_lists_every_objective():
+    """The README's objectives table has one row per entry of OBJECTIVES, in its order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Objectives per job\n")[1].split("\n## ")[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(OBJECTIVES)
