@@ -249,7 +249,33 @@ class CPO(Preference):
         return loss, self.reward_sums(job.beta * chosen, job.beta * rejected)
 
 
-OBJECTIVES = {"sft": SFT(), "dpo": DPO(), "cpo": CPO()}   # a job's `objective` names its entry
+class ORPO(Preference):
+    """ORPO (Hong et al. 2024, eq. 6-7) as TRL's ORPOTrainer: the chosen answers' NLL (a token
+    mean over the step, as SFT's) - beta log sigmoid(log odds ratio), no reference; an answer's
+    odds are p / (1 - p), p = exp(its mean token log-prob) (eq. 4); rewards beta log p."""
+    fields, loss_types = ("beta",), ()    # beta: the paper's lambda (TRL's ORPOConfig.beta)
+    metrics, sums = REWARD_KEYS + ("log_odds",), 5
+
+    def loss(self, job: Job, token_nll: torch.Tensor, rows: torch.Tensor, num_rows: int, step_loss_tokens: int,
+             step_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = self.answer_logps(token_nll, rows, num_rows, mean=True)
+        # log odds = log p - log(1 - p), log(1 - p) as log(-expm1(log p)): exact as p nears 1
+        log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
+        nll = token_nll[rows < num_rows].sum() / max(step_loss_tokens, 1)
+        loss = nll - job.beta * F.logsigmoid(log_odds).sum() / step_rows
+        sums = self.reward_sums(job.beta * chosen, job.beta * rejected)
+        return loss, torch.cat([sums, log_odds.detach().sum()[None]])
+
+    def means(self, sums: list[float]) -> dict | None:
+        """The rewards' means and the mean log odds ratio (TRL's log_odds_chosen)."""
+        metrics = super().means(sums)
+        return metrics and {**metrics, "log_odds": sums[4] / sums[3]}
+
+    def describe(self, job: Job) -> str:
+        return f"orpo (lambda=beta={job.beta:g})"
+
+
+OBJECTIVES = {"sft": SFT(), "dpo": DPO(), "cpo": CPO(), "orpo": ORPO()}   # a job's `objective` names its entry
 METRIC_SUMS = max(objective.sums for objective in OBJECTIVES.values())   # a job's metric sums tensor, any objective
 
 

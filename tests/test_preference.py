@@ -1,4 +1,4 @@
-"""Preference objectives (DPO, CPO) per job, fused with SFT jobs: the loss and gradients against
+"""Preference objectives (DPO, CPO, ORPO) per job, fused with SFT jobs: the loss and gradients against
 transformers + PEFT by the published formulas, fused equals alone, a pair is the scheduler's
 unit, bad rows, metrics, resume."""
 import json
@@ -154,6 +154,75 @@ def test_rewards_margin_and_accuracy(tiny_llama):
         metrics = train.reward_means(cfg, rewards[0].tolist())
         assert metrics["margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
         assert metrics["accuracy"] == expected[2] / 4
+
+
+def orpo_oracle(pm, pairs: list[data.Pair], lam: float) -> tuple[torch.Tensor, dict]:
+    """ORPO (Hong et al. 2024) by its equations from PEFT's logits: L = L_SFT + lambda L_OR (eq. 6),
+    L_OR = -log sigmoid(log(odds(y_w) / odds(y_l))) (eq. 7), odds(y) = P(y) / (1 - P(y)) (eq. 4)
+    with P(y) the answer's mean token probability in log space (as TRL), L_SFT the chosen
+    answers' token-mean NLL. Also TRL's metrics: rewards lambda log P(y), and the log odds."""
+    policy = [[answer_logps(pm, example) for example in (p.chosen, p.rejected)] for p in pairs]
+    p_c, p_r = (torch.stack([logps[k].mean() for logps in policy]).exp() for k in (0, 1))
+    log_odds = torch.log((p_c / (1 - p_c)) / (p_r / (1 - p_r)))
+    loss = -torch.cat([logps[0] for logps in policy]).mean() + lam * -F.logsigmoid(log_odds).mean()
+    chosen, rejected = lam * p_c.log().detach(), lam * p_r.log().detach()
+    return loss, {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                  "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean(),
+                  "log_odds": log_odds.detach().mean()}
+
+
+@pytest.mark.parametrize("micro, packed", [(3, True), (2, False), (1, True)])
+def test_orpo_loss_gradients_and_metrics_equal_its_equations_on_peft(tmp_path, tiny_llama, micro, packed):
+    """ORPO's fused step (its micro-batches' shares summed) against its equations computed from
+    transformers + PEFT logits on the same weights: the loss, every adapter gradient, the metrics."""
+    import peft
+    path, hf = tiny_llama
+    cfg = train.JobConfig(name="p", data="-", objective="orpo", beta=0.5, r=4, alpha=8, dropout=0.0, targets=TARGETS)
+    ours = M.load_model(path, dtype=torch.float32)
+    lora.add_adapters(ours, {"p": cfg.lora_config()})
+    randomize_B(ours, "p")
+    peft_format.save_peft(ours, "p", tmp_path / "p")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "p", is_trainable=True)
+    pairs = random_pairs(3, hf.config.vocab_size, seed=1)
+
+    expected, expected_metrics = orpo_oracle(pm, pairs, cfg.beta)
+    expected.backward()
+    chosen_tokens = sum(train.loss_tokens(cfg, pair) for pair in pairs)
+    starts = range(0, len(pairs), micro)
+    steps = [train.fused_step(ours, [cfg], [pairs[start:start + micro]], [chosen_tokens], {}, 0, "cpu", packed,
+                              step_rows=[len(pairs)]) for start in starts]
+    for (*_, batch, _), start in zip(steps, starts):   # both answers through the adapter, no reference rows
+        assert batch.adapter_names == ["p"] * 2 * len(pairs[start:start + micro])
+    torch.testing.assert_close(sum(loss[0] for loss, *_ in steps), expected.detach(), atol=1e-5, rtol=1e-5)
+    metrics = train.reward_means(cfg, sum(rewards[0] for _, rewards, *_ in steps).tolist())
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key] == pytest.approx(float(value), abs=1e-5), key
+    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
+    ours_grads = {f"base_model.model.{k.replace('.adapters.p', '')}": p.grad
+                  for k, p in ours.named_parameters() if p.requires_grad}
+    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * len(TARGETS)
+    for key in ours_grads:
+        assert ours_grads[key].abs().max() > 0
+        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+
+
+def test_orpo_fused_with_sft_equals_orpo_alone(tmp_path, base_dir):
+    """An ORPO job trained fused with an SFT job (dropout on) ends with the adapter it trains
+    alone, bitwise; its metrics lines carry its rewards and log odds."""
+    orpo = job("orpo", write_pairs(tmp_path / "o.json", 6, 10), objective="orpo", beta=0.2, dropout=0.1,
+               micro_batch_size=2, batch_size=4, targets=TARGETS, epochs=2)
+    sft = job("sft", write_rows(tmp_path / "s.json", 8, 0, "count"), dropout=0.1, targets=TARGETS, epochs=2)
+    train.train(run_cfg(base_dir, tmp_path / "fused", [sft, orpo]))
+    train.train(run_cfg(base_dir, tmp_path / "alone", [orpo]))
+    alone, together = adapter(tmp_path / "alone", "orpo"), adapter(tmp_path / "fused", "orpo")
+    assert alone.keys() == together.keys() and all(torch.equal(together[k], alone[k]) for k in alone)
+    assert max(v.abs().max() for k, v in together.items() if "lora_B" in k) > 1e-3
+    lines = [json.loads(line) for line in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["jobs"] for r in lines if "jobs" in r]
+    assert any(len(jobs) == 2 for jobs in steps)   # they did share steps
+    records = [jobs["orpo"] for jobs in steps if "orpo" in jobs and jobs["orpo"]["step"] > 0]
+    assert records and all(r.keys() == {"step", "loss", "lr", *OBJECTIVES["orpo"].metrics} for r in records)
 
 
 # ----------------------------------------------------------------------------- fused runs
