@@ -37,7 +37,7 @@ import state
 from config import ConfigError, JobConfig, RunConfig, claim_out_dir
 from jobs import (Fused, Interrupted, Run, describe, load_base, make_scheduler, open_run, read_inputs,
                   step_rows)
-from objectives import adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
+from objectives import METRIC_SUMS, adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
 import peft_format
 
 BUCKET_BYTES = 32 * 2**20    # gradients are summed in flat buckets of about this size
@@ -448,8 +448,8 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     if not any(examples) and not stand_ins:   # nothing here this step; the dropout streams still advance
         with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs)):
             pass
-        stats = d.sum_(torch.zeros(k, 7, device=device))
-        return stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu(), False
+        stats = d.sum_(torch.zeros(k, 1 + METRIC_SUMS + 2, device=device))
+        return stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu(), False
     fused = fuse_rows(jobs, examples, pad_id, packed, device, stand_ins)
     batch = fused.batch
     with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
@@ -457,7 +457,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
         # With stand-ins, backward runs through the whole batch, stand-ins too (their part is zero).
         local, rewards = job_losses(model, jobs, fused, examples, step_loss_tokens, step_rows, whole_batch=bool(stand_ins))
         stats = d.sum_(torch.cat([local.detach()[:, None], rewards, fused.counts.to(device)], 1))   # syncs the device
-        losses, rewards, counts = stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu()
+        losses, rewards, counts = stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu()
         if check_finite and not bool(losses.isfinite().all()):
             return losses, rewards, counts, False
         local.sum().backward()

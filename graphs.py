@@ -31,7 +31,7 @@ import llama
 import lora
 from jobs import Fused, Run, step_rows
 from lora_update import drop_threshold
-from objectives import chunked_token_losses
+from objectives import METRIC_SUMS, chunked_token_losses, objective_of
 
 MAX_GRAPHS = 8          # graphs kept (each holds its own memory pool: about one step's activations)
 MIN_BUCKET = 64
@@ -148,11 +148,11 @@ class Graphs:
 
     @staticmethod
     def fits(model, jobs: list, examples: list[list], packed: bool) -> bool:
-        """Whether this step can run at fixed shapes: SFT jobs, each with rows, plain LoRA on a
-        float llama-family base, packed (fixed_shape is not used with data parallel ranks)."""
+        """Whether this step can run at fixed shapes: token-mean (SFT) jobs, each with rows, plain LoRA
+        on a float llama-family base, packed (fixed_shape is not used with data parallel ranks)."""
         if not packed or not isinstance(model, llama.Llama):
             return False
-        if any(job.objective != "sft" or not rows for job, rows in zip(jobs, examples)):
+        if any(not objective_of(job).token_mean or not rows for job, rows in zip(jobs, examples)):
             return False
         names = {job.name for job in jobs}
         return all(layer.quantized is None and not any(layer.adapters[n].is_variant for n in names & set(layer.adapters))
@@ -160,7 +160,7 @@ class Graphs:
 
     def step(self, model, jobs: list, examples: list[list], step_loss_tokens: list[int],
              generators: dict[str, torch.Generator], pad_id: int, device):
-        """As train.fused_step (packed, SFT): (losses [k], reward sums [k, 4], tokens [k, 2],
+        """As train.fused_step (packed, SFT): (losses [k], metric sums [k, METRIC_SUMS], tokens [k, 2],
         None, whether the gradients were added). Each job's dropout seed is drawn from its
         stream as lora.route draws it; the gradients are added only when every loss is finite."""
         model.train()
@@ -180,7 +180,7 @@ class Graphs:
         tokens = [sum(len(e.input_ids) for e in rows) for rows in examples]
         padding = key[1] - sum(tokens)   # the bucket's padding, counted as the first job's processed tokens
         counts = torch.tensor([[n, n + (padding if i == 0 else 0)] for i, n in enumerate(tokens)])
-        rewards = torch.zeros(len(jobs), 4, device=device)
+        rewards = torch.zeros(len(jobs), METRIC_SUMS, device=device)
         if not all(math.isfinite(loss) for loss in losses.tolist()):   # syncs the device
             return losses.clone(), rewards, counts, None, False
         # The graph's outputs are overwritten by its next replay: added (or copied) out now.

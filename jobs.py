@@ -23,7 +23,7 @@ import lora
 import model as M
 import peft_format
 from config import ConfigError, JobConfig, RunConfig, clear_run, field_label, file_digest, remove_partial_writes
-from objectives import loss_tokens, sequence_lengths
+from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
 from report import evaluate, evaluate_tasks
 from scheduler import JobPlan, MicroBatch, Scheduler
 
@@ -69,17 +69,17 @@ class JobState:
     generator: torch.Generator             # its dropout RNG: one seed drawn per fused step (CPU)
     admitted_at: float                     # time.time() at admission
     loss_sum: torch.Tensor                 # this optimizer step's loss so far (on device: no sync)
-    reward_sums: torch.Tensor              # this step's reward sums so far [4] (job_loss; zeros for SFT)
+    reward_sums: torch.Tensor              # this step's metric sums so far [METRIC_SUMS] (job_loss; zeros for SFT)
     step: int = 0                          # optimizer steps taken
     lr: float | None = None                # lr of its last optimizer step
     last_loss: float | None = None         # training loss of its last optimizer step
-    last_rewards: dict | None = None       # dpo/cpo: its last optimizer step's REWARD_KEYS
+    last_rewards: dict | None = None       # its last optimizer step's objective metrics (None for SFT)
     tokens: int = 0                        # real tokens through the forward
     padded_tokens: int = 0                 # its rows x padded length
     peak_mb: float = 0.0                   # the run's peak memory while it was admitted
     initial_eval_loss: float | None = None
     eval_loss: float | None = None
-    eval_rewards: dict | None = None       # dpo/cpo: REWARD_KEYS on the held-out pairs
+    eval_rewards: dict | None = None       # its objective's metrics on the held-out rows (None for SFT)
     initial_eval_task: float | None = None  # task_metric: the task score at init
     eval_task: float | None = None         # task_metric: the task score at its last evaluation
     best: Best | None = None               # with early_stop
@@ -168,7 +168,7 @@ def step_rows(run: Run, micro_batches: list[MicroBatch]) -> StepRows:
 
 class Fused(NamedTuple):
     """What one fused forward + backward gives the loop: the micro-batches that ran (a job stopped
-    on a non-finite loss drops out), each job's loss [k] (detached), reward sums [k, 4]
+    on a non-finite loss drops out), each job's loss [k] (detached), metric sums [k, METRIC_SUMS]
     (objectives.job_loss), real and processed tokens [k, 2], and whether backward ran."""
     micro_batches: list[MicroBatch]
     losses: torch.Tensor
@@ -188,15 +188,15 @@ def add_job(run: Run, name: str) -> JobState:
     s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
                                   run.test_sets.get(name), make_optimizer(params, job, lora_B), generator,
                                   admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device),
-                                  reward_sums=torch.zeros(4, device=run.device))
+                                  reward_sums=torch.zeros(METRIC_SUMS, device=run.device))
     return s
 
 
 # ----------------------------------------------------------------------------- a run's inputs, checked before anything is written
 
 def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inputs: bool) -> list:
-    """A job's data file: SFT examples, or preference pairs for dpo/cpo."""
-    if job.objective == "sft":
+    """A job's data file: SFT examples, or preference pairs where its objective's rows are pairs."""
+    if not objective_of(job).pairs:
         return data.load_job_data(path, tokenizer, job.template, job.cutoff_len, train_on_inputs)
     return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
 
@@ -225,16 +225,17 @@ def check_base(cfg: RunConfig) -> torch.nn.Module:
 def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
     """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
     for i, job in enumerate(cfg.jobs):
-        if job.objective != "sft" and job.train_on_inputs:
+        if objective_of(job).pairs and job.train_on_inputs:
             raise ConfigError(f"{field_label(cfg, i, 'train_on_inputs')}: a {job.objective} job scores its "
                               f"answers only; set it false")
-        if job.objective != "sft" and job.loss_type == "ipo" and job.label_smoothing:
-            print(f"warning: job {job.name!r}: label_smoothing is not used by the ipo loss (TRL ignores it too)")
+        for name in unused_fields(job):
+            print(f"warning: job {job.name!r}: {name} is not read by its objective, "
+                  f"{objective_of(job).describe(job) or job.objective}")
     tokenizer = data.load_tokenizer(cfg.base_model)
     train_sets, test_sets, plans, loaded = {}, {}, [], {}
 
     def rows_of(job: JobConfig, path: str, train_on_inputs: bool) -> list:   # sweep trials share their files
-        key = (job.objective, path, job.template, job.cutoff_len, train_on_inputs)
+        key = (objective_of(job).pairs, path, job.template, job.cutoff_len, train_on_inputs)
         if key not in loaded:
             loaded[key] = load_rows(job, path, tokenizer, train_on_inputs)
         return loaded[key]
@@ -270,8 +271,9 @@ def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
              f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
     for j in cfg.jobs:
-        objective = "" if j.objective == "sft" else f"{j.objective} ({j.loss_type}, beta={j.beta:g}), "
-        lines.append(f"  {j.name}: {objective}{len(train_sets[j.name])} rows x {j.epochs} epochs, r={j.r} "
+        objective = objective_of(j).describe(j)
+        lines.append(f"  {j.name}: {objective + ', ' if objective else ''}{len(train_sets[j.name])} rows x {j.epochs} "
+                     f"epochs, r={j.r} "
                      f"alpha={j.alpha:g} {','.join(j.targets) if j.targets else 'default targets'}, "
                      f"{j.optimizer} lr={j.lr:g}, batch {j.batch_size} (micro {j.micro_batch_size})")
     return "\n".join(lines)
@@ -429,7 +431,7 @@ def stop_early(run: Run, s: JobState, reason: str, nonfinite: bool = False):
     if s.stopped is None:
         s.stopped, s.nonfinite = reason, nonfinite
         s.optimizer.zero_grad(set_to_none=True)   # a step's accumulation cut short
-        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
+        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros_like(s.reward_sums)
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
                  "reason": reason, "nonfinite": nonfinite,
                  "best_eval_loss": None if s.best is None else s.best.loss,
@@ -468,9 +470,9 @@ def finish(run: Run, name: str):
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
     if s.config.task_metric is not None:
         run.summary[name].update({"initial_eval_task": s.initial_eval_task, "eval_task": s.eval_task})
-    if s.config.objective != "sft":   # its last training step's and its held-out rewards, margin, accuracy
-        run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
-        run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
+    # Its objective's metrics (none for SFT), of its last training step and held out.
+    run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
+    run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
 
 

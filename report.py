@@ -14,7 +14,8 @@ import generate
 import lora
 import model as M
 from config import JobConfig
-from objectives import REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, task_correct, token_losses
+from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means, task_correct,
+                        token_losses)
 
 
 @torch.no_grad()
@@ -22,11 +23,11 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
              packed: bool = True, d=None) -> tuple[float, dict | None]:
     """The job's adapter on held-out rows, `rows` of them (examples or pairs) per forward: its
     loss as in training over one step of all of them (SFT: the mean token loss; dpo/cpo: the
-    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy.
+    mean pair loss) and its objective's metrics (reward_means: a preference job's mean rewards, margin, accuracy).
     d (data parallel, a dist.Dist): each rank takes every N-th forward, and the sums are summed over the ranks."""
     model.eval()
     step_loss_tokens = sum(loss_tokens(job, row) for row in examples)
-    totals = torch.zeros(5, dtype=torch.float64)
+    totals = torch.zeros(1 + METRIC_SUMS, dtype=torch.float64)
     starts = range(0, len(examples), rows)
     for start in starts if d is None else starts[d.rank::d.world]:
         chunk = examples[start:start + rows]
@@ -37,7 +38,7 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
         totals += torch.cat([loss[None], rewards]).double().cpu()  # syncs the device
     if d is not None:
         d.sum_(totals)
-    return totals[0].item(), reward_means(totals[1:].tolist())
+    return totals[0].item(), reward_means(job, totals[1:].tolist())
 
 
 def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
@@ -91,8 +92,8 @@ def log_step(run, micro_batches: list, counts: list[int], elapsed: float, betwee
 def job_record(s) -> dict:
     """A job's part of a metrics line: its last optimizer step (a preference job's rewards too)."""
     record = {"step": s.step, "loss": s.last_loss, "lr": s.lr}
-    if s.config.objective != "sft":   # null before its first step, as its loss
-        record.update(s.last_rewards or dict.fromkeys(REWARD_KEYS))
+    # Its objective's metrics (none for SFT): null before its first step, as its loss.
+    record.update(s.last_rewards or dict.fromkeys(objective_of(s.config).metrics))
     return record
 
 

@@ -15,8 +15,8 @@ Exit status: 0 done, 2 bad input (one line on stderr), 3 a job stopped on non-fi
 Each step fuses the next micro-batches of several jobs into one batch (packed), runs one
 forward and one backward through the shared base (each row routed to its job's adapter),
 and steps each job's own optimizer when that job's gradient accumulation ends. A job's
-objective is SFT, DPO or CPO (job_loss); a DPO job's reference is the frozen base itself:
-its pairs again, routed to no adapter, in the same fused batch.
+objective is an entry of objectives.OBJECTIVES (job_loss); a DPO job's reference is the frozen
+base itself: its pairs again, routed to no adapter, in the same fused batch.
 """
 import contextlib
 import json
@@ -61,8 +61,8 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all sequences end to end in one row; else padded rows), each sequence routed to
     its job's adapter (a DPO job's reference copies to none: objectives.job_parts); returns each
-    job's loss [k], its reward sums [k, 4] (job_loss), its real and processed tokens [k, 2], the
-    batch, and whether backward ran.
+    job's loss [k], its metric sums [k, METRIC_SUMS] (job_loss), its real and processed tokens
+    [k, 2], the batch, and whether backward ran.
 
     examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
     step_rows[i] the rows of its whole optimizer step (None: each micro-batch is a whole step).
@@ -94,7 +94,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
     sums = torch.cat([s.loss_sum.float()[None], norm.float().to(s.loss_sum.device)[None], s.reward_sums.float()])
     loss, norm, *reward_sums = sums.tolist()  # syncs the device
-    s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
+    s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros_like(s.reward_sums)
     if not math.isfinite(loss) or not math.isfinite(norm):
         s.optimizer.zero_grad(set_to_none=True)
         return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s.step + 1}"
@@ -109,7 +109,7 @@ def optimizer_step(run: Run, s: JobState) -> str | None:
         with torch.no_grad():
             torch._foreach_copy_(params, before)
         return f"non-finite weights after step {s.step + 1} (undone)"
-    s.last_loss, s.last_rewards = loss, reward_means(reward_sums)
+    s.last_loss, s.last_rewards = loss, reward_means(s.config, reward_sums)
     s.step += 1
     return None
 
