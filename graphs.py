@@ -148,7 +148,7 @@ class Graphs:
     def fits(model, jobs: list, examples: list[list], distributed: bool, packed: bool) -> bool:
         """Whether this step can run at fixed shapes: SFT jobs, each with rows here, plain LoRA on
         a float llama-family base, packed, one process."""
-        if distributed or not packed or not isinstance(model, llama.Llama):
+        if distributed or not packed or not model.FIXED_SHAPE_STEP:
             return False
         if any(job.objective != "sft" or not rows for job, rows in zip(jobs, examples)):
             return False
