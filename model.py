@@ -24,6 +24,7 @@ import torch.nn as nn
 import quant as Q
 from chatglm import ChatGLM
 from llama import Llama
+from phi3 import Phi3
 
 
 # ----------------------------------------------------------------------------- families
@@ -31,7 +32,7 @@ from llama import Llama
 # config.json's model_type -> the family class that loads it. Each family declares its own facts as
 # class attributes: MODEL_TYPES, Config (from_hf), CONFIG_FIELDS, LORA_TARGETS, DEFAULT_TARGETS,
 # SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP.
-FAMILIES = {model_type: family for family in (Llama, ChatGLM) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3) for model_type in family.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
