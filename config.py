@@ -108,6 +108,8 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     cuda_graphs: bool = False              # steps at fixed shapes, replayed as CUDA graphs (graphs.py; packed SFT, plain LoRA, llama family, one process)
+    fuse_adapters: str = "auto"            # auto (all adapters of a layer in shared matmuls on GPUs, per adapter on CPUs) | always | never; same result, speed only
+    dropout_draw: str = "auto"             # auto (dropped positions on CPUs, bool masks on GPUs) | masks (the GPU's draw everywhere: other masks than a CPU's positions, same distribution)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
     shard_base: bool = False               # under torchrun, data placement: the frozen base split over the ranks (FSDP2), for a base too big for one device
@@ -154,6 +156,10 @@ def validate(cfg: RunConfig, where: str):
     need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
          f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
+    need(cfg.fuse_adapters in lora.FUSE_OPTIONS, "fuse_adapters", cfg.fuse_adapters,
+         f"expected one of {', '.join(lora.FUSE_OPTIONS)}")
+    need(cfg.dropout_draw in lora.DROPOUT_DRAWS, "dropout_draw", cfg.dropout_draw,
+         f"expected one of {', '.join(lora.DROPOUT_DRAWS)}")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
     sc = cfg.scheduler
     need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")

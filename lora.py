@@ -23,18 +23,20 @@ import torch.nn.functional as F
 import quant
 from lora_update import LoRAUpdate, UpdatePlan, apply_dropout, drawn_p, drop_positions, keep_mask, keep_of
 
-# "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
-# (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
-FUSE_ADAPTERS = "cuda"
-# "auto": dropout drawn as dropped positions on CPUs (drop_positions), as bool masks on GPUs
-# (keep_mask, no host sync); "masks": masks everywhere (tests and profiles of the GPU's path).
-DROPOUT_DRAW = "auto"
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+FUSE_OPTIONS = ("auto", "always", "never")   # RunConfig.fuse_adapters
+DROPOUT_DRAWS = ("auto", "masks")            # RunConfig.dropout_draw
 
 
-def concatenates(device) -> bool:
-    """Whether a layer runs all its adapters through shared matmuls on this device (FUSE_ADAPTERS)."""
-    return FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and torch.device(device).type == "cuda")
+def concatenates(device, fuse: bool | str | None = None) -> bool:
+    """Whether a layer runs all its adapters through shared matmuls (MultiLoRALinear.forward):
+    True / "always", False / "never", or None / "auto": on GPUs (bound by kernel launches),
+    not on CPUs (where the k-fold wasted flops cost more than per-adapter matmuls)."""
+    if fuse in (None, "auto"):
+        return torch.device(device).type == "cuda"
+    if fuse not in (True, False, "always", "never"):
+        raise ValueError(f"fuse: expected True, False, None or one of {', '.join(FUSE_OPTIONS)}, got {fuse!r}")
+    return fuse in (True, "always")
 
 
 @dataclass
@@ -181,6 +183,8 @@ class Routing:
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
     shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
     tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
+    concatenated: bool = False       # all adapters through shared matmuls (lora.concatenates), else per adapter
+    dropout_draw: str = "auto"       # auto: dropped positions on CPUs, bool masks on GPUs; masks: masks everywhere
 
     def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
                      training: bool, device) -> torch.Tensor:
@@ -282,10 +286,8 @@ class MultiLoRALinear(nn.Module):
                                    "inside `with lora.route(model, names):` (under activation "
                                    "checkpointing, run backward inside it too), or call model.eval()")
             return self.base_forward(x)                              # [B, T, out], all rows at once
-        # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
-        # kernel launches, so all adapters go through shared matmuls; on a CPU the k-fold
-        # wasted flops of that cost more than small per-adapter matmuls.
-        return self.add_updates(x, concatenates(x.device))
+        # Two ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates).
+        return self.add_updates(x, routing.concatenated)
 
     def add_updates(self, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
         """The base's output plus each adapter's update on its own rows and their own padded
@@ -444,7 +446,7 @@ class MultiLoRALinear(nn.Module):
         # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
         total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
         real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
-        if torch.device(device).type == "cpu" and DROPOUT_DRAW == "auto":
+        if torch.device(device).type == "cpu" and self.routing.dropout_draw == "auto":
             drops = drop_positions(total * width, p, seed)
             if here is not None:   # renumbered among this rank's tokens
                 local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))
@@ -602,7 +604,8 @@ def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
 @contextmanager
 def route(model: nn.Module, names: list[str | None], *, lengths=None,
           generators: dict[str, torch.Generator] | None = None, packed: bool = False,
-          dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = ()):
+          dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = (),
+          fuse: bool | None = None, dropout_draw: str = "auto"):
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
@@ -618,7 +621,14 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     every mask is drawn for the whole step and this rank's part kept, so the masks are the
     ones one process draws. `elsewhere`: adapters in the step with no example here; their seed
     is drawn all the same, so that their streams stay in step on every rank.
+
+    fuse: all adapters of a layer through shared matmuls (True), per adapter (False), or as
+    suits the device (None; lora.concatenates). dropout_draw "auto": dropped positions on CPUs
+    (lora_update.drop_positions), bool masks on GPUs (keep_mask, no host sync); "masks": masks
+    everywhere (the GPU's draw, e.g. to test it on a CPU). Every path computes the same sum.
     """
+    if dropout_draw not in DROPOUT_DRAWS:
+        raise ValueError(f"route: dropout_draw {dropout_draw!r}: expected one of {', '.join(DROPOUT_DRAWS)}")
     layers = [layer for _, layer in lora_layers(model)]
     configs = adapter_configs(layers)
     unknown = {n for n in names if n is not None and n not in configs}
@@ -646,7 +656,8 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
         own = None if lengths is None else tuple(lengths[i] for i in idx)
         groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
-    with routed(layers, Routing(groups, cache={}, packed=packed)):
+    with routed(layers, Routing(groups, cache={}, packed=packed, concatenated=concatenates(device, fuse),
+                                dropout_draw=dropout_draw)):
         yield
 
 
@@ -662,7 +673,8 @@ def route_tokens(model: nn.Module, tokens: TokenRouting, cache: dict):
     """Route each token of one packed row as `tokens` says (lora.TokenRouting: device tensors,
     fixed shapes; graphs.py). `cache` keeps the coefficient tables from one step to the next
     (a captured step must find them built)."""
-    with routed([layer for _, layer in lora_layers(model)], Routing([], cache=cache, packed=True, tokens=tokens)):
+    routing = Routing([], cache=cache, packed=True, tokens=tokens, concatenated=True, dropout_draw="masks")
+    with routed([layer for _, layer in lora_layers(model)], routing):
         yield
 
 

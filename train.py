@@ -76,7 +76,7 @@ def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inp
 def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
                generators: dict[str, torch.Generator], pad_id: int, device, packed: bool = True,
                check_finite: bool = False, step_rows: list[int] | None = None, share: dict | None = None,
-               reduce=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, data.Batch | None, bool]:
+               reduce=None, fuse: bool | None = None, dropout_draw: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, data.Batch | None, bool]:
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all sequences end to end in one row; else padded rows), each sequence routed as
     job_parts says (its job's adapter; a DPO job's reference copies to none); returns each job's
@@ -86,11 +86,12 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
     step_rows[i] the rows of its whole optimizer step (None: each micro-batch is a whole step).
     check_finite: no backward when a job's loss is not finite (the caller drops that job and
-    runs the step again without it). Needed where adapters share matmuls (lora.concatenates):
+    runs the step again without it). Needed where adapters share matmuls (fuse; lora.concatenates):
     there a NaN row would reach every adapter's gradient as 0 x NaN.
     Data parallel (split_step): `examples` are this rank's rows (a job may have none here),
     `share` routes their dropout, and reduce(stats) sums the losses, rewards and token counts
     over the ranks before the finite check; backward stays this rank's part.
+    fuse, dropout_draw: how the LoRA layers compute (lora.route's; the same result).
     """
     k = len(jobs)
     share = dict(share or {"dropout_tokens": None, "elsewhere": (), "stand_ins": ()})
@@ -106,7 +107,8 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     rewards = torch.zeros(k, 4, device=device)
     counts = torch.zeros(k, 2, dtype=torch.long)   # on the CPU: bookkeeping
     if not any(sequences):   # data parallel: nothing here this step; the dropout streams still advance
-        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs)):
+        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs), fuse=fuse,
+                        dropout_draw=dropout_draw):
             pass
         stats = reduce(torch.cat([losses[:, None], rewards, counts.to(device)], 1))
         return stats[:, 0], stats[:, 1:5], stats[:, 5:].long().cpu(), None, False
@@ -120,7 +122,7 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
         counts[i, 0] = lengths.sum()
         counts[i, 1] = lengths.sum() if batch.packed else len(lengths) * batch.input_ids.size(1)
     with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
-                    **share):
+                    fuse=fuse, dropout_draw=dropout_draw, **share):
         token_nll, rows = token_losses(model, batch)
         token_job = job_of_row[rows]
         here = [i for i in range(k) if examples[i]]
@@ -430,6 +432,7 @@ def train_step(run: Run):
     between_mb = M.peak_memory(run.device)
     M.reset_peak_memory(run.device)
     parallel = run.rows_apart
+    fuse = lora.concatenates(run.device, cfg.fuse_adapters)
     while micro_batches:
         states = [run.jobs[mb.job] for mb in micro_batches]
         rng = [s.generator.get_state() for s in states]   # a step run again draws the same dropout
@@ -446,9 +449,9 @@ def train_step(run: Run):
         else:
             losses, rewards, counts, _, stepped = fused_step(
                 run.model, configs, rows, loss_tokens, generators, run.pad_id, run.device, cfg.packing,
-                check_finite=lora.concatenates(run.device), step_rows=[mb.step_rows for mb in micro_batches],
-                share=share, reduce=run.dist.sum_ if parallel else None)
-        if stepped or parallel and not lora.concatenates(run.device):
+                check_finite=fuse, step_rows=[mb.step_rows for mb in micro_batches],
+                share=share, reduce=run.dist.sum_ if parallel else None, fuse=fuse, dropout_draw=cfg.dropout_draw)
+        if stepped or parallel and not fuse:
             break
         # A job whose loss is not finite stops; the others run the step again without it.
         finite = [math.isfinite(loss) for loss in losses.tolist()]
