@@ -1,12 +1,14 @@
 """Many LoRA adapters on one frozen base, each batch row routed to its own adapter.
 
-`add_adapters` swaps the targeted nn.Linear modules for MultiLoRALinear, which keeps the
-frozen `weight`/`bias` as its own attributes (so a merged model saves under the hub's key
-names) and holds any number of named adapters with their own rank, alpha and dropout.
-The base matmul runs once over the whole fused batch; each adapter's low-rank delta
-runs only over its own rows, inside one autograd node per shared input (lora_update.py:
-LoRAUpdate, and dropout drawn independently of the fusion). peft_format.py saves and loads
-adapters in PEFT's format.
+Read in this order: LoRAConfig; the variants (Adapter and the VARIANTS table: how each kind of
+adapter starts, what it adds to the base output, which of its tensors train); MultiLoRALinear,
+the layer, whose `reference_forward` is the definition (LoRA paper, section 4.1) in plain
+autograd; then add_adapters / route / merge. `add_adapters` swaps the targeted nn.Linear
+modules for MultiLoRALinear, which keeps the frozen `weight`/`bias` as its own attributes (so
+a merged model saves under the hub's key names) and holds any number of named adapters.
+The fused arithmetic that training runs instead (one autograd node per shared input, dropout
+drawn independently of the fusion) is lora_update.py, tested equal to the definition.
+peft_format.py saves and loads adapters in PEFT's format.
 """
 import dataclasses
 import itertools
@@ -21,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quant
-from lora_update import LoRAUpdate, UpdatePlan, apply_dropout, drawn_p, drop_positions, keep_mask, keep_of
+import lora_update
+from lora_update import apply_dropout, drawn_p, mix_seed, own_length
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 FUSE_OPTIONS = ("auto", "always", "never")   # RunConfig.fuse_adapters
@@ -118,6 +121,15 @@ class Adapter(nn.Module):
         """Needs its own update (not LoRAUpdate's plain x A^T B^T)."""
         return self.config.use_dora or self.init_A is not None
 
+    @property
+    def fused(self) -> bool:
+        """Goes through LoRAUpdate's plain arithmetic (lora_update.add_updates)."""
+        return not self.is_variant
+
+    def fused_tensors(self) -> list[torch.Tensor]:
+        """What LoRAUpdate multiplies by: A [r, in], B [out, r]."""
+        return [self.lora_A.weight, self.lora_B.weight]
+
     def lora_weight(self) -> torch.Tensor:
         """s (B A - B0 A0): what the adapter adds to W before DoRA's rescaling, [out, in]."""
         delta = self.lora_B.weight @ self.lora_A.weight
@@ -185,38 +197,7 @@ class Routing:
     tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
     concatenated: bool = False       # all adapters through shared matmuls (lora.concatenates), else per adapter
     dropout_draw: str = "auto"       # auto: dropped positions on CPUs, bool masks on GPUs; masks: masks everywhere
-
-    def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
-                     training: bool, device) -> torch.Tensor:
-        """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
-        layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
-        its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
-        training), 0 elsewhere. Cached per adapter set. With a TokenRouting: a table of one
-        row per adapter of tokens.names (and one of zeros, for no adapter), gathered per token."""
-        adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
-        key = (tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own), training)
-        if key not in self.cache:
-            if self.tokens is None:
-                rows_of = {g.name: g.rows.cpu() if torch.is_tensor(g.rows) else g.rows for g in self.groups}
-            else:
-                rows_of, B = {name: i for i, name in enumerate(self.tokens.names)}, len(self.tokens.names) + 1
-            columns = []
-            for own, owned in zip(names, adapters):
-                for name, adapter in zip(own, owned):
-                    column = torch.zeros(B, 1, adapter.config.r)
-                    p = adapter.config.dropout if training else 0.0
-                    column[rows_of[name]] = adapter.scaling / (1 - drawn_p(p))
-                    columns.append(column)
-            self.cache[key] = torch.cat(columns, dim=-1).to(device)
-        return self.cache[key] if self.tokens is None else self.cache[key][self.tokens.adapter]
-
-
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (stable across runs and machines)."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
+    reference: bool = False          # every layer by its definition (MultiLoRALinear.reference_forward)
 
 
 class MultiLoRALinear(nn.Module):
@@ -276,7 +257,7 @@ class MultiLoRALinear(nn.Module):
             if done is not None and done[0] is x:
                 return done[1]
         if routing is not None and routing.tokens is not None and any(map(self.adapts, routing.tokens.names)):
-            return self.token_updates(x)
+            return lora_update.token_updates(self, x)
         groups = [] if routing is None else [g for g in routing.groups if self.adapts(g.name)]
         if not groups:
             if routing is None and self.training and len(self.adapters) > len(self.merged):
@@ -286,181 +267,46 @@ class MultiLoRALinear(nn.Module):
                                    "inside `with lora.route(model, names):` (under activation "
                                    "checkpointing, run backward inside it too), or call model.eval()")
             return self.base_forward(x)                              # [B, T, out], all rows at once
-        # Two ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates).
-        return self.add_updates(x, routing.concatenated)
+        if routing.reference:
+            return self.reference_forward(x)
+        # Two faster ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates).
+        return lora_update.add_updates(self, x, routing.concatenated)
 
-    def add_updates(self, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
-        """The base's output plus each adapter's update on its own rows and their own padded
-        length only (rows of no adapter: the base alone), in one autograd node (LoRAUpdate)
-        with the siblings that read the same x, whose outputs wait in the routing for them.
-
-        concatenated (the GPU path): ONE pseudo-group over all rows, x [A's of every layer and
-        adapter]^T in one matmul, times a per-row coefficient that keeps only the row's own
-        adapter's columns (with its scale), then per layer one matmul with its adapters' B's
-        side by side. Each adapter's dropout is drawn exactly as on the per-adapter path and
-        laid into one keep mask over x. Launches per layer no longer grow with the adapters.
-        """
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition, in plain autograd (LoRA paper, section 4.1: h = W0 x + s B A x, s = alpha/r).
+        The base output W0 x + b for every row; then on each adapter's rows (up to their own
+        padded length) its update, from its input with dropout as PEFT's lora_dropout:
+        s B A drop(x) for plain LoRA, or the variant's own (Adapter.update). The fused paths
+        (lora_update.add_updates) compute the same sum faster, tested equal to this."""
         routing = self.routing
-        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
-                           and any(s.adapts(g.name) for g in routing.groups)]
-        flat = x.reshape(-1, x.size(-1))
-        B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
-        plan, variants = [], []
+        B, T = (x.numel() // x.size(-1), 1) if routing.packed else x.shape[:2]   # what the groups index
+        xs = x.reshape(B, T, x.size(-1))                                          # [B, T, in]
+        out = self.base_forward(xs.reshape(B * T, -1)).view(B, T, self.out_features)   # [B, T, out]
         for group in routing.groups:
-            owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
-            if not owners:
+            if not self.adapts(group.name):
                 continue
-            adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
-            length = self.own_length(group, T)
-            shape = (self.row_count(group, B), length, x.size(-1))
-            keep, scale = None, adapter.scaling
-            if self.training and adapter.config.dropout > 0:
-                keep = self.dropout_keep(group, shape, x.device, adapter.config.dropout)
-                scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
-            if adapter.is_variant:
-                variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
-            else:
-                plan.append((group, length, shape, keep, scale, owners))
-        if concatenated and plan:
-            names = [[group.name for group, *_, owners in plan if i in owners] for i in range(len(layers))]
-            coef = routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
-            plan, tensors = self.one_group(layers, names, self.joined_masks(plan, B, T, x), coef, T)
-        else:
-            tensors = []
-            for group, _, _, keep, _, owners in plan:
-                tensors.append(keep)
-                for i in owners:
-                    tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
-            plan = [(group.rows, length, scale, tuple(owners)) for group, length, _, _, scale, owners in plan]
-        outs = self.update(layers, x, (B, T), plan, tensors)
-        xs = x.reshape(B, T, x.size(-1))
-        for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
-            xr = xs[rows, :length]                                               # [b, L, in]
-            dropped = xr if keep is None else apply_dropout(xr, keep) / (1 - drawn_p(p))
-            index = (torch.arange(B, device=x.device)[rows][:, None], torch.arange(length, device=x.device)[None, :])
-            for i in owners:
-                update = layers[i].adapters[name].update(xr, dropped, layers[i])
-                outs[i] = outs[i].index_put(index, update.to(outs[i].dtype), accumulate=True)
-        return self.share(layers, x, outs)
-
-    def share(self, layers: list["MultiLoRALinear"], x: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
-        """This layer's output; the siblings' wait in the routing for their own forward."""
-        outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
-        for layer, layer_out in zip(layers[1:], outs[1:]):
-            self.routing.shared[layer] = (x, layer_out)
-        return outs[0]
-
-    @staticmethod
-    def update(layers: list["MultiLoRALinear"], x: torch.Tensor, shape: tuple[int, int], plan: list,
-               tensors: list) -> list[torch.Tensor]:
-        """The layers' base outputs [rows, length, out_j] with the plan's updates added (LoRAUpdate).
-        A frozen float base goes into the node (one input-gradient buffer); otherwise (a
-        quantized or trainable base) its outputs are computed here as [tokens, out], never
-        a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them."""
-        in_node = bool(plan) and all(layer.quantized is None and not layer.weight.requires_grad for layer in layers)
-        if in_node:
-            bases = [t for layer in layers for t in (layer.weight, layer.bias)]
-            outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(layers), plan, base=True), *bases, *tensors)
-        else:
-            outs = [layer.base_forward(x.reshape(-1, x.size(-1))) for layer in layers]
-            if plan:
-                outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(outs), plan), *outs, *tensors)   # a tuple
-        return [out.view(*shape, out.size(-1)) for out in outs]
-
-    @staticmethod
-    def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | None:
-        """add_updates' per-adapter dropout (plan entries) laid into one keep mask over x."""
-        masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, _, _ in plan
-                 if keep is not None]
-        if not masks:
-            return None
-        rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
-        if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
-                and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
-            return torch.cat([mask for _, _, mask in masks])
-        keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
-        for r, length, mask in masks:
-            keep[r, :length] = mask
-        return keep
-
-    @staticmethod
-    def one_group(layers: list["MultiLoRALinear"], names: list[list[str]], keep: torch.Tensor | None,
-                  coef: torch.Tensor, T: int):
-        """The concatenated path's plan and tensors: all rows as one group of the adapters
-        names[i] of each layer i, their per-row coefficients as its scale, one keep mask
-        over x, per layer its adapters' A's and B's side by side."""
-        tensors = [keep]
-        for layer, own in zip(layers, names):
-            if own:   # else only variants adapt this layer
-                As = [layer.adapters[n].lora_A.weight for n in own]
-                Bs = [layer.adapters[n].lora_B.weight for n in own]
-                tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
-        return [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))], tensors
-
-    def token_updates(self, x: torch.Tensor) -> torch.Tensor:
-        """add_updates for a TokenRouting (route_tokens): every adapter of the routing through
-        the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
-        the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
-        no host read: the same kernels whatever the tokens hold (graphs.py)."""
-        routing = self.routing
-        tokens = routing.tokens
-        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
-                           and any(map(s.adapts, tokens.names))]
-        names = [[n for n in tokens.names if layer.adapts(n)] for layer in layers]
-        if any(layer.adapters[n].is_variant for layer, own in zip(layers, names) for n in own):
-            raise ValueError("route_tokens: plain LoRA adapters only (DoRA, PiSSA and OLoRA need their own update)")
-        keep = None
-        if self.training and any(layer.adapters[n].config.dropout > 0 for layer, own in zip(layers, names) for n in own):
-            seed = (tokens.seed * 1_000_003 + self.seed) & (2**63 - 1)              # mix_seed(its seed, this layer's)
-            keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
-        coef = routing.coefficients(layers, names, len(tokens.adapter), self.training, x.device)   # [N, 1, sum of all r]
-        plan, tensors = self.one_group(layers, names, keep, coef, 1)
-        return self.share(layers, x, self.update(layers, x, (len(tokens.adapter), 1), plan, tensors))
-
-    @staticmethod
-    def row_count(group: RouteGroup, B: int) -> int:
-        """How many of the batch's B rows the group owns."""
-        return len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-
-    @staticmethod
-    def own_length(group: RouteGroup, T: int) -> int:
-        """The group's own padded length: positions after it are padding for all its rows."""
-        return T if group.length is None else min(group.length, T)
+            adapter = self.adapters[group.name]
+            length = own_length(group, T)
+            rows = xs[group.rows, :length]                                        # [b, L, in]
+            dropped, p = rows, adapter.config.dropout
+            if self.training and p > 0:   # the same draw as the fused paths', so the same masks
+                keep = self.dropout_keep(group, rows.shape, x.device, p)
+                dropped = apply_dropout(rows, keep) / (1 - drawn_p(p))
+            delta = adapter.update(rows, dropped, self)                           # [b, L, out]
+            out[group.rows, :length] += delta.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def dropout_keep(self, group: RouteGroup, shape: torch.Size, device, p: float) -> torch.Tensor | None:
-        """The group's dropout over `shape` (its rows x its own length x in), or None without
-        dropout: on the CPU the positions dropped in that layout (drop_positions), on a GPU
-        a bool keep mask (keep_mask: no host sync). Drawn from (this forward's seed for the
-        adapter, this layer's mask key, which siblings share), over its real tokens in order,
-        then laid out in its rows: it does not depend on what the rows were fused with, nor on
-        padding or packing, and a recomputation (activation checkpointing) draws exactly the
-        same again."""
+        """The group's dropout on this layer's input (lora_update.dropout_keep), or None without
+        dropout: seeded by this forward's seed for the adapter and this layer's mask key (which
+        the siblings share), so every path draws the same masks."""
         if p == 0:
             return None
         if group.seed is None:
             raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
-        seed = mix_seed(group.seed, self.seed)
-        rows, length, width = shape
-        lengths = group.row_lengths
-        padded = lengths is not None and any(n < length for n in lengths)
-        # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
-        total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
-        real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
-        if torch.device(device).type == "cpu" and self.routing.dropout_draw == "auto":
-            drops = drop_positions(total * width, p, seed)
-            if here is not None:   # renumbered among this rank's tokens
-                local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))
-                token = local[drops // width]
-                drops = token[token >= 0] * width + drops[token >= 0] % width
-            if real is not None:   # real token i -> its slot in the [rows, length] layout
-                slots = real.flatten().nonzero().squeeze(1)
-                drops = slots[drops // width] * width + drops % width
-            return drops
-        index = torch.arange(total, device=device) if here is None else here.to(device)
-        flat = keep_mask(index, width, p, seed)                                   # [tokens here, width]
-        if real is None:
-            return flat.view(tuple(shape))
-        return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
+        return lora_update.dropout_keep(group, shape, device, p, mix_seed(group.seed, self.seed),
+                                        self.routing.dropout_draw)
+
 
     def extra_repr(self) -> str:
         ranks = {n: a.config.r for n, a in self.adapters.items()}
@@ -605,7 +451,7 @@ def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
 def route(model: nn.Module, names: list[str | None], *, lengths=None,
           generators: dict[str, torch.Generator] | None = None, packed: bool = False,
           dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = (),
-          fuse: bool | None = None, dropout_draw: str = "auto"):
+          fuse: bool | None = None, dropout_draw: str = "auto", reference: bool = False):
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
@@ -625,7 +471,9 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     fuse: all adapters of a layer through shared matmuls (True), per adapter (False), or as
     suits the device (None; lora.concatenates). dropout_draw "auto": dropped positions on CPUs
     (lora_update.drop_positions), bool masks on GPUs (keep_mask, no host sync); "masks": masks
-    everywhere (the GPU's draw, e.g. to test it on a CPU). Every path computes the same sum.
+    everywhere (the GPU's draw, e.g. to test it on a CPU). reference: every layer by its
+    definition in plain autograd (MultiLoRALinear.reference_forward), slower. Every path
+    computes the same sum.
     """
     if dropout_draw not in DROPOUT_DRAWS:
         raise ValueError(f"route: dropout_draw {dropout_draw!r}: expected one of {', '.join(DROPOUT_DRAWS)}")
@@ -657,7 +505,7 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         own = None if lengths is None else tuple(lengths[i] for i in idx)
         groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
     with routed(layers, Routing(groups, cache={}, packed=packed, concatenated=concatenates(device, fuse),
-                                dropout_draw=dropout_draw)):
+                                dropout_draw=dropout_draw, reference=reference)):
         yield
 
 

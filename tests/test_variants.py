@@ -226,3 +226,40 @@ def test_variant_jobs_fused_equal_each_alone(tmp_path, base_dir):
         # in another order (test_train's fused = alone tolerance).
         assert_same_adapter(adapter(fused, j.name), adapter(alone, j.name))
     assert any("lora_magnitude_vector" in k for k in adapter(fused, "dora"))
+
+
+PATHS = {"per adapter": dict(fuse=False), "concatenated": dict(fuse=True),
+         "per adapter, masks": dict(fuse=False, dropout_draw="masks"),
+         "concatenated, masks": dict(fuse=True, dropout_draw="masks")}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_paths_equal_the_definition(tmp_path, variant, packed):
+    """lora_update.py's arithmetic is an optimisation of MultiLoRALinear.reference_forward (plain
+    autograd): the variant on every target beside a plain adapter and base-only rows, dropout
+    on, padded (rows scattered) or packed, per adapter or all in shared matmuls, dropout drawn
+    as positions or as masks: the same logits, the same gradients of the input (through the
+    embedding) and of every adapter tensor."""
+    from test_lora import logits_and_grads
+    _, net, _ = build(tmp_path)
+    lora.add_adapters(net, {"v": lora.LoRAConfig(**{"r": 4, "alpha": 8, "dropout": 0.3, "targets": list(net.LORA_TARGETS),
+                                                    **VARIANTS[variant][0]}),
+                            "o": lora.LoRAConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "k_proj", "up_proj", "down_proj"])})
+    for i, name in enumerate("vo"):
+        perturb(net, name, seed=30 + i)
+    net.model.embed_tokens.weight.requires_grad_(True)   # its gradient: the input's, through every layer
+    net.train()
+    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(5))
+    # Packed: an adapter's examples adjacent (route's rule); padded: its rows scattered.
+    names, lengths = (["v", "v", "v", None, "o", "o"], [11, 7, 8, 9, 5, 11]) if packed else \
+        (["v", "o", None, "v", "o", "v"], [11, 5, 9, 7, 11, 8])
+    for label, path in PATHS.items():
+        draw = path.get("dropout_draw", "auto")
+        want_logits, want = logits_and_grads(net, idx, names, lengths, packed, reference=True, dropout_draw=draw)
+        logits, grads = logits_and_grads(net, idx, names, lengths, packed, **path)
+        torch.testing.assert_close(logits, want_logits, atol=3e-5, rtol=1e-4, msg=lambda m: f"{label} logits: {m}")
+        assert grads.keys() == want.keys() and "model.embed_tokens.weight" in grads
+        for key in want:
+            torch.testing.assert_close(grads[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{label} {key}: {m}")
+            assert want[key].abs().sum() > 0, key   # every tensor learns, so a wrong gradient would show
