@@ -26,7 +26,7 @@ from scheduler import STRATEGIES
 @dataclass(kw_only=True)
 class JobConfig(lora.LoRAConfig):
     """One job: an adapter (LoRAConfig's fields, by PEFT's names: r, alpha, dropout, targets,
-    init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
+    variant, init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
     name: str                              # adapter name; outputs go to out_dir/<name>/
     data: str                              # .json / .jsonl: sft rows {instruction, input, output}; dpo/cpo rows {prompt, chosen, rejected}
     objective: str = "sft"                 # sft | dpo (reference: the frozen base, same fused batch) | cpo
@@ -201,6 +201,9 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
     check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
     check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
+    check("variant", job.variant in lora.VARIANTS, f"expected one of {', '.join(lora.VARIANTS)}")
+    check("variant", job.variant in ("lora", job.resolved_variant), f"{job.resolved_variant} is set by use_dora "
+          "or init already; give variant alone")
     check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
     check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
     check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")

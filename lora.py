@@ -48,28 +48,36 @@ class LoRAConfig:
     alpha: float = 16               # the update is scaled by alpha / r
     dropout: float = 0.0            # dropout on the adapter's input (PEFT's lora_dropout)
     targets: list[str] | None = None  # module names (the family's LORA_TARGETS); None: its DEFAULT_TARGETS
-    init: str = "kaiming"           # kaiming (PEFT's default) | gaussian (the paper's) | pissa | olora (from the base weight)
+    variant: str = "lora"           # an entry of VARIANTS (below): lora | dora | pissa | olora | ...
+    init: str = "kaiming"           # A's random draw: kaiming (PEFT's default) | gaussian (the paper's); pissa | olora: as variant
     use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA, Kalajdzievski 2023)
-    use_dora: bool = False          # weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
+    use_dora: bool = False          # PEFT's spelling of variant "dora"
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def resolved_variant(self) -> str:
+        """The VARIANTS entry: `variant`, or the one PEFT's (and m-LoRA's) fields name: use_dora,
+        init pissa | olora. Those stay the saved spelling, so PEFT and old configs read alike."""
+        if self.use_dora:
+            return "dora"
+        return self.init if self.init in ("pissa", "olora") else self.variant
+
+
+# ----------------------------------------------------------------------------- variants
+# Each variant is an Adapter class: how it starts (init_weights), whether plain LoRA's
+# s B A x carries it (`fused`: then lora_update.py's LoRAUpdate computes it with the layer's
+# other adapters) or else its own `update` in plain autograd, and which of its tensors train.
 
 class Adapter(nn.Module):
-    """One adapter on one layer: its config and its weights A [r, in], B [out, r].
-
-    Everything that makes adapters differ lives here. Plain LoRA goes through LoRAUpdate with
-    the layer's other plain adapters; a variant (`is_variant`) adds its own `update`:
-      DoRA (use_dora)   W' = m * (W + s B A) / ||W + s B A||, row-wise: a learned magnitude m
-                        [out] (PEFT's lora_magnitude_vector); the norm is a constant in
-                        backward (the paper's section 4.3, as PEFT).
-      PiSSA, OLoRA      A and B start as the top-r part of W (SVD; QR), and the base becomes
-                        W - s B0 A0 (B0, A0 their starting values). The base is shared with
-                        other jobs, so it stays W and the adapter subtracts s B0 A0 x itself.
-    `base` is the layer's weight [out, in] (dequantized), needed by those inits only.
-    """
+    """Plain LoRA on one layer (Hu et al. 2021): weights A [r, in], B [out, r], the update s B A x.
+    The base of every variant: a variant changes what it must and declares it."""
+    fused = True                          # s B A x: LoRAUpdate's plain arithmetic
+    trains = ("lora_A", "lora_B")         # its tensors that train (the rest are frozen)
+    reads_base = False                    # init_weights needs the base weight W
+    additive = True                       # merging adds delta_weight to W, so unmerge can subtract it
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig,
                  generator: torch.Generator, device, dtype: torch.dtype, base: torch.Tensor | None = None):
@@ -77,40 +85,23 @@ class Adapter(nn.Module):
         self.config = cfg
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=device, dtype=dtype)
-        self.register_buffer("init_A", None)      # PiSSA/OLoRA: the starting A, B (buffers, not trained)
-        self.register_buffer("init_B", None)
         with torch.no_grad():
-            if cfg.init in ("pissa", "olora"):
-                A, B = self.from_weight(base.float(), cfg)
-                self.lora_A.weight.copy_(A)
-                self.lora_B.weight.copy_(B)
-                self.init_A, self.init_B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
-            else:
-                # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
-                # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
-                # (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the
-                # adapter's own generator, so the init is the same on every device.
-                cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
-                if cfg.init == "gaussian":
-                    cpu_A.normal_(0, 1 / cfg.r, generator=generator)
-                else:
-                    nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
-                self.lora_A.weight.copy_(cpu_A)
-                nn.init.zeros_(self.lora_B.weight)
-        if cfg.use_dora:   # m starts as the row norms of W + s B A, so W' starts as W
-            self.magnitude = nn.Parameter(self.weight_norm(base).to(device=device, dtype=dtype))
+            self.init_weights(generator, base)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.partition(".")[0] in self.trains)
 
-    @staticmethod
-    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's A, B (Meng et al. 2024): the top-r singular triplets, sqrt(S/s) on each
-        side, so s B A is W's best rank-r part. OLoRA's (Büyükakyüz 2024): W = QR, B = Q[:, :r],
-        A = R[:r]. As PEFT's pissa_init / olora_init."""
-        if cfg.init == "pissa":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = torch.sqrt(S[:cfg.r] / cfg.scaling)
-            return root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root[None, :]
-        Q, R = torch.linalg.qr(W)
-        return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        """LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
+        A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
+        (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the adapter's
+        own generator, so the init is the same on every device."""
+        cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+        if self.config.init == "gaussian":
+            cpu_A.normal_(0, 1 / self.config.r, generator=generator)
+        else:
+            nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
+        self.lora_A.weight.copy_(cpu_A)
+        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def scaling(self) -> float:
@@ -119,49 +110,135 @@ class Adapter(nn.Module):
     @property
     def is_variant(self) -> bool:
         """Needs its own update (not LoRAUpdate's plain x A^T B^T)."""
-        return self.config.use_dora or self.init_A is not None
-
-    @property
-    def fused(self) -> bool:
-        """Goes through LoRAUpdate's plain arithmetic (lora_update.add_updates)."""
-        return not self.is_variant
+        return not self.fused
 
     def fused_tensors(self) -> list[torch.Tensor]:
         """What LoRAUpdate multiplies by: A [r, in], B [out, r]."""
         return [self.lora_A.weight, self.lora_B.weight]
 
+    def fused_grads(self) -> tuple[bool, bool]:
+        """Which of fused_tensors' A, B train: LoRAUpdate's backward computes only those gradients."""
+        return "lora_A" in self.trains, "lora_B" in self.trains
+
     def lora_weight(self) -> torch.Tensor:
-        """s (B A - B0 A0): what the adapter adds to W before DoRA's rescaling, [out, in]."""
-        delta = self.lora_B.weight @ self.lora_A.weight
-        if self.init_A is not None:
-            delta = delta - self.init_B @ self.init_A
-        return self.scaling * delta
+        """s B A [out, in]: what the adapter adds to the base weight."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
+        """What the adapter adds to the base output W x + b on these rows [.., out], in autograd:
+        s B A drop(x) (x: the rows' input, x_dropped: with dropout; `layer`: for W)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        return F.linear(F.linear(x_dropped.to(A.dtype), A), B) * self.scaling
+
+    def delta_weight(self, W: torch.Tensor | None = None) -> torch.Tensor:
+        """The update to the base weight W [out, in]: what merge adds."""
+        return self.lora_weight()
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        """Its tensors under PEFT's names (after the module path)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def peft_fields(self) -> dict:
+        """What it sets in PEFT's adapter_config.json beyond plain LoRA's fields."""
+        return {}
+
+
+class DoRA(Adapter):
+    """Weight-decomposed LoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||, row-wise,
+    a learned magnitude m [out] (PEFT's lora_magnitude_vector); the norm is a constant in
+    backward (the paper's section 4.3, as PEFT). Its rescaling of W is not a sum: own update."""
+    fused = False
+    trains = ("lora_A", "lora_B", "magnitude")
+    reads_base = True
+    additive = False
+
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        super().init_weights(generator, base)   # m starts as the row norms of W + s B A, so W' starts as W
+        self.magnitude = nn.Parameter(self.weight_norm(base).to(self.lora_A.weight.dtype))
 
     @torch.no_grad()
     def weight_norm(self, W: torch.Tensor) -> torch.Tensor:
-        """DoRA's ||W + s B A|| per output row [out]: a constant in backward."""
+        """||W + s B A|| per output row [out]: a constant in backward."""
         return torch.linalg.norm(W.to(self.lora_A.weight.dtype) + self.lora_weight(), dim=1)
 
     def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
-        """The variant's addition to the base output W x + b on these rows [.., out], in autograd."""
-        A, B = self.lora_A.weight, self.lora_B.weight
-        delta = F.linear(F.linear(x_dropped.to(A.dtype), A), B) * self.scaling
-        if self.init_A is not None:   # the base as PiSSA/OLoRA leave it: W - s B0 A0, on the undropped x
-            delta = delta - F.linear(F.linear(x.to(A.dtype), self.init_A), self.init_B) * self.scaling
-        if not self.config.use_dora:
-            return delta
+        delta = super().update(x, x_dropped, layer)
         W = layer.base_weight()
         scale = self.magnitude / self.weight_norm(W)                                  # [out]
         return (scale - 1) * F.linear(x_dropped.to(W.dtype), W).to(delta.dtype) + scale * delta
 
     def delta_weight(self, W: torch.Tensor | None = None) -> torch.Tensor:
-        """The update to the base weight W [out, in] (what merge adds): s B A, minus s B0 A0
-        for PiSSA/OLoRA; DoRA: m/||W + s B A|| (W + s B A) - W."""
+        """m / ||W + s B A|| (W + s B A) - W."""
         delta = self.lora_weight()
-        if not self.config.use_dora:
-            return delta
         W = W.to(delta.dtype)
         return (self.magnitude / self.weight_norm(W))[:, None] * (W + delta) - W
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        return {**super().peft_state(), "lora_magnitude_vector": self.magnitude}
+
+    def peft_fields(self) -> dict:
+        return {"use_dora": True}
+
+
+class PiSSA(Adapter):
+    """PiSSA (Meng et al. 2024): A and B start as W's top-r singular triplets, sqrt(S/s) on each
+    side, so s B0 A0 is W's best rank-r part, and the base becomes W - s B0 A0. The base is
+    shared with other jobs, so it stays W and the adapter subtracts s B0 A0 x itself: its own
+    update. B0, A0 are buffers (init_A, init_B). As PEFT's pissa_init."""
+    fused = False
+    reads_base = True
+
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        A, B = self.from_weight(base.float(), self.config)
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        self.register_buffer("init_A", A.to(self.lora_A.weight))
+        self.register_buffer("init_B", B.to(self.lora_B.weight))
+
+    @staticmethod
+    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = torch.sqrt(S[:cfg.r] / cfg.scaling)
+        return root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root[None, :]
+
+    def lora_weight(self) -> torch.Tensor:
+        """s (B A - B0 A0)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight - self.init_B @ self.init_A)
+
+    def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
+        """s B A drop(x) - s B0 A0 x: the base as PiSSA leaves it, on the undropped x."""
+        start = F.linear(F.linear(x.to(self.init_A.dtype), self.init_A), self.init_B) * self.scaling
+        return super().update(x, x_dropped, layer) - start
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        """as_plain_lora: the plain LoRA of rank 2r that adds the same to the ORIGINAL base,
+        s (B A - B0 A0) = s [B, B0] [A; -A0] (PEFT's own conversion for sharing such adapters)."""
+        if not as_plain_lora:
+            return super().peft_state()
+        return {"lora_A.weight": torch.cat([self.lora_A.weight, -self.init_A]),
+                "lora_B.weight": torch.cat([self.lora_B.weight, self.init_B], dim=1)}
+
+    def peft_fields(self) -> dict:
+        """Saved as plain LoRA of rank 2r (peft_state), same scale."""
+        cfg = self.config
+        return {"r": 2 * cfg.r, "lora_alpha": cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)}
+
+
+class OLoRA(PiSSA):
+    """OLoRA (Büyükakyüz 2024): PiSSA's scheme with W = QR, B0 = Q[:, :r], A0 = R[:r]. As PEFT's olora_init."""
+
+    @staticmethod
+    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        Q, R = torch.linalg.qr(W)
+        return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
+
+
+VARIANTS: dict[str, type[Adapter]] = {   # LoRAConfig.variant -> its Adapter class
+    "lora": Adapter,
+    "dora": DoRA,
+    "pissa": PiSSA,
+    "olora": OLoRA,
+}
 
 
 class RouteGroup(NamedTuple):
@@ -228,10 +305,11 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
-        base = self.base_weight() if cfg.use_dora or cfg.init in ("pissa", "olora") else None
+        variant = VARIANTS[cfg.resolved_variant]
+        base = self.base_weight() if variant.reads_base else None
         if hasattr(base, "full_tensor"):   # a sharded base (FSDP2's DTensor): the whole weight (a collective)
             base = base.full_tensor()
-        self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype, base)
+        self.adapters[name] = variant(self.in_features, self.out_features, cfg, generator, device, dtype, base)
 
     def base_weight(self) -> torch.Tensor:
         """The base's weight [out, in], dequantized when quantized (a new tensor each call)."""
@@ -362,6 +440,9 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
             raise ValueError(f"adapter {name!r}: init {cfg.init!r}: expected one of {', '.join(INITS)}")
         if cfg.use_dora and cfg.init in ("pissa", "olora"):
             raise ValueError(f"adapter {name!r}: use_dora with init {cfg.init!r} is not supported")
+        if cfg.variant not in VARIANTS or cfg.variant not in ("lora", cfg.resolved_variant):
+            raise ValueError(f"adapter {name!r}: variant {cfg.variant!r}: expected one of {', '.join(VARIANTS)}, "
+                             "and not also use_dora or init pissa | olora")
         cfg = dataclasses.replace(cfg, targets=targets)   # stored with the layers, saved by save_peft
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
         for layer in wrap_targets(model, targets):
@@ -425,22 +506,25 @@ def remove_adapter(model: nn.Module, name: str):
 
 
 def adapter_parameters(model: nn.Module, name: str, kind: str | None = None) -> list[nn.Parameter]:
-    """The adapter's trainable tensors, layer by layer; kind: only those whose name starts
-    with it ("lora_A", "lora_B", "magnitude")."""
+    """The adapter's trainable tensors (its variant's `trains`), layer by layer; kind: only
+    those whose name starts with it ("lora_A", "lora_B", "magnitude")."""
     params = []
     for _, layer in lora_layers(model):
         if name in layer.adapters:
-            params += [p for n, p in layer.adapters[name].named_parameters() if kind is None or n.startswith(kind)]
+            params += [p for n, p in layer.adapters[name].named_parameters()
+                       if p.requires_grad and (kind is None or n.startswith(kind))]
     if not params and name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
     return params
 
 
 def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
-    """Freeze everything but the adapters' weights; print the counts when verbose."""
-    model.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.adapters.requires_grad_(True)
+    """Freeze everything but the adapters, whose own tensors train as each one's variant says
+    (set when it was made: Adapter.trains); print the counts when verbose."""
+    owned = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in owned:
+            param.requires_grad_(False)
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -563,7 +647,7 @@ def merge(model: nn.Module, name: str):
 def unmerge(model: nn.Module, name: str):
     """Take a merged adapter out again by subtraction (not DoRA: its rescaling of W is not a sum)."""
     for _, layer in lora_layers(model):
-        if name in layer.merged and layer.adapters[name].config.use_dora:
+        if name in layer.merged and not layer.adapters[name].additive:
             raise ValueError(f"adapter {name!r} is DoRA: merging rescaled each row of the weight, which "
                              "subtraction cannot undo; reload the base instead")
         if name in layer.merged:

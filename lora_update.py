@@ -186,20 +186,21 @@ def add_updates(layer, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
             keep = layer.dropout_keep(group, shape, x.device, adapter.config.dropout)
             scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
         if adapter.fused:
-            plan.append((group, length, shape, keep, scale, owners))
+            plan.append((group, length, shape, keep, scale, owners, adapter.fused_grads()))
         else:
             variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
     if concatenated and plan:
-        names = [[group.name for group, *_, owners in plan if i in owners] for i in range(len(layers))]
+        names = [[entry[0].name for entry in plan if i in entry[5]] for i in range(len(layers))]
         coef = coefficients(routing, layers, names, B, layer.training, x.device)   # [B, 1, sum of all r]
         plan, tensors = one_group(layers, names, joined_masks(plan, B, T, x), coef, T)
     else:
         tensors = []
-        for group, _, _, keep, _, owners in plan:
+        for group, _, _, keep, _, owners, _ in plan:
             tensors.append(keep)
             for i in owners:
                 tensors += layers[i].adapters[group.name].fused_tensors()
-        plan = [(group.rows, length, scale, tuple(owners)) for group, length, _, _, scale, owners in plan]
+        plan = [UpdateGroup(group.rows, length, scale, tuple(owners), trains)
+                for group, length, _, _, scale, owners, trains in plan]
     outs = update(layers, x, (B, T), plan, tensors)
     xs = x.reshape(B, T, x.size(-1))
     for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
@@ -258,7 +259,7 @@ def update(layers: list, x: torch.Tensor, shape: tuple[int, int], plan: list, te
 
 def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | None:
     """add_updates' per-adapter dropout (plan entries) laid into one keep mask over x."""
-    masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, _, _ in plan
+    masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, *_ in plan
              if keep is not None]
     if not masks:
         return None
@@ -275,13 +276,16 @@ def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | 
 def one_group(layers: list, names: list[list[str]], keep: torch.Tensor | None, coef: torch.Tensor, T: int):
     """The concatenated path's plan and tensors: all rows as one group of the adapters
     names[i] of each layer i, their per-row coefficients as its scale, one keep mask
-    over x, per layer its adapters' A's and B's side by side."""
-    tensors = [keep]
+    over x, per layer its adapters' A's and B's side by side (a gradient for A's or B's when
+    any of them trains)."""
+    tensors, trains = [keep], (False, False)
     for each, own in zip(layers, names):
         if own:   # else only variants adapt this layer
             As, Bs = zip(*(each.adapters[n].fused_tensors() for n in own))
             tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
-    return [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))], tensors
+            for n in own:
+                trains = tuple(a or b for a, b in zip(trains, each.adapters[n].fused_grads()))
+    return [UpdateGroup(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own), trains)], tensors
 
 
 def coefficients(routing, layers: list, names: list[list[str]], B: int, training: bool, device) -> torch.Tensor:
@@ -310,13 +314,22 @@ def coefficients(routing, layers: list, names: list[list[str]], B: int, training
 
 # ----------------------------------------------------------------------------- the update
 
+class UpdateGroup(NamedTuple):
+    """One adapter's part of LoRAUpdate (or, concatenated, all adapters' as one)."""
+    rows: slice | torch.Tensor      # its rows of the (rows, length) layout
+    length: int                     # its own padded length
+    scale: float | torch.Tensor     # s / (1 - p), or per-row coefficients [rows, 1, sum r]
+    layers: tuple[int, ...]         # which of the node's layers it adapts
+    trains: tuple[bool, bool]       # whether A, B get a gradient (its variant's Adapter.trains)
+
+
 class UpdatePlan(NamedTuple):
-    """What LoRAUpdate adds: `outputs` layers share one input x; per adapter, its rows, own
-    length, scale and which of those layers it adapts. base: the node computes the frozen
-    base outputs x W_j^T + b_j itself (else they come computed, e.g. by a quantized base)."""
+    """What LoRAUpdate adds: `outputs` layers share one input x; its groups. base: the node
+    computes the frozen base outputs x W_j^T + b_j itself (else they come computed, e.g. by a
+    quantized base)."""
     shape: tuple[int, int]          # (rows, length) the groups index: (B, T), or (N, 1) for a packed row
     outputs: int
-    groups: list[tuple[slice | torch.Tensor, int, float | torch.Tensor, tuple[int, ...]]]   # scale: or per-row [rows, 1, sum r]
+    groups: list[UpdateGroup]
     base: bool = False
 
 
@@ -333,9 +346,10 @@ class LoRAUpdate(torch.autograd.Function):
     input gradient is ONE buffer: the base's grad_out_j W_j accumulate into it (addmm) and
     each adapter adds into its rows, where autograd would sum a gradient per layer and
     the adapters' (on 2 CPU cores such sums over [N, 1536] cost as much as a small matmul).
-    Saved for backward: each adapter's dropped input rows (a view of x without dropout),
-    h = drop(x) A^T (r columns per layer) and its dropout (dropout_keep's); the base weights.
-    Plain LoRA only: a variant needs its own update.
+    Saved for backward: each adapter's dropped input rows (a view of x without dropout; only
+    when A trains), h = drop(x) A^T (r columns per layer) and its dropout (dropout_keep's); the
+    base weights. Gradients only for the A's and B's that train (UpdateGroup.trains). Plain
+    LoRA's arithmetic only (Adapter.fused): a variant with its own update runs it apart.
     """
 
     @staticmethod
@@ -356,7 +370,7 @@ class LoRAUpdate(torch.autograd.Function):
         views = [o.view(*plan.shape, o.size(-1)) for o in outs]                 # [rows, length, out_j]
         x_shape, x = x.shape, x.reshape(*plan.shape, x.size(-1))
         saved = []
-        for rows, length, scale, layers in plan.groups:
+        for rows, length, scale, layers, trains in plan.groups:
             keep, weights = next(rest), [next(rest) for _ in range(2 * len(layers))]
             As, Bs = weights[0::2], weights[1::2]
             xr = x[rows, :length]                                               # [b, L, in]
@@ -367,7 +381,7 @@ class LoRAUpdate(torch.autograd.Function):
             h = torch.matmul(xr, A.t()).mul_(scale)                             # [b, L, sum r]
             for layer, h_j, B in zip(layers, h.split([a.size(0) for a in As], dim=-1), Bs):
                 LoRAUpdate.add_product(views[layer], rows, length, h_j, B.t())           # + h_j B_j^T
-            saved += [keep, xr, h, A, *Bs]
+            saved += [keep, xr if trains[0] else None, h, A, *Bs]    # x only for A's gradient
         ctx.plan, ctx.x_shape = plan, x_shape
         ctx.save_for_backward(*base_weights, *saved)
         return outs
@@ -386,7 +400,7 @@ class LoRAUpdate(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             grad_x = grads[0].new_zeros(*plan.shape, ctx.x_shape[-1])
         grad_weights = []
-        for rows, length, scale, layers in plan.groups:
+        for rows, length, scale, layers, (train_A, train_B) in plan.groups:
             keep, xr, h, A = saved[:4]
             Bs, saved = saved[4:4 + len(layers)], saved[4 + len(layers):]
             ranks = [B.size(1) for B in Bs]
@@ -394,10 +408,10 @@ class LoRAUpdate(torch.autograd.Function):
             grad_A_B = []
             for layer, h_j, grad_h_j, B in zip(layers, h.split(ranks, -1), grad_h.split(ranks, -1), Bs):
                 g = grads[layer][rows, :length].to(B.dtype)                     # [b, L, out_j]
-                grad_A_B.append(g.flatten(0, 1).t() @ h_j.flatten(0, 1))        # grad B_j [out_j, r]
+                grad_A_B.append(g.flatten(0, 1).t() @ h_j.flatten(0, 1) if train_B else None)   # grad B_j [out_j, r]
                 grad_h_j.copy_(torch.matmul(g, B))
             grad_h.mul_(scale)
-            grad_A = grad_h.flatten(0, 1).t() @ xr.flatten(0, 1)                # [sum r, in]
+            grad_A = grad_h.flatten(0, 1).t() @ xr.flatten(0, 1) if train_A else None   # [sum r, in]
             target = None if grad_x is None else LoRAUpdate.block(grad_x, rows, length, grad_h.dtype)
             if target is not None and (keep is None or keep.dtype != torch.bool):
                 # + (grad_h A) with the dropped positions left as they were, in one addmm_
@@ -411,7 +425,7 @@ class LoRAUpdate(torch.autograd.Function):
                     grad_xr.mul_(keep_of(keep, grad_xr.shape))
                 LoRAUpdate.add_into(grad_x, rows, length, grad_xr)
             grad_weights.append(None)                                           # keep
-            for grad_A_j, grad_B_j in zip(grad_A.split(ranks), grad_A_B):
+            for grad_A_j, grad_B_j in zip([None] * len(ranks) if grad_A is None else grad_A.split(ranks), grad_A_B):
                 grad_weights += [grad_A_j, grad_B_j]
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)

@@ -234,7 +234,7 @@ PATHS = {"per adapter": dict(fuse=False), "concatenated": dict(fuse=True),
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(lora.VARIANTS))
 def test_fused_paths_equal_the_definition(tmp_path, variant, packed):
     """lora_update.py's arithmetic is an optimisation of MultiLoRALinear.reference_forward (plain
     autograd): the variant on every target beside a plain adapter and base-only rows, dropout
@@ -243,8 +243,7 @@ def test_fused_paths_equal_the_definition(tmp_path, variant, packed):
     embedding) and of every adapter tensor."""
     from test_lora import logits_and_grads
     _, net, _ = build(tmp_path)
-    lora.add_adapters(net, {"v": lora.LoRAConfig(**{"r": 4, "alpha": 8, "dropout": 0.3, "targets": list(net.LORA_TARGETS),
-                                                    **VARIANTS[variant][0]}),
+    lora.add_adapters(net, {"v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=list(net.LORA_TARGETS), variant=variant),
                             "o": lora.LoRAConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "k_proj", "up_proj", "down_proj"])})
     for i, name in enumerate("vo"):
         perturb(net, name, seed=30 + i)
@@ -263,3 +262,26 @@ def test_fused_paths_equal_the_definition(tmp_path, variant, packed):
         for key in want:
             torch.testing.assert_close(grads[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{label} {key}: {m}")
             assert want[key].abs().sum() > 0, key   # every tensor learns, so a wrong gradient would show
+
+
+def test_variant_field_and_peft_spellings_are_one_entry(tmp_path):
+    """variant "dora" / "pissa" is PEFT's use_dora / init "pissa": the same adapter, saved with
+    PEFT's fields; a variant not in lora.VARIANTS (or set twice) is a config error naming the entries."""
+    import config
+    _, net, path = build(tmp_path)
+    for theirs, ours in ((dict(use_dora=True), dict(variant="dora")), (dict(init="pissa"), dict(variant="pissa"))):
+        made = []
+        for fields in (theirs, ours):   # the same name, so the same seeds
+            lora.add_adapters(net, {"x": lora.LoRAConfig(r=4, targets=TARGETS, **fields)})
+            adapters = [layer.adapters["x"] for _, layer in lora.lora_layers(net)]
+            assert all(type(a) is lora.VARIANTS[ours["variant"]] for a in adapters)
+            made.append(([a.state_dict() for a in adapters], peft_format.peft_files(net, "x")))
+            lora.remove_adapter(net, "x")
+        (states, (peft_config, weights)), (want_states, (want_config, want_weights)) = made
+        assert peft_config == want_config and weights.keys() == want_weights.keys()
+        for state, want in zip(states, want_states):
+            torch.testing.assert_close(state, want)
+    with pytest.raises(config.ConfigError, match=f"variant: expected one of {', '.join(lora.VARIANTS)}"):
+        config.validate_job(config.JobConfig(name="j", data="x.json", variant="nope"), "cfg", "jobs[0]")
+    with pytest.raises(config.ConfigError, match="variant"):
+        config.validate_job(config.JobConfig(name="j", data="x.json", variant="pissa", use_dora=True), "cfg", "jobs[0]")
