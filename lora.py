@@ -233,11 +233,18 @@ class OLoRA(PiSSA):
         return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
 
 
+class LoRAFA(Adapter):
+    """LoRA-FA (Zhang et al. 2023): A stays frozen at its random init, only B trains; plain
+    LoRA's arithmetic, without A's gradient (nor the input saved for it)."""
+    trains = ("lora_B",)
+
+
 VARIANTS: dict[str, type[Adapter]] = {   # LoRAConfig.variant -> its Adapter class
     "lora": Adapter,
     "dora": DoRA,
     "pissa": PiSSA,
     "olora": OLoRA,
+    "lora-fa": LoRAFA,
 }
 
 

@@ -285,3 +285,41 @@ def test_variant_field_and_peft_spellings_are_one_entry(tmp_path):
         config.validate_job(config.JobConfig(name="j", data="x.json", variant="nope"), "cfg", "jobs[0]")
     with pytest.raises(config.ConfigError, match="variant"):
         config.validate_job(config.JobConfig(name="j", data="x.json", variant="pissa", use_dora=True), "cfg", "jobs[0]")
+
+
+def test_lora_fa_freezes_A_trains_B_fused_equal_alone(tmp_path, base_dir, monkeypatch):
+    """LoRA-FA: (a) A gets no gradient and ends as it started while B trains, (b) a job fused
+    with a plain LoRA and a DoRA job ends as it does alone, (c) its rows go through LoRAUpdate's
+    plain arithmetic (no update of its own) with no gradient asked for A. (That it equals the
+    definition, dropout on, on every path: test_fused_paths_equal_the_definition.)"""
+    from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
+    rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
+    fa = job("fa", rows, variant="lora-fa", targets=["q_proj", "k_proj", "v_proj", "down_proj"], lr=3e-3)
+    net = M.load_model(base_dir)
+    lora.add_adapters(net, {"other": lora.LoRAConfig(r=2, targets=["q_proj"]), "fa": fa.lora_config()}, seed=42)
+    start = {k: v.detach().clone() for k, v in peft_format.adapter_state(net, "fa").items()}
+    assert lora.adapter_parameters(net, "fa") == lora.adapter_parameters(net, "fa", "lora_B")   # A is not trained
+    # (c) through LoRAUpdate, asked for B's gradient only, on both fused paths
+    plans, apply = [], lora_update.LoRAUpdate.apply
+    monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda x, plan, *t: plans.append(plan) or apply(x, plan, *t))
+    monkeypatch.setattr(lora.LoRAFA, "update", lambda *a: pytest.fail("LoRA-FA ran an update of its own"))
+    idx = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    net.train()
+    for fuse in (False, True):
+        with lora.route(net, ["fa", "fa"], fuse=fuse):
+            net(idx).logsumexp(-1).sum().backward()
+    assert plans and all(group.trains == (False, True) for plan in plans for group in plan.groups)
+    for _, layer in lora.lora_layers(net):
+        if "fa" in layer.adapters:
+            assert layer.adapters["fa"].lora_A.weight.grad is None and layer.adapters["fa"].lora_B.weight.grad.abs().sum() > 0
+    # (b) fused with a plain LoRA and a DoRA job = alone; (a) A as it started, B moved
+    jobs = [job("plain", rows), job("dora", rows, variant="dora", lr=3e-3), fa]
+    train.train(run_cfg(base_dir, tmp_path / "fused", jobs, scheduler={"max_candidates": 3, "max_concurrent": 3}))
+    train.train(run_cfg(base_dir, tmp_path / "alone", [fa]))
+    fused = adapter(tmp_path / "fused", "fa")
+    assert_same_adapter(fused, adapter(tmp_path / "alone", "fa"))
+    for key, value in start.items():
+        if "lora_A" in key:
+            torch.testing.assert_close(fused[key], value, atol=0, rtol=0)
+        else:
+            assert (fused[key] - value).abs().max() > 1e-3, key
