@@ -15,7 +15,7 @@ import itertools
 import math
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -277,7 +277,6 @@ class Routing:
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
-    shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
     tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
     concatenated: bool = False       # all adapters through shared matmuls (lora.concatenates), else per adapter
     dropout_draw: str = "auto"       # auto: dropped positions on CPUs, bool masks on GPUs; masks: masks everywhere
@@ -289,9 +288,9 @@ class MultiLoRALinear(nn.Module):
 
     The base may be quantized (quant.QuantLinear, QLoRA): it is then kept whole as `quantized`
     and `weight` is None until a merge dequantizes it. `seed` (from the module's path) makes
-    each layer's dropout masks differ from the other layers'. `siblings` are the layers that
-    read the same input (the family's SHARED_INPUTS, e.g. q/k/v): they share the seed, so an
-    adapter's dropout mask is one per shared input, and are updated together (LoRAUpdate).
+    each layer's dropout masks differ from the other layers'; the layers that read the same
+    input (the family's SHARED_INPUTS, e.g. q/k/v) share it (mask_key), so an adapter's dropout
+    mask is one per shared input, and are computed together (forward_siblings, LoRAUpdate).
     """
 
     def __init__(self, base: nn.Linear | quant.QuantLinear, seed: int):
@@ -304,7 +303,6 @@ class MultiLoRALinear(nn.Module):
         self.merged: set[str] = set()
         self.routing: Routing | None = None
         self.seed = seed
-        self.siblings: tuple[MultiLoRALinear, ...] = (self,)   # set by add_adapters; a plain tuple, not submodules
 
     def adapts(self, name: str) -> bool:
         """Adapter `name` is on this layer and not merged into its weights."""
@@ -336,26 +334,38 @@ class MultiLoRALinear(nn.Module):
         self.bias = base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_siblings(x, (self,))[0]
+
+    def forward_siblings(self, x: torch.Tensor, linears) -> list[torch.Tensor]:
+        """Each of `linears` applied to x: this layer and the others that read the same input
+        (q/k/v, gate/up: llama.project; any may be a plain Linear). The LoRA layers that some
+        routed adapter adapts are computed together: in one autograd node (lora_update.add_updates),
+        or by their definition (route's reference)."""
         routing = self.routing
-        if routing is not None:   # already computed with a sibling that read this same x?
-            done = routing.shared.pop(self, None)
-            if done is not None and done[0] is x:
-                return done[1]
-        if routing is not None and routing.tokens is not None and any(map(self.adapts, routing.tokens.names)):
-            return lora_update.token_updates(self, x)
-        groups = [] if routing is None else [g for g in routing.groups if self.adapts(g.name)]
-        if not groups:
-            if routing is None and self.training and len(self.adapters) > len(self.merged):
-                # Training with adapters but no rows routed: surely a forward (or, under
-                # activation checkpointing, a backward) outside `with lora.route(...)`.
-                raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
-                                   "inside `with lora.route(model, names):` (under activation "
-                                   "checkpointing, run backward inside it too), or call model.eval()")
-            return self.base_forward(x)                              # [B, T, out], all rows at once
-        if routing.reference:
-            return self.reference_forward(x)
-        # Two faster ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates).
-        return lora_update.add_updates(self, x, routing.concatenated)
+        routed = [] if routing is None else routing.tokens.names if routing.tokens is not None else \
+            [group.name for group in routing.groups]
+        together = [m for m in linears if isinstance(m, MultiLoRALinear) and any(map(m.adapts, routed))]
+        if not together:
+            outs = []
+        elif routing.reference:
+            outs = [layer.reference_forward(x) for layer in together]
+        elif routing.tokens is not None:
+            outs = lora_update.token_updates(together, x)
+        else:   # two faster ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates)
+            outs = lora_update.add_updates(together, x, routing.concatenated)
+        done = dict(zip(map(id, together), outs))
+        return [done[id(m)] if id(m) in done else m.unadapted_forward(x) if isinstance(m, MultiLoRALinear) else m(x)
+                for m in linears]
+
+    def unadapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base alone, all rows at once [B, T, out]: no routed adapter is on this layer."""
+        if self.routing is None and self.training and len(self.adapters) > len(self.merged):
+            # Training with adapters but no rows routed: surely a forward (or, under
+            # activation checkpointing, a backward) outside `with lora.route(...)`.
+            raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
+                               "inside `with lora.route(model, names):` (under activation "
+                               "checkpointing, run backward inside it too), or call model.eval()")
+        return self.base_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The definition, in plain autograd (LoRA paper, section 4.1: h = W0 x + s B A x, s = alpha/r).
@@ -428,7 +438,7 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
 
     The model states its own facts (llama.Llama, chatglm.ChatGLM): LORA_TARGETS, the names
     an adapter may target, DEFAULT_TARGETS for a config that names none, and SHARED_INPUTS,
-    the sets of layers that read the same input (linked as MultiLoRALinear.siblings).
+    the sets of layers that read the same input (their dropout masks are one: mask_key).
     """
     existing = adapter_names(model)
     for name, cfg in configs.items():
@@ -454,7 +464,6 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
         for layer in wrap_targets(model, targets):
             layer.add_adapter(name, cfg, generator, dtype)
-    link_siblings(model)
     mark_only_lora_trainable(model)
     return model
 
@@ -493,15 +502,6 @@ def mask_key(model: nn.Module, path: str) -> str:
         if child in names:
             return f"{parent}.{'+'.join(names)}"
     return path
-
-
-def link_siblings(model: nn.Module):
-    """Tell each LoRA layer which wrapped layers share its input (the family's SHARED_INPUTS)."""
-    for _, module in model.named_modules():
-        for names in model.SHARED_INPUTS:
-            members = tuple(m for n in names if isinstance(m := getattr(module, n, None), MultiLoRALinear))
-            for member in members:
-                member.siblings = members
 
 
 def remove_adapter(model: nn.Module, name: str):

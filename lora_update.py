@@ -151,17 +151,10 @@ def dropout_keep(group, shape, device, p: float, seed: int, draw: str) -> torch.
     return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
 
 
-def sharing(layer, names) -> list:
-    """`layer` and its siblings (the layers that read its input) that adapt one of `names`
-    and are routed alike: they are computed together, in one LoRAUpdate node."""
-    return [layer] + [s for s in layer.siblings if s is not layer and s.routing is layer.routing
-                      and any(map(s.adapts, names))]
-
-
-def add_updates(layer, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
-    """The layer's output: its base output plus each adapter's update on its own rows and
-    their own padded length only (rows of no adapter: the base alone), in one autograd node
-    (LoRAUpdate) with the siblings that read the same x, whose outputs wait in the routing.
+def add_updates(layers: list, x: torch.Tensor, concatenated: bool) -> list[torch.Tensor]:
+    """The outputs of `layers` (LoRA layers that read the same x, routed alike): each one's
+    base output plus each adapter's update on its own rows and their own padded length only
+    (rows of no adapter: the base alone), in one autograd node (LoRAUpdate).
 
     concatenated (the GPU path): ONE pseudo-group over all rows, x [A's of every layer and
     adapter]^T in one matmul, times a per-row coefficient that keeps only the row's own
@@ -170,8 +163,7 @@ def add_updates(layer, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
     laid into one keep mask over x. Launches per layer no longer grow with the adapters.
     Adapters whose variant has its own update run it in plain autograd on their rows.
     """
-    routing = layer.routing
-    layers = sharing(layer, [g.name for g in routing.groups])
+    layer, routing = layers[0], layers[0].routing   # the dropout is drawn once, by the first
     B, T = (x.numel() // x.size(-1), 1) if routing.packed else x.shape[:2]   # rows x length the groups index
     plan, variants = [], []
     for group in routing.groups:
@@ -210,17 +202,16 @@ def add_updates(layer, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
         for i in owners:
             delta = layers[i].adapters[name].update(xr, dropped, layers[i])
             outs[i] = outs[i].index_put(index, delta.to(outs[i].dtype), accumulate=True)
-    return share(layers, x, outs)
+    return [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
 
 
-def token_updates(layer, x: torch.Tensor) -> torch.Tensor:
+def token_updates(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
     """add_updates for a lora.TokenRouting (route_tokens): every adapter of the routing through
     the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
     the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
     no host read: the same kernels whatever the tokens hold (graphs.py)."""
-    routing = layer.routing
+    layer, routing = layers[0], layers[0].routing
     tokens = routing.tokens
-    layers = sharing(layer, tokens.names)
     names = [[n for n in tokens.names if each.adapts(n)] for each in layers]
     if not all(each.adapters[n].fused for each, own in zip(layers, names) for n in own):
         raise ValueError("route_tokens: adapters through LoRAUpdate's plain arithmetic only (not DoRA, PiSSA, OLoRA)")
@@ -230,15 +221,7 @@ def token_updates(layer, x: torch.Tensor) -> torch.Tensor:
         keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
     coef = coefficients(routing, layers, names, len(tokens.adapter), layer.training, x.device)   # [N, 1, sum of all r]
     plan, tensors = one_group(layers, names, keep, coef, 1)
-    return share(layers, x, update(layers, x, (len(tokens.adapter), 1), plan, tensors))
-
-
-def share(layers: list, x: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
-    """The first layer's output; the siblings' wait in the routing for their own forward."""
-    outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
-    for sibling, sibling_out in zip(layers[1:], outs[1:]):
-        layers[0].routing.shared[sibling] = (x, sibling_out)
-    return outs[0]
+    return [out.view(*x.shape[:-1], out.size(-1)) for out in update(layers, x, (len(tokens.adapter), 1), plan, tensors)]
 
 
 def update(layers: list, x: torch.Tensor, shape: tuple[int, int], plan: list, tensors: list) -> list[torch.Tensor]:

@@ -420,3 +420,21 @@ def test_drop_positions_are_independent_drops_at_rate_p(p):
     x = torch.randn(2, 3, 5)   # applying them: the same zeros as the mask they stand for
     few = lora_update.drop_positions(x.numel(), 0.5, seed=3)
     assert torch.equal(lora_update.apply_dropout(x, few), x * lora_update.keep_of(few, x.shape))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_layers_reading_one_input_run_as_one_node(ours, monkeypatch, fuse):
+    """llama.project: q/k/v, and gate/up, each one LoRAUpdate node per block (the outputs of
+    all three computed in it), o and down one each; with k alone adapted, k alone in its node."""
+    plans, apply = [], lora_update.LoRAUpdate.apply
+    monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda x, plan, *t: plans.append(plan) or apply(x, plan, *t))
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, dropout=0.1, targets=ALL),
+                             "k": lora.LoRAConfig(r=2, targets=["k_proj"])})
+    ours.train()
+    idx = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))
+    blocks = ours.config.num_hidden_layers
+    for name, outputs in (("a", [3, 2, 1, 1]), ("k", [1])):
+        plans.clear()
+        with lora.route(ours, [name, name], fuse=fuse):
+            ours(idx).sum().backward()
+        assert sorted(plan.outputs for plan in plans) == sorted(outputs * blocks)

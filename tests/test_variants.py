@@ -60,7 +60,7 @@ def run_ours(net, names, idx, p):
 
     def recording(self, group, shape, device, prob):
         keep = real(self, group, shape, device, prob)
-        masks[(id(self), group.name)] = None if keep is None else lora_update.keep_of(keep, shape)
+        masks[(self.seed, group.name)] = None if keep is None else lora_update.keep_of(keep, shape)   # one per shared input
         return keep
     net.train()
     lora.MultiLoRALinear.dropout_keep = recording
@@ -99,7 +99,7 @@ def run_peft(hf, net, name, peft_kwargs, idx_rows, masks, p):
         for key, value in peft_named(net, name).items():
             params[key].copy_(value)
     for path, layer in lora.lora_layers(net):
-        keep = next(masks[(id(s), name)] for s in layer.siblings if (id(s), name) in masks)
+        keep = masks[(layer.seed, name)]
         pm.base_model.model.get_submodule(path).lora_dropout["default"] = GivenDropout(keep, p)
     del ours
     pm.train()
