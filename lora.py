@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import quant
 import lora_update
+import quant
 from lora_update import apply_dropout, drawn_p, mix_seed, own_length
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -401,7 +401,6 @@ class MultiLoRALinear(nn.Module):
             raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
         return lora_update.dropout_keep(group, shape, device, p, mix_seed(group.seed, self.seed),
                                         self.routing.dropout_draw)
-
 
     def extra_repr(self) -> str:
         ranks = {n: a.config.r for n, a in self.adapters.items()}
