@@ -16,9 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench
+import data
 import graphs
 import lora
 import model as M
+import objectives
 import train
 
 
@@ -61,9 +63,9 @@ def main():
                 def step(s):
                     parts = [(n, bench.make_examples(*work[n][s % a.steps])) for n in names]
                     if mode == "base":
-                        batch = train.make_batch(parts, 0, packing).to(device)
+                        batch = data.make_batch(parts, 0, packing).to(device)
                         net.train()
-                        losses, _ = train.token_losses(net, batch)
+                        losses, _ = objectives.token_losses(net, batch)
                         losses.sum().backward()
                         return batch.num_tokens
                     step_args = ([cfgs[n] for n in names], [ex for _, ex in parts],

@@ -155,14 +155,13 @@ def test_the_recorder_sees_host_reads(setup):
 
 def test_fits_only_what_the_fixed_step_computes(setup, tmp_path):
     ours, jobs, examples, _ = setup
-    assert graphs.Graphs.fits(ours, jobs, examples, distributed=False, packed=True)
-    assert not graphs.Graphs.fits(ours, jobs, examples, distributed=True, packed=True)
-    assert not graphs.Graphs.fits(ours, jobs, examples, distributed=False, packed=False)
+    assert graphs.Graphs.fits(ours, jobs, examples, packed=True)
+    assert not graphs.Graphs.fits(ours, jobs, examples, packed=False)
     dpo = job("d", jobs[0].data, objective="dpo")
-    assert not graphs.Graphs.fits(ours, [jobs[0], dpo], examples[:2], distributed=False, packed=True)
+    assert not graphs.Graphs.fits(ours, [jobs[0], dpo], examples[:2], packed=True)
     lora.add_adapters(ours, {"dora": lora.LoRAConfig(r=2, use_dora=True, targets=["q_proj"])})
-    assert not graphs.Graphs.fits(ours, [jobs[0], job("dora", jobs[0].data)], examples[:2], False, True)
-    assert not graphs.Graphs.fits(ours, jobs, [examples[0], [], examples[2]], False, True)
+    assert not graphs.Graphs.fits(ours, [jobs[0], job("dora", jobs[0].data)], examples[:2], True)
+    assert not graphs.Graphs.fits(ours, jobs, [examples[0], [], examples[2]], True)
 
 
 def test_a_run_with_cuda_graphs_trains_what_a_run_without_them_trains(tmp_path, base_dir, monkeypatch):

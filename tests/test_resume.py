@@ -74,7 +74,7 @@ KILL_POINTS = {
     "mid-step, before any checkpoint": dict(target="train.fused_step", n=1),
     "mid-step, between checkpoints": dict(target="train.fused_step", n=7),
     "during a checkpoint write (temp file written, not renamed)": dict(target="torch.save", n=2),
-    "right after a checkpoint": dict(target="train.save_checkpoint", n=3),
+    "right after a checkpoint": dict(target="state.save_checkpoint", n=3),
     "during an adapter save (weights written, config not)": dict(
         target="files.atomic_write", n=1, before=True, when=is_named("adapter_config.json")),
     "between an adapter's folder swap and the next checkpoint": dict(target="files.replace_dir", n=2),
@@ -142,7 +142,7 @@ def test_out_dir_is_claimed_before_it_is_touched(tmp_path, reference, capsys):
 def test_changed_data_is_not_resumed(tmp_path, reference, capsys):
     base, _ = reference
     path, out = write_run(tmp_path, base)
-    assert run_killed(path, dict(target="train.save_checkpoint", n=1)) == -signal.SIGKILL
+    assert run_killed(path, dict(target="state.save_checkpoint", n=1)) == -signal.SIGKILL
     before = snapshot(out)
     write_rows(tmp_path / "u.jsonl", 10, 99, "upper")   # b's data changed under the run
     assert train.main(["--config", path]) == 2
@@ -193,7 +193,7 @@ def test_a_killed_run_with_cuda_graphs_resumes_bitwise(tmp_path, reference):
     whole_path, whole = write_run(tmp_path, base, out_name="whole", cuda_graphs=True)
     assert train.main(["--config", whole_path]) == 0
     path, out = write_run(tmp_path, base, cuda_graphs=True)
-    assert run_killed(path, dict(target="train.save_checkpoint", n=2)) == -signal.SIGKILL
+    assert run_killed(path, dict(target="state.save_checkpoint", n=2)) == -signal.SIGKILL
     assert (out / "checkpoint").exists() and not (out / "run.json").exists()
     assert train.main(["--config", path]) == 0
     assert_bitwise_equal(outputs(out), outputs(whole))

@@ -50,7 +50,7 @@ def test_loss_only_on_response_tokens(base_dir, tmp_path):
     examples = data.load_job_data(write_rows(tmp_path / "t.json", 4, 4, "reverse"), tok)
     batch = data.fuse([("a", examples)], tok.pad_id)
     ours = M.load_model(base_dir)
-    losses, rows = train.token_losses(ours, batch)
+    losses, rows = objectives.token_losses(ours, batch)
     response = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
     assert losses.numel() == response < batch.num_tokens
     assert rows.tolist() == sorted(rows.tolist()) and set(rows.tolist()) == {0, 1, 2, 3}
@@ -221,7 +221,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     for chunked in (True, False):
         with lora.route(net, batch.adapter_names):
             if chunked:
-                losses, rows = train.token_losses(net, batch)
+                losses, rows = objectives.token_losses(net, batch)
             else:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = labels[:, 1:] != -100

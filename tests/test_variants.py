@@ -13,6 +13,7 @@ import lora
 import lora_update
 import model as M
 import peft_format
+import jobs
 import train
 from conftest import make_hf_model, randomize_B, save_hf
 from tokenizer_util import write_tokenizer_json
@@ -193,7 +194,7 @@ def test_loraplus_equals_peft_create_loraplus_optimizer(tmp_path):
         for key, value in peft_named(net, "a").items():
             params[key].copy_(value)
     job = train.JobConfig(name="a", data="-", optimizer="sgd", lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16.0)
-    ours = train.make_optimizer(lora.adapter_parameters(net, "a"), job,
+    ours = jobs.make_optimizer(lora.adapter_parameters(net, "a"), job,
                                 {id(p) for p in lora.adapter_parameters(net, "a", "lora_B")})
     theirs = create_loraplus_optimizer(pm, optimizer_cls=torch.optim.SGD, lr=1e-3, loraplus_lr_ratio=16.0,
                                        loraplus_weight_decay=0.01)   # PEFT's name for the groups' decay
