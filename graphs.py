@@ -149,8 +149,9 @@ class Graphs:
     @staticmethod
     def fits(model, jobs: list, examples: list[list], packed: bool) -> bool:
         """Whether this step can run at fixed shapes: token-mean (SFT) jobs, each with rows, plain LoRA
-        on a float llama-family base, packed (fixed_shape is not used with data parallel ranks)."""
-        if not packed or not isinstance(model, llama.Llama):
+        on a float base of a family with FIXED_SHAPE_STEP, packed (fixed_shape is not used with
+        data parallel ranks)."""
+        if not packed or not model.FIXED_SHAPE_STEP:
             return False
         if any(not objective_of(job).token_mean or not rows for job, rows in zip(jobs, examples)):
             return False

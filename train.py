@@ -415,5 +415,9 @@ def exit_with(status: int):
 
 
 if __name__ == "__main__":
-    M.keep_freed_memory()   # this process's allocator keeps freed memory for the next step (model.py)
+    # Process-wide settings, set here only: the allocator keeps freed memory for the next step
+    # (model.keep_freed_memory), and SIGALRM stops a chat template past its time (tokenizer.py).
+    import tokenizer
+    M.keep_freed_memory()
+    tokenizer.alarm_stops_templates()
     exit_with(main(sys.argv[1:]))
