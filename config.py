@@ -27,7 +27,7 @@ from scheduler import STRATEGIES
 @dataclass(kw_only=True)
 class JobConfig(lora.LoRAConfig):
     """One job: an adapter (LoRAConfig's fields, by PEFT's names: r, alpha, dropout, targets,
-    init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
+    variant, init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
     name: str                              # adapter name; outputs go to out_dir/<name>/
     data: str                              # .json / .jsonl: sft rows {instruction, input, output}; preference rows {prompt, chosen, rejected}
     objective: str = "sft"                 # a key of objectives.OBJECTIVES; the fields below are read by those that declare them
@@ -109,6 +109,8 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     cuda_graphs: bool = False              # steps at fixed shapes, replayed as CUDA graphs (graphs.py; packed SFT, plain LoRA, llama family, one process)
+    fuse_adapters: str = "auto"            # auto (all adapters of a layer in shared matmuls on GPUs, per adapter on CPUs) | always | never; same result, speed only
+    dropout_draw: str = "auto"             # auto (dropped positions on CPUs, bool masks on GPUs) | masks (the GPU's draw everywhere: other masks than a CPU's positions, same distribution)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
     shard_base: bool = False               # under torchrun, data placement: the frozen base split over the ranks (FSDP2), for a base too big for one device
@@ -154,6 +156,10 @@ def validate(cfg: RunConfig, where: str):
     need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
          f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
+    need(cfg.fuse_adapters in lora.FUSE_OPTIONS, "fuse_adapters", cfg.fuse_adapters,
+         f"expected one of {', '.join(lora.FUSE_OPTIONS)}")
+    need(cfg.dropout_draw in lora.DROPOUT_DRAWS, "dropout_draw", cfg.dropout_draw,
+         f"expected one of {', '.join(lora.DROPOUT_DRAWS)}")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
     sc = cfg.scheduler
     need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")
@@ -195,6 +201,9 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
     check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
     check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
+    check("variant", job.variant in lora.VARIANTS, f"expected one of {', '.join(lora.VARIANTS)}")
+    check("variant", job.variant in ("lora", job.resolved_variant), f"{job.resolved_variant} is set by use_dora "
+          "or init already; give variant alone")
     check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
     check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
     check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")

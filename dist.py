@@ -433,27 +433,31 @@ def split_forward_backward(run: Run, micro_batches: list, check_finite: bool = F
     rows, share = split_step(step.jobs, step.rows, run.dist, sharded=run.cfg.shard_base)
     losses, rewards, counts, stepped = fused_step(run.model, step.jobs, rows, step.loss_tokens, step.generators,
                                                   run.pad_id, run.device, run.cfg.packing, check_finite,
-                                                  step.step_rows, share, run.dist)
+                                                  step.step_rows, share, run.dist,
+                                                  lora.concatenates(run.device, run.cfg.fuse_adapters), run.cfg.dropout_draw)
     return Fused(micro_batches, losses, rewards, counts, stepped)
 
 
 def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
                generators: dict, pad_id: int, device, packed: bool, check_finite: bool, step_rows: list[int],
-               share: dict, d: Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+               share: dict, d: Dist, fuse: bool | None = None, dropout_draw: str = "auto"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """train.fused_step on this rank's rows (a job may have none here): `share` routes their
     dropout as one process draws it (split_step); the losses, rewards and token counts are summed
     over the ranks before the finite check; backward stays this rank's part."""
     k, stand_ins = len(jobs), share["stand_ins"]
     model.train()
     if not any(examples) and not stand_ins:   # nothing here this step; the dropout streams still advance
-        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs)):
+        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs), fuse=fuse,
+                        dropout_draw=dropout_draw):
             pass
         stats = d.sum_(torch.zeros(k, 1 + METRIC_SUMS + 2, device=device))
         return stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu(), False
     fused = fuse_rows(jobs, examples, pad_id, packed, device, stand_ins)
     batch = fused.batch
     with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
-                    dropout_tokens=share["dropout_tokens"], elsewhere=share["elsewhere"]):
+                    dropout_tokens=share["dropout_tokens"], elsewhere=share["elsewhere"], fuse=fuse,
+                    dropout_draw=dropout_draw):
         # With stand-ins, backward runs through the whole batch, stand-ins too (their part is zero).
         local, rewards = job_losses(model, jobs, fused, examples, step_loss_tokens, step_rows, whole_batch=bool(stand_ins))
         stats = d.sum_(torch.cat([local.detach()[:, None], rewards, fused.counts.to(device)], 1))   # syncs the device

@@ -210,6 +210,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """The linears that read one input x (q/k/v; gate/up), applied together: a LoRA layer
+    (lora.MultiLoRALinear.forward_siblings) computes them in one autograd node; plain Linears
+    one by one."""
+    joint = next((m.forward_siblings for m in linears if hasattr(m, "forward_siblings")), None)
+    return joint(x, linears) if joint is not None else [linear(x) for linear in linears]
+
+
 # ----------------------------------------------------------------------------- positions and mask
 
 class Segments(NamedTuple):
@@ -460,9 +468,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                  # [B, nh, T, hd]
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -481,7 +490,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)                            # SwiGLU
 
 
 class Block(nn.Module):

@@ -56,8 +56,8 @@ def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
 
 def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
                generators: dict[str, torch.Generator], pad_id: int, device, packed: bool = True,
-               check_finite: bool = False, step_rows: list[int] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, data.Batch, bool]:
+               check_finite: bool = False, step_rows: list[int] | None = None, fuse: bool | None = None,
+               dropout_draw: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, data.Batch, bool]:
     """One forward and one backward over several jobs' micro-batches fused into one batch
     (packed: all sequences end to end in one row; else padded rows), each sequence routed to
     its job's adapter (a DPO job's reference copies to none: objectives.job_parts); returns each
@@ -67,12 +67,14 @@ def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tok
     examples[i] are job i's rows (examples, or pairs); step_loss_tokens[i] the loss tokens and
     step_rows[i] the rows of its whole optimizer step (None: each micro-batch is a whole step).
     check_finite: no backward when a job's loss is not finite (nonfinite.py runs the step again
-    without that job; needed where adapters share matmuls).
+    without that job; needed where adapters share matmuls). fuse, dropout_draw: how the LoRA
+    layers compute (lora.route's; the same result).
     """
     fused = fuse_rows(jobs, examples, pad_id, packed, device)
     model.train()
     batch = fused.batch
-    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed):
+    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
+                    fuse=fuse, dropout_draw=dropout_draw):
         losses, rewards = job_losses(model, jobs, fused, examples, step_loss_tokens, step_rows)
         if check_finite and not bool(losses.isfinite().all()):  # syncs the device
             return losses.detach(), rewards, fused.counts, batch, False
@@ -121,8 +123,13 @@ def forward_backward(run: Run, micro_batches: list, check_finite: bool = False) 
     step = step_rows(run, micro_batches)
     losses, rewards, counts, _, stepped = fused_step(run.model, step.jobs, step.rows, step.loss_tokens,
                                                      step.generators, run.pad_id, run.device, run.cfg.packing,
-                                                     check_finite, step.step_rows)
+                                                     check_finite, step.step_rows, *lora_path(run))
     return Fused(micro_batches, losses, rewards, counts, stepped)
+
+
+def lora_path(run: Run) -> tuple[bool, str]:
+    """How the LoRA layers compute (the run options fuse_adapters, dropout_draw): route's fuse, dropout_draw."""
+    return lora.concatenates(run.device, run.cfg.fuse_adapters), run.cfg.dropout_draw
 
 
 def accumulate(run: Run, fused: Fused) -> list[JobState]:
@@ -305,7 +312,7 @@ def add_layers(run: Run):
     run.steps.after_turn = state.checkpoint_turn
     if run.cfg.cuda_graphs and not dist.rows_apart(run):
         run.steps.forward_backward = graphs.fixed_shape(run.steps.forward_backward)
-    if lora.concatenates(run.device) or run.cfg.cuda_graphs:
+    if lora.concatenates(run.device, run.cfg.fuse_adapters) or run.cfg.cuda_graphs:
         run.steps.forward_backward = nonfinite.isolating(run.steps.forward_backward)
 
 

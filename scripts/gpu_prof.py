@@ -44,7 +44,7 @@ def main():
     for k in [int(x) for x in a.k.split(",")]:
         for mode in a.modes.split(","):
             for packing in [x == "1" for x in a.packing.split(",") if x == "1" or mode != "graphs"]:
-                lora.FUSE_ADAPTERS = {"concat": "always", "per-adapter": "never"}.get(mode, "cuda")
+                fuse = {"concat": True, "per-adapter": False}.get(mode)   # else as suits the device
                 net = M.load_model(base, dtype=a.dtype, device=device)
                 names = [f"job{j}" for j in range(k)]
                 work = {n: bench.job_batches(args, j, net.config.vocab_size) for j, n in enumerate(names)}
@@ -73,7 +73,7 @@ def main():
                     if mode == "graphs":
                         _, _, counts, _, _ = captured.step(net, *step_args)
                     else:
-                        _, _, counts, _, _ = train.fused_step(net, *step_args, packing)
+                        _, _, counts, _, _ = train.fused_step(net, *step_args, packing, fuse=fuse)
                     for n in names:
                         opts[n].step()
                         opts[n].zero_grad(set_to_none=True)
