@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import model as M
+import scheduler
 
 # config.json fields for random-weight models of a real shape (runs without a checkpoint).
 SHAPES = {
@@ -298,13 +299,13 @@ def run_repeats(args, device, one_repeat, barrier=None) -> dict:
                 barrier.wait()  # concurrent processes start each repeat together
             real, padded, seconds = one_repeat()
             times.append(seconds)
-    return {"times": times, "tokens": real, "padded_tokens": padded, "peak_mb": M.peak_memory(device),
+    return {"times": times, "tokens": real, "padded_tokens": padded, "peak_mb": scheduler.peak_memory(device),
             "gpu_util": sampler.mean}
 
 
 def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
     """One worker: "peft" (transformers + PEFT) or one of our systems ("ours", "ours-seq", "base-only")."""
-    M.reset_peak_memory(M.resolve_device(args.device))
+    scheduler.reset_peak_memory(M.resolve_device(args.device))
     if kind in ("peft", "peft-packed"):
         return peft_worker(args, jobs, barrier, packed=kind == "peft-packed")
     if kind == "hf-base-only":
@@ -315,7 +316,7 @@ def run_worker(kind: str, args, jobs: list[int], barrier=None) -> dict:
 
 def _child(kind: str, args, jobs, barrier, queue):
     if args.malloc == "keep":   # every system alike, as train.py's command line does for ours
-        M.keep_freed_memory()
+        scheduler.keep_freed_memory()
     try:
         result = run_worker(kind, args, jobs, barrier)
     except Exception as e:  # report, don't hang the parent
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our systems")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="keep: every worker process keeps freed memory (model.keep_freed_memory, as train.py "
+                   help="keep: every worker process keeps freed memory (scheduler.keep_freed_memory, as train.py "
                         "does); default: glibc's own settings")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="our systems fuse padded rows instead of packing the examples end to end")

@@ -11,16 +11,15 @@ The tokenizer (and DataError, the error of every bad input file) is in tokenizer
 """
 
 import dataclasses
-import string
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 # Tokenizer, load_tokenizer, DataError and CHATGLM_SPECIAL/CHATGLM3_ROLES are used as data.X by other files.
 from tokenizer import (CHATGLM3_ROLES, CHATGLM_SPECIAL, SURROGATE, DataError, Tokenizer,  # noqa: F401
-                       compile_template, load_tokenizer, one_line, parse_json, read_json, read_text, render_template)
+                       load_tokenizer, parse_json, read_text)
+from templates import NAMED_TEMPLATES, TemplateFile, file_texts, jinja_template, render_row, template_file  # noqa: F401
 
 IGNORE_INDEX = -100  # label of a position with no loss (torch's cross_entropy default ignore_index)
 
@@ -40,146 +39,8 @@ ALPACA_PROMPT_NO_INPUT = (
 # m-LoRA 2024's default template (mlora/prompter.py, default_prompt_template), verbatim.
 MLORA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
 MLORA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Output:\n"
-NAMED_TEMPLATES = ("alpaca", "mlora", "chat", "plain")
 NAMED_PROMPTS = {"alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
                  "mlora": (MLORA_PROMPT_INPUT, MLORA_PROMPT_NO_INPUT)}
-ROW_FIELDS = ("instruction", "input")  # what a JSON template's prompt may hold; {output} goes in the response
-
-
-@dataclass(frozen=True)
-class TemplateFile:
-    """A prompt template file, read and checked once (_template_file). Its format is told by its keys:
-    alpaca-lora  {"prompt_input", "prompt_no_input", "description"?, "response_split"?}: the prompts;
-                 the response is the row's output
-    mlora        m-LoRA's JSON, 2023 {"parameter", "prompt", "prompt_no_input", "description"} and 2024
-                 {"prompt", "prompt_no_input", "description", "response"}: each text holds {output}; the
-                 prompt is what comes before it, the response the output and what follows it
-    jinja        m-LoRA's 2025 YAML {"template": ...} (or a .jinja file): renders a whole row (data_point)
-    """
-    path: str
-    format: str  # "alpaca-lora", "mlora" or "jinja"
-    prompts: tuple[str, str] = ("", "")  # str.format texts of the prompt: of a row with an input, without
-    suffixes: tuple[str, str] = ("", "")  # the same, of what follows the output in the response (mlora)
-    # Which rows take the no-input form: "empty" (input missing or ""), "missing" (no input field),
-    # "never" (an m-LoRA template whose choice does not look at the input; see _mlora_template).
-    no_input_when: str = "empty"
-    jinja: object = None  # the compiled template (jinja)
-
-
-def _placeholders(path: str, key: str, text, allowed: tuple[str, ...]) -> list[str]:
-    """The names of text's str.format placeholders, each plain and one of allowed (the row fills
-    them); a literal brace is written {{ or }}."""
-    if not isinstance(text, str):
-        raise DataError(f"{path}: '{key}' must be a string, got {type(text).__name__}")
-    try:
-        fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(text)
-                  if name is not None]
-    except ValueError as e:  # a stray brace: "Single '}' encountered in format string"
-        raise DataError(f"{path}: '{key}': {e} (write a literal brace as {{{{ or }}}})") from None
-    for name, conversion, spec in fields:
-        if name not in allowed or conversion or spec:
-            placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            names = [f"{{{field}}}" for field in allowed]
-            why = " (the response is the row's output, written after the prompt)" if name == "output" else ""
-            raise DataError(f"{path}: '{key}' has a bad placeholder {one_line(placeholder, 60)}: "
-                            f"only {', '.join(names[:-1])} and {names[-1]} are filled{why}")
-    return [name for name, _, _ in fields]
-
-
-def _split_at_output(text: str) -> tuple[str, str]:
-    # An m-LoRA text "...{output}..." (placeholders checked) as two str.format texts: before and after {output}.
-    parts, current = [], []
-    for literal, name, _, _ in string.Formatter().parse(text):
-        current.append(literal.replace("{", "{{").replace("}", "}}"))
-        if name == "output":
-            parts.append("".join(current))
-            current = []
-        elif name is not None:
-            current.append("{" + name + "}")
-    return parts[0], "".join(current)
-
-
-def _read_template_object(file: Path) -> dict:
-    # The object a template file holds: JSON, YAML (.yaml/.yml), or a bare Jinja template (.jinja).
-    if file.suffix == ".jinja":
-        return {"template": read_text(file)}
-    if file.suffix not in (".yaml", ".yml"):
-        return read_json(file)
-    import yaml  # only m-LoRA's YAML templates need it
-    try:
-        spec = yaml.safe_load(read_text(file))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise DataError(f"{file}: cannot parse YAML ({one_line(getattr(e, 'problem', None) or e)}{at})") from None
-    except (ValueError, RecursionError) as e:  # a bad date (2024-13-01), nesting too deep
-        raise DataError(f"{file}: cannot parse YAML ({type(e).__name__}: {one_line(e)})") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{file}: expected a YAML mapping (template: ...), got {type(spec).__name__}")
-    return spec
-
-
-@lru_cache(maxsize=None)
-def _template_file(path: str) -> TemplateFile:
-    # Read and checked once, so that a bad file fails before any row; the format comes from the keys.
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: template file not found (named templates: {', '.join(NAMED_TEMPLATES)})")
-    spec = _read_template_object(file)
-    formats = {"prompt_input": "alpaca-lora", "prompt": "mlora", "template": "jinja"}
-    found = [key for key in formats if key in spec]
-    if not found:
-        raise DataError(f"{path}: missing key 'prompt_input' (alpaca-lora's format), 'prompt' (m-LoRA's JSON) "
-                        "or 'template' (m-LoRA's YAML)")
-    if len(found) > 1:
-        raise DataError(f"{path}: keys '{found[0]}' ({formats[found[0]]}) and '{found[1]}' ({formats[found[1]]}) "
-                        "are of two template formats; keep one")
-    kind = formats[found[0]]
-    if kind == "jinja":  # m-LoRA's prompter reads "template" only
-        if not isinstance(spec["template"], str):
-            raise DataError(f"{path}: 'template' must be a string, got {type(spec['template']).__name__}")
-        return TemplateFile(path, kind, jinja=compile_template(spec["template"], file, what="template"))
-    keys = ("prompt_input", "prompt_no_input") if kind == "alpaca-lora" else ("prompt", "prompt_no_input")
-    for key in keys:
-        if key not in spec:
-            raise DataError(f"{path}: missing key '{key}'")
-        if kind == "alpaca-lora":
-            _placeholders(path, key, spec[key], ROW_FIELDS)
-    for key in ("description", "response_split" if kind == "alpaca-lora" else "response"):
-        if not isinstance(spec.get(key, ""), str):
-            raise DataError(f"{path}: '{key}' must be a string, got {type(spec[key]).__name__}")
-    if kind == "alpaca-lora":
-        return TemplateFile(path, kind, prompts=(spec["prompt_input"], spec["prompt_no_input"]))
-    return _mlora_template(path, spec)
-
-
-def _mlora_template(path: str, spec: dict) -> TemplateFile:
-    """m-LoRA's JSON template: "prompt" and "prompt_no_input" each hold {output} once."""
-    names = {}
-    for key in ("prompt", "prompt_no_input"):
-        names[key] = _placeholders(path, key, spec[key], ROW_FIELDS + ("output",))
-        if names[key].count("output") != 1:
-            raise DataError(f"{path}: '{key}' must hold {{output}} once (where the row's output goes), "
-                            f"it has {names[key].count('output')}")
-    # Which rows m-LoRA gave prompt_no_input. 2023 (aspen/dataset.py): a row lacking a field that
-    # "parameter" lists; 2024 (mlora/prompter/prompter.py): a row on which "prompt".format(**row)
-    # failed, i.e. lacking a field it uses. Rows here always have instruction and output, so both
-    # come down to "the row has no input field" when that field counts; an empty input takes "prompt".
-    if "parameter" in spec:
-        parameters = spec["parameter"]
-        if not (isinstance(parameters, list) and all(isinstance(name, str) for name in parameters)):
-            raise DataError(f"{path}: 'parameter' must be a list of field names, got {one_line(parameters, 60)}")
-        unknown = [name for name in parameters if name not in ROW_FIELDS + ("output",)]
-        if unknown:
-            raise DataError(f"{path}: 'parameter' lists {one_line(unknown[0], 60)!r}: rows fill only "
-                            "instruction, input and output")
-        input_counts = "input" in parameters
-    else:
-        input_counts = "input" in names["prompt"]
-    (prompt, suffix), (prompt_no_input, suffix_no_input) = (_split_at_output(spec[key])
-                                                            for key in ("prompt", "prompt_no_input"))
-    return TemplateFile(path, "mlora", prompts=(prompt, prompt_no_input), suffixes=(suffix, suffix_no_input),
-                        no_input_when="missing" if input_counts else "never")
 
 
 def check_template(template: str, tokenizer: Tokenizer) -> None:
@@ -187,31 +48,11 @@ def check_template(template: str, tokenizer: Tokenizer) -> None:
     if template == "chat" and tokenizer.chat_template is None and tokenizer.chatglm is None:
         raise DataError(f"template 'chat': {tokenizer.path} has no chat template")
     if template not in NAMED_TEMPLATES:
-        _template_file(str(template))
-
-
-def _jinja_template(template: str) -> TemplateFile | None:
-    # The template file when it is a Jinja one (it renders whole rows of any fields), else None.
-    if template in NAMED_TEMPLATES:
-        return None
-    spec = _template_file(str(template))
-    return spec if spec.format == "jinja" else None
+        template_file(str(template))
 
 
 def _chat_messages(instruction: str, input: str | None) -> list[dict]:
     return [{"role": "user", "content": instruction + ("\n\n" + input if input else "")}]
-
-
-def _file_texts(spec: TemplateFile, instruction: str, input: str | None, output: str) -> tuple[str, str]:
-    # (prompt, response) of a row by a JSON template file; input None: the row has no input field.
-    if spec.format == "jinja":
-        raise DataError(f"{spec.path}: a Jinja template renders whole rows; it has no prompt of its own")
-    if spec.no_input_when == "empty":
-        form = 0 if input else 1
-    else:
-        form = 1 if input is None and spec.no_input_when == "missing" else 0
-    fill = {"instruction": instruction, "input": input or ""}
-    return spec.prompts[form].format(**fill), output + spec.suffixes[form].format(**fill)
 
 
 def build_prompt(template: str, tokenizer: Tokenizer, instruction: str, input: str | None = "") -> str:
@@ -224,7 +65,7 @@ def build_prompt(template: str, tokenizer: Tokenizer, instruction: str, input: s
         return tokenizer.apply_chat_template(_chat_messages(instruction, input), add_generation_prompt=True)
     if template == "plain":
         return instruction + ("\n" + input if input else "")
-    return _file_texts(_template_file(str(template)), instruction, input, "")[0]
+    return file_texts(template_file(str(template)), instruction, input, "")[0]
 
 
 def format_example(template: str, tokenizer: Tokenizer, instruction: str, input: str | None,
@@ -232,7 +73,7 @@ def format_example(template: str, tokenizer: Tokenizer, instruction: str, input:
     """(prompt, response) texts of one row; for 'chat' the response is the whole assistant turn,
     end-of-turn markup included; for an m-LoRA JSON template the output and what follows {output}."""
     if template not in NAMED_TEMPLATES:
-        return _file_texts(_template_file(str(template)), instruction, input, output)
+        return file_texts(template_file(str(template)), instruction, input, output)
     prompt = build_prompt(template, tokenizer, instruction, input)
     if template != "chat":
         return prompt, output
@@ -243,17 +84,6 @@ def format_example(template: str, tokenizer: Tokenizer, instruction: str, input:
         raise DataError("template 'chat': the conversation rendered with the reply does not start "
                         "with the prompt rendered with add_generation_prompt=True")
     return prompt, full[len(prompt):]
-
-
-def render_row(spec: TemplateFile, row: dict, **flags) -> str:
-    """A Jinja template file's text of one row, as m-LoRA's prompter renders it: data_point=row
-    (and is_chosen for preference data), bounded as chat templates are (tokenizer.render_template)."""
-    text = render_template(spec.jinja, Path(spec.path), dict(data_point=row, **flags), len(str(row)), what="template")
-    bad = SURROGATE.search(text)
-    if bad:
-        raise DataError(f"{spec.path}: the rendered text has a lone surrogate \\u{ord(bad.group()):04x} "
-                        f"at character {bad.start()}, which is not text")
-    return text
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +200,7 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
     With a Jinja template file a row is any object, and its whole rendering is the response: the loss
     covers every token, as in m-LoRA."""
     path = Path(path)
-    jinja = _jinja_template(template)
+    jinja = jinja_template(template)
     examples = []
     for where, row in _numbered_rows(path, tokenizer, template):
         if jinja:  # the whole rendering is the response
@@ -397,7 +227,7 @@ def load_task_rows(path: str | Path, tokenizer: Tokenizer, template: str = "alpa
     """Held-out prompts for task evaluation: per row {instruction, input?, output}, the prompt's
     token ids as training reads them (template, BOS; at most cutoff_len) and the expected output."""
     path = Path(path)
-    if _jinja_template(template):
+    if jinja_template(template):
         raise DataError(f"{path}: a Jinja template renders whole rows, with no prompt to answer; "
                         f"task_metric needs another template")
     rows = []
@@ -425,7 +255,7 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
     answer as its response (EOS as SFT), each sequence cut to cutoff_len. With a Jinja template
     file a row is any object, rendered once per answer (_jinja_pair)."""
     path = Path(path)
-    jinja = _jinja_template(template)
+    jinja = jinja_template(template)
     pairs = []
     for where, row in _numbered_rows(path, tokenizer, template):
         if jinja:

@@ -31,7 +31,8 @@ import llama
 import lora
 from jobs import Fused, Run, step_rows
 from lora_update import drop_threshold
-from objectives import METRIC_SUMS, chunked_token_losses, objective_of
+from fast import chunked_token_losses
+from objectives import METRIC_SUMS, objective_of
 
 MAX_GRAPHS = 8          # graphs kept (each holds its own memory pool: about one step's activations)
 MIN_BUCKET = 64

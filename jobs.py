@@ -25,6 +25,7 @@ import peft_format
 from config import ConfigError, JobConfig, RunConfig, clear_run, field_label, file_digest, remove_partial_writes
 from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
 from report import evaluate, evaluate_tasks
+import scheduler
 from scheduler import JobPlan, MicroBatch, Scheduler
 
 
@@ -466,7 +467,7 @@ def finish(run: Run, name: str):
                          "tokens_per_s": s.tokens / max(latency, 1e-9), "final_loss": s.last_loss,
                          "initial_eval_loss": s.initial_eval_loss, "eval_loss": s.eval_loss,
                          "padded_tokens": s.padded_tokens, "padding": 1 - s.tokens / max(s.padded_tokens, 1),
-                         "peak_mem_mb": max(s.peak_mb, M.peak_memory(run.device)),
+                         "peak_mem_mb": max(s.peak_mb, scheduler.peak_memory(run.device)),
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
     if s.config.task_metric is not None:
         run.summary[name].update({"initial_eval_task": s.initial_eval_task, "eval_task": s.eval_task})

@@ -12,8 +12,6 @@ subclass of Llama that names its own Attention, MLP, config and rope (phi3.py).
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
 """
-import functools
-import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from fast import RMSNormFunction, attend_packed, attend_varlen
 
 
 # ----------------------------------------------------------------------------- config
@@ -311,13 +311,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-@functools.cache
-def varlen_takes_gqa() -> bool:
-    """Whether this torch's varlen_attn takes enable_gqa (2.13 does, 2.11 does not)."""
-    from torch.nn.attention.varlen import varlen_attn
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
 def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, gqa: bool) -> torch.Tensor:
     """Block-diagonal causal attention over one packed row, no mask materialised.
 
@@ -350,35 +343,6 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
-def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, longest: int,
-                  window: int | None, gqa: bool) -> torch.Tensor:
-    """torch's variable-length flash kernel over the segments of one packed row that begin at
-    `starts` [E+1] (int32, the last = N): [1, nh, N, hd]. CUDA, 16-bit only."""
-    from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
-    left = -1 if window is None else window - 1                                   # keys i-left .. i
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))              # [N, heads, hd]
-    extra = {}
-    if gqa and varlen_takes_gqa():
-        extra["enable_gqa"] = True
-    elif gqa:   # torch < 2.13 takes no enable_gqa: each k/v head repeated for its group of q heads
-        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-    y = varlen_attn(q, k, v, starts, starts, longest, longest, window_size=(left, 0), **extra)   # [N, nh, hd]
-    return y.transpose(0, 1)[None]                                                 # [1, nh, N, hd]
-
-
-def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: PackedRow, gqa: bool) -> torch.Tensor:
-    """Block-diagonal causal attention over a PackedRow, with no host read: the flash kernel on
-    CUDA in 16-bit, else SDPA with the [N, N] mask built from the segment numbers (the same
-    arithmetic as segment by segment, at N^2 cost: for tests, and fp32 on a GPU)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return attend_varlen(q, k, v, row.starts, row.longest, row.window, gqa)
-    i = torch.arange(q.size(2), device=q.device)
-    mask = (row.segment[:, None] == row.segment[None, :]) & (i[None, :] <= i[:, None])    # [N, N]
-    if row.window is not None:
-        mask &= i[None, :] > i[:, None] - row.window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
 # ----------------------------------------------------------------------------- blocks, checkpointed or not
 
 def run_block(model: nn.Module, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
@@ -409,39 +373,6 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- blocks
-
-class RMSNormFunction(torch.autograd.Function):
-    """weight * x / rms(x), normalized in fp32 and cast back to x's dtype before the weight
-    (transformers' Llama) or after it (weight_in_fp32: ChatGLM's order). The forward is those
-    ops; the backward is written out: autograd over them spends most of its time multiplying
-    by the [.., 1] statistics broadcast to [.., C] (pow's and mean's backward). 2 CPU cores,
-    2048 x 576 fp32, fwd+bwd: 3.7-4.1 ms through autograd, 2.0-2.4 ms written out
-    (scripts/block_time.py); 2 per block."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float, weight_in_fp32: bool):
-        h = x.float()
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)               # [.., 1]
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.weight_in_fp32 = weight_in_fp32
-        if weight_in_fp32:
-            return (weight * (h * rstd)).to(x.dtype)
-        return weight * (h * rstd).type_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        h = x.float()
-        grad_normed = grad.float() * weight                                    # d loss / d (h * rstd)
-        # d/dh of h * rstd(h) applied to g: rstd * (g - h * rstd^2 * mean(g * h))
-        dot = (grad_normed * h).mean(-1, keepdim=True).mul_(rstd.square())
-        grad_x = grad_normed.sub_(h * dot).mul_(rstd).to(x.dtype)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            normed = h * rstd if ctx.weight_in_fp32 else (h * rstd).type_as(x)
-            product = grad.float() * normed if ctx.weight_in_fp32 else grad * normed
-            grad_weight = product.flatten(0, -2).sum(0).to(weight.dtype)
-        return grad_x, grad_weight, None, None
 
 
 class RMSNorm(nn.Module):
@@ -568,7 +499,7 @@ class Llama(nn.Module):
         it every row is taken as unpadded. output_mask [B, T] (bool) keeps only those
         positions and returns [N, V], which saves the big vocab matmul on prompt tokens.
         head=False returns the final hidden states ([B, T, C] or [N, C]) instead, for a loss
-        that applies the output layer itself (train.chunked_token_losses). segments (lengths
+        that applies the output layer itself (objectives.token_losses). segments (lengths
         summing to T, B = 1) marks a packed row (data.pack): positions restart and attention
         stays inside each segment; a PackedRow gives the same as device tensors.
         """

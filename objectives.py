@@ -13,18 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import data
+from fast import chunked_token_losses
 
 Job = typing.Any   # a config.JobConfig: config imports this table to check jobs by it, so not the other way
 
 
-def token_losses(model, batch: data.Batch):
-    """Next-token loss of every labelled position: (losses [N], the sequence each came from [N])."""
+def token_losses(model, batch: data.Batch, **chunking):
+    """Next-token loss of every labelled position: (losses [N], the sequence each came from [N]).
+    chunking: fast.chunked_token_losses' chunk sizes (tests)."""
     targets = batch.labels[:, 1:]                                       # [B, T-1]
     keep = torch.zeros_like(batch.labels, dtype=torch.bool)             # [B, T]
     keep[:, :-1] = targets != -100
     hidden = model(batch.input_ids, output_mask=keep, head=False, segments=batch.segments)   # [N, C]
     output_layer = model.get_submodule(model.OUTPUT_LAYER)
-    losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]])
+    losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]], **chunking)
     return losses, batch.example_of(keep)
 
 
@@ -75,72 +77,6 @@ def job_losses(model, jobs: list[Job], fused: FusedRows, examples: list[list], s
     if whole_batch:
         losses = losses + 0 * token_nll.sum()
     return losses, rewards
-
-
-LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk of chunked_token_losses (64 MiB in fp32; see ChunkedTokenLosses)
-LOSS_CHUNK_MIN_ROWS = 384    # but never fewer rows (223 MiB at a 152k vocabulary): each chunk reads the whole output layer
-
-
-class ChunkedTokenLosses(torch.autograd.Function):
-    """Cross-entropy of hidden [N, C] through a frozen output layer [V, C], chunk by chunk.
-
-    The [N, V] logits never exist at once (a fused batch of 8 x 256 over SmolLM2's 49k
-    vocabulary would hold 1.6 GB of them with their softmax and gradient). The losses are the
-    graph's last op and each token's gradient is its loss's weight times (softmax - onehot) W,
-    so forward computes that [N, C] term right after each chunk's logits and backward only
-    scales it: no logits are kept, none recomputed. Chunk size, 2 CPU cores, 1229 tokens x
-    SmolLM2's 49k vocabulary, fwd+bwd (median of 5, interleaved): 2^22 logits per chunk (85
-    rows) 1.60 s, 2^24 (341 rows) 1.33 s, all at once through F.cross_entropy 1.41 s. With
-    larger vocabularies 2^24 logits are few rows, and each chunk's two matmuls go through the
-    whole [V, C] layer again (545 MB for Qwen2's 152k x 896), so a chunk has at least
-    LOSS_CHUNK_MIN_ROWS rows. 2048 tokens x 152k, fwd+bwd: 110 rows a chunk 12.6-12.8 s, 384
-    rows 9.4-10.1 s, all at once 10.8-11.8 s (`python scripts/loss_time.py --tokens 2048`).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        N, V = hidden.size(0), weight.size(0)
-        chunk = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // V)
-        dtype = torch.promote_types(hidden.dtype, torch.float32)          # softmax in fp32 at least
-        losses = torch.empty(N, dtype=dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # One logits buffer for every chunk: a fresh [341, 49k] fp32 tensor per chunk is mapped
-        # anew (over malloc's 32 MiB mmap limit) and page-faulted on its first write; the loss
-        # alone, 1500 tokens fwd+bwd on 2 CPU cores: 1.37 -> 1.26 s with the buffer.
-        buffer = torch.empty(min(chunk, N), V, dtype=dtype, device=hidden.device)
-        for start in range(0, N, chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = buffer[:len(t)]                                        # [n, V]
-            if h.dtype == dtype:
-                torch.mm(h, weight.t(), out=logits)
-            else:   # bf16/fp16 hidden states: the softmax in fp32
-                logits.copy_(h @ weight.t())
-            # log-sum-exp as top + log sum exp(logits - top), keeping those exps for the softmax:
-            # torch's logsumexp took 42 ms of a 341 x 49k chunk on 2 CPU cores, these four ops 17,
-            # and exp runs once, not twice (logsumexp, then the softmax).
-            top = logits.amax(-1, keepdim=True)                             # [n, 1]
-            target_logits = logits.gather(1, t[:, None])                    # [n, 1]
-            probs = logits.sub_(top).exp_()                                 # unnormalised softmax, in place
-            total = probs.sum(-1, keepdim=True)                             # [n, 1]
-            losses[start:start + chunk] = (top + total.log() - target_logits)[:, 0]
-            if grad_hidden is not None:
-                probs.div_(total)
-                probs[torch.arange(len(t), device=t.device), t] -= 1        # softmax - onehot
-                grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None
-
-
-def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [N] of hidden [N, C] through the (frozen) output weight [V, C]."""
-    if weight.requires_grad:
-        raise ValueError("chunked_token_losses: the output layer must be frozen (its gradient is not computed)")
-    return ChunkedTokenLosses.apply(hidden, weight, targets)
 
 
 # ----------------------------------------------------------------------------- the objectives

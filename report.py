@@ -13,6 +13,7 @@ import files
 import generate
 import lora
 import model as M
+import scheduler
 from config import JobConfig
 from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means, task_correct,
                         token_losses)
@@ -99,7 +100,7 @@ def job_record(s) -> dict:
 
 def write_results(run):
     """Run totals (the seed's table's columns), summary.json, run.json, loss.png and a table."""
-    run.peak_mb = max(run.peak_mb, M.peak_memory(run.device))
+    run.peak_mb = max(run.peak_mb, scheduler.peak_memory(run.device))
     total_s = run.now()
     memory = run.sched.memory
     errors = run.prediction_errors

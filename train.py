@@ -33,6 +33,7 @@ import torch
 import data
 import lora
 import model as M
+import scheduler
 from config import ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, load_config, validate  # noqa: F401
 from jobs import (Fused, JobState, Run, admit_all, describe, eval_due, evaluate_and_stop, finish, load_base,  # noqa: F401
                   open_run, prefetch_tasks, prepare, read_inputs, step_rows, stop_early)
@@ -209,10 +210,10 @@ def train_step(run: Run):
         micro_batches = run.sched.next_step()
         # The window since the last backward (optimizer steps, evals, admissions) counts toward
         # the peaks too; then a fresh window for this step, whose peak the memory model learns.
-        between_mb = M.peak_memory(run.device)
-        M.reset_peak_memory(run.device)
+        between_mb = scheduler.peak_memory(run.device)
+        scheduler.reset_peak_memory(run.device)
         fused = steps.forward_backward(run, micro_batches)
-        between_mb, step_mb = steps.peaks(run, between_mb, M.peak_memory(run.device))
+        between_mb, step_mb = steps.peaks(run, between_mb, scheduler.peak_memory(run.device))
         if fused.micro_batches:
             stepped = steps.optimize(run, accumulate(run, fused))
             steps.evaluate(run, stepped)
@@ -416,8 +417,8 @@ def exit_with(status: int):
 
 if __name__ == "__main__":
     # Process-wide settings, set here only: the allocator keeps freed memory for the next step
-    # (model.keep_freed_memory), and SIGALRM stops a chat template past its time (tokenizer.py).
+    # (scheduler.keep_freed_memory), and SIGALRM stops a chat template past its time (tokenizer.py).
     import tokenizer
-    M.keep_freed_memory()
+    scheduler.keep_freed_memory()
     tokenizer.alarm_stops_templates()
     exit_with(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 routes them (ours) and without (base): milliseconds per block and tensor ops per block, at
 k jobs x 2 rows x SEQ packed tokens. Comparing two SEQ values splits ours' extra time into a
 part that grows with the tokens (arithmetic) and one that does not (per-op cost). Then the
-RMSNorm of that block's width, fwd+bwd, through llama.RMSNormFunction and through autograd
+RMSNorm of that block's width, fwd+bwd, through fast.RMSNormFunction and through autograd
 over its plain ops.
 
     python scripts/block_time.py --seq 256,8
@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: E402
 import data  # noqa: E402
+import fast
 import llama  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
+import scheduler  # noqa: E402
 import train  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,7 +89,7 @@ def main():
     p.add_argument("--seq", default="256,8", help="tokens per row, comma-separated")
     p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args()
-    M.keep_freed_memory()
+    scheduler.keep_freed_memory()
     for seq in [int(s) for s in a.seq.split(",")]:
         for ours in (False, True):
             step = block_step(a.base, ours, a.k, seq)
@@ -105,7 +107,7 @@ def main():
             h = x.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
             return weight * h.type_as(x)
-        written = timed(lambda: torch.autograd.grad(llama.RMSNormFunction.apply(x, weight, 1e-5, False), x, grad), 60)
+        written = timed(lambda: torch.autograd.grad(fast.RMSNormFunction.apply(x, weight, 1e-5, False), x, grad), 60)
         autograd = timed(lambda: torch.autograd.grad(plain(), x, grad), 60)
         print(f"RMSNorm {tuple(x.shape)} {dtype}: autograd over its ops {autograd:.2f} ms, written out {written:.2f} ms fwd+bwd")
 

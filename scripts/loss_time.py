@@ -1,4 +1,4 @@
-"""The output layer and next-token loss, fwd+bwd, three ways: objectives.chunked_token_losses
+"""The output layer and next-token loss, fwd+bwd, three ways: fast.chunked_token_losses
 (chunks of LOSS_CHUNK_ELEMENTS logits but at least LOSS_CHUNK_MIN_ROWS rows, no [N, V] logits
 kept), the same with chunks of LOSS_CHUNK_ELEMENTS logits however few rows (the rule before
 the minimum), and F.cross_entropy over all the logits at once. At three vocabularies, SmolLM2's
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M  # noqa: E402
-import objectives  # noqa: E402
+import scheduler  # noqa: E402
+import fast  # noqa: E402
 from block_time import timed  # noqa: E402  (scripts/, the running script's folder, is on sys.path)
 
 SHAPES = {   # name: (hidden size, vocabulary), as in the models' config.json
@@ -35,9 +36,8 @@ SHAPES = {   # name: (hidden size, vocabulary), as in the models' config.json
 def measure(shape: str, way: str, tokens: int, repeats: int):
     """In this process: the median seconds of one fwd+bwd and the peak MiB it added."""
     C, V = SHAPES[shape]
-    M.keep_freed_memory()   # as train.py runs
-    if way == "chunked-elements-only":
-        objectives.LOSS_CHUNK_MIN_ROWS = 1
+    scheduler.keep_freed_memory()   # as train.py runs
+    min_rows = 1 if way == "chunked-elements-only" else fast.LOSS_CHUNK_MIN_ROWS
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(V, C, generator=g).mul_(C ** -0.5)   # in place: no second copy in the baseline peak
     hidden = torch.randn(tokens, C, generator=g, requires_grad=True)
@@ -45,7 +45,7 @@ def measure(shape: str, way: str, tokens: int, repeats: int):
 
     def step():
         if way.startswith("chunked"):
-            losses = objectives.chunked_token_losses(hidden, weight, targets)
+            losses = fast.chunked_token_losses(hidden, weight, targets, min_rows=min_rows)
         else:
             losses = F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
         losses.sum().backward()
@@ -80,8 +80,8 @@ def main():
         for way, runs in results.items():
             seconds = ", ".join(f"{s:.2f}" for s, _ in runs)
             peaks = ", ".join(f"{m:.0f}" for _, m in runs)
-            rows = {"chunked": max(objectives.LOSS_CHUNK_MIN_ROWS, objectives.LOSS_CHUNK_ELEMENTS // V),
-                    "chunked-elements-only": objectives.LOSS_CHUNK_ELEMENTS // V}.get(way, a.tokens)
+            rows = {"chunked": max(fast.LOSS_CHUNK_MIN_ROWS, fast.LOSS_CHUNK_ELEMENTS // V),
+                    "chunked-elements-only": fast.LOSS_CHUNK_ELEMENTS // V}.get(way, a.tokens)
             print(f"| {shape} | {C} x {V} | {way} | {min(rows, a.tokens)} | {seconds} | {peaks} |")
 
 

@@ -43,7 +43,7 @@ def test_no_import_cycles():
 
 def test_model_files_know_nothing_of_lora_or_files():
     graph = imports_between_modules()
-    assert graph["llama"] == set() and graph["chatglm"] == {"llama"}
+    assert graph["llama"] == {"fast"} and graph["chatglm"] == {"llama"} and graph["fast"] == set()
     assert "lora" not in graph["model"] | graph["quant"]     # LoRA is applied after loading
     assert "train" not in graph["demo"]                      # train.run_demo drives the demo
 

@@ -115,13 +115,13 @@ def plain_rms_norm(x, weight, eps, weight_in_fp32):
 
 @pytest.mark.parametrize("weight_in_fp32", [False, True])
 def test_rms_norm_backward_matches_autograd(weight_in_fp32):
-    import llama
+    import fast
     g = torch.Generator().manual_seed(0)
     x, weight = torch.randn(2, 5, 8, generator=g) * 3, torch.rand(8, generator=g) + 0.5
     for dtype in (torch.float32, torch.bfloat16):   # forward bitwise as the plain ops, gradients close
         xs, ws = x.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
         grad = torch.randn(2, 5, 8, generator=g).to(dtype)
-        ours = llama.RMSNormFunction.apply(xs, ws, 1e-5, weight_in_fp32)
+        ours = fast.RMSNormFunction.apply(xs, ws, 1e-5, weight_in_fp32)
         plain = plain_rms_norm(xs, ws, 1e-5, weight_in_fp32)
         assert torch.equal(ours, plain)
         for a, b in zip(torch.autograd.grad(ours, (xs, ws), grad), torch.autograd.grad(plain, (xs, ws), grad)):
@@ -528,8 +528,8 @@ def test_check_folder_and_bin_shards(tmp_path, single):
 KEEP_FREED = """
 import resource, sys
 sys.path.insert(0, sys.argv[1])
-import torch, model
-assert model.keep_freed_memory()
+import torch, scheduler
+assert scheduler.keep_freed_memory()
 def allocate_and_free():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     held = [torch.empty(2**20).fill_(1.0) for _ in range(50)]   # 50 tensors of 4 MiB, written
@@ -542,11 +542,12 @@ print(*[allocate_and_free() for _ in range(4)])
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_reuses_freed_pages():
     # In a fresh process (it changes the process's allocator). glibc's defaults give the
-    # freed 200 MiB back, so each round faults all 51200 pages in again; kept, only the first does.
+    # freed 200 MiB back, so each round faults all 51200 pages in again; kept, only the first does
+    # (later rounds measured 0-6144 faults: torch's own allocations around them vary).
     out = subprocess.run([sys.executable, "-c", KEEP_FREED, str(Path(M.__file__).parent)],
                          capture_output=True, text=True, check=True).stdout
     first, *later = map(int, out.split())
-    assert first > 40000 and all(faults < 5000 for faults in later), out
+    assert first > 40000 and all(faults < first // 4 for faults in later), out
 
 
 # ----------------------------------------------------------------------------- the families table

@@ -10,6 +10,7 @@ import data
 import lora
 from llama import Llama
 import model as M
+import fast
 import objectives
 import peft_format
 import train
@@ -215,13 +216,12 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     labels[:, :7] = -100
     labels[2, 15:] = -100
     batch = data.Batch(ids, labels, torch.tensor([20, 20, 15]), ["a"] * 3)
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 5 * net.config.vocab_size + 1)  # chunks of 5 rows
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 1)
     results = []
     for chunked in (True, False):
         with lora.route(net, batch.adapter_names):
             if chunked:
-                losses, rows = objectives.token_losses(net, batch)
+                # chunks of 5 rows
+                losses, rows = objectives.token_losses(net, batch, chunk_elements=5 * net.config.vocab_size + 1, min_rows=1)
             else:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = labels[:, 1:] != -100
@@ -239,12 +239,10 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
 def test_chunked_loss_of_half_precision_hidden_states_is_computed_in_float32(monkeypatch):
     """bf16 hidden states and output layer (a GPU's): the logits of each chunk are taken to fp32
     before the softmax, as F.cross_entropy over the fp32 logits of the same bf16 matmul."""
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # chunks of 7 rows, the last of 1
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 32, generator=g).bfloat16().requires_grad_()
     weight, targets = torch.randn(100, 32, generator=g).bfloat16(), torch.randint(0, 100, (50,), generator=g)
-    losses = objectives.chunked_token_losses(hidden, weight, targets)
+    losses = fast.chunked_token_losses(hidden, weight, targets, 7 * 100, 1)   # chunks of 7 rows, the last of 1
     losses.sum().backward()
     grad, hidden.grad = hidden.grad, None
     expected = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="none")
@@ -258,13 +256,12 @@ def test_loss_chunks_have_at_least_the_minimum_rows(monkeypatch):
     """A large vocabulary makes LOSS_CHUNK_ELEMENTS few rows; chunks then take
     LOSS_CHUNK_MIN_ROWS rows (two output-layer matmuls per chunk), and the losses and
     gradient stay F.cross_entropy's."""
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_ELEMENTS", 7 * 100)   # 7 rows of a 100-word vocabulary
-    monkeypatch.setattr(objectives, "LOSS_CHUNK_MIN_ROWS", 20)        # chunks of 20, 20 and 10 rows
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 32, generator=g, requires_grad=True)
     weight, targets = torch.randn(100, 32, generator=g), torch.randint(0, 100, (50,), generator=g)
     with Recorder() as recorder:
-        losses = objectives.chunked_token_losses(hidden, weight, targets)
+        # 7 rows of a 100-word vocabulary, but chunks of at least 20: 20, 20 and 10 rows
+        losses = fast.chunked_token_losses(hidden, weight, targets, chunk_elements=7 * 100, min_rows=20)
     assert sum(op.startswith("aten.mm.") for op, *_ in recorder.ops) == 2 * 3
     losses.sum().backward()
     expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
