@@ -45,27 +45,13 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
     generate keeps EOS); seed makes sampling reproducible; only ids below vocab_size
     (the tokenizer's size) are chosen.
     """
-    if len(prompts) != len(adapters):
-        raise ValueError(f"generate: {len(prompts)} prompts but {len(adapters)} adapters")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: empty prompt (give at least one token, e.g. BOS)")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if vocab_size is not None and vocab_size <= 0:
-        raise ValueError(f"generate: vocab_size must be positive, got {vocab_size}")
+    check_generate_args(prompts, adapters, temperature, top_p, vocab_size)
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     stop_ids = set(stop_ids or ())
     device = next(model.parameters()).device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    # Left padding: each row's last prompt token sits in column T-1, so the new tokens of
-    # all rows form one column per step; the mask hides the padding from attention.
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[b, T - len(prompt):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    B, T = input_ids.shape
     last_column = torch.zeros(B, T, dtype=torch.bool, device=device)
     last_column[:, -1] = True  # only the last position's logits are needed: skip the vocab matmul elsewhere
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -97,7 +83,37 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
                 logits = model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]  # [B, V]
     finally:
         model.train(was_training)
+    return cut_at_stop(new_tokens, stop_ids)
 
+
+def check_generate_args(prompts: list[list[int]], adapters: list[str | None], temperature: float, top_p: float,
+                        vocab_size: int | None) -> None:
+    """Raise ValueError on arguments generate cannot run with."""
+    if len(prompts) != len(adapters):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(adapters)} adapters")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: empty prompt (give at least one token, e.g. BOS)")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if vocab_size is not None and vocab_size <= 0:
+        raise ValueError(f"generate: vocab_size must be positive, got {vocab_size}")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] of the prompts, each padded on the left to the longest."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    # Left padding: each row's last prompt token sits in column T-1, so the new tokens of
+    # all rows form one column per step; the mask hides the padding from attention.
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[b, T - len(prompt):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def cut_at_stop(new_tokens: list[torch.Tensor], stop_ids: set[int]) -> list[list[int]]:
+    """Each row's tokens up to and including its first stop id (python lists: syncs the device)."""
     outputs = []
     for row in torch.stack(new_tokens, dim=1).tolist():                      # [B, steps]
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

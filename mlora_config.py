@@ -17,6 +17,7 @@ torch's AdamW weight decay (0.01), intervals (save_step, early_stop_test_step) i
 """
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from model import FAMILIES
 
@@ -140,6 +141,15 @@ def _count_rows(m: MloraFile, path: str, field: str) -> int:
     return len(rows)
 
 
+class ListGlobals(NamedTuple):
+    """The 2023/2024 file's globals that every adapter of its "lora" list reads."""
+    cutoff_len: int
+    save_step: int                # in micro-batches; 0 or less: no saves
+    test_step: int | None         # early_stop_test_step, in micro-batches
+    group_by_length: bool         # a 2023 global; the default of 2024's per-adapter field
+    expand_side: str              # "right" or "left": the default of each adapter's expand_side
+
+
 def _mlora_lora_list(raw: dict, m: MloraFile) -> dict:
     """m-LoRA's 2023 and 2024 JSON: globals and a "lora" list (2024 when an item has lora_alpha)."""
     raw = dict(raw)
@@ -147,6 +157,16 @@ def _mlora_lora_list(raw: dict, m: MloraFile) -> dict:
     if not items:
         raise m.error("lora", "expected a non-empty list of adapters")
     v2024 = any(isinstance(item, dict) and "lora_alpha" in item for item in items)
+    out, shared = _mlora_list_globals(m, raw, v2024)
+    out["jobs"] = []
+    for i, item in enumerate(items):
+        out["jobs"].append(_mlora_list_adapter(m, item, f"lora[{i}]", v2024, shared))
+    return out
+
+
+def _mlora_list_globals(m: MloraFile, raw: dict, v2024: bool) -> tuple[dict, ListGlobals]:
+    """The list file's globals: our scheduler (and device) settings, and what each adapter reads;
+    fields only m-LoRA's other modes read go to the warning."""
     cutoff_len = m.take(raw, "cutoff_len", "", int)
     if cutoff_len == -1:
         raise m.error("cutoff_len", "-1 (the model's own maximum length) is not supported; give a number of tokens")
@@ -174,62 +194,75 @@ def _mlora_lora_list(raw: dict, m: MloraFile) -> dict:
             raw.pop(key)
             m.ignore(key, "read by m-LoRA's --evaluate mode only")
     m.leftovers(raw, "")
+    return out, ListGlobals(cutoff_len, save_step, test_step, group_by_length, expand_side)
 
-    out["jobs"] = []
-    for i, item in enumerate(items):
-        where = f"lora[{i}]"
-        if not isinstance(item, dict):
-            raise m.error(where, f"expected an object, got {item!r}")
-        item = dict(item)
-        for key in ("routing_strategy", "peft_type"):
-            if key in item:
-                raise m.error(f"{where}.{key}", "MixLoRA / LoRAMoE adapters are not supported")
-        job = {"name": m.take(item, "name", where, str), "data": m.take(item, "data", where, str),
-               "r": m.take(item, "r", where, int),
-               "alpha": m.take(item, "lora_alpha" if v2024 else "alpha", where, float),
-               "dropout": m.take(item, "lora_dropout" if v2024 else "dropout", where, float),
-               "targets": _mlora_targets(m, m.take(item, "target_modules", where, (dict, list) if v2024 else dict),
-                                         f"{where}.target_modules"),
-               "lr": m.take(item, "lr", where, float), "batch_size": m.take(item, "batch_size", where, int),
-               "epochs": m.take(item, "num_epochs", where, int),
-               "cutoff_len": cutoff_len, "train_on_inputs": True, "max_grad_norm": None,
-               "group_by_length": m.take(item, "group_by_length", where, bool, group_by_length)}
-        # 2024's micro_batch_size defaults to batch_size (mlora/trainer.py); 2023 requires it.
-        job["micro_batch_size"] = m.take(item, "micro_batch_size", where, int,
-                                         job["batch_size"] if v2024 else MLORA_REQUIRED)
-        job["optimizer"] = m.take(item, "optim", where, str, "adamw" if v2024 else MLORA_REQUIRED)
-        if job["optimizer"] not in MLORA_OPTIMIZERS:
-            raise m.error(f"{where}.optim", f"expected adamw or sgd (m-LoRA's two), got {job['optimizer']!r}")
-        job["momentum"] = m.take(item, "momentum", where, float, 0.0)
-        # 2023: torch's defaults (AdamW 0.01, SGD none); 2024: a field, 0.01 unless given, for both.
-        default_decay = 0.01 if v2024 or job["optimizer"] == "adamw" else 0.0
-        job["weight_decay"] = m.take(item, "weight_decay", where, float, default_decay) if v2024 else default_decay
-        job["template"] = m.take(item, "prompt", where, str, "mlora" if v2024 else MLORA_REQUIRED)
-        test_data = m.take(item, "test_data", where, str, None)
-        if test_data:
-            job["test_data"] = test_data
-        if save_step > 0:
-            job["save_every"] = _optimizer_steps(save_step, job)
-        if test_step is not None and test_data:
-            job["eval_every"] = _optimizer_steps(test_step, job)  # m-LoRA tests every so often; no stop rule in the file
-        elif test_step is not None:
-            m.ignore(f"early_stop_test_step for {where}", "the adapter has no test_data")
-        if m.take(item, "test_batch_size", where, int, None) is not None:
-            m.ignore(f"{where}.test_batch_size", "held-out rows go in micro-batches; no effect on training")
-        side = m.take(item, "expand_side", where, str, expand_side)
-        if side not in ("right", "left"):
-            raise m.error(f"{where}.expand_side", f"expected right or left, got {side!r}")
-        if side == "left":
-            m.ignore(f"{where}.expand_side" if "expand_side" in items[i] else "expand_right",
-                     "rows are packed or padded on the right; padding is masked either way")
-        if not v2024:
-            if m.take(item, "output", where, str, None) is not None:
-                m.ignore(f"{where}.output", "adapters are written to out_dir/<name>/")
-        else:
-            _mlora_2024_fields(m, item, where, job)
-        m.leftovers(item, where)
-        out["jobs"].append(job)
-    return out
+
+def _mlora_list_adapter(m: MloraFile, given, where: str, v2024: bool, shared: ListGlobals) -> dict:
+    """Our job from one item of the "lora" list: its fields, then its intervals, padding side and
+    the generation's own fields; whatever is left goes to the warning."""
+    if not isinstance(given, dict):
+        raise m.error(where, f"expected an object, got {given!r}")
+    item = dict(given)
+    for key in ("routing_strategy", "peft_type"):
+        if key in item:
+            raise m.error(f"{where}.{key}", "MixLoRA / LoRAMoE adapters are not supported")
+    job = _mlora_list_job(m, item, where, v2024, shared)
+    _mlora_list_intervals(m, item, where, job, shared)
+    side = m.take(item, "expand_side", where, str, shared.expand_side)
+    if side not in ("right", "left"):
+        raise m.error(f"{where}.expand_side", f"expected right or left, got {side!r}")
+    if side == "left":
+        m.ignore(f"{where}.expand_side" if "expand_side" in given else "expand_right",
+                 "rows are packed or padded on the right; padding is masked either way")
+    if not v2024:
+        if m.take(item, "output", where, str, None) is not None:
+            m.ignore(f"{where}.output", "adapters are written to out_dir/<name>/")
+    else:
+        _mlora_2024_fields(m, item, where, job)
+    m.leftovers(item, where)
+    return job
+
+
+def _mlora_list_job(m: MloraFile, item: dict, where: str, v2024: bool, shared: ListGlobals) -> dict:
+    """An adapter's LoRA shape, data, optimizer and template (2023's names, or 2024's lora_alpha,
+    lora_dropout and defaults)."""
+    job = {"name": m.take(item, "name", where, str), "data": m.take(item, "data", where, str),
+           "r": m.take(item, "r", where, int),
+           "alpha": m.take(item, "lora_alpha" if v2024 else "alpha", where, float),
+           "dropout": m.take(item, "lora_dropout" if v2024 else "dropout", where, float),
+           "targets": _mlora_targets(m, m.take(item, "target_modules", where, (dict, list) if v2024 else dict),
+                                     f"{where}.target_modules"),
+           "lr": m.take(item, "lr", where, float), "batch_size": m.take(item, "batch_size", where, int),
+           "epochs": m.take(item, "num_epochs", where, int),
+           "cutoff_len": shared.cutoff_len, "train_on_inputs": True, "max_grad_norm": None,
+           "group_by_length": m.take(item, "group_by_length", where, bool, shared.group_by_length)}
+    # 2024's micro_batch_size defaults to batch_size (mlora/trainer.py); 2023 requires it.
+    job["micro_batch_size"] = m.take(item, "micro_batch_size", where, int,
+                                     job["batch_size"] if v2024 else MLORA_REQUIRED)
+    job["optimizer"] = m.take(item, "optim", where, str, "adamw" if v2024 else MLORA_REQUIRED)
+    if job["optimizer"] not in MLORA_OPTIMIZERS:
+        raise m.error(f"{where}.optim", f"expected adamw or sgd (m-LoRA's two), got {job['optimizer']!r}")
+    job["momentum"] = m.take(item, "momentum", where, float, 0.0)
+    # 2023: torch's defaults (AdamW 0.01, SGD none); 2024: a field, 0.01 unless given, for both.
+    default_decay = 0.01 if v2024 or job["optimizer"] == "adamw" else 0.0
+    job["weight_decay"] = m.take(item, "weight_decay", where, float, default_decay) if v2024 else default_decay
+    job["template"] = m.take(item, "prompt", where, str, "mlora" if v2024 else MLORA_REQUIRED)
+    return job
+
+
+def _mlora_list_intervals(m: MloraFile, item: dict, where: str, job: dict, shared: ListGlobals):
+    """The adapter's held-out data, and the file's save and test intervals in its optimizer steps."""
+    test_data = m.take(item, "test_data", where, str, None)
+    if test_data:
+        job["test_data"] = test_data
+    if shared.save_step > 0:
+        job["save_every"] = _optimizer_steps(shared.save_step, job)
+    if shared.test_step is not None and test_data:
+        job["eval_every"] = _optimizer_steps(shared.test_step, job)  # m-LoRA tests every so often; no stop rule in the file
+    elif shared.test_step is not None:
+        m.ignore(f"early_stop_test_step for {where}", "the adapter has no test_data")
+    if m.take(item, "test_batch_size", where, int, None) is not None:
+        m.ignore(f"{where}.test_batch_size", "held-out rows go in micro-batches; no effect on training")
 
 
 def _mlora_2024_fields(m: MloraFile, item: dict, where: str, job: dict):
@@ -270,6 +303,24 @@ def _mlora_2024_fields(m: MloraFile, item: dict, where: str, job: dict):
 def _mlora_yaml(raw: dict, m: MloraFile) -> dict:
     """m-LoRA's 2025 YAML: a dispatcher, datasets and adapters by name, tasks that join them."""
     raw = dict(raw)
+    out = _mlora_dispatcher(m, raw)
+    named = {kind: _mlora_by_name(m, raw, kind) for kind in ("datasets", "adapters")}
+    tasks = m.take(raw, "tasks", "", list)
+    m.leftovers(raw, "")
+    if not tasks:
+        raise m.error("tasks", "expected a non-empty list of tasks")
+    datasets, trained = {}, {}
+    for i, task in enumerate(tasks):
+        out["jobs"].append(_mlora_task(m, task, f"tasks[{i}]", named, datasets, trained))
+    for kind, used in (("adapters", trained), ("datasets", datasets)):
+        for obj_name, (where, _) in named[kind].items():
+            if obj_name not in used:
+                m.ignore(where, "no task uses it")
+    return out
+
+
+def _mlora_dispatcher(m: MloraFile, raw: dict) -> dict:
+    """Our scheduler from the 2025 dispatcher: concurrency_num tasks together, all in each step."""
     dispatcher = dict(m.take(raw, "dispatcher", "", dict))
     name = m.take(dispatcher, "name", "dispatcher", str)
     if name not in MLORA_DISPATCHERS:
@@ -278,68 +329,64 @@ def _mlora_yaml(raw: dict, m: MloraFile) -> dict:
         m.ignore("dispatcher.name", MLORA_DISPATCHERS[name])
     concurrency = m.take(dispatcher, "concurrency_num", "dispatcher", int)
     m.leftovers(dispatcher, "dispatcher")
-    out = {"scheduler": {"strategy": "trivial", "max_candidates": concurrency, "max_concurrent": concurrency},
-           "jobs": []}
+    return {"scheduler": {"strategy": "trivial", "max_candidates": concurrency, "max_concurrent": concurrency},
+            "jobs": []}
+
+
+def _mlora_by_name(m: MloraFile, raw: dict, kind: str) -> dict[str, tuple[str, dict]]:
+    """The 2025 file's datasets or adapters (kind) by name: name -> (where, object); names are unique."""
     named = {}
-    for kind in ("datasets", "adapters"):
-        named[kind] = {}
-        for i, obj in enumerate(m.take(raw, kind, "", list)):
-            if not isinstance(obj, dict):
-                raise m.error(f"{kind}[{i}]", f"expected an object, got {obj!r}")
-            obj_name = m.take(dict(obj), "name", f"{kind}[{i}]", str)
-            if obj_name in named[kind]:
-                raise m.error(f"{kind}[{i}].name", f"{obj_name!r} is also {named[kind][obj_name][0]}'s name")
-            named[kind][obj_name] = (f"{kind}[{i}]", obj)
-    tasks = m.take(raw, "tasks", "", list)
-    m.leftovers(raw, "")
-    if not tasks:
-        raise m.error("tasks", "expected a non-empty list of tasks")
-    datasets, trained = {}, {}
-    for i, task in enumerate(tasks):
-        where = f"tasks[{i}]"
-        if not isinstance(task, dict):
-            raise m.error(where, f"expected an object, got {task!r}")
-        task = dict(task)
-        kind = m.take(task, "type", where, str)
-        if kind not in MLORA_TASKS:
-            raise m.error(f"{where}.type", f"{kind!r} tasks are not supported (train, dpo and cpo are)")
-        objective = MLORA_TASKS[kind]
-        adapter = m.take(task, "adapter", where, str)
-        if adapter not in named["adapters"]:
-            raise m.error(f"{where}.adapter", f"no adapter named {adapter!r}")
-        if adapter in trained:
-            raise m.error(f"{where}.adapter", f"{adapter!r} is trained by {trained[adapter]} too")
-        trained[adapter] = where
-        dataset = m.take(task, "dataset", where, str)
-        if dataset not in named["datasets"]:
-            raise m.error(f"{where}.dataset", f"no dataset named {dataset!r}")
-        if dataset not in datasets:
-            datasets[dataset] = _mlora_dataset(m, *named["datasets"][dataset])
-        data, template, prompt_type = datasets[dataset]
-        if prompt_type is not None and prompt_type != MLORA_PROMPT_TYPES[objective]:
-            raise m.error(f"{where}.dataset", f"a {kind} task needs prompt_type {MLORA_PROMPT_TYPES[objective]}, "
-                                              f"dataset {dataset!r} has {prompt_type}")
-        job = {"name": adapter, "data": data, "template": template, "objective": objective,
-               "batch_size": m.take(task, "batch_size", where, int),
-               "micro_batch_size": m.take(task, "mini_batch_size", where, int),
-               "epochs": m.take(task, "num_epochs", where, int), "cutoff_len": m.take(task, "cutoff_len", where, int),
-               # a dpo/cpo job scores its answers only (the prompt's log-probs cancel in m-LoRA's too)
-               "train_on_inputs": objective == "sft", "max_grad_norm": None}
-        save_step = m.take(task, "save_step", where, int)
-        if save_step > 0:
-            job["save_every"] = _optimizer_steps(save_step, job)
-        if m.take(task, "name", where, str, None) is not None:  # the first YAML's tasks had none
-            m.ignore(f"{where}.name", "a job is named by its adapter")
-        if objective != "sft":
-            _mlora_preference_fields(m, task, where, job, named["adapters"])
-        job.update(_mlora_adapter(m, *named["adapters"][adapter]))
-        m.leftovers(task, where)
-        out["jobs"].append(job)
-    for kind, used in (("adapters", trained), ("datasets", datasets)):
-        for obj_name, (where, _) in named[kind].items():
-            if obj_name not in used:
-                m.ignore(where, "no task uses it")
-    return out
+    for i, obj in enumerate(m.take(raw, kind, "", list)):
+        if not isinstance(obj, dict):
+            raise m.error(f"{kind}[{i}]", f"expected an object, got {obj!r}")
+        obj_name = m.take(dict(obj), "name", f"{kind}[{i}]", str)
+        if obj_name in named:
+            raise m.error(f"{kind}[{i}].name", f"{obj_name!r} is also {named[obj_name][0]}'s name")
+        named[obj_name] = (f"{kind}[{i}]", obj)
+    return named
+
+
+def _mlora_task(m: MloraFile, task, where: str, named: dict, datasets: dict, trained: dict) -> dict:
+    """Our job from a 2025 task: its adapter (trained by this task alone) and its dataset (read once
+    into datasets), its batch sizes and, for dpo or cpo, its loss."""
+    if not isinstance(task, dict):
+        raise m.error(where, f"expected an object, got {task!r}")
+    task = dict(task)
+    kind = m.take(task, "type", where, str)
+    if kind not in MLORA_TASKS:
+        raise m.error(f"{where}.type", f"{kind!r} tasks are not supported (train, dpo and cpo are)")
+    objective = MLORA_TASKS[kind]
+    adapter = m.take(task, "adapter", where, str)
+    if adapter not in named["adapters"]:
+        raise m.error(f"{where}.adapter", f"no adapter named {adapter!r}")
+    if adapter in trained:
+        raise m.error(f"{where}.adapter", f"{adapter!r} is trained by {trained[adapter]} too")
+    trained[adapter] = where
+    dataset = m.take(task, "dataset", where, str)
+    if dataset not in named["datasets"]:
+        raise m.error(f"{where}.dataset", f"no dataset named {dataset!r}")
+    if dataset not in datasets:
+        datasets[dataset] = _mlora_dataset(m, *named["datasets"][dataset])
+    data, template, prompt_type = datasets[dataset]
+    if prompt_type is not None and prompt_type != MLORA_PROMPT_TYPES[objective]:
+        raise m.error(f"{where}.dataset", f"a {kind} task needs prompt_type {MLORA_PROMPT_TYPES[objective]}, "
+                                          f"dataset {dataset!r} has {prompt_type}")
+    job = {"name": adapter, "data": data, "template": template, "objective": objective,
+           "batch_size": m.take(task, "batch_size", where, int),
+           "micro_batch_size": m.take(task, "mini_batch_size", where, int),
+           "epochs": m.take(task, "num_epochs", where, int), "cutoff_len": m.take(task, "cutoff_len", where, int),
+           # a dpo/cpo job scores its answers only (the prompt's log-probs cancel in m-LoRA's too)
+           "train_on_inputs": objective == "sft", "max_grad_norm": None}
+    save_step = m.take(task, "save_step", where, int)
+    if save_step > 0:
+        job["save_every"] = _optimizer_steps(save_step, job)
+    if m.take(task, "name", where, str, None) is not None:  # the first YAML's tasks had none
+        m.ignore(f"{where}.name", "a job is named by its adapter")
+    if objective != "sft":
+        _mlora_preference_fields(m, task, where, job, named["adapters"])
+    job.update(_mlora_adapter(m, *named["adapters"][adapter]))
+    m.leftovers(task, where)
+    return job
 
 
 def _mlora_dataset(m: MloraFile, where: str, obj: dict) -> tuple[str, str, str | None]:

@@ -155,6 +155,58 @@ def _load_tokenizer_json(path: Path):
     raise DataError(f"{path}: the tokenizers library cannot read it ({reason})")
 
 
+def _load_sentencepiece(folder: Path, config: dict, model_config: dict):
+    """A folder's sentencepiece tokenizer.model: (the processor, its special tokens -> ids, 2 or 3 for
+    ChatGLM2/3 else None). Special: control and unknown pieces, added tokens, ChatGLM's own."""
+    import sentencepiece
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    except (RuntimeError, OSError):  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
+        raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
+                        "which is not supported; use a folder with tokenizer.json)") from None
+    special = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
+    # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
+    for token_id, token in config.get("added_tokens_decoder", {}).items():
+        special[_token_content(token)] = int(token_id)
+    chatglm = _chatglm_version(folder, config, model_config)
+    if chatglm is not None:
+        added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if chatglm == 3 else ())
+        n = sp.get_piece_size()
+        special.update({token: n + i for i, token in enumerate(added)})
+    return sp, special, chatglm
+
+
+def _specials_in_text(special: dict[str, int], chatglm: int | None) -> tuple[dict[str, int], re.Pattern | None]:
+    """The special tokens text may spell out, and the pattern that splits text on them (longest first)."""
+    # Not ChatGLM's masks and "sop"/"eop": THUDM's tokenizer reads none of them from text, and
+    # "eop" is part of words ("people").
+    in_text = {s: i for s, i in special.items() if not (chatglm and s in CHATGLM_SPECIAL)}
+    longest_first = sorted(in_text, key=len, reverse=True)
+    return in_text, re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if in_text else None
+
+
+def _adds_bos(config: dict, tok, bos_id: int | None) -> bool:
+    """Whether sequences start with BOS: the config says so, or else Llama 3 style tokenizer.json
+    files show it by prepending BOS in their post-processor."""
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    if tok is not None:
+        return tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    return True  # sentencepiece Llama 1/2 and HF's LlamaTokenizer default
+
+
+def _read_chat_template(folder: Path, config: dict) -> tuple[str | None, Path]:
+    """The checkpoint's chat template and its file: chat_template.jinja in newer checkpoints, else
+    tokenizer_config.json's, some a list of named templates (the "default" one is used)."""
+    template, file = config.get("chat_template"), folder / "tokenizer_config.json"
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    if (folder / "chat_template.jinja").is_file():
+        file = folder / "chat_template.jinja"
+        template = read_text(file)
+    return template, file
+
+
 class Tokenizer:
     """Text <-> ids for one Hugging Face checkpoint folder: tokenizer.json (the tokenizers
     library: Llama 3, SmolLM, Qwen2) or sentencepiece tokenizer.model (Llama 1/2, ChatGLM2/3)."""
@@ -178,37 +230,15 @@ class Tokenizer:
             self._tok = _load_tokenizer_json(folder / "tokenizer.json")
             self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # ids are 0 .. vocab_size-1
         elif (folder / "tokenizer.model").is_file():
-            self._load_sentencepiece(folder, config, model_config)
+            self._sp, self._special, self.chatglm = _load_sentencepiece(folder, config, model_config)
+            self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
         else:
             raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
         self._special_by_id = {i: s for s, i in self._special.items()}
-        # Which special tokens text may spell out. Not ChatGLM's masks and "sop"/"eop": THUDM's
-        # tokenizer reads none of them from text, and "eop" is part of words ("people").
-        self._in_text = {s: i for s, i in self._special.items() if not (self.chatglm and s in CHATGLM_SPECIAL)}
-        longest_first = sorted(self._in_text, key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self._in_text else None
+        self._in_text, self._special_re = _specials_in_text(self._special, self.chatglm)
         self._set_special_ids(config, special_map, model_config)
         self._set_prefix(config)
         self._set_chat_template(config)
-
-    def _load_sentencepiece(self, folder: Path, config: dict, model_config: dict) -> None:
-        import sentencepiece
-        try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-        except (RuntimeError, OSError):  # e.g. GLM-4's tokenizer.model, a tiktoken vocabulary
-            raise DataError(f"{folder / 'tokenizer.model'}: not a sentencepiece model (GLM-4's is tiktoken, "
-                            "which is not supported; use a folder with tokenizer.json)") from None
-        self._special = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())
-                         if self._sp.is_control(i) or self._sp.is_unknown(i)}
-        # Tokens a checkpoint added after the sentencepiece vocab (e.g. a "<pad>" at 32000).
-        for token_id, token in config.get("added_tokens_decoder", {}).items():
-            self._special[_token_content(token)] = int(token_id)
-        self.chatglm = _chatglm_version(folder, config, model_config)
-        if self.chatglm is not None:
-            added = CHATGLM_SPECIAL + (CHATGLM3_ROLES if self.chatglm == 3 else ())
-            n = self._sp.get_piece_size()
-            self._special.update({token: n + i for i, token in enumerate(added)})
-        self.vocab_size = max([self._sp.get_piece_size()] + [i + 1 for i in self._special.values()])
 
     def _set_special_ids(self, config: dict, special_map: dict, model_config: dict) -> None:
         # bos_id, eos_id, eos_ids, pad_id and their token strings.
@@ -248,14 +278,7 @@ class Tokenizer:
         self.eos_token: str | None = self.id_to_token(self.eos_id) if self.eos_id is not None else None
 
     def _set_prefix(self, config: dict) -> None:
-        # Whether sequences start with BOS: the config says so, or else Llama 3 style
-        # tokenizer.json files show it by prepending BOS in their post-processor.
-        if isinstance(config.get("add_bos_token"), bool):
-            add_bos = config["add_bos_token"]
-        elif self._tok is not None:
-            add_bos = self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
-        else:
-            add_bos = True  # sentencepiece Llama 1/2 and HF's LlamaTokenizer default
+        add_bos = _adds_bos(config, self._tok, self.bos_id)
         # The ids every sequence starts with: BOS, or ChatGLM's [gMASK] sop, which THUDM's
         # tokenizer always prepends (build_inputs_with_special_tokens), whatever add_bos_token says.
         if self.chatglm is not None:
@@ -266,15 +289,8 @@ class Tokenizer:
         self.add_bos: bool = add_bos and bool(self.prefix_ids)
 
     def _set_chat_template(self, config: dict) -> None:
-        # Newer checkpoints keep the template in chat_template.jinja; older ones in the config,
-        # some as a list of named templates. Compiled now, so that a syntax error fails at load;
-        # ChatGLM's is never used (_chatglm_chat).
-        template, file = config.get("chat_template"), self.path / "tokenizer_config.json"
-        if isinstance(template, list):
-            template = next((t["template"] for t in template if t["name"] == "default"), None)
-        if (self.path / "chat_template.jinja").is_file():
-            file = self.path / "chat_template.jinja"
-            template = read_text(file)
+        # Compiled now, so that a syntax error fails at load; ChatGLM's is never used (_chatglm_chat).
+        template, file = _read_chat_template(self.path, config)
         self.chat_template: str | None = template
         self.chat_template_file: Path | None = file if template is not None else None
         self._compiled_template = None
