@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sys
 import types
 import typing
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import files
 import lora
 import mlora_config
 from scheduler import STRATEGIES
@@ -558,7 +558,6 @@ def claim_out_dir(cfg: RunConfig, overwrite: bool) -> str:
 
 def clear_run(out: Path):
     """Remove a previous run's outputs from out (--overwrite): only what train.py writes there."""
-    import shutil
     try:
         old = json.loads((out / "config.json").read_text())
         names = [j["name"] for j in old["jobs"] if isinstance(j, dict) and SAFE_NAME.fullmatch(str(j.get("name")))]
@@ -566,19 +565,17 @@ def clear_run(out: Path):
         names = []
     remove_partial_writes(out)
     for name in (*names, *RUN_FILES):
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        files.remove(out / name)
 
 
 def remove_partial_writes(out: Path):
     """What a killed run left half-written: files.atomic_write's and replace_dir's temporary
-    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes."""
-    for folder in (out, *(p for p in out.iterdir() if p.is_dir()), *(out / "snapshots").glob("*")):
+    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes.
+    A link is never followed: a linked folder is not searched, a linked temporary is unlinked."""
+    def folders(parent: Path) -> list[Path]:
+        return [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    snapshots = out / "snapshots"
+    real_snapshots = snapshots.is_dir() and not snapshots.is_symlink()
+    for folder in (out, *folders(out), *(folders(snapshots) if real_snapshots else ())):
         for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            files.remove(path)
