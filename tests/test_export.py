@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import data
@@ -64,6 +65,22 @@ def test_merge_never_replaces_what_it_did_not_create(tmp_path, tiny_llama, capsy
     assert train.main(["--merge", str(run / "a"), "--to", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / train.MERGE_MARKER).exists() and not list(tmp_path.glob(".merged*"))
 
+
+@pytest.mark.parametrize("key, value", [("torch_dtype", "int8"), ("dtype", "int8"), ("torch_dtype", "float8_e4m3fn")])
+def test_merge_refuses_a_base_stored_in_no_float_dtype(tmp_path, tiny_llama, capsys, key, value):
+    """config.json's torch_dtype (or dtype) is what the merge is written in: an integer dtype
+    there is one line naming the file and field, before anything is loaded or written."""
+    path, _ = tiny_llama
+    config = json.loads((path / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    ours = M.load_model(path)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8)})
+    peft_format.save_peft(ours, "a", tmp_path / "a", base_model_path=str(path))
+    assert train.main(["--merge", str(tmp_path / "a"), "--to", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path / 'config.json'}: {key}: expected one of float32" in err and repr(value) in err and "\n" not in err
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
 
 def test_merge_usage_error(capsys):
     assert train.main(["--merge", "x"]) == 2

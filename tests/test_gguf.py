@@ -4,6 +4,7 @@ checked against the original model and against transformers' own GGUF loader."""
 import json
 import os
 import runpy
+import subprocess
 import sys
 
 import numpy as np
@@ -80,19 +81,21 @@ def llamacpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "gpt-2"):
+def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "gpt-2", **broken):
+    """`model` as llama.cpp writes it; `broken` overrides block_count, rope_dims or vocab_size in the
+    metadata, or drops the tensor named `drop`."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
+    writer.add_block_count(broken.get("block_count", config.num_hidden_layers))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(broken.get("rope_dims", config.head_dim))
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(broken.get("vocab_size", config.vocab_size))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(TOKENS)
@@ -105,7 +108,7 @@ def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "g
     writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
+        if key == "lm_head.weight" and config.tie_word_embeddings or gguf_name(key) == broken.get("drop"):
             continue  # llama.cpp writes no output.weight for a tied model
         weight = tensor.numpy()
         if key.endswith("q_proj.weight"):
@@ -257,6 +260,35 @@ def test_cli(tiny, tmp_path, monkeypatch, capsys):
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                  "special_tokens_map.json"]:
         assert (tmp_path / "cli" / name).exists(), name
+
+
+BROKEN = {  # what the file gets wrong -> the one line that says so
+    "rope_dims": (dict(rope_dims=8), "llama.rope.dimension_count is 8, not the head's 16: partial RoPE is not LLaMA"),
+    "block_count": (dict(block_count=1), "blk.1.attn_q.weight: past llama.block_count 1"),
+    "missing tensor": (dict(drop="blk.1.ffn_up.weight"), "20 tensors, expected 21 (9 per block of 2, embedding, norm, output)"),
+    "vocab_size": (dict(vocab_size=len(TOKENS) + 1),
+                   f"token_embd.weight is ({len(TOKENS)}, 64), expected (vocab_size {len(TOKENS) + 1}, embedding_length 64)"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_malformed_file_is_refused_in_one_line(tmp_path, broken):
+    changes, message = BROKEN[broken]
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied=False), **changes)
+    with pytest.raises(gguf_to_hf.GGUFError) as error:
+        gguf_to_hf.convert(path, tmp_path / "hf")
+    assert str(error.value) == message
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]     # nothing written
+
+
+def test_checks_hold_under_python_O(tmp_path):
+    """The checks are not asserts: `python -O` (which drops asserts) still refuses, in one line."""
+    changes, message = BROKEN["rope_dims"]
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied=False), **changes)
+    done = subprocess.run([sys.executable, "-O", gguf_to_hf.__file__, "--gguf", str(path), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: {path}: {message}", done.stderr
+    assert not (tmp_path / "hf").exists()
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
