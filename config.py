@@ -45,7 +45,7 @@ class JobConfig(lora.LoRAConfig):
     weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
     momentum: float = 0.0                  # sgd only
     lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 after warmup)
-    warmup_steps: int = 0                  # linear warmup, in optimizer steps
+    warmup_steps: int = 0                  # linear warmup from lr 0 at the first step, in optimizer steps (as transformers)
     max_grad_norm: float | None = 1.0      # clip this job's gradient norm (None: no clipping)
     batch_size: int = 16                   # rows per optimizer step
     micro_batch_size: int = 4              # rows per fused forward; batch_size must be a multiple

@@ -53,9 +53,11 @@ from state import Interrupted, JobState, Run, make_optimizer, read_checkpoint, r
 # ----------------------------------------------------------------------------- helpers
 
 def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
-    """Warmup then constant / linear / cosine decay to 0 (as transformers' schedules)."""
-    if step < job.warmup_steps:
-        return job.lr * (step + 1) / job.warmup_steps
+    """The lr of a job's optimizer step `step` (0-based: the steps it has taken), as transformers'
+    get_{constant,linear,cosine}_schedule_with_warmup give a Trainer's step `step`: a linear warmup
+    from 0 (step / warmup_steps), then constant, or decay to 0 at total_steps."""
+    if step < job.warmup_steps:   # step 0 at lr 0, as in transformers: AdamW's moments start from its gradient
+        return job.lr * (step / job.warmup_steps)
     progress = (step - job.warmup_steps) / max(1, total_steps - job.warmup_steps)
     if job.lr_schedule == "linear":
         return job.lr * max(0.0, 1 - progress)

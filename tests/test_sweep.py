@@ -36,7 +36,7 @@ def write_sweep(folder: Path, base: Path, out: str, policy: str, others: bool = 
            "sweep": {"name": "lr", "policy": policy, "eta": 4, "rung_steps": 2, "space": {"lr": LRS},
                      "job": {"data": rows, "test_data": test_rows, "r": 4, "alpha": 8, "dropout": 0.1,
                              "targets": ["q_proj", "v_proj"], "batch_size": 4, "micro_batch_size": 2, "epochs": 3,
-                             "lr_schedule": "cosine", "warmup_steps": 1}}}
+                             "lr_schedule": "cosine", "warmup_steps": 0}}}
     sweep_fields = {f.name for f in dataclasses.fields(config.SweepConfig)}
     for key, value in changes.items():
         (cfg["sweep"] if key in sweep_fields else cfg)[key] = value
