@@ -123,4 +123,11 @@ def test_loss_plot_is_written(tmp_path):
     lines.append({"event": "eval", "job": "a", "fused_step": 4, "eval_loss": 0.7, "time": 1.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
     train.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
-    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib import colors, image
+    pixels = image.imread(tmp_path / "loss.png")                  # decoded: a whole PNG, not just its header
+    assert pixels.shape == (450, 800, 4)                          # figsize 8 x 4.5 at 100 dpi, RGBA
+    rgb = pixels[..., :3].reshape(-1, 3)
+    assert len(torch.from_numpy(rgb).unique(dim=0)) > 10          # not one colour
+    # Job a's line and dots (and legend) in the first colour of the cycle: many pixels of it.
+    first = torch.tensor(colors.to_rgb("C0"))
+    assert ((torch.from_numpy(rgb) - first).abs().max(dim=1).values < 0.02).sum() > 300
