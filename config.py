@@ -4,9 +4,11 @@ written; and what a run may do with its out_dir (claim_out_dir), decided before 
 """
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -151,6 +153,8 @@ def validate(cfg: RunConfig, where: str):
         need(torch.cuda.is_available() and index < torch.cuda.device_count(), "device", cfg.device,
              f"not available here ({torch.cuda.device_count()} CUDA devices)")
     need(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "expected a folder path")
+    check_path(cfg.out_dir, where, "out_dir", to_make=True)
+    check_path(cfg.base_model, where, "base_model")
     need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
          f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
@@ -178,6 +182,26 @@ def validate(cfg: RunConfig, where: str):
         validate_sweep(cfg.sweep, where)
 
 
+def check_path(path: str, where: str, field: str, to_make: bool = False):
+    """A path from the config as the OS will take it: no NUL byte, no longer than the OS allows,
+    and a folder to be made (out_dir) not below a file: a ConfigError naming the field. Whether
+    it exists is prepare's question."""
+    shown = repr(path) if len(path) <= 80 else f"{path[:60]!r}... ({len(path)} characters)"
+    if "\x00" in path:
+        raise ConfigError(f"{where}: {field}: a path cannot hold a NUL byte, got {shown}")
+    try:
+        os.stat(path)
+    except (FileNotFoundError, PermissionError):
+        pass
+    except NotADirectoryError:   # a file where a folder of the path should be
+        if to_make:
+            file = next(p for p in reversed(Path(path).absolute().parents) if p.exists() and not p.is_dir())
+            raise ConfigError(f"{where}: {field}: {file} is a file, so no folder can be made below it, got {shown}") from None
+    except OSError as e:
+        reason = "longer than the OS allows" if e.errno == errno.ENAMETOOLONG else "not a usable path"
+        raise ConfigError(f"{where}: {field}: {reason} ({e.strerror}), got {shown}") from None
+
+
 def validate_job(job: JobConfig, where: str, label: str):
     """One job's values, each against its range or enum: a ConfigError "where: label.field: ..."."""
     def finite(x) -> bool:   # and within fp32's range: the optimizers do their arithmetic in it
@@ -189,6 +213,9 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
           "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
     check("data", job.data.strip() != "", "expected a file path")
+    for name in ("data", "test_data", "template"):
+        if getattr(job, name):
+            check_path(getattr(job, name), where, f"{label}.{name}")
     check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
     check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
     check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
