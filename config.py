@@ -2,15 +2,20 @@
 (ours or m-LoRA's) with `--key=value` overrides, every value checked before anything is read or
 written; and what a run may do with its out_dir (claim_out_dir), decided before it is touched.
 """
+import ast
 import dataclasses
 import difflib
 import errno
 import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import re
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -342,6 +347,96 @@ def sweep_space(sweep: SweepConfig, where: str) -> dict[str, list | tuple[str, f
     return space
 
 
+# Names other trainers give our fields (transformers' TrainingArguments, PEFT's LoraConfig, m-LoRA),
+# for the unknown-key message; the key is looked up in lower case, '-' as '_'.
+ALIASES = {"learning_rate": "lr", "lr_scheduler_type": "lr_schedule", "scheduler_type": "lr_schedule",
+           "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs", "lora_r": "r", "rank": "r",
+           "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+           "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "cutoff_len", "max_length": "cutoff_len",
+           "max_seq_len": "cutoff_len", "eval_steps": "eval_every", "save_steps": "save_every",
+           "logging_steps": "log_every", "output_dir": "out_dir", "model_name_or_path": "base_model",
+           "model": "base_model", "train_file": "data", "dataset": "data", "validation_file": "test_data",
+           "eval_data": "test_data", "gradient_checkpointing": "activation_checkpointing", "torch_dtype": "dtype",
+           "warmup": "warmup_steps", "optim": "optimizer", "prompt_template": "template"}
+
+
+def config_levels() -> dict:
+    """Where each dataclass's fields go: {override prefix: (class, its fields there)}."""
+    return {"": (RunConfig, [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("jobs", "scheduler", "sweep")]),
+            "scheduler.": (SchedulerConfig, [f.name for f in dataclasses.fields(SchedulerConfig)]),
+            "jobs.NAME.": (JobConfig, [f.name for f in dataclasses.fields(JobConfig)]),
+            "sweep.": (SweepConfig, [f.name for f in dataclasses.fields(SweepConfig)])}
+
+
+def nearest_field(key: str, cls) -> tuple[str, str] | None:
+    """The field an unknown key of `cls` most likely meant, as (override prefix, name): the field
+    itself or its alias (learning_rate -> lr) at any level (a top-level max_steps -> ("jobs.NAME.",
+    "max_steps")), else the closest spelling in cls, else at another level; None when nothing is near."""
+    name = ALIASES.get(key.lower().replace("-", "_"), key)
+    levels = [("", [f.name for f in dataclasses.fields(cls)])]   # cls's own first, jobs / scheduler / sweep too
+    levels += [(prefix, names) for prefix, (level, names) in config_levels().items() if level is not cls]
+    for prefix, names in levels:
+        if name in names:
+            return prefix, name
+    for prefix, names in levels:
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            return prefix, close[0]
+    return None
+
+
+def _unknown_key(key: str, cls, override: bool) -> str:
+    """' (did you mean ...?)' for an unknown key, or the list of cls's fields when nothing is near."""
+    near = nearest_field(key, cls)
+    if near is None:
+        return f" (valid: {', '.join(f.name for f in dataclasses.fields(cls))}; all: python train.py --help-config)"
+    prefix, name = near
+    if not prefix:
+        return f" (did you mean {name!r}?)"
+    if override:
+        return f" (did you mean '--{prefix}{name}'?)"
+    where = {"scheduler.": "in scheduler", "jobs.NAME.": "in each job", "sweep.": "in sweep"}[prefix]
+    return f" (did you mean {name!r} {where}?)"
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its comment} from the source of cls and the dataclasses it extends (the comments are
+    the documentation: read, never copied)."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        on_line = {token.start[0]: token.string.lstrip("# ").strip()
+                   for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = " ".join(on_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in on_line)
+                comments[node.target.id] = text or comments.get(node.target.id, "")
+    return comments
+
+
+def help_text() -> str:
+    """Every config field: where it goes, its type and default, and its comment in config.py (or
+    lora.py for the adapter's own fields), for `python train.py --help-config`."""
+    out = ["Config fields (config.py). In a JSON / TOML / YAML file, or on the command line as --FIELD=value,",
+           "--scheduler.FIELD=value, --jobs.NAME.FIELD=value, --sweep.FIELD=value, --sweep.job.FIELD=value."]
+    titles = {"": "Run (top level)", "scheduler.": "scheduler", "jobs.NAME.": "jobs: a list, each job",
+              "sweep.": "sweep (its `job` takes any job field but name)"}
+    for prefix, (cls, names) in config_levels().items():
+        comments, hints = _field_comments(cls), {f.name: f for f in dataclasses.fields(cls)}
+        out.append(f"\n{titles[prefix]}:")
+        for name in names:
+            f = hints[name]
+            if f.default is not dataclasses.MISSING:
+                default = json.dumps(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = json.dumps(f.default_factory())
+            else:
+                default = "required"
+            kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)   # int, str | None, list[str] | None
+            out.append(f"  {name:<24} {kind:<18} {default:<12} {comments.get(name, '')}")
+    return "\n".join(out)
+
+
 def _check_type(value, hint, where: str):
     """Check (and lightly coerce) a JSON value against a dataclass field's type hint."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -378,9 +473,7 @@ def _fill(cls, raw: dict, where: str, file: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
-            raise ConfigError(f"{file}: {at(key)}: unknown key{hint}")
+            raise ConfigError(f"{file}: {at(key)}: unknown key{_unknown_key(key, cls, override=False)}")
         if key == "jobs":
             if not isinstance(value, list) or not value and "sweep" not in raw:
                 raise ConfigError(f"{file}: jobs: expected a non-empty list of jobs")
@@ -516,8 +609,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         if parts[0] == "sweep" and cls is JobConfig and leaf == "name":
             raise ConfigError(f"--{key}: trials are named <sweep.name>-tNN; set --sweep.name")
         if leaf not in hints or cls is RunConfig and leaf in ("jobs", "scheduler", "sweep"):
-            close = difflib.get_close_matches(leaf, hints, n=1)
-            raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
+            raise ConfigError(f"--{key}: unknown key{_unknown_key(leaf, cls, override=True)}")
         target[leaf] = _parse_override(text_value, hints[leaf])
     if mlora and "base_model" not in raw:
         raise ConfigError(f"{file}: base_model: an m-LoRA config names none; pass --base_model=DIR")

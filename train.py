@@ -3,6 +3,7 @@ config; jobs.py admits, evaluates, stops and finishes the jobs around the steps)
 
     python train.py                                  the bundled demo (demo.py)
     python train.py --config cfg.json [--key=value ...] [--overwrite]
+    python train.py --help-config                    every config field, its default and what it does
     python train.py --merge out/JOB --to DIR [--base DIR] [--quant nf4]   export base + adapter merged
     torchrun --nproc_per_node=N train.py --config cfg.json    N ranks (dist.py): gloo on CPUs, NCCL on GPUs
 
@@ -538,6 +539,10 @@ def main(argv: list[str]) -> int:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             print(__doc__.strip())
+            return 0
+        if arg == "--help-config":   # every config field with its comment, from config.py's dataclasses
+            import config
+            print(config.help_text())
             return 0
         if arg == "--overwrite":
             overwrite = True
