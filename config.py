@@ -26,6 +26,7 @@ import torch
 import files
 import lora
 import mlora_config
+from data import NAMED_TEMPLATES
 from scheduler import STRATEGIES
 
 
@@ -140,9 +141,11 @@ FLOAT32_MAX = 3.4028234663852886e38
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
-def validate(cfg: RunConfig, where: str):
+def validate(cfg: RunConfig, where: str, inputs: bool = True):
     """Every value's range and enum, before anything is read or written: a ConfigError naming
-    the field. (Data, base folder and targets are checked by prepare, still before out_dir.)"""
+    the field. `inputs`: also that the base folder, data and template files exist (load_config
+    leaves that to train, which runs where the paths resolve). (Their contents and the targets
+    are checked by prepare, still before out_dir.)"""
     def need(ok: bool, field: str, value, expected: str):
         if not ok:
             raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
@@ -185,12 +188,14 @@ def validate(cfg: RunConfig, where: str):
         seen[job.name.lower()] = i
     if cfg.sweep is not None:
         validate_sweep(cfg.sweep, where)
+    if inputs:
+        check_inputs(cfg, where)
 
 
 def check_path(path: str, where: str, field: str, to_make: bool = False):
     """A path from the config as the OS will take it: no NUL byte, no longer than the OS allows,
     and a folder to be made (out_dir) not below a file: a ConfigError naming the field. Whether
-    it exists is prepare's question."""
+    it exists is check_inputs' question."""
     shown = repr(path) if len(path) <= 80 else f"{path[:60]!r}... ({len(path)} characters)"
     if "\x00" in path:
         raise ConfigError(f"{where}: {field}: a path cannot hold a NUL byte, got {shown}")
@@ -205,6 +210,27 @@ def check_path(path: str, where: str, field: str, to_make: bool = False):
     except OSError as e:
         reason = "longer than the OS allows" if e.errno == errno.ENAMETOOLONG else "not a usable path"
         raise ConfigError(f"{where}: {field}: {reason} ({e.strerror}), got {shown}") from None
+
+
+def check_inputs(cfg: RunConfig, where: str):
+    """The base folder, every job's data, test_data and template file exist: else one line
+    naming the job, the field and the full path tried (relative paths resolve against the
+    working directory, as in m-LoRA)."""
+    def missing(path: str, field: str, what: str, job: str | None = None) -> ConfigError:
+        whose = "" if job is None else f" (job {job!r})"
+        return ConfigError(f"{where}: {field}{whose}: {what} not found: {Path(path).absolute()} "
+                           f"(a relative path resolves against the working directory)")
+    if not Path(cfg.base_model).is_dir():
+        raise missing(cfg.base_model, "base_model", "checkpoint folder")
+    jobs = [(f"jobs[{i}]", job) for i, job in enumerate(cfg.jobs)] + ([("sweep.job", cfg.sweep.job)] if cfg.sweep else [])
+    for label, job in jobs:
+        for field in ("data", "test_data"):
+            path = getattr(job, field)
+            if path and not Path(path).is_file():
+                raise missing(path, f"{label}.{field}", "file", job.name)
+        if job.template not in NAMED_TEMPLATES and not Path(job.template).is_file():
+            raise missing(job.template, f"{label}.template", f"not a named template ({', '.join(NAMED_TEMPLATES)}), and file",
+                          job.name)
 
 
 def validate_job(job: JobConfig, where: str, label: str):
@@ -619,7 +645,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         quant.check_quant(cfg.quant)
     except ValueError as e:
         raise ConfigError(f"{file}: quant: {e}") from None
-    validate(cfg, str(file))
+    validate(cfg, str(file), inputs=False)
     return cfg
 
 

@@ -1,4 +1,6 @@
-"""Paths from a config (issue 29.23): checked like any other value, one line naming the field."""
+"""Paths from a config (issue 29.19, 29.23): checked like any other value, one line naming the
+field; relative paths resolve against the working directory, and a missing file's message names
+the job, the field and the full path tried."""
 import json
 
 import pytest
@@ -43,3 +45,35 @@ def test_paths_the_os_refuses_are_one_line(tmp_path, base_dir, capsys, field, va
     assert train.main(["--config", path]) == 2
     assert error_line(capsys).startswith(f"error: {path}: " + message.replace("{tmp}", str(tmp_path)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["data", "test_data", "template"])
+def test_a_missing_file_names_job_field_and_full_path(tmp_path, base_dir, capsys, monkeypatch, field):
+    """Relative paths resolve against the working directory (not the config's folder): the same
+    config finds its file run from one folder and not from another, which the message names."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here" / "rows.json").write_text(json.dumps([{"instruction": "a b", "output": "b a"}] * 2))
+    relative = {"data": "rows.json", "test_data": "rows.json", "template": "tmpl.json"}[field]
+    if field == "template":
+        (tmp_path / "here" / "tmpl.json").write_text(json.dumps({"prompt_input": "{instruction} {input}",
+                                                                 "prompt_no_input": "{instruction}"}))
+    path = write_config(tmp_path, base_dir, tmp_path / "here" / "rows.json", **{field: relative})   # one relative path
+    monkeypatch.chdir(tmp_path / "here")
+    assert train.main(["--config", path]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train.main(["--config", path, f"--out_dir={tmp_path / 'out2'}"]) == 2
+    line = error_line(capsys)
+    named = "not a named template (alpaca, mlora, chat, plain), and file" if field == "template" else "file"
+    assert line == (f"error: config: jobs[0].{field} (job 'a'): {named} not found: {tmp_path / 'elsewhere' / relative} "
+                    f"(a relative path resolves against the working directory)")
+
+
+def test_a_missing_base_folder_names_the_full_path(tmp_path, base_dir, capsys, monkeypatch):
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"instruction": "a b", "output": "b a"}] * 2))
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--config", write_config(tmp_path, base_dir, rows, base_model="nowhere")]) == 2
+    assert error_line(capsys) == (f"error: config: base_model: checkpoint folder not found: {tmp_path / 'nowhere'} "
+                                  f"(a relative path resolves against the working directory)")
