@@ -129,8 +129,10 @@ def sync(device: str):
 def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, graphed: bool = False) -> dict:
     """Our model: fused (all jobs each step; graphed: replayed as CUDA graphs on GPUs), one
     after another, or the bare base."""
+    import data
     import graphs
     import lora
+    import objectives
     import train
     device = M.resolve_device(args.device)
     net = M.load_model(args.base, dtype=args.dtype, device=device, quant=args.quant)
@@ -151,9 +153,9 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, gra
     def step(group: list[str], s: int):
         parts = [(n, make_examples(*work[n][s])) for n in group]
         if base_only:
-            batch = train.make_batch(parts, 0, args.packing).to(device)
+            batch = data.make_batch(parts, 0, args.packing).to(device)
             net.train()
-            losses, _ = train.token_losses(net, batch)
+            losses, _ = objectives.token_losses(net, batch)
             losses.sum().backward()
             return batch.num_tokens, batch.input_ids.numel()
         # The same fused step as train.py's (one optimizer step per micro-batch here).

@@ -19,10 +19,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import KVCache, RMSNorm as LlamaRMSNorm, attend, positions_and_mask, run_block
+from llama import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+                   ConfigFields, KVCache, RMSNorm as LlamaRMSNorm, attend, positions_and_mask, run_block)
 
 
 # ----------------------------------------------------------------------------- config
+
+CHATGLM_FIELDS = ConfigFields(   # THUDM's field names (ChatGLMConfig.from_hf)
+    required={"padded_vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "ffn_hidden_size": MAX_INTERMEDIATE,
+              "num_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS},
+    optional={"multi_query_group_num": MAX_HEADS, "kv_channels": MAX_HEAD_DIM, "seq_length": MAX_POSITIONS},
+    floats=("layernorm_epsilon", "rope_ratio"),
+    flags=("multi_query_attention", "add_qkv_bias", "add_bias_linear"),
+    kv_heads=lambda hf: hf.get("multi_query_group_num") if hf.get("multi_query_attention") else None,
+)
 
 @dataclass
 class ChatGLMConfig:
@@ -192,13 +202,20 @@ class Transformer(nn.Module):
 
 
 class ChatGLM(nn.Module):
-    # What the rest of the code needs to know about this family, stated once:
+    # What the rest of the code needs to know about this family, stated once (model.FAMILIES collects it):
+    Config = ChatGLMConfig          # Config.from_hf maps config.json
+    MODEL_TYPES = ("chatglm",)      # config.json's model_type values this class loads
+    CONFIG_FIELDS = CHATGLM_FIELDS  # what model.check_checkpoint checks in config.json before building
     LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     DEFAULT_TARGETS = ("query_key_value", "dense")   # the attention projections, as for LLaMA
     SHARED_INPUTS = ()   # q, k, v are one layer already (query_key_value), so are gate and up
     OUTPUT_LAYER = "transformer.output_layer"        # never a LoRA target nor quantized
     # THUDM's checkpoints store inv_freq, ignoring rope_ratio; we recompute it from the config.
     RECOMPUTED_KEYS = ("rotary_pos_emb.inv_freq",)
+    # m-LoRA's names: qkv, mlp_in, mlp_out in 2023; qkv_proj in 2024 (Phi-3's own name too).
+    MLORA_NAMES = {"qkv": "query_key_value", "qkv_proj": "query_key_value",
+                   "mlp_in": "dense_h_to_4h", "mlp_out": "dense_4h_to_h"}
+    FIXED_SHAPE_STEP = False        # forward reads no PackedRow: graphs.py leaves it to the eager step
 
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()

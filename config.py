@@ -26,6 +26,7 @@ import torch
 import files
 import lora
 import mlora_config
+import objectives
 from data import NAMED_TEMPLATES
 from scheduler import STRATEGIES
 
@@ -34,13 +35,13 @@ from scheduler import STRATEGIES
 @dataclass(kw_only=True)
 class JobConfig(lora.LoRAConfig):
     """One job: an adapter (LoRAConfig's fields, by PEFT's names: r, alpha, dropout, targets,
-    init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
+    variant, init, use_rslora, use_dora) plus its data, objective, optimizer and schedule."""
     name: str                              # adapter name; outputs go to out_dir/<name>/
-    data: str                              # .json / .jsonl: sft rows {instruction, input, output}; dpo/cpo rows {prompt, chosen, rejected}
-    objective: str = "sft"                 # sft | dpo (reference: the frozen base, same fused batch) | cpo
-    loss_type: str = "sigmoid"             # dpo/cpo: sigmoid | ipo (as TRL's loss_type)
-    beta: float = 0.1                      # dpo/cpo: the preference loss's temperature
-    label_smoothing: float = 0.0           # dpo/cpo (sigmoid): assumed chance that a pair's labels are flipped
+    data: str                              # .json / .jsonl: sft rows {instruction, input, output}; preference rows {prompt, chosen, rejected}
+    objective: str = "sft"                 # a key of objectives.OBJECTIVES; the fields below are read by those that declare them
+    loss_type: str = "sigmoid"             # a preference objective's loss_types: sigmoid | ipo (as TRL's loss_type)
+    beta: float = 0.1                      # preference objectives: the preference term's temperature (or weight)
+    label_smoothing: float = 0.0           # sigmoid preference loss: assumed chance that a pair's labels are flipped
     cpo_alpha: float = 1.0                 # cpo: weight of the chosen answers' NLL term
     test_data: str | None = None           # held-out rows of the same format, for eval loss
     template: str = "alpaca"               # alpaca | chat (the model's own) | plain | mlora | a template file (alpaca-lora or m-LoRA JSON, m-LoRA YAML/Jinja)
@@ -116,6 +117,8 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     cuda_graphs: bool = False              # steps at fixed shapes, replayed as CUDA graphs (graphs.py; packed SFT, plain LoRA, llama family, one process)
+    fuse_adapters: str = "auto"            # auto (all adapters of a layer in shared matmuls on GPUs, per adapter on CPUs) | always | never; same result, speed only
+    dropout_draw: str = "auto"             # auto (dropped positions on CPUs, bool masks on GPUs) | masks (the GPU's draw everywhere: other masks than a CPU's positions, same distribution)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dist_timeout_s: float = 600.0          # under torchrun: a collective waiting longer than this ends the run (a rank stalled)
     shard_base: bool = False               # under torchrun, data placement: the frozen base split over the ranks (FSDP2), for a base too big for one device
@@ -131,7 +134,6 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.p
              "sweep.json", "sweep.png", "best.json")
 # Config fields a resumed run may change: they change no result.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s")
-OBJECTIVES, LOSS_TYPES = ("sft", "dpo", "cpo"), ("sigmoid", "ipo")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
 TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex"), ("loss", "task")
@@ -166,6 +168,10 @@ def validate(cfg: RunConfig, where: str, inputs: bool = True):
     need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
          f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
+    need(cfg.fuse_adapters in lora.FUSE_OPTIONS, "fuse_adapters", cfg.fuse_adapters,
+         f"expected one of {', '.join(lora.FUSE_OPTIONS)}")
+    need(cfg.dropout_draw in lora.DROPOUT_DRAWS, "dropout_draw", cfg.dropout_draw,
+         f"expected one of {', '.join(lora.DROPOUT_DRAWS)}")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
     sc = cfg.scheduler
     need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")
@@ -253,6 +259,9 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("targets", job.targets is None or len(job.targets) > 0, "expected null (the model's defaults) or a non-empty list")
     check("init", job.init in lora.INITS, f"expected one of {', '.join(lora.INITS)}")
     check("init", not (job.use_dora and job.init in ("pissa", "olora")), "use_dora goes with kaiming or gaussian only")
+    check("variant", job.variant in lora.VARIANTS, f"expected one of {', '.join(lora.VARIANTS)}")
+    check("variant", job.variant in ("lora", job.resolved_variant), f"{job.resolved_variant} is set by use_dora "
+          "or init already; give variant alone")
     check("cutoff_len", 2 <= job.cutoff_len <= 2**20, "expected 2 <= cutoff_len <= 1048576")
     check("optimizer", job.optimizer in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}")
     check("lr", finite(job.lr) and job.lr > 0, "expected a finite number > 0")
@@ -273,25 +282,41 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("early_stop", job.early_stop is None or job.test_data and job.eval_every > 0,
           "needs test_data and eval_every > 0")
     check("diverge_factor", finite(job.diverge_factor) and job.diverge_factor > 1, "expected a finite number > 1")
+    check("objective", job.objective in objectives.OBJECTIVES, f"expected one of {', '.join(objectives.OBJECTIVES)}")
     check("task_metric", job.task_metric is None or job.task_metric in TASK_METRICS,
           f"expected null or one of {', '.join(TASK_METRICS)}")
     check("task_metric", job.task_metric is None or job.test_data, "needs test_data (its prompts and expected outputs)")
-    check("task_metric", job.task_metric is None or job.objective == "sft",
-          "sft jobs only (a preference row has no one expected answer)")
+    check("task_metric", job.task_metric is None or not objectives.objective_of(job).pairs,
+          f"{', '.join(name for name, o in objectives.OBJECTIVES.items() if not o.pairs)} jobs only "
+          "(a preference row has no one expected answer)")
     check("task_pattern", (job.task_metric == "regex") == (job.task_pattern is not None),
           "expected a regular expression with task_metric regex, null otherwise")
     check("task_pattern", job.task_pattern is None or _compiles(job.task_pattern), "expected a valid regular expression")
     check("task_max_new_tokens", 1 <= job.task_max_new_tokens <= 4096, "expected 1 <= task_max_new_tokens <= 4096")
     check("early_stop_metric", job.early_stop_metric in EVAL_METRICS, f"expected one of {', '.join(EVAL_METRICS)}")
     check("early_stop_metric", job.early_stop_metric == "loss" or job.task_metric is not None, "task needs a task_metric")
-    check("objective", job.objective in OBJECTIVES, f"expected one of {', '.join(OBJECTIVES)}")
-    check("loss_type", job.loss_type in LOSS_TYPES, f"expected one of {', '.join(LOSS_TYPES)}")
-    check("beta", finite(job.beta) and job.beta > 0, "expected a finite number > 0")
-    check("label_smoothing", finite(job.label_smoothing) and 0 <= job.label_smoothing < 0.5,
-          "expected 0 <= label_smoothing < 0.5")
-    check("cpo_alpha", finite(job.cpo_alpha) and job.cpo_alpha >= 0, "expected a finite number >= 0")
+    for name, ok, expected in objectives.objective_of(job).checks(job):   # the fields its objective reads
+        check(name, ok, expected)
     check("loraplus_lr_ratio", job.loraplus_lr_ratio is None or finite(job.loraplus_lr_ratio) and job.loraplus_lr_ratio > 0,
           "expected null or a finite number > 0")
+
+
+def trial_names(sweep: SweepConfig) -> list[str]:
+    """<name>-t00, <name>-t01, ... (wider indices for 101+ trials), one per trial."""
+    space = sweep_space(sweep, "sweep")
+    count = sweep.trials if sweep.search == "random" else math.prod(len(values) for values in space.values())
+    width = max(2, len(str(count - 1)))
+    return [f"{sweep.name}-t{i:0{width}d}" for i in range(count)]
+
+
+
+def field_label(cfg: RunConfig, i: int, field: str) -> str:
+    """Where job i's field comes from, for an error: jobs[i].field, or a trial's sweep.job / sweep.space."""
+    name = cfg.jobs[i].name
+    if cfg.sweep is None or name not in trial_names(cfg.sweep):
+        return f"jobs[{i}].{field}"
+    return f"sweep.space.{field} (trial {name})" if field in cfg.sweep.space else f"sweep.job.{field}"
+
 
 
 def _compiles(pattern: str) -> bool:

@@ -15,17 +15,29 @@ rank agrees on); rank 0 alone writes out_dir. Two placements (scheduler.placemen
 
 A collective that fails (a rank died: gloo says "connection reset"; or one stalled past the
 timeout) raises RankLost: one line, and the run resumes from its last checkpoint.
+
+This module is a layer on train.py: `start` opens the run on every rank (inputs checked by all,
+out_dir claimed by rank 0), `add_ranks` puts its steps in the place of the loop's (more: one
+agreement per turn; data: forward_backward on this rank's rows, gradients summed before the
+optimizer steps, memory peaks the largest of any rank; job: waiting jobs assigned each turn).
 """
+import contextlib
 import datetime
 import os
 import re
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import data
 import lora
-from config import JobConfig
-from objectives import adapter_rows, job_parts, sequence_lengths
+import model as M
+import state
+from config import ConfigError, JobConfig, RunConfig, claim_out_dir
+from jobs import (Fused, Interrupted, Run, describe, load_base, make_scheduler, open_run, read_inputs,
+                  step_rows)
+from objectives import METRIC_SUMS, adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
 import peft_format
 
 BUCKET_BYTES = 32 * 2**20    # gradients are summed in flat buckets of about this size
@@ -41,6 +53,8 @@ class Dist:
     def __init__(self, rank: int, world: int, local_rank: int, device: str, objects):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         self.objects = objects    # a gloo group: Python objects travel through the CPU
+        self.pending: list[str] = []   # job parallel: jobs no rank has taken yet (the same on every rank)
+        self.free: list[int] = []      # job parallel: each rank's free slots, as last agreed
 
     @property
     def main(self) -> bool:
@@ -79,6 +93,20 @@ class Dist:
                 for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
                     b.copy_(part.view_as(b))
                 bucket, size = [], 0
+
+    def reduce_gradients(self, model: torch.nn.Module, names: list[str], settle: bool = False):
+        """Data parallel: sum these jobs' adapter gradients over the ranks (reduce: a few flat
+        buckets). Between reductions each rank accumulates its own part; rank 0 alone carries
+        what was summed before. settle (a checkpoint mid-accumulation): rank 0 then holds the
+        sums, the others none."""
+        params = [p for name in names for p in lora.adapter_parameters(model, name)]
+        for p in params:   # a rank with none of a job's rows has no gradient: it adds zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.reduce([p.grad for p in params])
+        if settle and not self.main:
+            for p in params:
+                p.grad = None
 
     def broadcast(self, obj):
         """Rank 0's `obj`, on every rank."""
@@ -164,21 +192,6 @@ def split_rows(costs: list[int], world: int) -> list[range]:
 
 
 # ----------------------------------------------------------------------------- train.py's steps across ranks
-# (`run` is state.Run, `states` state.JobState: this file does not import state.py, which imports it)
-
-def reduce_gradients(run, states: list, settle: bool = False):
-    """Data parallel: sum these jobs' gradients over the ranks (dist.reduce: a few flat buckets).
-    Between reductions each rank accumulates its own part; rank 0 alone carries what was summed
-    before. settle (a checkpoint mid-accumulation): rank 0 then holds the sums, the others none."""
-    params = [p for s in states for p in lora.adapter_parameters(run.model, s.config.name)]
-    for p in params:   # a rank with none of a job's rows has no gradient: it adds zeros
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    run.dist.reduce([p.grad for p in params])
-    if settle and not run.dist.main:
-        for p in params:
-            p.grad = None
-
 
 def split_step(jobs: list[JobConfig], examples: list[list], d, sharded: bool = False) -> tuple[list[list], dict]:
     """Data parallel: this rank's part of a fused step. The step's rows, all jobs in order, are
@@ -245,14 +258,14 @@ def agree_turn(run) -> bool:
     collective. Returns whether the run goes on."""
     d = run.dist
     free = [0] * d.world
-    if run.jobs_apart:   # candidate slots not yet given a job
+    if jobs_apart(run):   # candidate slots not yet given a job
         free[d.rank] = run.cfg.scheduler.max_candidates - len(run.sched.candidates) - len(run.sched.waiting)
-    flags = [run.signal or 0, not run.sched.done or bool(run.pending), len(run.outbox or ())]
+    flags = [run.signal or 0, not run.sched.done or bool(d.pending), len(run.outbox or ())]
     agreed = [int(x) for x in d.max_(torch.tensor(flags + free, device=run.device)).tolist()]   # syncs the device
     run.signal = agreed[0] or None
     if agreed[2]:
         flush_outbox(run)
-    run.free = agreed[3:]
+    d.free = agreed[3:]
     return bool(agreed[1])
 
 
@@ -261,10 +274,10 @@ def assign_waiting(run):
     at a time, in turn (the rank given fewest this turn first, then the lowest rank): a rank
     that comes free takes the next waiting job. Every rank computes the same from the same
     agreed counts."""
-    free, load = list(run.free), [0] * run.dist.world
-    while run.pending and any(free):
+    free, load = list(run.dist.free), [0] * run.dist.world
+    while run.dist.pending and any(free):
         rank = min((r for r in range(len(free)) if free[r]), key=lambda r: (load[r], r))
-        name = run.pending.pop(0)
+        name = run.dist.pending.pop(0)
         free[rank] -= 1
         load[rank] += 1
         if rank == run.dist.rank:
@@ -287,3 +300,169 @@ def gather_results(run):
     run.tokens, run.padded_tokens = sum(t[2] for t in totals), sum(t[3] for t in totals)
     run.peak_mb = max(t[4] for t in totals)
     run.prediction_errors = [e for t in totals for e in t[5]]
+
+
+# ----------------------------------------------------------------------------- the layer: a run on every rank
+
+def rows_apart(run: Run) -> bool:
+    """Data parallel under torchrun: each step's rows split over the ranks."""
+    return run.dist is not None and run.cfg.scheduler.placement == "data"
+
+
+def jobs_apart(run: Run) -> bool:
+    """Job parallel under torchrun: each rank its own jobs."""
+    return run.dist is not None and run.cfg.scheduler.placement == "job"
+
+
+@contextlib.contextmanager
+def leaving(d: Dist):
+    """Leave the process group when train() ends: together when every rank got here alike (the
+    run ended, all stopped at the same step or on the same agreed error), at once otherwise; not
+    at all with a rank lost (gloo can abort in the teardown: train.py's exit skips it)."""
+    try:
+        yield
+    except (Interrupted, ConfigError):
+        d.close()
+        raise
+    except RankLost:
+        raise
+    except BaseException:
+        d.close(together=False)
+        raise
+    d.close()
+
+
+def start(cfg: RunConfig, overwrite: bool, d: Dist) -> tuple[Run | None, dict | None]:
+    """train.start on every rank: all read and check the same inputs and go on, or all stop with
+    the first error; rank 0 claims out_dir (and reads its checkpoint) for all; each loads the base
+    (sharded with shard_base). Returns (run, the checkpoint or None), or (None, the finished run's summary)."""
+    error = read = mode = saved = None
+    try:
+        read = read_inputs(cfg)
+        if d.world > 1 and cfg.sweep is not None and cfg.scheduler.placement == "job":
+            raise ConfigError("sweep: its rungs compare trials across ranks; use scheduler.placement 'data' under torchrun")
+        if d.main:
+            mode = claim_out_dir(cfg, overwrite)
+            saved = state.read_checkpoint(Path(cfg.out_dir), read["inputs"]) if mode == "resume" else None
+    except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
+        error = e
+    message = d.agree(error)
+    if message:
+        raise ConfigError(message)
+    mode, saved = d.broadcast((mode, saved))
+    if mode == "finished":
+        summary = None
+        if d.main:
+            import json
+            print(f"{cfg.out_dir} holds the finished run of this config (run.json): nothing to do; "
+                  f"--overwrite trains it again")
+            summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
+        return None, d.broadcast(summary)
+    apart = cfg.scheduler.placement == "job"
+    check_checkpoint_ranks(cfg, saved, d)
+    if apart:   # each rank's own scheduler, given jobs as it has room (assign_waiting)
+        read["sched"] = make_scheduler(cfg, [])
+    model = load_base(cfg, d.device)
+    if cfg.shard_base:
+        shard_base(model, d)
+        if d.main:
+            local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
+            print(f"base sharded (FSDP2) over {d.world} ranks: {local:,} of "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank")
+    run = open_run(cfg, read, model, d.device, mode, saved is not None, writes=d.main)
+    run.dist = d
+    if d.main:
+        print(describe(cfg, d.device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}\n"
+              + d.describe(cfg.scheduler.placement))
+    if apart:
+        run.outbox, run.tag, run.bar.total = None if d.main else [], {"rank": d.rank}, None
+        d.pending = [p.name for p in sorted(read["plans"], key=lambda p: -p.priority)]
+    elif not cfg.shard_base:   # a sharded base: every rank runs every forward (each gathers the weights)
+        run.eval_ranks = d
+    return run, saved
+
+
+def check_checkpoint_ranks(cfg: RunConfig, saved: dict | None, d: Dist):
+    """A job parallel checkpoint resumes on as many ranks, job parallel; another only otherwise."""
+    written_by = len(saved.get("ranks") or ()) if saved is not None else 0
+    expected = d.world if cfg.scheduler.placement == "job" else 0
+    if saved is not None and written_by != expected:
+        raise ConfigError(f"{cfg.out_dir}/checkpoint: a job parallel run's, on {written_by} ranks; it resumes under "
+                          f"torchrun on as many" if written_by else
+                          f"{cfg.out_dir}/checkpoint: not a job parallel run's; resume it with scheduler.placement "
+                          f"'data' or in one process")
+
+
+def add_ranks(run: Run):
+    """The loop's steps across ranks: one agreement per turn (agree_turn); data parallel: each
+    step's rows split (forward_backward), the jobs' gradients summed before their optimizer
+    steps, the memory peaks the largest of any rank; job parallel: waiting jobs assigned to free
+    ranks each turn. At the end, rank 0 writes what every rank did."""
+    steps = run.steps
+    core_turn, core_optimize, core_results = steps.turn, steps.optimize, steps.results
+    steps.more = agree_turn
+    if run.cfg.scheduler.placement == "job":
+        def turn(run: Run):
+            assign_waiting(run)
+            if not run.sched.done:   # a rank with no job waits for the others
+                core_turn(run)
+        steps.turn = turn
+    else:
+        def optimize(run: Run, ending: list) -> list:
+            run.dist.reduce_gradients(run.model, [s.config.name for s in ending])
+            return core_optimize(run, ending)
+        steps.forward_backward, steps.optimize, steps.peaks = split_forward_backward, optimize, peaks
+
+    def results(run: Run):
+        if jobs_apart(run):   # every rank's finished jobs and totals, to rank 0
+            gather_results(run)
+        if run.writes:
+            core_results(run)
+        run.summary = run.dist.broadcast(run.summary)
+    steps.results = results
+
+
+def peaks(run: Run, between_mb: float, step_mb: float) -> tuple[float, float]:
+    """Every rank's memory model learns the same peaks: the largest of any rank."""
+    return tuple(run.dist.max_(torch.tensor([between_mb, step_mb], dtype=torch.float64, device=run.device)).tolist())
+
+
+def split_forward_backward(run: Run, micro_batches: list, check_finite: bool = False) -> Fused:
+    """Data parallel: train.forward_backward on this rank's part of the step's rows (split_step)."""
+    step = step_rows(run, micro_batches)
+    rows, share = split_step(step.jobs, step.rows, run.dist, sharded=run.cfg.shard_base)
+    losses, rewards, counts, stepped = fused_step(run.model, step.jobs, rows, step.loss_tokens, step.generators,
+                                                  run.pad_id, run.device, run.cfg.packing, check_finite,
+                                                  step.step_rows, share, run.dist,
+                                                  lora.concatenates(run.device, run.cfg.fuse_adapters), run.cfg.dropout_draw)
+    return Fused(micro_batches, losses, rewards, counts, stepped)
+
+
+def fused_step(model, jobs: list[JobConfig], examples: list[list], step_loss_tokens: list[int],
+               generators: dict, pad_id: int, device, packed: bool, check_finite: bool, step_rows: list[int],
+               share: dict, d: Dist, fuse: bool | None = None, dropout_draw: str = "auto"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """train.fused_step on this rank's rows (a job may have none here): `share` routes their
+    dropout as one process draws it (split_step); the losses, rewards and token counts are summed
+    over the ranks before the finite check; backward stays this rank's part."""
+    k, stand_ins = len(jobs), share["stand_ins"]
+    model.train()
+    if not any(examples) and not stand_ins:   # nothing here this step; the dropout streams still advance
+        with lora.route(model, [], generators=generators, elsewhere=tuple(job.name for job in jobs), fuse=fuse,
+                        dropout_draw=dropout_draw):
+            pass
+        stats = d.sum_(torch.zeros(k, 1 + METRIC_SUMS + 2, device=device))
+        return stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu(), False
+    fused = fuse_rows(jobs, examples, pad_id, packed, device, stand_ins)
+    batch = fused.batch
+    with lora.route(model, batch.adapter_names, lengths=batch.lengths, generators=generators, packed=batch.packed,
+                    dropout_tokens=share["dropout_tokens"], elsewhere=share["elsewhere"], fuse=fuse,
+                    dropout_draw=dropout_draw):
+        # With stand-ins, backward runs through the whole batch, stand-ins too (their part is zero).
+        local, rewards = job_losses(model, jobs, fused, examples, step_loss_tokens, step_rows, whole_batch=bool(stand_ins))
+        stats = d.sum_(torch.cat([local.detach()[:, None], rewards, fused.counts.to(device)], 1))   # syncs the device
+        losses, rewards, counts = stats[:, 0], stats[:, 1:1 + METRIC_SUMS], stats[:, 1 + METRIC_SUMS:].long().cpu()
+        if check_finite and not bool(losses.isfinite().all()):
+            return losses, rewards, counts, False
+        local.sum().backward()
+    return losses, rewards, counts, True

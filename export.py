@@ -76,7 +76,7 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     lora.dequantize(net)  # the layers the adapter does not touch (a no-op without quant)
     state = {k: v.contiguous() for k, v in net.state_dict().items() if ".lora_" not in k}
     if getattr(net.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once, as on the hub
+        state.pop(f"{net.OUTPUT_LAYER}.weight", None)  # the same tensor as the embedding: stored once, as on the hub
     del net
     state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
     to.parent.mkdir(parents=True, exist_ok=True)

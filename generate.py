@@ -186,4 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import tokenizer
+    tokenizer.alarm_stops_templates()   # process-wide, here only: SIGALRM stops a chat template past its time
     sys.exit(main())

@@ -17,7 +17,8 @@ step. So this step computes what train.fused_step computes for SFT jobs, differe
   the replay, only when every job's loss is finite.
 One graph per (adapters, bucket, segments); the MAX_GRAPHS last used are kept. Off a GPU the
 same step runs eagerly (tests/test_graphs.py: equal to fused_step, and free of host reads).
-What it takes (`fits`): SFT jobs, plain LoRA on a float base, a llama-family model, one process.
+What it takes (`fits`): SFT jobs, plain LoRA on a float base, a llama-family model, packed rows;
+not with data parallel ranks. `fixed_shape` puts it in the place of train.py's forward_backward step.
 """
 import math
 from collections import OrderedDict
@@ -28,8 +29,9 @@ import torch
 import data
 import llama
 import lora
+from jobs import Fused, Run, step_rows
 from lora_update import drop_threshold
-from objectives import chunked_token_losses
+from objectives import METRIC_SUMS, chunked_token_losses, objective_of
 
 MAX_GRAPHS = 8          # graphs kept (each holds its own memory pool: about one step's activations)
 MIN_BUCKET = 64
@@ -145,12 +147,13 @@ class Graphs:
         self.steps: OrderedDict = OrderedDict()
 
     @staticmethod
-    def fits(model, jobs: list, examples: list[list], distributed: bool, packed: bool) -> bool:
-        """Whether this step can run at fixed shapes: SFT jobs, each with rows here, plain LoRA on
-        a float llama-family base, packed, one process."""
-        if distributed or not packed or not isinstance(model, llama.Llama):
+    def fits(model, jobs: list, examples: list[list], packed: bool) -> bool:
+        """Whether this step can run at fixed shapes: token-mean (SFT) jobs, each with rows, plain LoRA
+        on a float base of a family with FIXED_SHAPE_STEP, packed (fixed_shape is not used with
+        data parallel ranks)."""
+        if not packed or not model.FIXED_SHAPE_STEP:
             return False
-        if any(job.objective != "sft" or not rows for job, rows in zip(jobs, examples)):
+        if any(not objective_of(job).token_mean or not rows for job, rows in zip(jobs, examples)):
             return False
         names = {job.name for job in jobs}
         return all(layer.quantized is None and not any(layer.adapters[n].is_variant for n in names & set(layer.adapters))
@@ -158,7 +161,7 @@ class Graphs:
 
     def step(self, model, jobs: list, examples: list[list], step_loss_tokens: list[int],
              generators: dict[str, torch.Generator], pad_id: int, device):
-        """As train.fused_step (packed, SFT): (losses [k], reward sums [k, 4], tokens [k, 2],
+        """As train.fused_step (packed, SFT): (losses [k], metric sums [k, METRIC_SUMS], tokens [k, 2],
         None, whether the gradients were added). Each job's dropout seed is drawn from its
         stream as lora.route draws it; the gradients are added only when every loss is finite."""
         model.train()
@@ -178,7 +181,7 @@ class Graphs:
         tokens = [sum(len(e.input_ids) for e in rows) for rows in examples]
         padding = key[1] - sum(tokens)   # the bucket's padding, counted as the first job's processed tokens
         counts = torch.tensor([[n, n + (padding if i == 0 else 0)] for i, n in enumerate(tokens)])
-        rewards = torch.zeros(len(jobs), 4, device=device)
+        rewards = torch.zeros(len(jobs), METRIC_SUMS, device=device)
         if not all(math.isfinite(loss) for loss in losses.tolist()):   # syncs the device
             return losses.clone(), rewards, counts, None, False
         # The graph's outputs are overwritten by its next replay: added (or copied) out now.
@@ -189,3 +192,17 @@ class Graphs:
         for (p, _), copy in zip(fresh, torch._foreach_mul([g for _, g in fresh], 1.0) if fresh else []):
             p.grad = copy
         return losses.clone(), rewards, counts, None, True
+
+
+def fixed_shape(forward_backward):
+    """train.py's forward_backward step at fixed shapes (a CUDA graph on GPUs) where the step fits, else as it was."""
+    graphs = Graphs()
+
+    def step(run: Run, micro_batches: list, check_finite: bool = False) -> Fused:
+        rows = step_rows(run, micro_batches)
+        if not graphs.fits(run.model, rows.jobs, rows.rows, run.cfg.packing):
+            return forward_backward(run, micro_batches, check_finite)
+        losses, rewards, counts, _, stepped = graphs.step(run.model, rows.jobs, rows.rows, rows.loss_tokens,
+                                                          rows.generators, run.pad_id, run.device)
+        return Fused(micro_batches, losses, rewards, counts, stepped)
+    return step

@@ -1,20 +1,326 @@
-"""A job's life in a run, around the fused steps of train.py: admitted (its held-out loss at
-init), evaluated and stopped early (ASPEN), finished (the best adapter saved, its slot freed),
-and, as a sweep trial, evaluated at its rungs, parked and promoted (sweep.py decides)."""
+"""A job's life in a run, around train.py's steps, and what the loop works on.
+
+Run (what every step shares: the model, the scheduler, the admitted jobs, the log) and JobState
+(one admitted job); reading and checking every job's rows before anything is written (check_base,
+prepare); a job admitted (its adapter, optimizer and dropout RNG; its held-out loss at init),
+evaluated and stopped early (ASPEN), finished (the best adapter saved, its slot freed).
+"""
+import dataclasses
+import json
 import math
 import sys
 import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-import dist
+import data
+import files
 import lora
 import model as M
 import peft_format
-from config import JobConfig
+from config import ConfigError, JobConfig, RunConfig, clear_run, field_label, file_digest, remove_partial_writes
+from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
 from report import evaluate, evaluate_tasks
-from state import Best, JobState, Run, add_job, job_state, load_job
+from scheduler import JobPlan, MicroBatch, Scheduler
+
+
+# ----------------------------------------------------------------------------- what the loop works on
+
+def make_optimizer(params, job: JobConfig, lora_B: set | None = None) -> torch.optim.Optimizer:
+    """The job's optimizer. LoRA+ (loraplus_lr_ratio): the B matrices (`lora_B`, a set of their
+    ids) in a second group whose lr is ratio x lr, as PEFT's create_loraplus_optimizer (which
+    also puts embedding adapters in a third group: we have none)."""
+    groups = [{"params": params}]
+    if job.loraplus_lr_ratio is not None:
+        groups = [{"params": [p for p in params if id(p) not in lora_B], "lr_ratio": 1.0},
+                  {"params": [p for p in params if id(p) in lora_B], "lr_ratio": job.loraplus_lr_ratio}]
+        for group in groups:
+            group["lr"] = job.lr * group["lr_ratio"]
+    if job.optimizer == "adamw":   # fused (one kernel for all tensors): on 2 CPU cores 6 ms a step, not 28
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(groups, lr=job.lr, weight_decay=job.weight_decay, fused=fused or None)
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    raise ConfigError(f"job {job.name!r}: optimizer {job.optimizer!r}: expected adamw or sgd")
+
+
+@dataclass
+class Best:
+    """The best held-out loss so far and the adapter weights that gave it (early stopping)."""
+    loss: float
+    step: int
+    weights: list[torch.Tensor]
+    rewards: dict | None = None            # a preference job's held-out metrics there
+    task: float | None = None              # its task score there (task_metric)
+
+
+@dataclass
+class JobState:
+    """One admitted job: what it trains on and where its training stands."""
+    config: JobConfig
+    total_steps: int                       # optimizer steps it will take (unless stopped early)
+    train_set: list[data.Example] | list[data.Pair]
+    test_set: list[data.Example] | list[data.Pair] | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator             # its dropout RNG: one seed drawn per fused step (CPU)
+    admitted_at: float                     # time.time() at admission
+    loss_sum: torch.Tensor                 # this optimizer step's loss so far (on device: no sync)
+    reward_sums: torch.Tensor              # this step's metric sums so far [METRIC_SUMS] (job_loss; zeros for SFT)
+    step: int = 0                          # optimizer steps taken
+    lr: float | None = None                # lr of its last optimizer step
+    last_loss: float | None = None         # training loss of its last optimizer step
+    last_rewards: dict | None = None       # its last optimizer step's objective metrics (None for SFT)
+    tokens: int = 0                        # real tokens through the forward
+    padded_tokens: int = 0                 # its rows x padded length
+    peak_mb: float = 0.0                   # the run's peak memory while it was admitted
+    initial_eval_loss: float | None = None
+    eval_loss: float | None = None
+    eval_rewards: dict | None = None       # its objective's metrics on the held-out rows (None for SFT)
+    initial_eval_task: float | None = None  # task_metric: the task score at init
+    eval_task: float | None = None         # task_metric: the task score at its last evaluation
+    best: Best | None = None               # with early_stop
+    evals_since_best: int = 0
+    stopped: str | None = None             # why it stopped early
+    nonfinite: bool = False                # stopped because its loss, gradient or weights went non-finite
+
+
+@dataclass
+class Run:
+    """What every step of a run shares: the model, the scheduler, the admitted jobs, the log."""
+    cfg: RunConfig
+    device: str
+    out_dir: Path
+    model: torch.nn.Module
+    pad_id: int
+    sched: Scheduler
+    plans: dict[str, JobPlan]
+    train_sets: dict[str, list[data.Example] | list[data.Pair]]
+    test_sets: dict[str, list[data.Example] | list[data.Pair]]
+    inputs: dict[str, str]                 # sha256 of every input file: a resumed run must read the same
+    metrics: typing.BinaryIO | None        # metrics.jsonl, appended line by line (None: this process writes none)
+    start: float                           # time.time() at the first step (earlier on resume)
+    bar: typing.Any                        # the tqdm progress bar, in micro-batches
+    steps: typing.Any = None               # train.Steps: the loop's named steps, picked at the start
+    jobs: dict[str, JobState] = field(default_factory=dict)   # admitted, not finished (admission order)
+    summary: dict[str, dict] = field(default_factory=dict)    # finished jobs
+    step: int = 0                          # fused steps taken
+    tokens: int = 0
+    padded_tokens: int = 0
+    peak_mb: float = 0.0
+    prediction_errors: list[float] = field(default_factory=list)
+    signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
+    ticks: int = 0                         # loop turns
+    writes: bool = True                    # this process writes out_dir (under torchrun: rank 0 alone)
+    tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
+    task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
+    task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
+    # What a layer adds (None without it): torchrun's ranks, held-out evaluation split over data
+    # parallel ranks (dist.Dist), a sweep's rungs (sweep.Sweep), job parallel ranks' outbox to rank 0.
+    dist: typing.Any = None                # under torchrun: this rank and its collectives (dist.Dist)
+    eval_ranks: typing.Any = None
+    tag: dict = field(default_factory=dict)   # job parallel: {"rank": r} on every line this rank logs
+    sweep: typing.Any = None
+    outbox: list | None = None
+
+    def log(self, record: dict):
+        """One line of metrics.jsonl (a process that writes none sends it to rank 0's outbox, if any)."""
+        record = {**self.tag, **record}   # a line sent from another rank keeps its own tag
+        if self.metrics is None:
+            if self.outbox is not None:
+                self.outbox.append(("log", record))
+            return
+        self.metrics.write((json.dumps(record) + "\n").encode())
+        self.metrics.flush()
+
+    def now(self) -> float:
+        return time.time() - self.start
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the run checkpointed and stopped; the same command resumes it."""
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+
+class StepRows(NamedTuple):
+    """The rows of one fused step, job by job: what a forward_backward step reads."""
+    states: list[JobState]
+    jobs: list[JobConfig]
+    rows: list[list]                        # job i's rows (examples, or pairs)
+    loss_tokens: list[int]                  # its whole optimizer step's loss tokens
+    step_rows: list[int]                    # and rows
+    generators: dict[str, torch.Generator]  # dropout RNG streams, by job
+
+
+def step_rows(run: Run, micro_batches: list[MicroBatch]) -> StepRows:
+    states = [run.jobs[mb.job] for mb in micro_batches]
+    return StepRows(states, [s.config for s in states],
+                    [[s.train_set[i] for i in mb.indices] for s, mb in zip(states, micro_batches)],
+                    [mb.step_loss_tokens for mb in micro_batches], [mb.step_rows for mb in micro_batches],
+                    {s.config.name: s.generator for s in states})
+
+
+class Fused(NamedTuple):
+    """What one fused forward + backward gives the loop: the micro-batches that ran (a job stopped
+    on a non-finite loss drops out), each job's loss [k] (detached), metric sums [k, METRIC_SUMS]
+    (objectives.job_loss), real and processed tokens [k, 2], and whether backward ran."""
+    micro_batches: list[MicroBatch]
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    counts: torch.Tensor
+    stepped: bool = True
+
+
+def add_job(run: Run, name: str) -> JobState:
+    """The job's adapter (initialised from the seed), optimizer and dropout RNG."""
+    job = next(j for j in run.cfg.jobs if j.name == name)
+    lora.add_adapters(run.model, {name: job.lora_config()}, seed=run.cfg.seed)
+    params = lora.adapter_parameters(run.model, name)
+    lora_B = {id(p) for p in lora.adapter_parameters(run.model, name, "lora_B")}
+    # The dropout stream is seeded apart from the init's (adapter_seed itself seeds A's init).
+    generator = torch.Generator().manual_seed(lora.mix_seed(lora.adapter_seed(run.cfg.seed, name), 1))
+    s = run.jobs[name] = JobState(job, run.plans[name].total_steps, run.train_sets[name],
+                                  run.test_sets.get(name), make_optimizer(params, job, lora_B), generator,
+                                  admitted_at=time.time(), loss_sum=torch.zeros((), device=run.device),
+                                  reward_sums=torch.zeros(METRIC_SUMS, device=run.device))
+    return s
+
+
+# ----------------------------------------------------------------------------- a run's inputs, checked before anything is written
+
+def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inputs: bool) -> list:
+    """A job's data file: SFT examples, or preference pairs where its objective's rows are pairs."""
+    if not objective_of(job).pairs:
+        return data.load_job_data(path, tokenizer, job.template, job.cutoff_len, train_on_inputs)
+    return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
+
+
+
+def check_base(cfg: RunConfig) -> torch.nn.Module:
+    """The base folder checked without reading a weight (model.check_checkpoint), the model
+    built on the meta device, and every job's targets and cutoff_len checked against it."""
+    where = f"{cfg.base_model}/config.json"
+    skeleton_config = M.check_checkpoint(cfg.base_model)
+    with torch.device("meta"):
+        skeleton = M.build_model(skeleton_config)
+    positions = getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "seq_length", None)
+    for i, job in enumerate(cfg.jobs):
+        bad = [t for t in job.targets or () if t not in skeleton.LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"{field_label(cfg, i, 'targets')}: {', '.join(map(repr, bad))} not in {where} "
+                              f"({skeleton.config.model_type}); LoRA targets: {', '.join(skeleton.LORA_TARGETS)}")
+        if positions and job.cutoff_len > positions:
+            raise ConfigError(f"{field_label(cfg, i, 'cutoff_len')}: {job.cutoff_len} is more than the "
+                              f"{positions} positions of {where}")
+    return skeleton
+
+
+
+def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], Scheduler]:
+    """Read and check every job's data and the scheduler settings: a bad row fails now, not hours in."""
+    for i, job in enumerate(cfg.jobs):
+        if objective_of(job).pairs and job.train_on_inputs:
+            raise ConfigError(f"{field_label(cfg, i, 'train_on_inputs')}: a {job.objective} job scores its "
+                              f"answers only; set it false")
+        for name in unused_fields(job):
+            print(f"warning: job {job.name!r}: {name} is not read by its objective, "
+                  f"{objective_of(job).describe(job) or job.objective}")
+    tokenizer = data.load_tokenizer(cfg.base_model)
+    train_sets, test_sets, plans, loaded = {}, {}, [], {}
+
+    def rows_of(job: JobConfig, path: str, train_on_inputs: bool) -> list:   # sweep trials share their files
+        key = (objective_of(job).pairs, path, job.template, job.cutoff_len, train_on_inputs)
+        if key not in loaded:
+            loaded[key] = load_rows(job, path, tokenizer, train_on_inputs)
+        return loaded[key]
+    for job in cfg.jobs:
+        train_sets[job.name] = rows_of(job, job.data, job.train_on_inputs)
+        if job.test_data:
+            test_sets[job.name] = rows_of(job, job.test_data, False)
+        rows = train_sets[job.name]
+        # A row is the scheduler's unit: a pair's sequences are never split, and all of them count.
+        plans.append(JobPlan(job.name, [sequence_lengths(job, row) for row in rows],
+                             [loss_tokens(job, row) for row in rows], job.batch_size, job.micro_batch_size,
+                             job.epochs, cfg.seed, job.max_steps, group_by_length=job.group_by_length,
+                             priority=job.priority))
+    return tokenizer, train_sets, test_sets, plans, make_scheduler(cfg, plans)
+
+
+
+def make_scheduler(cfg: RunConfig, plans: list[JobPlan]) -> Scheduler:
+    sc = cfg.scheduler
+    try:
+        return Scheduler(plans, sc.strategy, sc.max_candidates, sc.max_concurrent, token_budget=sc.token_budget,
+                         memory_budget=None if sc.memory_budget_gb is None else sc.memory_budget_gb * 2**30,
+                         pad_multiple=data.PAD_MULTIPLE, packed=cfg.packing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+
+def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
+    """A few lines on what will run (the whole resolved config goes to out_dir/config.json)."""
+    sc = cfg.scheduler
+    dtype = str(M.resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
+             f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
+    for j in cfg.jobs:
+        objective = objective_of(j).describe(j)
+        lines.append(f"  {j.name}: {objective + ', ' if objective else ''}{len(train_sets[j.name])} rows x {j.epochs} "
+                     f"epochs, r={j.r} "
+                     f"alpha={j.alpha:g} {','.join(j.targets) if j.targets else 'default targets'}, "
+                     f"{j.optimizer} lr={j.lr:g}, batch {j.batch_size} (micro {j.micro_batch_size})")
+    return "\n".join(lines)
+
+
+def read_inputs(cfg: RunConfig) -> dict:
+    """Everything a run reads, checked before out_dir is touched: the base folder, every job's
+    rows, the task rows, and a digest of each input file (a resumed run must read the same)."""
+    check_base(cfg)
+    tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
+    task_sets = {job.name: data.load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
+                 for job in cfg.jobs if job.task_metric}
+    sources = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
+    return dict(tokenizer=tokenizer, train_sets=train_sets, test_sets=test_sets, plans=plans, sched=sched,
+                task_sets=task_sets, inputs={str(f): file_digest(f) for f in sources})
+
+
+
+def load_base(cfg: RunConfig, device: str) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    return model
+
+
+
+def open_run(cfg: RunConfig, read: dict, model, device: str, mode: str | None, resuming: bool, writes: bool = True) -> Run:
+    """The Run over a prepared out_dir: a previous run's outputs cleared (overwrite) or its
+    partial writes removed (resume), the resolved config saved, metrics.jsonl opened."""
+    from tqdm import tqdm
+    out_dir, metrics = Path(cfg.out_dir), None
+    if writes:
+        if mode == "overwrite":
+            clear_run(out_dir)
+        elif mode in ("resume", "restart"):
+            remove_partial_writes(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            files.atomic_write(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        metrics = open(out_dir / "metrics.jsonl", "r+b" if resuming else "wb")
+    plans = read["plans"]
+    return Run(cfg, device, out_dir, model, read["tokenizer"].pad_id, read["sched"], {p.name: p for p in plans},
+               read["train_sets"], read["test_sets"], read["inputs"], metrics=metrics, start=time.time(),
+               tokenizer=read["tokenizer"], task_sets=read["task_sets"], writes=writes,
+               bar=tqdm(total=sum(p.num_micro_batches for p in plans), unit="mb", desc="train", dynamic_ncols=True,
+                        disable=not writes))
+
 
 
 # ----------------------------------------------------------------------------- admission
@@ -48,7 +354,7 @@ def admit_all(run: Run, names: list[str]):
     """Admit these jobs (admit); the adapters of the new ones with a task_metric first, so that
     their task scores at init are generated in one batch."""
     jobs = {job.name: job for job in run.cfg.jobs}
-    new = [name for name in names if name not in run.parked and jobs[name].task_metric]
+    new = [name for name in names if jobs[name].task_metric]
     for name in new:
         add_job(run, name)
     prefetch_tasks(run, new)
@@ -57,17 +363,12 @@ def admit_all(run: Run, names: list[str]):
 
 
 def admit(run: Run, name: str):
-    """Add the job (admit_all may have); its held-out loss (and task score) at init is the starting
-    point. A sweep trial promoted past a rung comes back as it was parked."""
-    if name in run.parked:
-        s = load_job(run, name, run.parked.pop(name))
-        run.log({"event": "admit", "job": name, "time": run.now(), "step": s.step})
-        return
+    """Add the job (admit_all may have); its held-out loss (and task score) at init is the starting point."""
     s = run.jobs[name] if name in run.jobs else add_job(run, name)
     initial_rewards = None
     if s.test_set:
         s.initial_eval_loss, initial_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
-                                                        packed=run.cfg.packing, d=eval_ranks(run))
+                                                        packed=run.cfg.packing, d=run.eval_ranks)
         s.initial_eval_task = task_score(run, s)
     if s.config.early_stop is not None:  # the adapter at init (the base model) is the first "best"
         s.best = Best(s.initial_eval_loss, 0, [p.detach().clone() for p in lora.adapter_parameters(run.model, name)],
@@ -92,7 +393,7 @@ def evaluate_and_stop(run: Run, s: JobState) -> str | None:
     stop_reason = None
     if eval_due(s):
         s.eval_loss, s.eval_rewards = evaluate(run.model, job, s.test_set, run.pad_id, run.device,
-                                               packed=run.cfg.packing, d=eval_ranks(run))
+                                               packed=run.cfg.packing, d=run.eval_ranks)
         s.eval_task = task_score(run, s)
         record = {"event": "eval", "job": name, "step": s.step, "fused_step": run.step + 1, "eval_loss": s.eval_loss}
         if s.eval_rewards is None:
@@ -130,7 +431,7 @@ def stop_early(run: Run, s: JobState, reason: str, nonfinite: bool = False):
     if s.stopped is None:
         s.stopped, s.nonfinite = reason, nonfinite
         s.optimizer.zero_grad(set_to_none=True)   # a step's accumulation cut short
-        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros(4, device=run.device)
+        s.loss_sum, s.reward_sums = torch.zeros((), device=run.device), torch.zeros_like(s.reward_sums)
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step + 1,
                  "reason": reason, "nonfinite": nonfinite,
                  "best_eval_loss": None if s.best is None else s.best.loss,
@@ -147,7 +448,7 @@ def finish(run: Run, name: str):
     s = run.jobs[name]
     if s.test_set:
         s.eval_loss, s.eval_rewards = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device,
-                                               packed=run.cfg.packing, d=eval_ranks(run))
+                                               packed=run.cfg.packing, d=run.eval_ranks)
         s.eval_task = task_score(run, s)
     del run.jobs[name]
     best = s.best
@@ -169,16 +470,10 @@ def finish(run: Run, name: str):
                          "stopped": s.stopped, "nonfinite": s.nonfinite, "best_step": None if best is None else best.step}
     if s.config.task_metric is not None:
         run.summary[name].update({"initial_eval_task": s.initial_eval_task, "eval_task": s.eval_task})
-    if s.config.objective != "sft":   # its last training step's and its held-out rewards, margin, accuracy
-        run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
-        run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
+    # Its objective's metrics (none for SFT), of its last training step and held out.
+    run.summary[name].update({f"final_{key}": value for key, value in (s.last_rewards or {}).items()})
+    run.summary[name].update({f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()})
     run.log({"event": "finish", "job": name, "time": run.now(), **run.summary[name]})
-
-
-def eval_ranks(run: Run) -> "dist.Dist | None":
-    """Who shares held-out evaluation: data parallel ranks split it, unless the base is sharded
-    (then every rank must run every forward: each gathers the weights from all)."""
-    return run.dist if run.rows_apart and not run.cfg.shard_base else None
 
 
 def save_adapter(run: Run, name: str, folder: Path):
@@ -187,65 +482,3 @@ def save_adapter(run: Run, name: str, folder: Path):
         peft_format.save_peft(run.model, name, folder, run.cfg.base_model)
     elif run.outbox is not None:
         run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model)))
-
-
-# ----------------------------------------------------------------------------- a sweep trial's rungs
-
-def reach_rung(run: Run, s: JobState):
-    """A sweep trial's optimizer step at one of its rungs (sweep.py): its held-out loss there is
-    recorded; under halving it leaves the scheduler, and train_step parks it."""
-    name = s.config.name
-    rung = run.sweep.rung_at(name, s.step, s.tokens)
-    if rung is None:
-        return
-    if eval_due(s):   # evaluate_and_stop just did
-        loss, task = s.eval_loss, s.eval_task
-    else:
-        loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing,
-                           d=eval_ranks(run))
-        task = task_score(run, s)
-    record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "tokens": s.tokens, "fused_step": run.step + 1,
-              "eval_loss": loss}
-    if s.config.task_metric is not None:
-        record["eval_task"] = task
-    run.log(record)
-    if run.sweep.arrive(name, rung, task if run.sweep.sweep.metric == "task" else loss):
-        run.sched.stop(name)
-
-
-def park(run: Run, name: str):
-    """A trial waiting at a rung leaves the model (its slot is free): state kept on the CPU."""
-    s = run.jobs.pop(name)
-    run.parked[name] = {**job_state(run, s), "popped": run.plans[name].popped}
-    lora.remove_adapter(run.model, name)
-    run.log({"event": "park", "job": name, "step": s.step, "fused_step": run.step})
-
-
-def settle_rungs(run: Run):
-    """Decide each rung whose trials are all in (sweep.Sweep.decide): the best wait for a slot
-    again, ahead of lower priorities; the others finish with their adapter of that rung."""
-    if run.sweep is None:
-        return
-    verdicts = run.sweep.decide(set(run.summary))
-    # The trials a decision stops finish with their adapter of that rung; with task metrics all
-    # are loaded first, so that their final task scores are generated in one batch.
-    jobs = {job.name: job for job in run.cfg.jobs}
-    batched = any(jobs[name].task_metric for name, reason in verdicts if reason is not None)
-    stopped = []
-    for name, reason in verdicts:
-        plan = run.plans[name]
-        if reason is None:
-            run.sched.requeue(plan)
-            continue
-        s = load_job(run, name, run.parked.pop(name))
-        s.stopped = reason
-        run.bar.total -= plan.remaining
-        run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step, "reason": reason,
-                 "nonfinite": False})
-        stopped.append(name)
-        if not batched:
-            finish(run, name)
-    if batched:
-        prefetch_tasks(run, stopped)
-        for name in stopped:
-            finish(run, name)

@@ -4,8 +4,10 @@ They share one architecture: pre-norm RMSNorm blocks, rotate-half RoPE over the 
 head, grouped-query attention and a SwiGLU MLP. Parameter names follow the checkpoint's
 keys, so model.load_model loads them with a strict check. This file knows nothing about
 LoRA (lora.py swaps Linears in later) nor about files (model.py reads the folder).
-KVCache, positions_and_mask and attend are shared with chatglm.py. Mistral and Qwen2 may attend
-through a sliding window (per layer, as transformers decides it; see sliding_window_from_hf).
+KVCache, positions_and_mask and attend are shared with chatglm.py. Each model type's own
+config.json fields (Qwen2's biases, Mistral's and Qwen2's sliding windows, per layer as
+transformers decides them) are its LlamaConfig.MODEL_TYPES entry. A LLaMA-like family is a
+subclass of Llama that names its own Attention, MLP, config and rope (phi3.py).
 
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
@@ -15,7 +17,7 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,9 +27,88 @@ from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- config
 
+# Bounds on config.json's sizes: far above any released model, low enough that a typo or a
+# hostile file (num_hidden_layers 1000000 builds for minutes) stops before the model is built.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536            # hidden_size (Llama 3.1 405B: 16384)
+MAX_INTERMEDIATE = 2**20      # MLP width (405B: 53248)
+MAX_HEADS = 1024              # query and key/value heads
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 2**22             # largest hub vocabularies are ~256k
+MAX_POSITIONS = 2**24         # max_position_embeddings, seq_length, sliding_window
+
+
+class ConfigFields(NamedTuple):
+    """The config.json fields a family's from_hf reads, for model.check_checkpoint to check before
+    anything is built: integers and their upper bounds (optional ones may be absent or null), numbers
+    that must be finite and > 0, booleans, and how many key/value heads the config asks for."""
+    required: dict[str, int]
+    optional: dict[str, int]
+    floats: tuple[str, ...]
+    flags: tuple[str, ...]
+    kv_heads: Callable[[dict], int | None]
+
+
+LLAMA_FIELDS = ConfigFields(
+    required={"vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "intermediate_size": MAX_INTERMEDIATE,
+              "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS},
+    optional={"num_key_value_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM,
+              "max_position_embeddings": MAX_POSITIONS, "sliding_window": MAX_POSITIONS},
+    floats=("rms_norm_eps", "rope_theta"),
+    flags=("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"),
+    kv_heads=lambda hf: hf.get("num_key_value_heads"),
+)
+
+
+def checked_window(window, layers: tuple[int, ...]) -> dict:
+    """LlamaConfig's sliding_window and sliding_layers: none when no layer slides."""
+    if window is None or not layers:
+        return dict(sliding_window=None, sliding_layers=())
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+    return dict(sliding_window=window, sliding_layers=layers)
+
+
+def llama_fields(hf: dict) -> dict:
+    """LlamaForCausalLM: attention_bias puts a bias on q, k, v and o. LlamaModel has no sliding
+    window: a sliding_window key in a llama config.json is ignored."""
+    bias = hf.get("attention_bias", False)
+    return dict(qkv_bias=bias, o_bias=bias)
+
+
+def mistral_fields(hf: dict) -> dict:
+    """MistralForCausalLM: MistralConfig defaults to a window of 4096 when the key is absent;
+    MistralModel builds one mask for every layer and ignores a layer_types key (it only warns)."""
+    bias = hf.get("attention_bias", False)
+    window = hf.get("sliding_window", 4096)
+    return dict(qkv_bias=bias, o_bias=bias, **checked_window(window, tuple(range(hf["num_hidden_layers"]))))
+
+
+def qwen2_fields(hf: dict) -> dict:
+    """Qwen2ForCausalLM: a bias on q, k and v always, none on o; a window per layer, as Qwen2Config
+    decides it."""
+    n_layers = hf["num_hidden_layers"]
+    # Qwen2Config: `self.sliding_window = self.sliding_window if self.use_sliding_window else None`
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        # Qwen2Config: "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+        max_window_layers = hf.get("max_window_layers", 28)
+        layers = tuple(i for i in range(n_layers) if window is not None and i >= max_window_layers)
+    else:  # an explicit list decides per layer
+        if len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ValueError(f"config.json: layer_types must be {n_layers} entries of 'sliding_attention' "
+                             f"or 'full_attention', got {layer_types!r}")
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+        if layers and window is None:  # transformers' create_sliding_window_causal_mask raises too
+            raise ValueError("config.json: layer_types has sliding_attention layers but there is no window "
+                             "(use_sliding_window is false or sliding_window is null)")
+    return dict(qkv_bias=True, o_bias=False, **checked_window(window, layers))
+
+
 @dataclass
 class LlamaConfig:
-    model_type: str                 # llama | mistral | qwen2, as config.json names it
+    model_type: str                 # config.json's, a key of MODEL_TYPES
     vocab_size: int
     hidden_size: int                # C
     intermediate_size: int          # MLP width
@@ -50,32 +131,38 @@ class LlamaConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()               # the layers that use sliding_window; the rest see all
 
+    # model_type -> its own fields from config.json (bias, sliding window), the rest shared (from_hf)
+    MODEL_TYPES: ClassVar[dict[str, Callable[[dict], dict]]] = {
+        "llama": llama_fields, "mistral": mistral_fields, "qwen2": qwen2_fields}
+    ROPE_TYPES: ClassVar[tuple[str, ...]] = ("default", "linear", "llama3")   # what rope_inv_freq computes
+
     def layer_window(self, layer: int) -> int | None:
         """The attention window of this layer; None = full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """Map a hub config.json (llama, mistral, qwen2) onto our fields, one by one."""
+        """Map a hub config.json onto our fields, one by one: the fields every type shares here,
+        each model type's own by its MODEL_TYPES entry."""
         model_type = hf.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json: model_type {model_type!r} is not a LLaMA-family model "
-                             f"(supported: llama, mistral, qwen2, chatglm)")
+        if model_type not in cls.MODEL_TYPES:
+            family = cls.__name__.removesuffix("Config")
+            raise ValueError(f"config.json: model_type {model_type!r} is not a {family} model "
+                             f"(supported: {', '.join(cls.MODEL_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         # Two styles for rope: hub folders have rope_theta + rope_scaling; transformers >= 5
         # writes everything into rope_parameters.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = dict(hf.get(rope_field) or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
-                             f"(supported: default, linear, llama3)")
+        if rope_type not in cls.ROPE_TYPES:
+            raise ValueError(f"config.json: {rope_field}: rope type {rope_type!r} is not supported "
+                             f"(supported: {', '.join(cls.ROPE_TYPES)})")
         rope_scaling = {"rope_type": rope_type, **rope} if rope_type != "default" else {}
         n_heads = hf["num_attention_heads"]
-        attention_bias = hf.get("attention_bias", False)
-        sliding_window, sliding_layers = sliding_window_from_hf(hf)
-        return cls(
+        shared = dict(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -87,51 +174,14 @@ class LlamaConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            # LlamaConfig and Qwen2Config both default to untied when the key is absent.
+            # LlamaConfig, Qwen2Config, MistralConfig and Phi3Config default to untied when the key is absent.
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=(model_type == "qwen2") or attention_bias,
-            o_bias=(model_type != "qwen2") and attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
-            sliding_window=sliding_window,
-            sliding_layers=sliding_layers,
         )
-
-
-def sliding_window_from_hf(hf: dict) -> tuple[int | None, tuple[int, ...]]:
-    """(window, the layers that use it) from config.json, as transformers' model classes decide them."""
-    model_type, n_layers = hf["model_type"], hf["num_hidden_layers"]
-    if model_type == "mistral":
-        # MistralConfig defaults to 4096 when the key is absent; MistralModel builds one mask for
-        # every layer and ignores a layer_types key (it only warns).
-        window = hf.get("sliding_window", 4096)
-        layers = tuple(range(n_layers))
-    elif model_type == "qwen2":
-        # Qwen2Config: `self.sliding_window = self.sliding_window if self.use_sliding_window else None`
-        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
-        layer_types = hf.get("layer_types")
-        if layer_types is None:
-            # Qwen2Config: "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
-            max_window_layers = hf.get("max_window_layers", 28)
-            layers = tuple(i for i in range(n_layers) if window is not None and i >= max_window_layers)
-        else:  # an explicit list decides per layer
-            if len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
-                raise ValueError(f"config.json: layer_types must be {n_layers} entries of 'sliding_attention' "
-                                 f"or 'full_attention', got {layer_types!r}")
-            layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
-            if layers and window is None:  # transformers' create_sliding_window_causal_mask raises too
-                raise ValueError("config.json: layer_types has sliding_attention layers but there is no window "
-                                 "(use_sliding_window is false or sliding_window is null)")
-    else:
-        # LlamaModel has no sliding window: a sliding_window key in a llama config.json is ignored.
-        window, layers = None, ()
-    if window is None or not layers:
-        return None, ()
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
-    return window, layers
+        return cls(**{**shared, **cls.MODEL_TYPES[model_type](hf)})
 
 
 # ----------------------------------------------------------------------------- rope
@@ -158,6 +208,14 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """The linears that read one input x (q/k/v; gate/up), applied together: a LoRA layer
+    (lora.MultiLoRALinear.forward_siblings) computes them in one autograd node; plain Linears
+    one by one."""
+    joint = next((m.forward_siblings for m in linears if hasattr(m, "forward_siblings")), None)
+    return joint(x, linears) if joint is not None else [linear(x) for linear in linears]
 
 
 # ----------------------------------------------------------------------------- positions and mask
@@ -410,9 +468,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                  # [B, nh, T, hd]
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -431,16 +490,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(H, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)                            # SwiGLU
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int):
+    def __init__(self, cfg: LlamaConfig, layer: int, attention: type[nn.Module], mlp: type[nn.Module]):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp(cfg)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -450,30 +510,42 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     """The body; named `model` inside Llama so keys read `model.layers.0...` as on the hub."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attention: type[nn.Module], mlp: type[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, attention, mlp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Llama(nn.Module):
-    # What the rest of the code needs to know about this family, stated once:
+    # What the rest of the code needs to know about this family, stated once (model.FAMILIES collects it):
+    Config = LlamaConfig            # Config.from_hf maps config.json
+    MODEL_TYPES = tuple(LlamaConfig.MODEL_TYPES)    # config.json's model_type values this class loads
+    CONFIG_FIELDS = LLAMA_FIELDS    # what model.check_checkpoint checks in config.json before building
     LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Alpaca-LoRA's and m-LoRA's examples
     SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers that read one input
     OUTPUT_LAYER = "lm_head"        # never a LoRA target nor quantized (as in QLoRA)
     RECOMPUTED_KEYS = ("rotary_emb.inv_freq",)  # in some checkpoints; recomputed, not loaded
+    MLORA_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}  # m-LoRA's (Meta's w1/w2/w3)
+    FIXED_SHAPE_STEP = True         # forward takes a PackedRow: graphs.py may run its step at fixed shapes
+    # The pieces of each block, so a LLaMA-like family is a subclass naming its own.
+    Attention = Attention
+    MLP = MLP
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, self.Attention, self.MLP)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layer_windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
         self.checkpoint_blocks = False  # activation checkpointing while training (run_block)
         # Not a checkpoint key: recomputed, and created again after meta-device loading.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+
+    def rope_inv_freq(self) -> torch.Tensor:
+        """The rotary embedding's inverse frequencies [hd/2]; a family with another rope overrides it."""
+        return rope_inv_freq(self.config)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -481,7 +553,7 @@ class Llama(nn.Module):
 
     def reset_buffers(self, device):
         """Recompute what is not in the checkpoint (rope frequencies, fp32) on device."""
-        self.inv_freq = rope_inv_freq(self.config).to(device)
+        self.inv_freq = self.rope_inv_freq().to(device)
 
     def new_cache(self, B: int, max_T: int) -> KVCache:
         cfg, w = self.config, self.model.embed_tokens.weight

@@ -1,40 +1,45 @@
 """Many LoRA adapters on one frozen base, each batch row routed to its own adapter.
 
-`add_adapters` swaps the targeted nn.Linear modules for MultiLoRALinear, which keeps the
-frozen `weight`/`bias` as its own attributes (so a merged model saves under the hub's key
-names) and holds any number of named adapters with their own rank, alpha and dropout.
-The base matmul runs once over the whole fused batch; each adapter's low-rank delta
-runs only over its own rows, inside one autograd node per shared input (lora_update.py:
-LoRAUpdate, and dropout drawn independently of the fusion). peft_format.py saves and loads
-adapters in PEFT's format.
+Read in this order: LoRAConfig; the variants (Adapter and the VARIANTS table: how each kind of
+adapter starts, what it adds to the base output, which of its tensors train); MultiLoRALinear,
+the layer, whose `reference_forward` is the definition (LoRA paper, section 4.1) in plain
+autograd; then add_adapters / route / merge. `add_adapters` swaps the targeted nn.Linear
+modules for MultiLoRALinear, which keeps the frozen `weight`/`bias` as its own attributes (so
+a merged model saves under the hub's key names) and holds any number of named adapters.
+The fused arithmetic that training runs instead (one autograd node per shared input, dropout
+drawn independently of the fusion) is lora_update.py, tested equal to the definition.
+peft_format.py saves and loads adapters in PEFT's format.
 """
 import dataclasses
 import itertools
 import math
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora_update
 import quant
-from lora_update import LoRAUpdate, UpdatePlan, apply_dropout, drawn_p, drop_positions, keep_mask, keep_of
+from lora_update import apply_dropout, drawn_p, mix_seed, own_length
 
-# "cuda": all adapters of a layer in two matmuls on GPUs, a loop over adapters on CPUs
-# (see MultiLoRALinear.forward); "always" / "never" force one way (tests compare them).
-FUSE_ADAPTERS = "cuda"
-# "auto": dropout drawn as dropped positions on CPUs (drop_positions), as bool masks on GPUs
-# (keep_mask, no host sync); "masks": masks everywhere (tests and profiles of the GPU's path).
-DROPOUT_DRAW = "auto"
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+FUSE_OPTIONS = ("auto", "always", "never")   # RunConfig.fuse_adapters
+DROPOUT_DRAWS = ("auto", "masks")            # RunConfig.dropout_draw
 
 
-def concatenates(device) -> bool:
-    """Whether a layer runs all its adapters through shared matmuls on this device (FUSE_ADAPTERS)."""
-    return FUSE_ADAPTERS == "always" or (FUSE_ADAPTERS == "cuda" and torch.device(device).type == "cuda")
+def concatenates(device, fuse: bool | str | None = None) -> bool:
+    """Whether a layer runs all its adapters through shared matmuls (MultiLoRALinear.forward):
+    True / "always", False / "never", or None / "auto": on GPUs (bound by kernel launches),
+    not on CPUs (where the k-fold wasted flops cost more than per-adapter matmuls)."""
+    if fuse in (None, "auto"):
+        return torch.device(device).type == "cuda"
+    if fuse not in (True, False, "always", "never"):
+        raise ValueError(f"fuse: expected True, False, None or one of {', '.join(FUSE_OPTIONS)}, got {fuse!r}")
+    return fuse in (True, "always")
 
 
 @dataclass
@@ -43,28 +48,36 @@ class LoRAConfig:
     alpha: float = 16               # the update is scaled by alpha / r
     dropout: float = 0.0            # dropout on the adapter's input (PEFT's lora_dropout)
     targets: list[str] | None = None  # module names (the family's LORA_TARGETS); None: its DEFAULT_TARGETS
-    init: str = "kaiming"           # kaiming (PEFT's default) | gaussian (the paper's) | pissa | olora (from the base weight)
+    variant: str = "lora"           # an entry of VARIANTS (below): lora | dora | pissa | olora | ...
+    init: str = "kaiming"           # A's random draw: kaiming (PEFT's default) | gaussian (the paper's); pissa | olora: as variant
     use_rslora: bool = False        # scale alpha / sqrt(r) instead (rsLoRA, Kalajdzievski 2023)
-    use_dora: bool = False          # weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output
+    use_dora: bool = False          # PEFT's spelling of variant "dora"
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def resolved_variant(self) -> str:
+        """The VARIANTS entry: `variant`, or the one PEFT's (and m-LoRA's) fields name: use_dora,
+        init pissa | olora. Those stay the saved spelling, so PEFT and old configs read alike."""
+        if self.use_dora:
+            return "dora"
+        return self.init if self.init in ("pissa", "olora") else self.variant
+
+
+# ----------------------------------------------------------------------------- variants
+# Each variant is an Adapter class: how it starts (init_weights), whether plain LoRA's
+# s B A x carries it (`fused`: then lora_update.py's LoRAUpdate computes it with the layer's
+# other adapters) or else its own `update` in plain autograd, and which of its tensors train.
 
 class Adapter(nn.Module):
-    """One adapter on one layer: its config and its weights A [r, in], B [out, r].
-
-    Everything that makes adapters differ lives here. Plain LoRA goes through LoRAUpdate with
-    the layer's other plain adapters; a variant (`is_variant`) adds its own `update`:
-      DoRA (use_dora)   W' = m * (W + s B A) / ||W + s B A||, row-wise: a learned magnitude m
-                        [out] (PEFT's lora_magnitude_vector); the norm is a constant in
-                        backward (the paper's section 4.3, as PEFT).
-      PiSSA, OLoRA      A and B start as the top-r part of W (SVD; QR), and the base becomes
-                        W - s B0 A0 (B0, A0 their starting values). The base is shared with
-                        other jobs, so it stays W and the adapter subtracts s B0 A0 x itself.
-    `base` is the layer's weight [out, in] (dequantized), needed by those inits only.
-    """
+    """Plain LoRA on one layer (Hu et al. 2021): weights A [r, in], B [out, r], the update s B A x.
+    The base of every variant: a variant changes what it must and declares it."""
+    fused = True                          # s B A x: LoRAUpdate's plain arithmetic
+    trains = ("lora_A", "lora_B")         # its tensors that train (the rest are frozen)
+    reads_base = False                    # init_weights needs the base weight W
+    additive = True                       # merging adds delta_weight to W, so unmerge can subtract it
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig,
                  generator: torch.Generator, device, dtype: torch.dtype, base: torch.Tensor | None = None):
@@ -72,40 +85,23 @@ class Adapter(nn.Module):
         self.config = cfg
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=device, dtype=dtype)
-        self.register_buffer("init_A", None)      # PiSSA/OLoRA: the starting A, B (buffers, not trained)
-        self.register_buffer("init_B", None)
         with torch.no_grad():
-            if cfg.init in ("pissa", "olora"):
-                A, B = self.from_weight(base.float(), cfg)
-                self.lora_A.weight.copy_(A)
-                self.lora_B.weight.copy_(B)
-                self.init_A, self.init_B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
-            else:
-                # LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
-                # A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
-                # (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the
-                # adapter's own generator, so the init is the same on every device.
-                cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
-                if cfg.init == "gaussian":
-                    cpu_A.normal_(0, 1 / cfg.r, generator=generator)
-                else:
-                    nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
-                self.lora_A.weight.copy_(cpu_A)
-                nn.init.zeros_(self.lora_B.weight)
-        if cfg.use_dora:   # m starts as the row norms of W + s B A, so W' starts as W
-            self.magnitude = nn.Parameter(self.weight_norm(base).to(device=device, dtype=dtype))
+            self.init_weights(generator, base)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.partition(".")[0] in self.trains)
 
-    @staticmethod
-    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's A, B (Meng et al. 2024): the top-r singular triplets, sqrt(S/s) on each
-        side, so s B A is W's best rank-r part. OLoRA's (Büyükakyüz 2024): W = QR, B = Q[:, :r],
-        A = R[:r]. As PEFT's pissa_init / olora_init."""
-        if cfg.init == "pissa":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = torch.sqrt(S[:cfg.r] / cfg.scaling)
-            return root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root[None, :]
-        Q, R = torch.linalg.qr(W)
-        return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        """LoRA paper, section 4.1: B starts at zero so the adapted model starts as the base.
+        A: PEFT's Kaiming-uniform (a=sqrt(5), nn.Linear's own rule) or the paper's Gaussian
+        (std 1/r, as PEFT's init_lora_weights="gaussian"). Drawn on the CPU from the adapter's
+        own generator, so the init is the same on every device."""
+        cpu_A = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+        if self.config.init == "gaussian":
+            cpu_A.normal_(0, 1 / self.config.r, generator=generator)
+        else:
+            nn.init.kaiming_uniform_(cpu_A, a=math.sqrt(5), generator=generator)
+        self.lora_A.weight.copy_(cpu_A)
+        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def scaling(self) -> float:
@@ -114,40 +110,142 @@ class Adapter(nn.Module):
     @property
     def is_variant(self) -> bool:
         """Needs its own update (not LoRAUpdate's plain x A^T B^T)."""
-        return self.config.use_dora or self.init_A is not None
+        return not self.fused
+
+    def fused_tensors(self) -> list[torch.Tensor]:
+        """What LoRAUpdate multiplies by: A [r, in], B [out, r]."""
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def fused_grads(self) -> tuple[bool, bool]:
+        """Which of fused_tensors' A, B train: LoRAUpdate's backward computes only those gradients."""
+        return "lora_A" in self.trains, "lora_B" in self.trains
 
     def lora_weight(self) -> torch.Tensor:
-        """s (B A - B0 A0): what the adapter adds to W before DoRA's rescaling, [out, in]."""
-        delta = self.lora_B.weight @ self.lora_A.weight
-        if self.init_A is not None:
-            delta = delta - self.init_B @ self.init_A
-        return self.scaling * delta
+        """s B A [out, in]: what the adapter adds to the base weight."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
+        """What the adapter adds to the base output W x + b on these rows [.., out], in autograd:
+        s B A drop(x) (x: the rows' input, x_dropped: with dropout; `layer`: for W)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        return F.linear(F.linear(x_dropped.to(A.dtype), A), B) * self.scaling
+
+    def delta_weight(self, W: torch.Tensor | None = None) -> torch.Tensor:
+        """The update to the base weight W [out, in]: what merge adds."""
+        return self.lora_weight()
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        """Its tensors under PEFT's names (after the module path)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def peft_fields(self) -> dict:
+        """What it sets in PEFT's adapter_config.json beyond plain LoRA's fields."""
+        return {}
+
+
+class DoRA(Adapter):
+    """Weight-decomposed LoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||, row-wise,
+    a learned magnitude m [out] (PEFT's lora_magnitude_vector); the norm is a constant in
+    backward (the paper's section 4.3, as PEFT). Its rescaling of W is not a sum: own update."""
+    fused = False
+    trains = ("lora_A", "lora_B", "magnitude")
+    reads_base = True
+    additive = False
+
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        super().init_weights(generator, base)   # m starts as the row norms of W + s B A, so W' starts as W
+        self.magnitude = nn.Parameter(self.weight_norm(base).to(self.lora_A.weight.dtype))
 
     @torch.no_grad()
     def weight_norm(self, W: torch.Tensor) -> torch.Tensor:
-        """DoRA's ||W + s B A|| per output row [out]: a constant in backward."""
+        """||W + s B A|| per output row [out]: a constant in backward."""
         return torch.linalg.norm(W.to(self.lora_A.weight.dtype) + self.lora_weight(), dim=1)
 
     def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
-        """The variant's addition to the base output W x + b on these rows [.., out], in autograd."""
-        A, B = self.lora_A.weight, self.lora_B.weight
-        delta = F.linear(F.linear(x_dropped.to(A.dtype), A), B) * self.scaling
-        if self.init_A is not None:   # the base as PiSSA/OLoRA leave it: W - s B0 A0, on the undropped x
-            delta = delta - F.linear(F.linear(x.to(A.dtype), self.init_A), self.init_B) * self.scaling
-        if not self.config.use_dora:
-            return delta
+        delta = super().update(x, x_dropped, layer)
         W = layer.base_weight()
         scale = self.magnitude / self.weight_norm(W)                                  # [out]
         return (scale - 1) * F.linear(x_dropped.to(W.dtype), W).to(delta.dtype) + scale * delta
 
     def delta_weight(self, W: torch.Tensor | None = None) -> torch.Tensor:
-        """The update to the base weight W [out, in] (what merge adds): s B A, minus s B0 A0
-        for PiSSA/OLoRA; DoRA: m/||W + s B A|| (W + s B A) - W."""
+        """m / ||W + s B A|| (W + s B A) - W."""
         delta = self.lora_weight()
-        if not self.config.use_dora:
-            return delta
         W = W.to(delta.dtype)
         return (self.magnitude / self.weight_norm(W))[:, None] * (W + delta) - W
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        return {**super().peft_state(), "lora_magnitude_vector": self.magnitude}
+
+    def peft_fields(self) -> dict:
+        return {"use_dora": True}
+
+
+class PiSSA(Adapter):
+    """PiSSA (Meng et al. 2024): A and B start as W's top-r singular triplets, sqrt(S/s) on each
+    side, so s B0 A0 is W's best rank-r part, and the base becomes W - s B0 A0. The base is
+    shared with other jobs, so it stays W and the adapter subtracts s B0 A0 x itself: its own
+    update. B0, A0 are buffers (init_A, init_B). As PEFT's pissa_init."""
+    fused = False
+    reads_base = True
+
+    def init_weights(self, generator: torch.Generator, base: torch.Tensor | None):
+        A, B = self.from_weight(base.float(), self.config)
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        self.register_buffer("init_A", A.to(self.lora_A.weight))
+        self.register_buffer("init_B", B.to(self.lora_B.weight))
+
+    @staticmethod
+    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = torch.sqrt(S[:cfg.r] / cfg.scaling)
+        return root[:, None] * Vh[:cfg.r], U[:, :cfg.r] * root[None, :]
+
+    def lora_weight(self) -> torch.Tensor:
+        """s (B A - B0 A0)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight - self.init_B @ self.init_A)
+
+    def update(self, x: torch.Tensor, x_dropped: torch.Tensor, layer: "MultiLoRALinear") -> torch.Tensor:
+        """s B A drop(x) - s B0 A0 x: the base as PiSSA leaves it, on the undropped x."""
+        start = F.linear(F.linear(x.to(self.init_A.dtype), self.init_A), self.init_B) * self.scaling
+        return super().update(x, x_dropped, layer) - start
+
+    def peft_state(self, as_plain_lora: bool = False) -> dict[str, torch.Tensor]:
+        """as_plain_lora: the plain LoRA of rank 2r that adds the same to the ORIGINAL base,
+        s (B A - B0 A0) = s [B, B0] [A; -A0] (PEFT's own conversion for sharing such adapters)."""
+        if not as_plain_lora:
+            return super().peft_state()
+        return {"lora_A.weight": torch.cat([self.lora_A.weight, -self.init_A]),
+                "lora_B.weight": torch.cat([self.lora_B.weight, self.init_B], dim=1)}
+
+    def peft_fields(self) -> dict:
+        """Saved as plain LoRA of rank 2r (peft_state), same scale."""
+        cfg = self.config
+        return {"r": 2 * cfg.r, "lora_alpha": cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)}
+
+
+class OLoRA(PiSSA):
+    """OLoRA (Büyükakyüz 2024): PiSSA's scheme with W = QR, B0 = Q[:, :r], A0 = R[:r]. As PEFT's olora_init."""
+
+    @staticmethod
+    def from_weight(W: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        Q, R = torch.linalg.qr(W)
+        return R[:cfg.r].contiguous(), Q[:, :cfg.r].contiguous()
+
+
+class LoRAFA(Adapter):
+    """LoRA-FA (Zhang et al. 2023): A stays frozen at its random init, only B trains; plain
+    LoRA's arithmetic, without A's gradient (nor the input saved for it)."""
+    trains = ("lora_B",)
+
+
+VARIANTS: dict[str, type[Adapter]] = {   # LoRAConfig.variant -> its Adapter class
+    "lora": Adapter,
+    "dora": DoRA,
+    "pissa": PiSSA,
+    "olora": OLoRA,
+    "lora-fa": LoRAFA,
+}
 
 
 class RouteGroup(NamedTuple):
@@ -179,40 +277,10 @@ class Routing:
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
-    shared: dict = field(default_factory=dict)   # layer -> (x, its output), computed with a sibling
     tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
-
-    def coefficients(self, layers: list["MultiLoRALinear"], names: list[list[str]], B: int,
-                     training: bool, device) -> torch.Tensor:
-        """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
-        layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
-        its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
-        training), 0 elsewhere. Cached per adapter set. With a TokenRouting: a table of one
-        row per adapter of tokens.names (and one of zeros, for no adapter), gathered per token."""
-        adapters = [[layer.adapters[n] for n in own] for layer, own in zip(layers, names)]
-        key = (tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own), training)
-        if key not in self.cache:
-            if self.tokens is None:
-                rows_of = {g.name: g.rows.cpu() if torch.is_tensor(g.rows) else g.rows for g in self.groups}
-            else:
-                rows_of, B = {name: i for i, name in enumerate(self.tokens.names)}, len(self.tokens.names) + 1
-            columns = []
-            for own, owned in zip(names, adapters):
-                for name, adapter in zip(own, owned):
-                    column = torch.zeros(B, 1, adapter.config.r)
-                    p = adapter.config.dropout if training else 0.0
-                    column[rows_of[name]] = adapter.scaling / (1 - drawn_p(p))
-                    columns.append(column)
-            self.cache[key] = torch.cat(columns, dim=-1).to(device)
-        return self.cache[key] if self.tokens is None else self.cache[key][self.tokens.adapter]
-
-
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (stable across runs and machines)."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
+    concatenated: bool = False       # all adapters through shared matmuls (lora.concatenates), else per adapter
+    dropout_draw: str = "auto"       # auto: dropped positions on CPUs, bool masks on GPUs; masks: masks everywhere
+    reference: bool = False          # every layer by its definition (MultiLoRALinear.reference_forward)
 
 
 class MultiLoRALinear(nn.Module):
@@ -220,9 +288,9 @@ class MultiLoRALinear(nn.Module):
 
     The base may be quantized (quant.QuantLinear, QLoRA): it is then kept whole as `quantized`
     and `weight` is None until a merge dequantizes it. `seed` (from the module's path) makes
-    each layer's dropout masks differ from the other layers'. `siblings` are the layers that
-    read the same input (the family's SHARED_INPUTS, e.g. q/k/v): they share the seed, so an
-    adapter's dropout mask is one per shared input, and are updated together (LoRAUpdate).
+    each layer's dropout masks differ from the other layers'; the layers that read the same
+    input (the family's SHARED_INPUTS, e.g. q/k/v) share it (mask_key), so an adapter's dropout
+    mask is one per shared input, and are computed together (forward_siblings, LoRAUpdate).
     """
 
     def __init__(self, base: nn.Linear | quant.QuantLinear, seed: int):
@@ -235,7 +303,6 @@ class MultiLoRALinear(nn.Module):
         self.merged: set[str] = set()
         self.routing: Routing | None = None
         self.seed = seed
-        self.siblings: tuple[MultiLoRALinear, ...] = (self,)   # set by add_adapters; a plain tuple, not submodules
 
     def adapts(self, name: str) -> bool:
         """Adapter `name` is on this layer and not merged into its weights."""
@@ -243,10 +310,11 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapter(self, name: str, cfg: LoRAConfig, generator: torch.Generator, dtype: torch.dtype):
         device = (self.weight if self.quantized is None else self.quantized.weight).device
-        base = self.base_weight() if cfg.use_dora or cfg.init in ("pissa", "olora") else None
+        variant = VARIANTS[cfg.resolved_variant]
+        base = self.base_weight() if variant.reads_base else None
         if hasattr(base, "full_tensor"):   # a sharded base (FSDP2's DTensor): the whole weight (a collective)
             base = base.full_tensor()
-        self.adapters[name] = Adapter(self.in_features, self.out_features, cfg, generator, device, dtype, base)
+        self.adapters[name] = variant(self.in_features, self.out_features, cfg, generator, device, dtype, base)
 
     def base_weight(self) -> torch.Tensor:
         """The base's weight [out, in], dequantized when quantized (a new tensor each call)."""
@@ -266,199 +334,73 @@ class MultiLoRALinear(nn.Module):
         self.bias = base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.routing
-        if routing is not None:   # already computed with a sibling that read this same x?
-            done = routing.shared.pop(self, None)
-            if done is not None and done[0] is x:
-                return done[1]
-        if routing is not None and routing.tokens is not None and any(map(self.adapts, routing.tokens.names)):
-            return self.token_updates(x)
-        groups = [] if routing is None else [g for g in routing.groups if self.adapts(g.name)]
-        if not groups:
-            if routing is None and self.training and len(self.adapters) > len(self.merged):
-                # Training with adapters but no rows routed: surely a forward (or, under
-                # activation checkpointing, a backward) outside `with lora.route(...)`.
-                raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
-                                   "inside `with lora.route(model, names):` (under activation "
-                                   "checkpointing, run backward inside it too), or call model.eval()")
-            return self.base_forward(x)                              # [B, T, out], all rows at once
-        # Two ways to the same sum (bench.py measured both): on a GPU the step is bound by
-        # kernel launches, so all adapters go through shared matmuls; on a CPU the k-fold
-        # wasted flops of that cost more than small per-adapter matmuls.
-        return self.add_updates(x, concatenates(x.device))
+        return self.forward_siblings(x, (self,))[0]
 
-    def add_updates(self, x: torch.Tensor, concatenated: bool) -> torch.Tensor:
-        """The base's output plus each adapter's update on its own rows and their own padded
-        length only (rows of no adapter: the base alone), in one autograd node (LoRAUpdate)
-        with the siblings that read the same x, whose outputs wait in the routing for them.
-
-        concatenated (the GPU path): ONE pseudo-group over all rows, x [A's of every layer and
-        adapter]^T in one matmul, times a per-row coefficient that keeps only the row's own
-        adapter's columns (with its scale), then per layer one matmul with its adapters' B's
-        side by side. Each adapter's dropout is drawn exactly as on the per-adapter path and
-        laid into one keep mask over x. Launches per layer no longer grow with the adapters.
-        """
+    def forward_siblings(self, x: torch.Tensor, linears) -> list[torch.Tensor]:
+        """Each of `linears` applied to x: this layer and the others that read the same input
+        (q/k/v, gate/up: llama.project; any may be a plain Linear). The LoRA layers that some
+        routed adapter adapts are computed together: in one autograd node (lora_update.add_updates),
+        or by their definition (route's reference)."""
         routing = self.routing
-        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
-                           and any(s.adapts(g.name) for g in routing.groups)]
-        flat = x.reshape(-1, x.size(-1))
-        B, T = (flat.size(0), 1) if routing.packed else x.shape[:2]             # rows x length the groups index
-        plan, variants = [], []
+        routed = [] if routing is None else routing.tokens.names if routing.tokens is not None else \
+            [group.name for group in routing.groups]
+        together = [m for m in linears if isinstance(m, MultiLoRALinear) and any(map(m.adapts, routed))]
+        if not together:
+            outs = []
+        elif routing.reference:
+            outs = [layer.reference_forward(x) for layer in together]
+        elif routing.tokens is not None:
+            outs = lora_update.token_updates(together, x)
+        else:   # two faster ways to the same sum (bench.py measured both), chosen by `route` (lora.concatenates)
+            outs = lora_update.add_updates(together, x, routing.concatenated)
+        done = dict(zip(map(id, together), outs))
+        return [done[id(m)] if id(m) in done else m.unadapted_forward(x) if isinstance(m, MultiLoRALinear) else m(x)
+                for m in linears]
+
+    def unadapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base alone, all rows at once [B, T, out]: no routed adapter is on this layer."""
+        if self.routing is None and self.training and len(self.adapters) > len(self.merged):
+            # Training with adapters but no rows routed: surely a forward (or, under
+            # activation checkpointing, a backward) outside `with lora.route(...)`.
+            raise RuntimeError("a LoRA layer ran in training mode with no routing: call the model "
+                               "inside `with lora.route(model, names):` (under activation "
+                               "checkpointing, run backward inside it too), or call model.eval()")
+        return self.base_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition, in plain autograd (LoRA paper, section 4.1: h = W0 x + s B A x, s = alpha/r).
+        The base output W0 x + b for every row; then on each adapter's rows (up to their own
+        padded length) its update, from its input with dropout as PEFT's lora_dropout:
+        s B A drop(x) for plain LoRA, or the variant's own (Adapter.update). The fused paths
+        (lora_update.add_updates) compute the same sum faster, tested equal to this."""
+        routing = self.routing
+        B, T = (x.numel() // x.size(-1), 1) if routing.packed else x.shape[:2]   # what the groups index
+        xs = x.reshape(B, T, x.size(-1))                                          # [B, T, in]
+        out = self.base_forward(xs.reshape(B * T, -1)).view(B, T, self.out_features)   # [B, T, out]
         for group in routing.groups:
-            owners = [i for i, layer in enumerate(layers) if layer.adapts(group.name)]
-            if not owners:
+            if not self.adapts(group.name):
                 continue
-            adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
-            length = self.own_length(group, T)
-            shape = (self.row_count(group, B), length, x.size(-1))
-            keep, scale = None, adapter.scaling
-            if self.training and adapter.config.dropout > 0:
-                keep = self.dropout_keep(group, shape, x.device, adapter.config.dropout)
-                scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
-            if adapter.is_variant:
-                variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
-            else:
-                plan.append((group, length, shape, keep, scale, owners))
-        if concatenated and plan:
-            names = [[group.name for group, *_, owners in plan if i in owners] for i in range(len(layers))]
-            coef = routing.coefficients(layers, names, B, self.training, x.device)   # [B, 1, sum of all r]
-            plan, tensors = self.one_group(layers, names, self.joined_masks(plan, B, T, x), coef, T)
-        else:
-            tensors = []
-            for group, _, _, keep, _, owners in plan:
-                tensors.append(keep)
-                for i in owners:
-                    tensors += [layers[i].adapters[group.name].lora_A.weight, layers[i].adapters[group.name].lora_B.weight]
-            plan = [(group.rows, length, scale, tuple(owners)) for group, length, _, _, scale, owners in plan]
-        outs = self.update(layers, x, (B, T), plan, tensors)
-        xs = x.reshape(B, T, x.size(-1))
-        for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
-            xr = xs[rows, :length]                                               # [b, L, in]
-            dropped = xr if keep is None else apply_dropout(xr, keep) / (1 - drawn_p(p))
-            index = (torch.arange(B, device=x.device)[rows][:, None], torch.arange(length, device=x.device)[None, :])
-            for i in owners:
-                update = layers[i].adapters[name].update(xr, dropped, layers[i])
-                outs[i] = outs[i].index_put(index, update.to(outs[i].dtype), accumulate=True)
-        return self.share(layers, x, outs)
-
-    def share(self, layers: list["MultiLoRALinear"], x: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
-        """This layer's output; the siblings' wait in the routing for their own forward."""
-        outs = [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
-        for layer, layer_out in zip(layers[1:], outs[1:]):
-            self.routing.shared[layer] = (x, layer_out)
-        return outs[0]
-
-    @staticmethod
-    def update(layers: list["MultiLoRALinear"], x: torch.Tensor, shape: tuple[int, int], plan: list,
-               tensors: list) -> list[torch.Tensor]:
-        """The layers' base outputs [rows, length, out_j] with the plan's updates added (LoRAUpdate).
-        A frozen float base goes into the node (one input-gradient buffer); otherwise (a
-        quantized or trainable base) its outputs are computed here as [tokens, out], never
-        a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them."""
-        in_node = bool(plan) and all(layer.quantized is None and not layer.weight.requires_grad for layer in layers)
-        if in_node:
-            bases = [t for layer in layers for t in (layer.weight, layer.bias)]
-            outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(layers), plan, base=True), *bases, *tensors)
-        else:
-            outs = [layer.base_forward(x.reshape(-1, x.size(-1))) for layer in layers]
-            if plan:
-                outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(outs), plan), *outs, *tensors)   # a tuple
-        return [out.view(*shape, out.size(-1)) for out in outs]
-
-    @staticmethod
-    def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | None:
-        """add_updates' per-adapter dropout (plan entries) laid into one keep mask over x."""
-        masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, _, _ in plan
-                 if keep is not None]
-        if not masks:
-            return None
-        rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
-        if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
-                and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
-            return torch.cat([mask for _, _, mask in masks])
-        keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
-        for r, length, mask in masks:
-            keep[r, :length] = mask
-        return keep
-
-    @staticmethod
-    def one_group(layers: list["MultiLoRALinear"], names: list[list[str]], keep: torch.Tensor | None,
-                  coef: torch.Tensor, T: int):
-        """The concatenated path's plan and tensors: all rows as one group of the adapters
-        names[i] of each layer i, their per-row coefficients as its scale, one keep mask
-        over x, per layer its adapters' A's and B's side by side."""
-        tensors = [keep]
-        for layer, own in zip(layers, names):
-            if own:   # else only variants adapt this layer
-                As = [layer.adapters[n].lora_A.weight for n in own]
-                Bs = [layer.adapters[n].lora_B.weight for n in own]
-                tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
-        return [(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own))], tensors
-
-    def token_updates(self, x: torch.Tensor) -> torch.Tensor:
-        """add_updates for a TokenRouting (route_tokens): every adapter of the routing through
-        the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
-        the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
-        no host read: the same kernels whatever the tokens hold (graphs.py)."""
-        routing = self.routing
-        tokens = routing.tokens
-        layers = [self] + [s for s in self.siblings if s is not self and s.routing is routing
-                           and any(map(s.adapts, tokens.names))]
-        names = [[n for n in tokens.names if layer.adapts(n)] for layer in layers]
-        if any(layer.adapters[n].is_variant for layer, own in zip(layers, names) for n in own):
-            raise ValueError("route_tokens: plain LoRA adapters only (DoRA, PiSSA and OLoRA need their own update)")
-        keep = None
-        if self.training and any(layer.adapters[n].config.dropout > 0 for layer, own in zip(layers, names) for n in own):
-            seed = (tokens.seed * 1_000_003 + self.seed) & (2**63 - 1)              # mix_seed(its seed, this layer's)
-            keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
-        coef = routing.coefficients(layers, names, len(tokens.adapter), self.training, x.device)   # [N, 1, sum of all r]
-        plan, tensors = self.one_group(layers, names, keep, coef, 1)
-        return self.share(layers, x, self.update(layers, x, (len(tokens.adapter), 1), plan, tensors))
-
-    @staticmethod
-    def row_count(group: RouteGroup, B: int) -> int:
-        """How many of the batch's B rows the group owns."""
-        return len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
-
-    @staticmethod
-    def own_length(group: RouteGroup, T: int) -> int:
-        """The group's own padded length: positions after it are padding for all its rows."""
-        return T if group.length is None else min(group.length, T)
+            adapter = self.adapters[group.name]
+            length = own_length(group, T)
+            rows = xs[group.rows, :length]                                        # [b, L, in]
+            dropped, p = rows, adapter.config.dropout
+            if self.training and p > 0:   # the same draw as the fused paths', so the same masks
+                keep = self.dropout_keep(group, rows.shape, x.device, p)
+                dropped = apply_dropout(rows, keep) / (1 - drawn_p(p))
+            delta = adapter.update(rows, dropped, self)                           # [b, L, out]
+            out[group.rows, :length] += delta.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def dropout_keep(self, group: RouteGroup, shape: torch.Size, device, p: float) -> torch.Tensor | None:
-        """The group's dropout over `shape` (its rows x its own length x in), or None without
-        dropout: on the CPU the positions dropped in that layout (drop_positions), on a GPU
-        a bool keep mask (keep_mask: no host sync). Drawn from (this forward's seed for the
-        adapter, this layer's mask key, which siblings share), over its real tokens in order,
-        then laid out in its rows: it does not depend on what the rows were fused with, nor on
-        padding or packing, and a recomputation (activation checkpointing) draws exactly the
-        same again."""
+        """The group's dropout on this layer's input (lora_update.dropout_keep), or None without
+        dropout: seeded by this forward's seed for the adapter and this layer's mask key (which
+        the siblings share), so every path draws the same masks."""
         if p == 0:
             return None
         if group.seed is None:
             raise RuntimeError("lora.route was entered with the model in eval mode; call model.train() first")
-        seed = mix_seed(group.seed, self.seed)
-        rows, length, width = shape
-        lengths = group.row_lengths
-        padded = lengths is not None and any(n < length for n in lengths)
-        # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
-        total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
-        real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
-        if torch.device(device).type == "cpu" and DROPOUT_DRAW == "auto":
-            drops = drop_positions(total * width, p, seed)
-            if here is not None:   # renumbered among this rank's tokens
-                local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))
-                token = local[drops // width]
-                drops = token[token >= 0] * width + drops[token >= 0] % width
-            if real is not None:   # real token i -> its slot in the [rows, length] layout
-                slots = real.flatten().nonzero().squeeze(1)
-                drops = slots[drops // width] * width + drops % width
-            return drops
-        index = torch.arange(total, device=device) if here is None else here.to(device)
-        flat = keep_mask(index, width, p, seed)                                   # [tokens here, width]
-        if real is None:
-            return flat.view(tuple(shape))
-        return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
+        return lora_update.dropout_keep(group, shape, device, p, mix_seed(group.seed, self.seed),
+                                        self.routing.dropout_draw)
 
     def extra_repr(self) -> str:
         ranks = {n: a.config.r for n, a in self.adapters.items()}
@@ -495,7 +437,7 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
 
     The model states its own facts (llama.Llama, chatglm.ChatGLM): LORA_TARGETS, the names
     an adapter may target, DEFAULT_TARGETS for a config that names none, and SHARED_INPUTS,
-    the sets of layers that read the same input (linked as MultiLoRALinear.siblings).
+    the sets of layers that read the same input (their dropout masks are one: mask_key).
     """
     existing = adapter_names(model)
     for name, cfg in configs.items():
@@ -514,11 +456,13 @@ def add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], *, seed: int 
             raise ValueError(f"adapter {name!r}: init {cfg.init!r}: expected one of {', '.join(INITS)}")
         if cfg.use_dora and cfg.init in ("pissa", "olora"):
             raise ValueError(f"adapter {name!r}: use_dora with init {cfg.init!r} is not supported")
+        if cfg.variant not in VARIANTS or cfg.variant not in ("lora", cfg.resolved_variant):
+            raise ValueError(f"adapter {name!r}: variant {cfg.variant!r}: expected one of {', '.join(VARIANTS)}, "
+                             "and not also use_dora or init pissa | olora")
         cfg = dataclasses.replace(cfg, targets=targets)   # stored with the layers, saved by save_peft
         generator = torch.Generator().manual_seed(adapter_seed(seed, name))
         for layer in wrap_targets(model, targets):
             layer.add_adapter(name, cfg, generator, dtype)
-    link_siblings(model)
     mark_only_lora_trainable(model)
     return model
 
@@ -559,15 +503,6 @@ def mask_key(model: nn.Module, path: str) -> str:
     return path
 
 
-def link_siblings(model: nn.Module):
-    """Tell each LoRA layer which wrapped layers share its input (the family's SHARED_INPUTS)."""
-    for _, module in model.named_modules():
-        for names in model.SHARED_INPUTS:
-            members = tuple(m for n in names if isinstance(m := getattr(module, n, None), MultiLoRALinear))
-            for member in members:
-                member.siblings = members
-
-
 def remove_adapter(model: nn.Module, name: str):
     for _, layer in lora_layers(model):
         if name in layer.merged:
@@ -577,22 +512,25 @@ def remove_adapter(model: nn.Module, name: str):
 
 
 def adapter_parameters(model: nn.Module, name: str, kind: str | None = None) -> list[nn.Parameter]:
-    """The adapter's trainable tensors, layer by layer; kind: only those whose name starts
-    with it ("lora_A", "lora_B", "magnitude")."""
+    """The adapter's trainable tensors (its variant's `trains`), layer by layer; kind: only
+    those whose name starts with it ("lora_A", "lora_B", "magnitude")."""
     params = []
     for _, layer in lora_layers(model):
         if name in layer.adapters:
-            params += [p for n, p in layer.adapters[name].named_parameters() if kind is None or n.startswith(kind)]
+            params += [p for n, p in layer.adapters[name].named_parameters()
+                       if p.requires_grad and (kind is None or n.startswith(kind))]
     if not params and name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; adapters: {adapter_names(model)}")
     return params
 
 
 def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
-    """Freeze everything but the adapters' weights; print the counts when verbose."""
-    model.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.adapters.requires_grad_(True)
+    """Freeze everything but the adapters, whose own tensors train as each one's variant says
+    (set when it was made: Adapter.trains); print the counts when verbose."""
+    owned = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in owned:
+            param.requires_grad_(False)
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -602,7 +540,8 @@ def mark_only_lora_trainable(model: nn.Module, verbose: bool = False):
 @contextmanager
 def route(model: nn.Module, names: list[str | None], *, lengths=None,
           generators: dict[str, torch.Generator] | None = None, packed: bool = False,
-          dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = ()):
+          dropout_tokens: dict[str, tuple[int, torch.Tensor]] | None = None, elsewhere: tuple[str, ...] = (),
+          fuse: bool | None = None, dropout_draw: str = "auto", reference: bool = False):
     """Route batch row i to adapter names[i] (None: the base alone) inside the block.
 
     lengths [B] (real tokens per row, right padding) trims each adapter's work to its own
@@ -618,7 +557,16 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
     every mask is drawn for the whole step and this rank's part kept, so the masks are the
     ones one process draws. `elsewhere`: adapters in the step with no example here; their seed
     is drawn all the same, so that their streams stay in step on every rank.
+
+    fuse: all adapters of a layer through shared matmuls (True), per adapter (False), or as
+    suits the device (None; lora.concatenates). dropout_draw "auto": dropped positions on CPUs
+    (lora_update.drop_positions), bool masks on GPUs (keep_mask, no host sync); "masks": masks
+    everywhere (the GPU's draw, e.g. to test it on a CPU). reference: every layer by its
+    definition in plain autograd (MultiLoRALinear.reference_forward), slower. Every path
+    computes the same sum.
     """
+    if dropout_draw not in DROPOUT_DRAWS:
+        raise ValueError(f"route: dropout_draw {dropout_draw!r}: expected one of {', '.join(DROPOUT_DRAWS)}")
     layers = [layer for _, layer in lora_layers(model)]
     configs = adapter_configs(layers)
     unknown = {n for n in names if n is not None and n not in configs}
@@ -646,7 +594,8 @@ def route(model: nn.Module, names: list[str | None], *, lengths=None,
         rows = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)
         own = None if lengths is None else tuple(lengths[i] for i in idx)
         groups.append(RouteGroup(name, rows, None if own is None else max(own), seed, own, dropout_tokens.get(name)))
-    with routed(layers, Routing(groups, cache={}, packed=packed)):
+    with routed(layers, Routing(groups, cache={}, packed=packed, concatenated=concatenates(device, fuse),
+                                dropout_draw=dropout_draw, reference=reference)):
         yield
 
 
@@ -662,7 +611,8 @@ def route_tokens(model: nn.Module, tokens: TokenRouting, cache: dict):
     """Route each token of one packed row as `tokens` says (lora.TokenRouting: device tensors,
     fixed shapes; graphs.py). `cache` keeps the coefficient tables from one step to the next
     (a captured step must find them built)."""
-    with routed([layer for _, layer in lora_layers(model)], Routing([], cache=cache, packed=True, tokens=tokens)):
+    routing = Routing([], cache=cache, packed=True, tokens=tokens, concatenated=True, dropout_draw="masks")
+    with routed([layer for _, layer in lora_layers(model)], routing):
         yield
 
 
@@ -703,7 +653,7 @@ def merge(model: nn.Module, name: str):
 def unmerge(model: nn.Module, name: str):
     """Take a merged adapter out again by subtraction (not DoRA: its rescaling of W is not a sum)."""
     for _, layer in lora_layers(model):
-        if name in layer.merged and layer.adapters[name].config.use_dora:
+        if name in layer.merged and not layer.adapters[name].additive:
             raise ValueError(f"adapter {name!r} is DoRA: merging rescaled each row of the weight, which "
                              "subtraction cannot undo; reload the base instead")
         if name in layer.merged:

@@ -98,15 +98,221 @@ def keep_of(keep: torch.Tensor, shape) -> torch.Tensor:
     return torch.ones(math.prod(shape), dtype=torch.bool, device=keep.device).index_fill_(0, keep, False).view(shape)
 
 
+# ----------------------------------------------------------------------------- the layer's fused forward
+# What lora.MultiLoRALinear runs in place of its definition (MultiLoRALinear.reference_forward),
+# tested equal to it: the layers that read one input (q/k/v; gate/up) in one LoRAUpdate node,
+# plain adapters' arithmetic by hand, per adapter or all of them in shared matmuls.
+
+def mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across runs and machines)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63)
+    return seed
+
+
+def row_count(group, B: int) -> int:
+    """How many of the batch's B rows the group (lora.RouteGroup) owns."""
+    return len(range(B)[group.rows]) if isinstance(group.rows, slice) else len(group.rows)
+
+
+def own_length(group, T: int) -> int:
+    """The group's own padded length: positions after it are padding for all its rows."""
+    return T if group.length is None else min(group.length, T)
+
+
+def dropout_keep(group, shape, device, p: float, seed: int, draw: str) -> torch.Tensor | None:
+    """A group's dropout over `shape` (its rows x its own length x in), or None without dropout:
+    with draw "auto" on the CPU the positions dropped in that layout (drop_positions), else a
+    bool keep mask (keep_mask: no host sync). Drawn from `seed` (this forward's seed for the
+    adapter mixed with the layer's mask key), over its real tokens in order, then laid out in
+    its rows: it does not depend on what the rows were fused with, nor on padding or packing,
+    and a recomputation (activation checkpointing) draws exactly the same again."""
+    rows, length, width = shape
+    lengths = group.row_lengths
+    padded = lengths is not None and any(n < length for n in lengths)
+    # Drawn over its real tokens (data parallel: the whole step's), then this rank's kept, then laid out.
+    total, here = group.tokens or (sum(min(n, length) for n in lengths) if padded else rows * length, None)
+    real = (torch.arange(length) < torch.tensor(lengths)[:, None]) if padded else None   # [rows, length]
+    if torch.device(device).type == "cpu" and draw == "auto":
+        drops = drop_positions(total * width, p, seed)
+        if here is not None:   # renumbered among this rank's tokens
+            local = torch.full((total,), -1, dtype=torch.long).index_copy_(0, here.cpu(), torch.arange(len(here)))
+            token = local[drops // width]
+            drops = token[token >= 0] * width + drops[token >= 0] % width
+        if real is not None:   # real token i -> its slot in the [rows, length] layout
+            slots = real.flatten().nonzero().squeeze(1)
+            drops = slots[drops // width] * width + drops % width
+        return drops
+    index = torch.arange(total, device=device) if here is None else here.to(device)
+    flat = keep_mask(index, width, p, seed)                                   # [tokens here, width]
+    if real is None:
+        return flat.view(tuple(shape))
+    return torch.zeros(tuple(shape), dtype=torch.bool, device=device).masked_scatter_(real.to(device)[..., None], flat)
+
+
+def add_updates(layers: list, x: torch.Tensor, concatenated: bool) -> list[torch.Tensor]:
+    """The outputs of `layers` (LoRA layers that read the same x, routed alike): each one's
+    base output plus each adapter's update on its own rows and their own padded length only
+    (rows of no adapter: the base alone), in one autograd node (LoRAUpdate).
+
+    concatenated (the GPU path): ONE pseudo-group over all rows, x [A's of every layer and
+    adapter]^T in one matmul, times a per-row coefficient that keeps only the row's own
+    adapter's columns (with its scale), then per layer one matmul with its adapters' B's
+    side by side. Each adapter's dropout is drawn exactly as on the per-adapter path and
+    laid into one keep mask over x. Launches per layer no longer grow with the adapters.
+    Adapters whose variant has its own update run it in plain autograd on their rows.
+    """
+    layer, routing = layers[0], layers[0].routing   # the dropout is drawn once, by the first
+    B, T = (x.numel() // x.size(-1), 1) if routing.packed else x.shape[:2]   # rows x length the groups index
+    plan, variants = [], []
+    for group in routing.groups:
+        owners = [i for i, each in enumerate(layers) if each.adapts(group.name)]
+        if not owners:
+            continue
+        adapter = layers[owners[0]].adapters[group.name]    # one config per adapter, whatever the layer
+        length = own_length(group, T)
+        shape = (row_count(group, B), length, x.size(-1))
+        keep, scale = None, adapter.scaling
+        if layer.training and adapter.config.dropout > 0:
+            keep = layer.dropout_keep(group, shape, x.device, adapter.config.dropout)
+            scale = scale / (1 - drawn_p(adapter.config.dropout))     # dropout's 1/(1-p), on the small h
+        if adapter.fused:
+            plan.append((group, length, shape, keep, scale, owners, adapter.fused_grads()))
+        else:
+            variants.append((group.rows, length, keep, adapter.config.dropout, owners, group.name))
+    if concatenated and plan:
+        names = [[entry[0].name for entry in plan if i in entry[5]] for i in range(len(layers))]
+        coef = coefficients(routing, layers, names, B, layer.training, x.device)   # [B, 1, sum of all r]
+        plan, tensors = one_group(layers, names, joined_masks(plan, B, T, x), coef, T)
+    else:
+        tensors = []
+        for group, _, _, keep, _, owners, _ in plan:
+            tensors.append(keep)
+            for i in owners:
+                tensors += layers[i].adapters[group.name].fused_tensors()
+        plan = [UpdateGroup(group.rows, length, scale, tuple(owners), trains)
+                for group, length, _, _, scale, owners, trains in plan]
+    outs = update(layers, x, (B, T), plan, tensors)
+    xs = x.reshape(B, T, x.size(-1))
+    for rows, length, keep, p, owners, name in variants:   # variants: plain autograd on their rows
+        xr = xs[rows, :length]                                               # [b, L, in]
+        dropped = xr if keep is None else apply_dropout(xr, keep) / (1 - drawn_p(p))
+        index = (torch.arange(B, device=x.device)[rows][:, None], torch.arange(length, device=x.device)[None, :])
+        for i in owners:
+            delta = layers[i].adapters[name].update(xr, dropped, layers[i])
+            outs[i] = outs[i].index_put(index, delta.to(outs[i].dtype), accumulate=True)
+    return [out.view(*x.shape[:-1], out.size(-1)) for out in outs]
+
+
+def token_updates(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """add_updates for a lora.TokenRouting (route_tokens): every adapter of the routing through
+    the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
+    the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
+    no host read: the same kernels whatever the tokens hold (graphs.py)."""
+    layer, routing = layers[0], layers[0].routing
+    tokens = routing.tokens
+    names = [[n for n in tokens.names if each.adapts(n)] for each in layers]
+    if not all(each.adapters[n].fused for each, own in zip(layers, names) for n in own):
+        raise ValueError("route_tokens: adapters through LoRAUpdate's plain arithmetic only (not DoRA, PiSSA, OLoRA)")
+    keep = None
+    if layer.training and any(each.adapters[n].config.dropout > 0 for each, own in zip(layers, names) for n in own):
+        seed = (tokens.seed * 1_000_003 + layer.seed) & (2**63 - 1)              # mix_seed(its seed, this layer's)
+        keep = keep_mask(tokens.index, x.size(-1), tokens.threshold, seed)[:, None]   # [N, 1, in]
+    coef = coefficients(routing, layers, names, len(tokens.adapter), layer.training, x.device)   # [N, 1, sum of all r]
+    plan, tensors = one_group(layers, names, keep, coef, 1)
+    return [out.view(*x.shape[:-1], out.size(-1)) for out in update(layers, x, (len(tokens.adapter), 1), plan, tensors)]
+
+
+def update(layers: list, x: torch.Tensor, shape: tuple[int, int], plan: list, tensors: list) -> list[torch.Tensor]:
+    """The layers' base outputs [rows, length, out_j] with the plan's updates added (LoRAUpdate).
+    A frozen float base goes into the node (one input-gradient buffer); otherwise (a
+    quantized or trainable base) its outputs are computed here as [tokens, out], never
+    a view (F.linear on [B, T, in] with a bias returns one), and the node adds into them."""
+    in_node = bool(plan) and all(each.quantized is None and not each.weight.requires_grad for each in layers)
+    if in_node:
+        bases = [t for each in layers for t in (each.weight, each.bias)]
+        outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(layers), plan, base=True), *bases, *tensors)
+    else:
+        outs = [each.base_forward(x.reshape(-1, x.size(-1))) for each in layers]
+        if plan:
+            outs = LoRAUpdate.apply(x, UpdatePlan(shape, len(outs), plan), *outs, *tensors)   # a tuple
+    return [out.view(*shape, out.size(-1)) for out in outs]
+
+
+def joined_masks(plan: list, B: int, T: int, x: torch.Tensor) -> torch.Tensor | None:
+    """add_updates' per-adapter dropout (plan entries) laid into one keep mask over x."""
+    masks = [(group.rows, length, keep_of(keep, shape)) for group, length, shape, keep, *_ in plan
+             if keep is not None]
+    if not masks:
+        return None
+    rows = [r for r, length, _ in masks if isinstance(r, slice) and length == T]
+    if len(rows) == len(masks) and [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] \
+            and rows[-1].stop == B:   # the masks tile x (packed, or rows of full length): one cat
+        return torch.cat([mask for _, _, mask in masks])
+    keep = torch.ones(B, T, x.size(-1), dtype=torch.bool, device=x.device)
+    for r, length, mask in masks:
+        keep[r, :length] = mask
+    return keep
+
+
+def one_group(layers: list, names: list[list[str]], keep: torch.Tensor | None, coef: torch.Tensor, T: int):
+    """The concatenated path's plan and tensors: all rows as one group of the adapters
+    names[i] of each layer i, their per-row coefficients as its scale, one keep mask
+    over x, per layer its adapters' A's and B's side by side (a gradient for A's or B's when
+    any of them trains)."""
+    tensors, trains = [keep], (False, False)
+    for each, own in zip(layers, names):
+        if own:   # else only variants adapt this layer
+            As, Bs = zip(*(each.adapters[n].fused_tensors() for n in own))
+            tensors += [As[0] if len(As) == 1 else torch.cat(As), Bs[0] if len(Bs) == 1 else torch.cat(Bs, dim=1)]
+            for n in own:
+                trains = tuple(a or b for a, b in zip(trains, each.adapters[n].fused_grads()))
+    return [UpdateGroup(slice(None), T, coef, tuple(i for i, own in enumerate(names) if own), trains)], tensors
+
+
+def coefficients(routing, layers: list, names: list[list[str]], B: int, training: bool, device) -> torch.Tensor:
+    """[B, 1, sum r]: the concatenated path's per-row coefficients over the columns of
+    layers[0]'s adapters names[0], then layers[1]'s names[1], ...: row i's coefficient is
+    its adapter's scale on that adapter's r columns (with dropout's 1/(1-p) folded in while
+    training), 0 elsewhere. Cached in the routing per adapter set. With a TokenRouting: a
+    table of one row per adapter of tokens.names (and one of zeros, for none), gathered per token."""
+    adapters = [[each.adapters[n] for n in own] for each, own in zip(layers, names)]
+    key = (tuple(tuple(own) for own in names), tuple(a.scaling for own in adapters for a in own), training)
+    if key not in routing.cache:
+        if routing.tokens is None:
+            rows_of = {g.name: g.rows.cpu() if torch.is_tensor(g.rows) else g.rows for g in routing.groups}
+        else:
+            rows_of, B = {name: i for i, name in enumerate(routing.tokens.names)}, len(routing.tokens.names) + 1
+        columns = []
+        for own, owned in zip(names, adapters):
+            for name, adapter in zip(own, owned):
+                column = torch.zeros(B, 1, adapter.config.r)
+                p = adapter.config.dropout if training else 0.0
+                column[rows_of[name]] = adapter.scaling / (1 - drawn_p(p))
+                columns.append(column)
+        routing.cache[key] = torch.cat(columns, dim=-1).to(device)
+    return routing.cache[key] if routing.tokens is None else routing.cache[key][routing.tokens.adapter]
+
+
 # ----------------------------------------------------------------------------- the update
 
+class UpdateGroup(NamedTuple):
+    """One adapter's part of LoRAUpdate (or, concatenated, all adapters' as one)."""
+    rows: slice | torch.Tensor      # its rows of the (rows, length) layout
+    length: int                     # its own padded length
+    scale: float | torch.Tensor     # s / (1 - p), or per-row coefficients [rows, 1, sum r]
+    layers: tuple[int, ...]         # which of the node's layers it adapts
+    trains: tuple[bool, bool]       # whether A, B get a gradient (its variant's Adapter.trains)
+
+
 class UpdatePlan(NamedTuple):
-    """What LoRAUpdate adds: `outputs` layers share one input x; per adapter, its rows, own
-    length, scale and which of those layers it adapts. base: the node computes the frozen
-    base outputs x W_j^T + b_j itself (else they come computed, e.g. by a quantized base)."""
+    """What LoRAUpdate adds: `outputs` layers share one input x; its groups. base: the node
+    computes the frozen base outputs x W_j^T + b_j itself (else they come computed, e.g. by a
+    quantized base)."""
     shape: tuple[int, int]          # (rows, length) the groups index: (B, T), or (N, 1) for a packed row
     outputs: int
-    groups: list[tuple[slice | torch.Tensor, int, float | torch.Tensor, tuple[int, ...]]]   # scale: or per-row [rows, 1, sum r]
+    groups: list[UpdateGroup]
     base: bool = False
 
 
@@ -123,9 +329,10 @@ class LoRAUpdate(torch.autograd.Function):
     input gradient is ONE buffer: the base's grad_out_j W_j accumulate into it (addmm) and
     each adapter adds into its rows, where autograd would sum a gradient per layer and
     the adapters' (on 2 CPU cores such sums over [N, 1536] cost as much as a small matmul).
-    Saved for backward: each adapter's dropped input rows (a view of x without dropout),
-    h = drop(x) A^T (r columns per layer) and its dropout (dropout_keep's); the base weights.
-    Plain LoRA only: a variant needs its own update.
+    Saved for backward: each adapter's dropped input rows (a view of x without dropout; only
+    when A trains), h = drop(x) A^T (r columns per layer) and its dropout (dropout_keep's); the
+    base weights. Gradients only for the A's and B's that train (UpdateGroup.trains). Plain
+    LoRA's arithmetic only (Adapter.fused): a variant with its own update runs it apart.
     """
 
     @staticmethod
@@ -146,7 +353,7 @@ class LoRAUpdate(torch.autograd.Function):
         views = [o.view(*plan.shape, o.size(-1)) for o in outs]                 # [rows, length, out_j]
         x_shape, x = x.shape, x.reshape(*plan.shape, x.size(-1))
         saved = []
-        for rows, length, scale, layers in plan.groups:
+        for rows, length, scale, layers, trains in plan.groups:
             keep, weights = next(rest), [next(rest) for _ in range(2 * len(layers))]
             As, Bs = weights[0::2], weights[1::2]
             xr = x[rows, :length]                                               # [b, L, in]
@@ -157,7 +364,7 @@ class LoRAUpdate(torch.autograd.Function):
             h = torch.matmul(xr, A.t()).mul_(scale)                             # [b, L, sum r]
             for layer, h_j, B in zip(layers, h.split([a.size(0) for a in As], dim=-1), Bs):
                 LoRAUpdate.add_product(views[layer], rows, length, h_j, B.t())           # + h_j B_j^T
-            saved += [keep, xr, h, A, *Bs]
+            saved += [keep, xr if trains[0] else None, h, A, *Bs]    # x only for A's gradient
         ctx.plan, ctx.x_shape = plan, x_shape
         ctx.save_for_backward(*base_weights, *saved)
         return outs
@@ -176,7 +383,7 @@ class LoRAUpdate(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             grad_x = grads[0].new_zeros(*plan.shape, ctx.x_shape[-1])
         grad_weights = []
-        for rows, length, scale, layers in plan.groups:
+        for rows, length, scale, layers, (train_A, train_B) in plan.groups:
             keep, xr, h, A = saved[:4]
             Bs, saved = saved[4:4 + len(layers)], saved[4 + len(layers):]
             ranks = [B.size(1) for B in Bs]
@@ -184,10 +391,10 @@ class LoRAUpdate(torch.autograd.Function):
             grad_A_B = []
             for layer, h_j, grad_h_j, B in zip(layers, h.split(ranks, -1), grad_h.split(ranks, -1), Bs):
                 g = grads[layer][rows, :length].to(B.dtype)                     # [b, L, out_j]
-                grad_A_B.append(g.flatten(0, 1).t() @ h_j.flatten(0, 1))        # grad B_j [out_j, r]
+                grad_A_B.append(g.flatten(0, 1).t() @ h_j.flatten(0, 1) if train_B else None)   # grad B_j [out_j, r]
                 grad_h_j.copy_(torch.matmul(g, B))
             grad_h.mul_(scale)
-            grad_A = grad_h.flatten(0, 1).t() @ xr.flatten(0, 1)                # [sum r, in]
+            grad_A = grad_h.flatten(0, 1).t() @ xr.flatten(0, 1) if train_A else None   # [sum r, in]
             target = None if grad_x is None else LoRAUpdate.block(grad_x, rows, length, grad_h.dtype)
             if target is not None and (keep is None or keep.dtype != torch.bool):
                 # + (grad_h A) with the dropped positions left as they were, in one addmm_
@@ -201,7 +408,7 @@ class LoRAUpdate(torch.autograd.Function):
                     grad_xr.mul_(keep_of(keep, grad_xr.shape))
                 LoRAUpdate.add_into(grad_x, rows, length, grad_xr)
             grad_weights.append(None)                                           # keep
-            for grad_A_j, grad_B_j in zip(grad_A.split(ranks), grad_A_B):
+            for grad_A_j, grad_B_j in zip([None] * len(ranks) if grad_A is None else grad_A.split(ranks), grad_A_B):
                 grad_weights += [grad_A_j, grad_B_j]
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)

@@ -18,6 +18,7 @@ torch's AdamW weight decay (0.01), intervals (save_step, early_stop_test_step) i
 import json
 from pathlib import Path
 
+from model import FAMILIES
 
 
 class MloraError(ValueError):
@@ -28,12 +29,6 @@ MLORA_OPTIMIZERS = ("adamw", "sgd")   # m-LoRA's optimizers that we train (its "
 
 
 MLORA_REQUIRED = object()  # MloraFile.take: the field has no default in m-LoRA
-# m-LoRA's module names -> the family's (llama.Llama / chatglm.ChatGLM LORA_TARGETS); other names pass as they are.
-MLORA_TARGETS = {
-    "w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj",  # LLaMA, Meta's w1/w2/w3 (2023-24)
-    "qkv": "query_key_value", "mlp_in": "dense_h_to_4h", "mlp_out": "dense_4h_to_h",  # ChatGLM (2023)
-    "qkv_proj": "query_key_value",  # ChatGLM (2024; also Phi-3's name, a family we do not load)
-}
 MLORA_STRATEGIES = {"optim": "optimal-fit", "none": "trivial"}  # 2023-24 train_strategy
 # 2025 dispatcher.name: each runs concurrency_num tasks together, every one in each step (our trivial).
 MLORA_DISPATCHERS = {"default": None, "backend": "m-LoRA's server mode; scheduled as its default dispatcher",
@@ -99,6 +94,7 @@ class MloraFile:
 
 def _mlora_targets(m: MloraFile, value, field: str) -> list[str]:
     """target_modules ({name: true/false}; a list too in 2024) in the family's module names."""
+    named = list(value)   # every name the file gives, on or off: what tells the family
     if isinstance(value, dict):
         for key, on in value.items():
             if not isinstance(on, bool):
@@ -106,7 +102,23 @@ def _mlora_targets(m: MloraFile, value, field: str) -> list[str]:
         value = [key for key, on in value.items() if on]
     elif not all(isinstance(name, str) for name in value):
         raise m.error(field, f"expected module names, got {value!r}")
-    return list(dict.fromkeys(MLORA_TARGETS.get(name, name) for name in value))
+    return _family_names(m, value, named, field)
+
+
+def _family_names(m: MloraFile, names: list[str], named: list[str], field: str) -> list[str]:
+    """m-LoRA's module names in the family's own (its MLORA_NAMES; other names pass as they are).
+    The base is not read yet, so the family is the one whose LORA_TARGETS hold most of the names
+    the file gives; families that hold as many but read a name apart are an error."""
+    families = list(dict.fromkeys(FAMILIES.values()))
+    held = {family: sum(family.MLORA_NAMES.get(n, n) in family.LORA_TARGETS for n in named) for family in families}
+    best = [family for family in families if held[family] == max(held.values())]
+    readings = {family.MODEL_TYPES[0]: list(dict.fromkeys(family.MLORA_NAMES.get(n, n) for n in names))
+                for family in best}
+    if len({tuple(reading) for reading in readings.values()}) > 1:
+        raise m.error(field, f"{', '.join(named)} could be the modules of "
+                             + " or ".join(f"{kind} ({', '.join(reading)})" for kind, reading in readings.items())
+                             + "; name another of the family's modules (false turns it off)")
+    return next(iter(readings.values()))
 
 
 def _optimizer_steps(micro_batches: int, job: dict) -> int:

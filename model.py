@@ -2,7 +2,7 @@
 
 check_checkpoint validates the folder first (config.json's fields, the shard index, safetensors
 headers, keys and shapes) without reading a tensor. Then load_model picks the family by
-config.json's model_type (llama.py: llama, mistral, qwen2; chatglm.py: chatglm), builds the
+config.json's model_type (FAMILIES, from each family module's MODEL_TYPES), builds the
 model on the meta device and assigns the checkpoint's tensors shard by shard (single or sharded
 safetensors, pytorch_model*.bin as a fallback) with a strict key check, quantizing Linears as
 they are read when asked (quant.py).
@@ -22,8 +22,18 @@ import torch
 import torch.nn as nn
 
 import quant as Q
-from chatglm import ChatGLM, ChatGLMConfig
-from llama import Llama, LlamaConfig
+from chatglm import ChatGLM
+from llama import Llama
+from phi3 import Phi3
+
+
+# ----------------------------------------------------------------------------- families
+
+# config.json's model_type -> the family class that loads it. Each family declares its own facts as
+# class attributes: MODEL_TYPES, Config (from_hf), CONFIG_FIELDS, LORA_TARGETS, DEFAULT_TARGETS,
+# SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP.
+FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3) for model_type in family.MODEL_TYPES}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -32,17 +42,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message is one line naming the file."""
 
 
-# Bounds on config.json's sizes: far above any released model, low enough that a typo or a
-# hostile file (num_hidden_layers 1000000 builds for minutes) stops before the model is built.
-MAX_LAYERS = 1024
-MAX_HIDDEN = 65536            # hidden_size (Llama 3.1 405B: 16384)
-MAX_INTERMEDIATE = 2**20      # MLP width (405B: 53248)
-MAX_HEADS = 1024              # query and key/value heads
-MAX_HEAD_DIM = 1024
-MAX_VOCAB = 2**22             # largest hub vocabularies are ~256k
-MAX_POSITIONS = 2**24         # max_position_embeddings, seq_length, sliding_window
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "chatglm")  # what LlamaConfig/ChatGLMConfig.from_hf accept
 # Bytes per element of the dtypes safetensors.torch reads (its _TYPES table).
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1,
                            "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
@@ -67,31 +67,18 @@ def _is_int(value) -> bool:
 
 
 def _check_config(config_file: Path, config) -> None:
-    """Types and ranges of the config.json fields from_hf reads, before anything is built."""
+    """Types and ranges of the config.json fields from_hf reads (the family's CONFIG_FIELDS), before
+    anything is built."""
     if not isinstance(config, dict):
         raise _error(config_file, f"expected a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise _error(config_file, f"model_type {model_type!r} is not supported "
-                                  f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if model_type == "chatglm":  # THUDM's field names (chatglm.ChatGLMConfig.from_hf)
-        required = {"padded_vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "ffn_hidden_size": MAX_INTERMEDIATE,
-                    "num_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS}
-        optional = {"multi_query_group_num": MAX_HEADS, "kv_channels": MAX_HEAD_DIM, "seq_length": MAX_POSITIONS}
-        floats = ("layernorm_epsilon", "rope_ratio")
-        flags = ("multi_query_attention", "add_qkv_bias", "add_bias_linear")
-        kv_heads = config.get("multi_query_group_num") if config.get("multi_query_attention") else None
-    else:
-        required = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "intermediate_size": MAX_INTERMEDIATE,
-                    "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS}
-        optional = {"num_key_value_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM,
-                    "max_position_embeddings": MAX_POSITIONS, "sliding_window": MAX_POSITIONS}
-        floats = ("rms_norm_eps", "rope_theta")
-        flags = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
-        kv_heads = config.get("num_key_value_heads")
-    for name, bound in {**required, **optional}.items():
+                                  f"(supported: {', '.join(FAMILIES)})")
+    fields = FAMILIES[model_type].CONFIG_FIELDS
+    for name, bound in {**fields.required, **fields.optional}.items():
         value = config.get(name)
-        if value is None and name in optional:  # from_hf falls back to a default or reads null as "none"
+        if value is None and name in fields.optional:  # from_hf falls back to a default or reads null as "none"
             continue
         if not _is_int(value) or not 1 <= value <= bound:
             raise _error(config_file, f"{name} must be an integer in [1, {bound}], got {value!r}")
@@ -100,17 +87,17 @@ def _check_config(config_file: Path, config) -> None:
         if config.get(name) is not None and not isinstance(config[name], dict):
             raise _error(config_file, f"{name} must be an object or null, got {config[name]!r}")
         rope_dicts.append(config.get(name) or {})
-    numbers = [(config, name) for name in floats]
+    numbers = [(config, name) for name in fields.floats]
     numbers += [(rope, name) for rope in rope_dicts for name in ("rope_theta", "factor")]
     for where, name in numbers:
         value = where.get(name, 1.0)  # absent: from_hf's default
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
                 or isinstance(value, float) and not math.isfinite(value)):  # json reads NaN, Infinity, 1e999
             raise _error(config_file, f"{name} must be a finite number > 0, got {value!r}")
-    for name in flags:
+    for name in fields.flags:
         if config.get(name) is not None and not isinstance(config[name], bool):
             raise _error(config_file, f"{name} must be true, false or null, got {config[name]!r}")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], fields.kv_heads(config)
     # from_hf derives head_dim = hidden_size // heads when config.json has none; releases that state
     # their own (Mistral Nemo: 5120 hidden, 32 heads of 128) still have a multiple of the heads.
     if hidden % heads:
@@ -331,10 +318,12 @@ def _proc_status(field: str) -> float | None:
 
 
 def build_model(hf_config: dict) -> nn.Module:
-    """Pick the family from config.json's model_type (an explicit switch, no registry)."""
-    if hf_config.get("model_type") == "chatglm":
-        return ChatGLM(ChatGLMConfig.from_hf(hf_config))
-    return Llama(LlamaConfig.from_hf(hf_config))
+    """The family of config.json's model_type (FAMILIES), its config mapped by its from_hf."""
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    family = FAMILIES[model_type]
+    return family(family.Config.from_hf(hf_config))
 
 
 def load_model(path, *, dtype: torch.dtype | str | None = None, device: str = "cpu",

@@ -1,7 +1,6 @@
 """Adapters in PEFT's format: adapter_config.json + adapter_model.safetensors, written as PEFT
 writes them (save_peft, one folder replaced as a whole) and read back (load_peft)."""
 import json
-import math
 import os
 from pathlib import Path
 
@@ -16,9 +15,14 @@ PEFT_PREFIX = "base_model.model."
 
 def adapter_config(model: nn.Module, name: str) -> lora.LoRAConfig:
     """The adapter's config, as it was added (targets resolved)."""
+    return first_adapter(model, name).config
+
+
+def first_adapter(model: nn.Module, name: str) -> lora.Adapter:
+    """The adapter on its first layer (its variant and config are the same on all)."""
     for _, layer in lora.lora_layers(model):
         if name in layer.adapters:
-            return layer.adapters[name].config
+            return layer.adapters[name]
     raise KeyError(f"no adapter named {name!r}; adapters: {lora.adapter_names(model)}")
 
 
@@ -30,13 +34,8 @@ def adapter_state(model: nn.Module, name: str, *, as_plain_lora: bool = False) -
     state = {}
     for path, layer in lora.lora_layers(model):
         if name in layer.adapters:
-            adapter, key = layer.adapters[name], f"{PEFT_PREFIX}{path}"
-            A, B = adapter.lora_A.weight, adapter.lora_B.weight
-            if as_plain_lora and adapter.init_A is not None:
-                A, B = torch.cat([A, -adapter.init_A]), torch.cat([B, adapter.init_B], dim=1)
-            state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = A, B
-            if adapter.config.use_dora:
-                state[f"{key}.lora_magnitude_vector"] = adapter.magnitude
+            for key, tensor in layer.adapters[name].peft_state(as_plain_lora).items():   # lora.Adapter.peft_state
+                state[f"{PEFT_PREFIX}{path}.{key}"] = tensor
     return state
 
 
@@ -49,19 +48,18 @@ def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None 
 
 def peft_files(model: nn.Module, name: str, base_model_path: str | None = None) -> tuple[dict, dict]:
     """What save_peft writes: (PEFT's adapter config, the weights by PEFT's keys, on the CPU)."""
-    cfg = adapter_config(model, name)
+    adapter = first_adapter(model, name)
+    cfg = adapter.config
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name, as_plain_lora=True).items()}
-    r, alpha = cfg.r, cfg.alpha
-    if cfg.init in ("pissa", "olora"):   # saved as plain LoRA of rank 2r, same scale (adapter_state)
-        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "modules_to_save": None,
+        "use_rslora": cfg.use_rslora, "use_dora": False, "modules_to_save": None,
         # How the saved weights load: PiSSA/OLoRA were converted to plain LoRA on the original base.
         "init_lora_weights": cfg.init if cfg.init == "gaussian" else True,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        **adapter.peft_fields(),   # the variant's own (DoRA's use_dora; PiSSA's rank 2r)
     }
     return peft_config, state
 

@@ -8,27 +8,25 @@ from pathlib import Path
 import torch
 
 import data
-import dist
 import files
 import generate
 import lora
 import model as M
-import sweep
 from config import JobConfig
-from objectives import REWARD_KEYS, job_loss, job_parts, loss_tokens, reward_means, task_correct, token_losses
-from state import JobState, Run
+from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means, task_correct,
+                        token_losses)
 
 
 @torch.no_grad()
 def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: int = 8,
-             packed: bool = True, d: "dist.Dist | None" = None) -> tuple[float, dict | None]:
+             packed: bool = True, d=None) -> tuple[float, dict | None]:
     """The job's adapter on held-out rows, `rows` of them (examples or pairs) per forward: its
     loss as in training over one step of all of them (SFT: the mean token loss; dpo/cpo: the
-    mean pair loss) and, for a preference job, its mean rewards, margin and accuracy.
-    d (data parallel): each rank takes every N-th forward, and the sums are summed over the ranks."""
+    mean pair loss) and its objective's metrics (reward_means: a preference job's mean rewards, margin, accuracy).
+    d (data parallel, a dist.Dist): each rank takes every N-th forward, and the sums are summed over the ranks."""
     model.eval()
     step_loss_tokens = sum(loss_tokens(job, row) for row in examples)
-    totals = torch.zeros(5, dtype=torch.float64)
+    totals = torch.zeros(1 + METRIC_SUMS, dtype=torch.float64)
     starts = range(0, len(examples), rows)
     for start in starts if d is None else starts[d.rank::d.world]:
         chunk = examples[start:start + rows]
@@ -39,7 +37,7 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
         totals += torch.cat([loss[None], rewards]).double().cpu()  # syncs the device
     if d is not None:
         d.sum_(totals)
-    return totals[0].item(), reward_means(totals[1:].tolist())
+    return totals[0].item(), reward_means(job, totals[1:].tolist())
 
 
 def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
@@ -62,7 +60,7 @@ def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig,
     return scores
 
 
-def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):
+def log_step(run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):
     """Count the step (counts: its real and processed tokens), teach the memory model its peak,
     and log a line (every log_every steps)."""
     tokens, processed = counts
@@ -90,15 +88,15 @@ def log_step(run: Run, micro_batches: list, counts: list[int], elapsed: float, b
              "jobs": {name: job_record(s) for name, s in jobs.items()}})
 
 
-def job_record(s: JobState) -> dict:
+def job_record(s) -> dict:
     """A job's part of a metrics line: its last optimizer step (a preference job's rewards too)."""
     record = {"step": s.step, "loss": s.last_loss, "lr": s.lr}
-    if s.config.objective != "sft":   # null before its first step, as its loss
-        record.update(s.last_rewards or dict.fromkeys(REWARD_KEYS))
+    # Its objective's metrics (none for SFT): null before its first step, as its loss.
+    record.update(s.last_rewards or dict.fromkeys(objective_of(s.config).metrics))
     return record
 
 
-def write_results(run: Run):
+def write_results(run):
     """Run totals (the seed's table's columns), summary.json, run.json, loss.png and a table."""
     run.peak_mb = max(run.peak_mb, M.peak_memory(run.device))
     total_s = run.now()
@@ -118,7 +116,6 @@ def write_results(run: Run):
     run.metrics.close()
     files.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
-    report = None if run.sweep is None else sweep.write_report(run.sweep, run.cfg, run.summary)
     files.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
     files.remove(run.out_dir / "checkpoint")
     # One row per job, side by side: its method, training and held-out loss (a preference job's
@@ -136,8 +133,6 @@ def write_results(run: Run):
               + (f" {number(s.get('initial_eval_task'), 2):>11} {number(s.get('eval_task'), 2):>6}" if tasks else ""))
     print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
           f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
-    if report is not None:
-        print(sweep.table(report))
 
 
 def method(job: JobConfig) -> str:

@@ -38,18 +38,14 @@ import random
 from pathlib import Path
 
 import files
-from config import ConfigError, RunConfig, SweepConfig, sweep_space, validate_job
+import lora
+from config import ConfigError, RunConfig, SweepConfig, field_label, sweep_space, trial_names, validate_job  # noqa: F401
+from jobs import JobState, Run, eval_due, evaluate_and_stop, finish, prefetch_tasks, stop_early, task_score
+from report import evaluate
 from scheduler import JobPlan
+from state import job_state, load_job
 
 # ----------------------------------------------------------------------------- trials
-
-
-def trial_names(sweep: SweepConfig) -> list[str]:
-    """<name>-t00, <name>-t01, ... (wider indices for 101+ trials), one per trial."""
-    space = sweep_space(sweep, "sweep")
-    count = sweep.trials if sweep.search == "random" else math.prod(len(values) for values in space.values())
-    width = max(2, len(str(count - 1)))
-    return [f"{sweep.name}-t{i:0{width}d}" for i in range(count)]
 
 
 def points(sweep: SweepConfig, run_seed: int, where: str = "config") -> list[dict]:
@@ -95,14 +91,6 @@ def expand(cfg: RunConfig, where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}: jobs[{i}].name: {job.name!r} is the name of a trial of sweep "
                               f"{cfg.sweep.name!r}; rename the job or the sweep")
     return dataclasses.replace(cfg, jobs=jobs + trials)
-
-
-def field_label(cfg: RunConfig, i: int, field: str) -> str:
-    """Where job i's field comes from, for an error: jobs[i].field, or a trial's sweep.job / sweep.space."""
-    name = cfg.jobs[i].name
-    if cfg.sweep is None or name not in trial_names(cfg.sweep):
-        return f"jobs[{i}].{field}"
-    return f"sweep.space.{field} (trial {name})" if field in cfg.sweep.space else f"sweep.job.{field}"
 
 
 def values_text(point: dict) -> str:
@@ -335,3 +323,122 @@ def plot(sweep: Sweep, summary: dict[str, dict], png: Path):
     fig.tight_layout()
     files.atomic_write(png, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- a sweep trial's rungs
+
+def reach_rung(run: Run, s: JobState):
+    """A sweep trial's optimizer step at one of its rungs (sweep.py): its held-out loss there is
+    recorded; under halving it leaves the scheduler, and finish_trials parks it."""
+    name = s.config.name
+    rung = run.sweep.rung_at(name, s.step, s.tokens)
+    if rung is None:
+        return
+    if eval_due(s):   # evaluate_and_stop just did
+        loss, task = s.eval_loss, s.eval_task
+    else:
+        loss, _ = evaluate(run.model, s.config, s.test_set, run.pad_id, run.device, packed=run.cfg.packing,
+                           d=run.eval_ranks)
+        task = task_score(run, s)
+    record = {"event": "rung", "job": name, "rung": rung, "step": s.step, "tokens": s.tokens, "fused_step": run.step + 1,
+              "eval_loss": loss}
+    if s.config.task_metric is not None:
+        record["eval_task"] = task
+    run.log(record)
+    if run.sweep.arrive(name, rung, task if run.sweep.sweep.metric == "task" else loss):
+        run.sched.stop(name)
+
+
+def park(run: Run, name: str):
+    """A trial waiting at a rung leaves the model (its slot is free): state kept on the CPU."""
+    s = run.jobs.pop(name)
+    run.sweep.held[name] = {**job_state(run, s), "popped": run.plans[name].popped}
+    lora.remove_adapter(run.model, name)
+    run.log({"event": "park", "job": name, "step": s.step, "fused_step": run.step})
+
+
+def settle_rungs(run: Run):
+    """Decide each rung whose trials are all in (sweep.Sweep.decide): the best wait for a slot
+    again, ahead of lower priorities; the others finish with their adapter of that rung."""
+    verdicts = run.sweep.decide(set(run.summary))
+    # The trials a decision stops finish with their adapter of that rung; with task metrics all
+    # are loaded first, so that their final task scores are generated in one batch.
+    jobs = {job.name: job for job in run.cfg.jobs}
+    batched = any(jobs[name].task_metric for name, reason in verdicts if reason is not None)
+    stopped = []
+    for name, reason in verdicts:
+        plan = run.plans[name]
+        if reason is None:
+            run.sched.requeue(plan)
+            continue
+        s = load_job(run, name, run.sweep.held.pop(name))
+        s.stopped = reason
+        run.bar.total -= plan.remaining
+        run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step, "reason": reason,
+                 "nonfinite": False})
+        stopped.append(name)
+        if not batched:
+            finish(run, name)
+    if batched:
+        prefetch_tasks(run, stopped)
+        for name in stopped:
+            finish(run, name)
+
+
+# ----------------------------------------------------------------------------- the layer on train.py's steps
+
+def add_rungs(run: Run):
+    """A sweep's rungs on the loop's steps: its trials evaluated at their rungs (evaluate_trials),
+    parked there and promoted (admit_trials, finish_trials), its report at the end (results)."""
+    run.sweep = Sweep(run.cfg, run.plans)
+    run.sweep.held = {}   # parked trials' job_state(), on the CPU (in the run checkpoint as "parked")
+    if run.writes:
+        print(run.sweep.describe())
+    steps, core_admit, core_results = run.steps, run.steps.admit, run.steps.results
+    steps.evaluate = evaluate_trials
+
+    def admit_trials(run: Run, names: list[str]):
+        """A trial promoted past a rung comes back as it was parked; the others are admitted."""
+        back = [name for name in names if name in run.sweep.held]
+        for name in back:
+            readmit(run, name)
+        core_admit(run, [name for name in names if name not in back])
+
+    def results(run: Run):
+        report = write_report(run.sweep, run.cfg, run.summary) if run.writes else None
+        core_results(run)
+        if report is not None:
+            print(table(report))
+    steps.admit, steps.finish, steps.results = admit_trials, finish_trials, results
+
+
+def readmit(run: Run, name: str):
+    """A trial promoted past a rung, back as it was parked."""
+    s = load_job(run, name, run.sweep.held.pop(name))
+    run.log({"event": "admit", "job": name, "time": run.now(), "step": s.step})
+
+
+def evaluate_trials(run: Run, stepped: list[JobState]):
+    """train.evaluate_jobs, and each trial at a rung evaluated there (reach_rung); the task
+    scores of all evaluating now in one batch."""
+    prefetch_tasks(run, [s.config.name for s in stepped
+                         if eval_due(s) or run.sweep.rung_at(s.config.name, s.step, s.tokens) is not None])
+    for s in stepped:
+        reason = evaluate_and_stop(run, s)
+        if reason:
+            stop_early(run, s, reason)
+        else:
+            reach_rung(run, s)
+
+
+def finish_trials(run: Run):
+    """train.finish_jobs; but trials waiting at a rung are parked, and rungs whose trials are all in are decided."""
+    finished = run.sched.pop_finished()
+    prefetch_tasks(run, [name for name in finished if not run.sweep.waits(name)])
+    for name in finished:
+        if run.sweep.waits(name) and name in run.jobs:
+            park(run, name)
+        else:
+            finish(run, name)
+    run.task_scores = {}
+    settle_rungs(run)

@@ -454,25 +454,31 @@ def compile_template(source: str, file: Path, what: str = "chat template"):
         raise DataError(f"{file}: {what}{where} does not compile ({reason})") from None
 
 
+def on_alarm(signum, frame):
+    """SIGALRM's handler, set once by a program's main() (alarm_stops_templates): the render
+    in progress stops (render_template arms the timer only where this handler is set)."""
+    raise _OverBudget(f"takes longer than {CHAT_TEMPLATE_SECONDS:g} s")
+
+
+def alarm_stops_templates():
+    """Process-wide, for main() alone: SIGALRM stops a chat template that runs past its time even
+    where it calls nothing (a loop over a long string); elsewhere the render's clock checks stand alone."""
+    signal.signal(signal.SIGALRM, on_alarm)
+
+
 @contextmanager
 def _alarm(seconds: float):
-    """Raise _OverBudget in this code after seconds (SIGALRM), when it runs on the main thread and no
-    other timer is set; elsewhere the render's own deadline checks stand alone."""
-    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+    """SIGALRM after `seconds` in this block, when main() set on_alarm, this is the main thread and
+    no other timer runs."""
+    if (not hasattr(signal, "setitimer") or signal.getsignal(signal.SIGALRM) is not on_alarm
+            or threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
         yield
         return
-
-    def on_alarm(signum, frame):
-        raise _OverBudget(f"takes longer than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 def render_template(template, file: Path, context: dict, input_chars: int, what: str = "chat template") -> str:

@@ -61,7 +61,7 @@ def block_step(base: str, ours: bool, k: int, seq: int):
     parts = [(n if ours else None, [data.Example(row, [-100] * (seq * 2 // 5) + row[seq * 2 // 5:])
                                     for row in torch.randint(0, net.config.vocab_size, (2, seq), generator=g).tolist()])
              for n in names]
-    batch = train.make_batch(parts, 0, True)
+    batch = data.make_batch(parts, 0, True)
     generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
     block, captured = net.model.layers[1], {}
     hook = block.register_forward_pre_hook(lambda m, args: captured.update(args=args[1:]))   # returns None: args unchanged

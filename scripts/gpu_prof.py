@@ -16,9 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench
+import data
 import graphs
 import lora
 import model as M
+import objectives
 import train
 
 
@@ -42,7 +44,7 @@ def main():
     for k in [int(x) for x in a.k.split(",")]:
         for mode in a.modes.split(","):
             for packing in [x == "1" for x in a.packing.split(",") if x == "1" or mode != "graphs"]:
-                lora.FUSE_ADAPTERS = {"concat": "always", "per-adapter": "never"}.get(mode, "cuda")
+                fuse = {"concat": True, "per-adapter": False}.get(mode)   # else as suits the device
                 net = M.load_model(base, dtype=a.dtype, device=device)
                 names = [f"job{j}" for j in range(k)]
                 work = {n: bench.job_batches(args, j, net.config.vocab_size) for j, n in enumerate(names)}
@@ -61,9 +63,9 @@ def main():
                 def step(s):
                     parts = [(n, bench.make_examples(*work[n][s % a.steps])) for n in names]
                     if mode == "base":
-                        batch = train.make_batch(parts, 0, packing).to(device)
+                        batch = data.make_batch(parts, 0, packing).to(device)
                         net.train()
-                        losses, _ = train.token_losses(net, batch)
+                        losses, _ = objectives.token_losses(net, batch)
                         losses.sum().backward()
                         return batch.num_tokens
                     step_args = ([cfgs[n] for n in names], [ex for _, ex in parts],
@@ -71,7 +73,7 @@ def main():
                     if mode == "graphs":
                         _, _, counts, _, _ = captured.step(net, *step_args)
                     else:
-                        _, _, counts, _, _ = train.fused_step(net, *step_args, packing)
+                        _, _, counts, _, _ = train.fused_step(net, *step_args, packing, fuse=fuse)
                     for n in names:
                         opts[n].step()
                         opts[n].zero_grad(set_to_none=True)

@@ -27,8 +27,7 @@ import model as M  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
-if a.gpu_path:
-    lora.FUSE_ADAPTERS, lora.DROPOUT_DRAW = "always", "masks"
+path = dict(fuse=True, dropout_draw="masks") if a.gpu_path else {}   # the GPU's LoRA path, for fused_step
 bench.SHAPES["tiny30"] = {**bench.SHAPES["tiny"], "num_hidden_layers": 30}
 args = argparse.Namespace(shape="tiny30", tiny=False, base=None, rows=2, seq=a.seq, steps=2)
 net = M.load_model(bench.ensure_base(args), dtype="float32", device="cpu")
@@ -44,7 +43,7 @@ cfgs = {n: train.JobConfig(name=n, data="-") for n in names}
 def step(s: int):
     parts = [bench.make_examples(*work[n][s]) for n in names]
     train.fused_step(net, [cfgs[n] for n in names], parts,
-                     [sum(len(e.labels) - e.labels.count(-100) for e in ex) for ex in parts], gens, 0, "cpu", True)
+                     [sum(len(e.labels) - e.labels.count(-100) for e in ex) for ex in parts], gens, 0, "cpu", True, **path)
     for n in names:
         opts[n].step()
         opts[n].zero_grad(set_to_none=True)

@@ -219,13 +219,15 @@ def write_chatglm(glm, path, rope_ratio: float, shards: str = "safetensors"):
 # ----------------------------------------------------------------------------- killed runs
 
 def kill_at(target: str, n: int, before: bool = False, sig=signal.SIGKILL, when=None):
-    """Patch module.function ("train.fused_step", "jobs.admit", "files.atomic_write", "torch.save";
+    """Patch module.function ("train.fused_step", "jobs.admit", "state.save_checkpoint", "files.atomic_write", "torch.save";
     the module its caller looks the name up in) so that its n-th call (or the n-th for which
     when(*args) holds) sends `sig` to this process, before the real call or after it."""
     import files
     import jobs
+    import state
+    import sweep
     module_name, function = target.split(".")
-    module = {"train": train, "jobs": jobs, "files": files, "torch": torch}[module_name]
+    module = {"train": train, "jobs": jobs, "files": files, "torch": torch, "state": state, "sweep": sweep}[module_name]
     real = getattr(module, function)
     calls = [0]
 

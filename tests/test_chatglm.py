@@ -173,6 +173,19 @@ def test_unsupported_config_is_a_clear_error(mqa, tmp_path, change, message):
         M.load_model(tmp_path)
 
 
+def test_mlora_names_are_read_as_chatglm_modules():
+    """m-LoRA's ChatGLM names (2023: qkv, mlp_in, mlp_out; 2024: qkv_proj) become ChatGLM's modules:
+    the file's names, on or off, fit ChatGLM's LORA_TARGETS."""
+    import mlora_config
+    from pathlib import Path
+    raw = json.loads((Path(__file__).parent / "fixtures/mlora/2024/config/finetune.json").read_text())
+    raw["lora"] = raw["lora"][:1]
+    raw["lora"][0]["target_modules"] = {"qkv_proj": True, "dense": False, "mlp_in": True, "mlp_out": False}
+    translated, _ = mlora_config.from_mlora(raw, "finetune.json")
+    assert translated["jobs"][0]["targets"] == ["query_key_value", "dense_h_to_4h"]
+    assert all(name in ChatGLM.LORA_TARGETS for name in translated["jobs"][0]["targets"])
+
+
 # ----------------------------------------------------------------------------- tokenizer and prompts
 
 @pytest.mark.parametrize("version, detect_by", [(2, "code"), (3, "code"), (3, "config")])

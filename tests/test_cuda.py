@@ -38,11 +38,10 @@ def test_bf16_mixed_batch_on_cuda(tiny_llama):
             torch.testing.assert_close(mixed[row], ours(idx[row:row + 1])[0], atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("fuse", ["cuda", "never"])
-def test_fused_job_equals_job_alone_on_cuda(tmp_path, monkeypatch, fuse):
+@pytest.mark.parametrize("fuse", ["auto", "never"])
+def test_fused_job_equals_job_alone_on_cuda(tmp_path, fuse):
     """Both LoRA paths on a GPU: all adapters in shared matmuls (the default there), and
     LoRAUpdate per adapter (bool dropout masks, the base matmuls inside the node)."""
-    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
     from conftest import make_hf_model, save_hf
     from tokenizer_util import write_tokenizer_json
     vocab = write_tokenizer_json(tmp_path / "base")
@@ -50,7 +49,7 @@ def test_fused_job_equals_job_alone_on_cuda(tmp_path, monkeypatch, fuse):
     target = job("target", write_rows(tmp_path / "t.json", 12, 0, "reverse"))
     other = job("other", write_rows(tmp_path / "o.json", 10, 1, "upper"), r=8, targets=list(Llama.LORA_TARGETS))
     for name, jobs in (("fused", [other, target]), ("alone", [target])):
-        cfg = run_cfg(base, tmp_path / name, jobs, scheduler={"max_concurrent": 2})
+        cfg = run_cfg(base, tmp_path / name, jobs, scheduler={"max_concurrent": 2}, fuse_adapters=fuse)
         cfg.device = "cuda"
         train.train(cfg)
     fused, alone = adapter(tmp_path / "fused", "target"), adapter(tmp_path / "alone", "target")

@@ -612,13 +612,29 @@ def render(folder, template: str, content: str = "hi") -> str:
 ])
 def test_chat_template_bounded(tmp_path, monkeypatch, template, content, expected):
     monkeypatch.setattr(tokenizer, "CHAT_TEMPLATE_SECONDS", 1.0)
+    previous = signal.getsignal(signal.SIGALRM)
+    tokenizer.alarm_stops_templates()   # as train.py's and generate.py's main() do
+    try:
+        start = time.monotonic()
+        with pytest.raises(DataError) as error:
+            render(tmp_path, template, content)
+        assert time.monotonic() - start < 4
+        assert_one_line(error, tmp_path / "tokenizer_config.json", expected)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_without_main_s_handler_no_alarm_is_set(tmp_path, monkeypatch):
+    """Library code sets no signal handler: without main()'s, a render arms no timer and the
+    clock checks at each call stop it."""
+    monkeypatch.setattr(tokenizer, "CHAT_TEMPLATE_SECONDS", 1.0)
     handler = signal.getsignal(signal.SIGALRM)
-    start = time.monotonic()
+    assert handler is not tokenizer.on_alarm
     with pytest.raises(DataError) as error:
-        render(tmp_path, template, content)
-    assert time.monotonic() - start < 4
-    assert_one_line(error, tmp_path / "tokenizer_config.json", expected)
-    assert signal.getsignal(signal.SIGALRM) == handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        render(tmp_path, NESTED.replace("BODY", ""))
+    assert_one_line(error, tmp_path / "tokenizer_config.json", "chat template takes longer than 1 s")
+    assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_chat_template_bounded_off_the_main_thread(tmp_path, monkeypatch):

@@ -51,15 +51,17 @@ def forked_ranks(config: str, kill: tuple[int, int] | None = None, ranks: int = 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         sys.stdout = sys.stderr = open(folder / f"{rank}.txt", "w", buffering=1)
-        if kill is not None and kill[0] == rank:
-            calls, step = [0], train.fused_step
+        if kill is not None and kill[0] == rank:   # the fused step of either placement: data (dist's) or job (train's)
+            calls = [0]
 
-            def fused_step(*args, **kwargs):
-                calls[0] += 1
-                if calls[0] == kill[1]:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return step(*args, **kwargs)
-            train.fused_step = fused_step
+            def killing(step):
+                def fused_step(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == kill[1]:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return step(*args, **kwargs)
+                return fused_step
+            train.fused_step, dist.fused_step = killing(train.fused_step), killing(dist.fused_step)
         status = train.main(["--config", config])
         sys.stdout.flush()
         os._exit(status)

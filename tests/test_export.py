@@ -11,6 +11,8 @@ import lora
 from llama import Llama
 import model as M
 import peft_format
+import export
+import report
 import train
 from conftest import randomize_B
 from tokenizer_util import write_tokenizer_json
@@ -63,7 +65,7 @@ def test_merge_never_replaces_what_it_did_not_create(tmp_path, tiny_llama, capsy
     # Its own earlier output it replaces, whole.
     assert train.main(["--merge", str(run / "a"), "--to", str(tmp_path / "merged")]) == 0
     assert train.main(["--merge", str(run / "a"), "--to", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / train.MERGE_MARKER).exists() and not list(tmp_path.glob(".merged*"))
+    assert (tmp_path / "merged" / export.MERGE_MARKER).exists() and not list(tmp_path.glob(".merged*"))
 
 
 @pytest.mark.parametrize("key, value", [("torch_dtype", "int8"), ("dtype", "int8"), ("torch_dtype", "float8_e4m3fn")])
@@ -122,7 +124,7 @@ def test_loss_plot_is_written(tmp_path):
     lines = [{"step": s, "jobs": {"a": {"loss": 2.0 / s}, "b": {"loss": float("nan")}}} for s in range(1, 5)]
     lines.append({"event": "eval", "job": "a", "fused_step": 4, "eval_loss": 0.7, "time": 1.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
-    train.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    report.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     from matplotlib import colors, image
     pixels = image.imread(tmp_path / "loss.png")                  # decoded: a whole PNG, not just its header
     assert pixels.shape == (450, 800, 4)                          # figsize 8 x 4.5 at 100 dpi, RGBA

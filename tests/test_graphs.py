@@ -13,13 +13,13 @@ from conftest import Recorder, adapter, assert_same_adapter, job, randomize_B, r
 from llama import Llama
 from test_preference import write_pairs
 
+GPU_PATH = dict(fuse=True, dropout_draw="masks")   # fused_step as on a GPU: shared matmuls, keep_mask
+
 
 @pytest.fixture
-def setup(base_dir, tmp_path, monkeypatch):
+def setup(base_dir, tmp_path):
     """A tiny llama with three adapters (dropout on two, q/k/v and gate/up shared inputs) and
-    their jobs' examples; the eager step on the GPU's path (shared matmuls, keep_mask)."""
-    monkeypatch.setattr(lora, "FUSE_ADAPTERS", "always")
-    monkeypatch.setattr(lora, "DROPOUT_DRAW", "masks")
+    their jobs' examples; the eager step is run on the GPU's path (GPU_PATH)."""
     jobs = [job("a", write_rows(tmp_path / "a.json", 8, 0, "reverse"), r=4, alpha=8, dropout=0.3,
                 targets=list(Llama.LORA_TARGETS)),
             job("b", write_rows(tmp_path / "b.json", 8, 1, "upper"), r=2, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]),
@@ -71,7 +71,7 @@ def test_fixed_shape_step_equals_fused_step(setup, checkpointing):
             if fixed:
                 out = cache.step(ours, jobs, rows, loss_tokens, gens, pad_id, "cpu")
             else:
-                out = train.fused_step(ours, jobs, rows, loss_tokens, gens, pad_id, "cpu", packed=True)
+                out = train.fused_step(ours, jobs, rows, loss_tokens, gens, pad_id, "cpu", packed=True, **GPU_PATH)
             assert out[4]   # backward ran
             losses.append(out[0].detach().clone())
             tokens = out[2][:, 0].tolist()
@@ -149,20 +149,19 @@ def test_the_recorder_sees_host_reads(setup):
     ours, jobs, examples, pad_id = setup
     ours.train()
     with Recorder() as recorder:
-        train.fused_step(ours, jobs, [r[:2] for r in examples], [5, 5, 5], {}, pad_id, "cpu", packed=True)
+        train.fused_step(ours, jobs, [r[:2] for r in examples], [5, 5, 5], {}, pad_id, "cpu", packed=True, **GPU_PATH)
     assert [op for op in recorder.ops if "nonzero" in op[0] or "_local_scalar_dense" in op[0]]
 
 
 def test_fits_only_what_the_fixed_step_computes(setup, tmp_path):
     ours, jobs, examples, _ = setup
-    assert graphs.Graphs.fits(ours, jobs, examples, distributed=False, packed=True)
-    assert not graphs.Graphs.fits(ours, jobs, examples, distributed=True, packed=True)
-    assert not graphs.Graphs.fits(ours, jobs, examples, distributed=False, packed=False)
+    assert graphs.Graphs.fits(ours, jobs, examples, packed=True)
+    assert not graphs.Graphs.fits(ours, jobs, examples, packed=False)
     dpo = job("d", jobs[0].data, objective="dpo")
-    assert not graphs.Graphs.fits(ours, [jobs[0], dpo], examples[:2], distributed=False, packed=True)
+    assert not graphs.Graphs.fits(ours, [jobs[0], dpo], examples[:2], packed=True)
     lora.add_adapters(ours, {"dora": lora.LoRAConfig(r=2, use_dora=True, targets=["q_proj"])})
-    assert not graphs.Graphs.fits(ours, [jobs[0], job("dora", jobs[0].data)], examples[:2], False, True)
-    assert not graphs.Graphs.fits(ours, jobs, [examples[0], [], examples[2]], False, True)
+    assert not graphs.Graphs.fits(ours, [jobs[0], job("dora", jobs[0].data)], examples[:2], True)
+    assert not graphs.Graphs.fits(ours, jobs, [examples[0], [], examples[2]], True)
 
 
 def test_a_run_with_cuda_graphs_trains_what_a_run_without_them_trains(tmp_path, base_dir, monkeypatch):
@@ -170,8 +169,6 @@ def test_a_run_with_cuda_graphs_trains_what_a_run_without_them_trains(tmp_path, 
     step on the GPU's path: the same adapters after several steps of three fused jobs, with
     dropout, gradient accumulation, a DPO job beside them that falls back to fused_step, and
     admissions as jobs finish."""
-    monkeypatch.setattr(lora, "FUSE_ADAPTERS", "always")
-    monkeypatch.setattr(lora, "DROPOUT_DRAW", "masks")
     jobs = [job("a", write_rows(tmp_path / "a.json", 8, 0, "reverse"), targets=list(Llama.LORA_TARGETS), dropout=0.2),
             job("b", write_rows(tmp_path / "b.json", 6, 1, "upper"), micro_batch_size=1, lr_schedule="cosine"),
             job("c", write_rows(tmp_path / "c.json", 4, 2, "count"), r=2, optimizer="sgd", epochs=3),
@@ -182,7 +179,8 @@ def test_a_run_with_cuda_graphs_trains_what_a_run_without_them_trains(tmp_path, 
     runs = {}
     for graphed in (False, True):
         out = tmp_path / f"graphs-{graphed}"
-        summary = train.train(run_cfg(base_dir, out, jobs, cuda_graphs=graphed, scheduler={"max_candidates": 2}))
+        summary = train.train(run_cfg(base_dir, out, jobs, cuda_graphs=graphed, scheduler={"max_candidates": 2},
+                                      fuse_adapters="always", dropout_draw="masks"))
         runs[graphed] = ({j.name: adapter(out, j.name) for j in jobs}, summary)
     for j in jobs:
         assert_same_adapter(runs[True][0][j.name], runs[False][0][j.name])

@@ -2,6 +2,8 @@
 import ast
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,60 @@ def test_model_files_know_nothing_of_lora_or_files():
     assert graph["llama"] == set() and graph["chatglm"] == {"llama"}
     assert "lora" not in graph["model"] | graph["quant"]     # LoRA is applied after loading
     assert "train" not in graph["demo"]                      # train.run_demo drives the demo
+
+
+# ----------------------------------------------------------------------------- the core and its layers
+
+CORE = ["model.py", "llama.py", "lora.py", "data.py", "objectives.py", "train.py", "peft_format.py"]
+LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config"}
+# train.py's entry: train() and main() pick the layers a run needs (README, "Read the code").
+ENTRY = {"train", "train_on", "start", "add_layers", "finished_summary", "run_demo", "load_config_file", "main",
+         "exit_with"}
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_reading_path_is_the_core_in_at_most_7_files_and_2500_lines():
+    section = readme_section("Read the code")
+    named = [name for name in CORE if f"`{name}`" in section.split("Nothing in them")[0]]
+    assert named == CORE
+    lines = sum(len((REPO / name).read_text().splitlines()) for name in CORE)
+    assert len(CORE) <= 7 and lines <= 2500, lines
+
+
+def test_the_core_references_no_layer():
+    """No function or class of the core files imports a layer module (train.py's entry functions,
+    which pick the layers, aside), and the core imports none at module level: nothing in it can
+    call a layer."""
+    for name in CORE:
+        tree = ast.parse((REPO / name).read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else {node.module}
+                assert not modules & LAYERS, f"{name} imports {modules & LAYERS}"
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or (name == "train.py" and node.name in ENTRY):
+                continue
+            used = {a.name.split(".")[0] for n in ast.walk(node) if isinstance(n, ast.Import) for a in n.names}
+            used |= {n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)}
+            assert not used & LAYERS, f"{name}: {node.name} references {used & LAYERS}"
+
+
+def test_readme_snippet_trains_two_adapters_fused_with_the_core_alone(capsys):
+    """The README's snippet, as written: both losses fall, and the saved adapter loads back equal."""
+    import lora
+    import model as M
+    import peft_format
+    code = readme_section("Read the code").split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.splitlines()) <= 45
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = [line.split(": loss ")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    first, last = ([float(part.split()[1]) for part in line.split(", ")] for line in (printed[0], printed[-1]))
+    assert all(b < 0.8 * a for a, b in zip(first, last)), (first, last)
+    fresh = M.load_model(scope["folder"])
+    peft_format.load_peft(fresh, f"{scope['folder']}/upper")
+    for ours, loaded in zip(lora.adapter_parameters(scope["base"], "upper"), lora.adapter_parameters(fresh, "upper")):
+        assert torch.equal(ours, loaded)

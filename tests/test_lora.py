@@ -171,12 +171,12 @@ def test_bad_targets_and_names(ours):
             pass
 
 
-def logits_and_grads(model, idx, names, lengths, packed: bool):
+def logits_and_grads(model, idx, names, lengths, packed: bool, **path):
     """Real tokens' logits (examples in order) and the adapters' gradients of a toy loss, the
-    batch run padded or packed, each adapter's dropout seeded alike."""
+    batch run padded or packed, each adapter's dropout seeded alike; path: lora.route's options."""
     real = torch.arange(idx.size(1))[None, :] < torch.tensor(lengths)[:, None]
     gens = {n: torch.Generator().manual_seed(3) for n in set(names) if n}
-    with lora.route(model, names, lengths=lengths, generators=gens, packed=packed):
+    with lora.route(model, names, lengths=lengths, generators=gens, packed=packed, **path):
         logits = model(idx[real][None], segments=tuple(lengths))[0] if packed else model(idx)[real]
     logits.square().mean().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -203,22 +203,18 @@ def with_random_adapters(model, configs: dict, rows: int) -> torch.Tensor:
     return torch.randint(0, 384, (rows, 11), generator=torch.Generator().manual_seed(9))
 
 
-def on_both_paths(model, monkeypatch, idx, names, lengths, packed: bool) -> list:
+def on_both_paths(model, idx, names, lengths, packed: bool, dropout_draw: str = "auto") -> list:
     """logits_and_grads with all adapters in shared matmuls, then per adapter."""
-    results = []
-    for mode in ("always", "never"):
-        monkeypatch.setattr(lora, "FUSE_ADAPTERS", mode)
-        results.append(logits_and_grads(model, idx, names, lengths, packed))
-    return results
+    return [logits_and_grads(model, idx, names, lengths, packed, fuse=fuse, dropout_draw=dropout_draw)
+            for fuse in (True, False)]
 
 
 @pytest.mark.parametrize("dropout,draw", [(0.0, "auto"), (0.3, "auto"), (0.3, "masks")])
-def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeypatch, dropout, draw):
+def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, dropout, draw):
     """The GPU path (all adapters in two matmuls) and the CPU path (a loop) give the same
     outputs and gradients, dropout masks included, on padded rows or the same examples packed
     end to end in one row (the masks are drawn over each adapter's real tokens in order).
     draw "masks": dropout as a GPU draws it (bool masks laid into the rows), here on the CPU."""
-    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
     idx = with_random_adapters(ours, {
         "a": lora.LoRAConfig(r=2, alpha=4, dropout=dropout, targets=["q_proj", "v_proj"]),
         "b": lora.LoRAConfig(r=8, alpha=8, dropout=dropout, targets=ALL),
@@ -226,28 +222,26 @@ def test_concatenated_and_per_adapter_paths_agree_padded_or_packed(ours, monkeyp
         # Only on the later layers of q/k/v and gate/up, which share their input.
         "d": lora.LoRAConfig(r=3, alpha=6, dropout=dropout, targets=["k_proj", "up_proj"])}, rows=7)
     results = [result for packed in (False, True) for result in on_both_paths(
-        ours, monkeypatch, idx, ["b", "b", None, "a", "a", "c", "d"], [11, 9, 11, 5, 7, 11, 8], packed)]
+        ours, idx, ["b", "b", None, "a", "a", "c", "d"], [11, 9, 11, 5, 7, 11, 8], packed, draw)]
     assert_all_agree(results)
 
 
-def test_masks_tiling_the_batch_agree_on_both_paths(ours, monkeypatch):
+def test_masks_tiling_the_batch_agree_on_both_paths(ours):
     """Every token routed to an adapter with dropout (the usual packed step): the concatenated
     path joins the adapters' masks end to end instead of writing each into a full mask."""
     idx = with_random_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
                                       "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.1, targets=ALL)}, rows=4)
     for packed, lengths in ((True, [11, 9, 5, 7]), (False, [11] * 4)):
-        assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["b", "b", "a", "a"], lengths, packed))
+        assert_all_agree(on_both_paths(ours, idx, ["b", "b", "a", "a"], lengths, packed))
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("fuse,draw", [("never", "auto"), ("always", "auto"), ("never", "masks"), ("always", "masks")])
-def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse, draw, packed):
+@pytest.mark.parametrize("fuse,draw", [(False, "auto"), (True, "auto"), (False, "masks"), (True, "masks")])
+def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, fuse, draw, packed):
     """Data parallel (dist.split_step): a rank that holds some of a step's examples, told which
     of each adapter's tokens in the step they are, draws the dropout one process draws for
     them, so its outputs equal one process's for those examples: on both LoRA paths, with
     dropout drawn as on a CPU or as on a GPU, padded or packed."""
-    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
-    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
     lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=ALL),
                              "b": lora.LoRAConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "v_proj"])})
     for i, name in enumerate("ab"):
@@ -261,7 +255,7 @@ def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse,
         ids, own = idx[rows], [lengths[i] for i in rows]
         real = torch.arange(ids.size(1))[None, :] < torch.tensor(own)[:, None]
         with torch.no_grad(), lora.route(ours, [names[i] for i in rows], lengths=own, generators=gens,
-                                         packed=packed, dropout_tokens=dropout_tokens):
+                                         packed=packed, dropout_tokens=dropout_tokens, fuse=fuse, dropout_draw=draw):
             return ours(ids[real][None], segments=tuple(own))[0] if packed else ours(ids)[real]
 
     whole = outputs([0, 1, 2, 3, 4])
@@ -272,22 +266,22 @@ def test_a_ranks_part_of_a_step_draws_one_process_masks(ours, monkeypatch, fuse,
     assert not torch.allclose(outputs([1, 2, 3]), whole[11:32], atol=1e-3)
 
 
-def test_a_shared_input_whose_first_layer_only_a_variant_adapts(ours, monkeypatch):
+def test_a_shared_input_whose_first_layer_only_a_variant_adapts(ours):
     """q/k/v read one input; DoRA adapts q alone and plain LoRA k alone: the shared matmuls of
     the concatenated path hold k's adapter only, and both paths still agree."""
     idx = with_random_adapters(ours, {"v": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj"], use_dora=True),
                                       "a": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj"])}, rows=3)
-    assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["v", "a", None], [11, 9, 11], packed=False))
+    assert_all_agree(on_both_paths(ours, idx, ["v", "a", None], [11, 9, 11], packed=False))
 
 
-def test_scattered_rows_agree_on_both_paths(ours, monkeypatch):
+def test_scattered_rows_agree_on_both_paths(ours):
     """An adapter's rows need not be adjacent in a padded batch (the index path); a variant
     (DoRA, on its own path) in the same batch leaves the others' shared matmuls as they are."""
     idx = with_random_adapters(ours, {"a": lora.LoRAConfig(r=2, alpha=4, dropout=0.3, targets=["q_proj", "v_proj"]),
                                       "b": lora.LoRAConfig(r=8, alpha=8, dropout=0.3, targets=ALL),
                                       "v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["k_proj", "o_proj"],
                                                            use_dora=True)}, rows=6)
-    assert_all_agree(on_both_paths(ours, monkeypatch, idx, ["b", "a", None, "b", "v", "a"], [11, 5, 11, 9, 8, 7],
+    assert_all_agree(on_both_paths(ours, idx, ["b", "a", None, "b", "v", "a"], [11, 5, 11, 9, 8, 7],
                                    packed=False))
 
 
@@ -426,3 +420,21 @@ def test_drop_positions_are_independent_drops_at_rate_p(p):
     x = torch.randn(2, 3, 5)   # applying them: the same zeros as the mask they stand for
     few = lora_update.drop_positions(x.numel(), 0.5, seed=3)
     assert torch.equal(lora_update.apply_dropout(x, few), x * lora_update.keep_of(few, x.shape))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_layers_reading_one_input_run_as_one_node(ours, monkeypatch, fuse):
+    """llama.project: q/k/v, and gate/up, each one LoRAUpdate node per block (the outputs of
+    all three computed in it), o and down one each; with k alone adapted, k alone in its node."""
+    plans, apply = [], lora_update.LoRAUpdate.apply
+    monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda x, plan, *t: plans.append(plan) or apply(x, plan, *t))
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=2, dropout=0.1, targets=ALL),
+                             "k": lora.LoRAConfig(r=2, targets=["k_proj"])})
+    ours.train()
+    idx = torch.randint(0, 384, (2, 9), generator=torch.Generator().manual_seed(1))
+    blocks = ours.config.num_hidden_layers
+    for name, outputs in (("a", [3, 2, 1, 1]), ("k", [1])):
+        plans.clear()
+        with lora.route(ours, [name, name], fuse=fuse):
+            ours(idx).sum().backward()
+        assert sorted(plan.outputs for plan in plans) == sorted(outputs * blocks)

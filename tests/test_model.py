@@ -1,6 +1,7 @@
 """Our model's logits against transformers' own classes on the same checkpoint."""
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -432,6 +433,12 @@ def test_check_bad_config_field(single, change, match):
     assert_bad(single, config, match)
 
 
+def test_check_unknown_model_type_names_the_table(single):
+    config = single / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "gpt2"}))
+    assert_bad(single, config, re.escape(f"(supported: {', '.join(M.FAMILIES)})"))
+
+
 def test_check_absurd_layer_count_fails_fast(single):
     config = single / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 1_000_000}))
@@ -557,3 +564,35 @@ def test_keep_freed_memory_reuses_freed_pages():
                          capture_output=True, text=True, check=True).stdout
     first, *later = map(int, out.split())
     assert first > 40000 and all(faults < 5000 for faults in later), out
+
+
+# ----------------------------------------------------------------------------- the families table
+
+FAMILY_CLASSES = list(dict.fromkeys(M.FAMILIES.values()))
+
+
+@pytest.mark.parametrize("family", FAMILY_CLASSES, ids=lambda family: family.__name__)
+def test_family_declarations_agree(family):
+    """What a family declares is consistent: its model types map back to it and its Config takes
+    exactly those; the defaults, shared inputs and m-LoRA names are among its LoRA targets."""
+    assert family.MODEL_TYPES and all(M.FAMILIES[kind] is family for kind in family.MODEL_TYPES)
+    assert set(family.DEFAULT_TARGETS) <= set(family.LORA_TARGETS)
+    assert all(set(group) <= set(family.LORA_TARGETS) for group in family.SHARED_INPUTS)
+    assert set(family.MLORA_NAMES.values()) <= set(family.LORA_TARGETS)
+    assert family.OUTPUT_LAYER.rsplit(".", 1)[-1] not in family.LORA_TARGETS
+    assert isinstance(family.FIXED_SHAPE_STEP, bool)
+    others = [kind for kind in M.FAMILIES if kind not in family.MODEL_TYPES]
+    for kind in others:
+        with pytest.raises(ValueError, match=f"model_type {kind!r}"):
+            family.Config.from_hf({"model_type": kind})
+
+
+def test_readme_families_table_is_the_table():
+    """README's families table lists what model.FAMILIES holds: each family's model types, module,
+    LoRA targets and defaults."""
+    readme = (Path(M.__file__).parent / "README.md").read_text()
+    rows = re.findall(r"^\| (`[\w]+`(?:, `[\w]+`)*) \| `(\w+)\.py` \| `([\w ]+)` \| `([\w ]+)` \|$", readme, re.M)
+    listed = {tuple(kind.strip("`") for kind in kinds.split(", ")): (module, targets.split(), defaults.split())
+              for kinds, module, targets, defaults in rows}
+    assert listed == {family.MODEL_TYPES: (family.__module__, list(family.LORA_TARGETS), list(family.DEFAULT_TARGETS))
+                      for family in FAMILY_CLASSES}

@@ -1,23 +1,30 @@
-"""Preference objectives (DPO, CPO) per job, fused with SFT jobs: the loss and gradients against
+"""Preference objectives (DPO, CPO, ORPO) per job, fused with SFT jobs: the loss and gradients against
 transformers + PEFT by the published formulas, fused equals alone, a pair is the scheduler's
 unit, bad rows, metrics, resume."""
 import json
 import random
+import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import lora
 import model as M
 import peft_format
+import objectives
+import state
 import train
 from conftest import WORDS, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
+from objectives import OBJECTIVES
 from scheduler import JobPlan, Scheduler
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+PREFERENCE = [name for name, objective in OBJECTIVES.items() if objective.pairs]   # the table's preference objectives
 
 
 def write_pairs(path, n, seed, **fields):
@@ -108,7 +115,7 @@ def test_loss_and_gradients_equal_the_published_formulas_on_peft(tmp_path, tiny_
     expected = published_loss(cfg, pm, pairs)
     expected.backward()
     # One optimizer step of 3 pairs in micro-batches of `micro` pairs: each gives its share.
-    chosen_tokens = sum(train.loss_tokens(cfg, pair) for pair in pairs)
+    chosen_tokens = sum(objectives.loss_tokens(cfg, pair) for pair in pairs)
     got = sum(train.fused_step(ours, [cfg], [pairs[start:start + micro]], [chosen_tokens], {}, 0, "cpu", packed,
                                step_rows=[len(pairs)])[0][0] for start in range(0, len(pairs), micro))
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
@@ -144,10 +151,80 @@ def test_rewards_margin_and_accuracy(tiny_llama):
             scores = cfg.beta * (logps([objective]) - (logps([None]) if objective == "dpo" else 0))
         chosen, rejected = scores[:4], scores[4:]
         expected = [chosen.sum(), rejected.sum(), (chosen - rejected > 0).sum(), 4]
-        torch.testing.assert_close(rewards[0], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
-        metrics = train.reward_means(rewards[0].tolist())
+        torch.testing.assert_close(rewards[0, :4], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+        assert not rewards[0, 4:].any()   # the sums another objective may have more of
+        metrics = objectives.reward_means(cfg, rewards[0].tolist())
         assert metrics["margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
         assert metrics["accuracy"] == expected[2] / 4
+
+
+def orpo_oracle(pm, pairs: list[data.Pair], lam: float) -> tuple[torch.Tensor, dict]:
+    """ORPO (Hong et al. 2024) by its equations from PEFT's logits: L = L_SFT + lambda L_OR (eq. 6),
+    L_OR = -log sigmoid(log(odds(y_w) / odds(y_l))) (eq. 7), odds(y) = P(y) / (1 - P(y)) (eq. 4)
+    with P(y) the answer's mean token probability in log space (as TRL), L_SFT the chosen
+    answers' token-mean NLL. Also TRL's metrics: rewards lambda log P(y), and the log odds."""
+    policy = [[answer_logps(pm, example) for example in (p.chosen, p.rejected)] for p in pairs]
+    p_c, p_r = (torch.stack([logps[k].mean() for logps in policy]).exp() for k in (0, 1))
+    log_odds = torch.log((p_c / (1 - p_c)) / (p_r / (1 - p_r)))
+    loss = -torch.cat([logps[0] for logps in policy]).mean() + lam * -F.logsigmoid(log_odds).mean()
+    chosen, rejected = lam * p_c.log().detach(), lam * p_r.log().detach()
+    return loss, {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                  "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean(),
+                  "log_odds": log_odds.detach().mean()}
+
+
+@pytest.mark.parametrize("micro, packed", [(3, True), (2, False), (1, True)])
+def test_orpo_loss_gradients_and_metrics_equal_its_equations_on_peft(tmp_path, tiny_llama, micro, packed):
+    """ORPO's fused step (its micro-batches' shares summed) against its equations computed from
+    transformers + PEFT logits on the same weights: the loss, every adapter gradient, the metrics."""
+    import peft
+    path, hf = tiny_llama
+    cfg = train.JobConfig(name="p", data="-", objective="orpo", beta=0.5, r=4, alpha=8, dropout=0.0, targets=TARGETS)
+    ours = M.load_model(path, dtype=torch.float32)
+    lora.add_adapters(ours, {"p": cfg.lora_config()})
+    randomize_B(ours, "p")
+    peft_format.save_peft(ours, "p", tmp_path / "p")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "p", is_trainable=True)
+    pairs = random_pairs(3, hf.config.vocab_size, seed=1)
+
+    expected, expected_metrics = orpo_oracle(pm, pairs, cfg.beta)
+    expected.backward()
+    chosen_tokens = sum(objectives.loss_tokens(cfg, pair) for pair in pairs)
+    starts = range(0, len(pairs), micro)
+    steps = [train.fused_step(ours, [cfg], [pairs[start:start + micro]], [chosen_tokens], {}, 0, "cpu", packed,
+                              step_rows=[len(pairs)]) for start in starts]
+    for (*_, batch, _), start in zip(steps, starts):   # both answers through the adapter, no reference rows
+        assert batch.adapter_names == ["p"] * 2 * len(pairs[start:start + micro])
+    torch.testing.assert_close(sum(loss[0] for loss, *_ in steps), expected.detach(), atol=1e-5, rtol=1e-5)
+    metrics = objectives.reward_means(cfg, sum(rewards[0] for _, rewards, *_ in steps).tolist())
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key] == pytest.approx(float(value), abs=1e-5), key
+    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
+    ours_grads = {f"base_model.model.{k.replace('.adapters.p', '')}": p.grad
+                  for k, p in ours.named_parameters() if p.requires_grad}
+    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * len(TARGETS)
+    for key in ours_grads:
+        assert ours_grads[key].abs().max() > 0
+        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+
+
+def test_orpo_fused_with_sft_equals_orpo_alone(tmp_path, base_dir):
+    """An ORPO job trained fused with an SFT job (dropout on) ends with the adapter it trains
+    alone, bitwise; its metrics lines carry its rewards and log odds."""
+    orpo = job("orpo", write_pairs(tmp_path / "o.json", 6, 10), objective="orpo", beta=0.2, dropout=0.1,
+               micro_batch_size=2, batch_size=4, targets=TARGETS, epochs=2)
+    sft = job("sft", write_rows(tmp_path / "s.json", 8, 0, "count"), dropout=0.1, targets=TARGETS, epochs=2)
+    train.train(run_cfg(base_dir, tmp_path / "fused", [sft, orpo]))
+    train.train(run_cfg(base_dir, tmp_path / "alone", [orpo]))
+    alone, together = adapter(tmp_path / "alone", "orpo"), adapter(tmp_path / "fused", "orpo")
+    assert alone.keys() == together.keys() and all(torch.equal(together[k], alone[k]) for k in alone)
+    assert max(v.abs().max() for k, v in together.items() if "lora_B" in k) > 1e-3
+    lines = [json.loads(line) for line in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["jobs"] for r in lines if "jobs" in r]
+    assert any(len(jobs) == 2 for jobs in steps)   # they did share steps
+    records = [jobs["orpo"] for jobs in steps if "orpo" in jobs and jobs["orpo"]["step"] > 0]
+    assert records and all(r.keys() == {"step", "loss", "lr", *OBJECTIVES["orpo"].metrics} for r in records)
 
 
 # ----------------------------------------------------------------------------- fused runs
@@ -210,7 +287,7 @@ def test_sft_dpo_cpo_fused_equal_each_alone(tmp_path, base_dir):
 def test_micro_batch_split_gives_the_same_update(tmp_path, base_dir):
     """Accumulating pairs over micro-batches equals one big batch: the loss is a mean over the step's pairs."""
     rows = write_pairs(tmp_path / "d.json", 8, 4)
-    for objective in ("dpo", "cpo"):
+    for objective in PREFERENCE:
         runs = {}
         for micro in (1, 4):
             out = tmp_path / f"{objective}{micro}"
@@ -235,7 +312,7 @@ def test_interrupted_preference_run_resumes_exactly(tmp_path, base_dir, monkeypa
 
     cfg = run_cfg(base_dir, tmp_path / "stopped", jobs, checkpoint_every=0)
     monkeypatch.setattr(train, "train_step", interrupt_at_3)
-    with pytest.raises(train.Interrupted):
+    with pytest.raises(state.Interrupted):
         train.train(cfg)
     monkeypatch.setattr(train, "train_step", real_step)
     resumed = train.train(cfg)
@@ -348,3 +425,40 @@ def test_pairs_are_formatted_like_sft_examples(tmp_path, base_dir):
             assert example == data.make_example(tok, prompt, response, 64, train_on_inputs=False)
         prompt_len = pair.chosen.labels.count(-100)
         assert pair.chosen.input_ids[:prompt_len] == pair.rejected.input_ids[:prompt_len]   # one prompt
+
+
+# ----------------------------------------------------------------------------- the table
+
+def test_an_objective_checks_the_fields_it_reads_and_warns_of_the_others(tmp_path, base_dir, capsys):
+    """A field the job's objective reads is checked (a ConfigError naming it); one it does not
+    read, set away from its default, is ONE warning line naming the job and the field."""
+    def problem(**fields):
+        try:
+            config.validate_job(train.JobConfig(name="a", data="-", **fields), "cfg.json", "jobs[0]")
+        except config.ConfigError as e:
+            return str(e)
+    assert problem(objective="dpo", beta=0.0) == "cfg.json: jobs[0].beta: expected a finite number > 0, got 0.0"
+    assert problem(objective="dpo", loss_type="hinge") == ("cfg.json: jobs[0].loss_type: expected one of "
+                                                           "sigmoid, ipo, got 'hinge'")
+    assert problem(objective="cpo", cpo_alpha=-1.0) == "cfg.json: jobs[0].cpo_alpha: expected a finite number >= 0, got -1.0"
+    assert problem(objective="kto") == f"cfg.json: jobs[0].objective: expected one of {', '.join(OBJECTIVES)}, got 'kto'"
+    assert problem(objective="sft", beta=0.0, loss_type="hinge") is None   # SFT reads neither
+    assert problem(objective="dpo", cpo_alpha=-1.0) is None                # nor DPO cpo_alpha
+
+    pairs = write_pairs(tmp_path / "d.json", 4, 9)
+    cfg = run_cfg(base_dir, tmp_path / "o", [job("s", write_rows(tmp_path / "s.json", 4, 0, "count"), beta=0.3),
+                                             job("d", pairs, objective="dpo", loss_type="ipo", label_smoothing=0.1,
+                                                 cpo_alpha=2.0),
+                                             job("c", pairs, objective="cpo", beta=0.2, cpo_alpha=0.5)])
+    train.prepare(cfg)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: job 's': beta is not read by its objective, sft",
+                        "warning: job 'd': label_smoothing is not read by its objective, dpo (ipo, beta=0.1)",
+                        "warning: job 'd': cpo_alpha is not read by its objective, dpo (ipo, beta=0.1)"]
+
+
+def test_the_readme_table_lists_every_objective():
+    """The README's objectives table has one row per entry of OBJECTIVES, in its order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Objectives per job\n")[1].split("\n## ")[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(OBJECTIVES)

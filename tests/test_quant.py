@@ -11,6 +11,7 @@ from llama import Llama
 import model as M
 import peft_format
 import quant
+import export
 import train
 from conftest import (adapter, assert_same_adapter, job, make_glm, make_hf_model, randomize_B, run_cfg, save_hf,
                       write_chatglm, write_rows)
@@ -188,7 +189,7 @@ def test_merge_export_from_4bit_base_uses_dequantized_weights(tmp_path, llama_di
     randomize_B(net, "job")
     net.eval()
     peft_format.save_peft(net, "job", tmp_path / "job", base_model_path=str(llama_dir))
-    divergence = train.export_merged(str(tmp_path / "job"), str(tmp_path / "merged"), quant="nf4")
+    divergence = export.export_merged(str(tmp_path / "job"), str(tmp_path / "merged"), quant="nf4")
     out = capsys.readouterr().out
     assert "DEQUANTIZED nf4 weights" in out and "max |logits difference|" in out and divergence < 1e-4
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -197,7 +198,7 @@ def test_merge_export_from_4bit_base_uses_dequantized_weights(tmp_path, llama_di
         expected = net(idx)
     torch.testing.assert_close(hf(idx).logits, expected, atol=1e-4, rtol=1e-4)
     # Merged into the original full-precision weights instead, the model would not be what was trained.
-    train.export_merged(str(tmp_path / "job"), str(tmp_path / "fp32"))
+    export.export_merged(str(tmp_path / "job"), str(tmp_path / "fp32"))
     with torch.no_grad():
         assert (M.load_model(tmp_path / "fp32")(idx) - expected).abs().max() > 1e-2
     # lora.merge on the quantized model itself dequantizes the layers it touches, and says so.

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora
 import train
 from conftest import run_killed, write_rows
 
@@ -75,7 +74,7 @@ KILL_POINTS = {
     "mid-step, before any checkpoint": dict(target="train.fused_step", n=1),
     "mid-step, between checkpoints": dict(target="train.fused_step", n=7),
     "during a checkpoint write (temp file written, not renamed)": dict(target="torch.save", n=2),
-    "right after a checkpoint": dict(target="train.save_checkpoint", n=3),
+    "right after a checkpoint": dict(target="state.save_checkpoint", n=3),
     "during an adapter save (weights written, config not)": dict(
         target="files.atomic_write", n=1, before=True, when=is_named("adapter_config.json")),
     "between an adapter's folder swap and the next checkpoint": dict(target="files.replace_dir", n=2),
@@ -143,7 +142,7 @@ def test_out_dir_is_claimed_before_it_is_touched(tmp_path, reference, capsys):
 def test_changed_data_is_not_resumed(tmp_path, reference, capsys):
     base, _ = reference
     path, out = write_run(tmp_path, base)
-    assert run_killed(path, dict(target="train.save_checkpoint", n=1)) == -signal.SIGKILL
+    assert run_killed(path, dict(target="state.save_checkpoint", n=1)) == -signal.SIGKILL
     before = snapshot(out)
     write_rows(tmp_path / "u.jsonl", 10, 99, "upper")   # b's data changed under the run
     assert train.main(["--config", path]) == 2
@@ -156,7 +155,7 @@ def test_links_in_out_dir_are_never_followed(tmp_path, reference):
     clean (never deleting through a link), and every folder outside with its files stays."""
     base, _ = reference
     path, out = write_run(tmp_path, base)
-    assert run_killed(path, dict(target="train.save_checkpoint", n=1)) == -signal.SIGKILL
+    assert run_killed(path, dict(target="state.save_checkpoint", n=1)) == -signal.SIGKILL
     outside = {name: tmp_path / name for name in ("outside", "outside_tmp", "outside_snap")}
     for folder in outside.values():   # each holds what remove_partial_writes looks for
         for inner in (".a.tmp-7", ".b.old-8", "."):
@@ -181,13 +180,12 @@ def test_links_in_out_dir_are_never_followed(tmp_path, reference):
 # ----------------------------------------------------------------------------- non-finite values
 
 @pytest.mark.parametrize("fuse", ["never", "always"])
-def test_a_nonfinite_job_stops_alone(tmp_path, reference, monkeypatch, capsys, fuse):
+def test_a_nonfinite_job_stops_alone(tmp_path, reference, capsys, fuse):
     """Job bad (SGD, lr 1e20, no clipping) blows up after its first step. It stops with its
     last finite adapter, flagged, exit 3; a and b end exactly as in a run where bad stopped
     there by max_steps, on both adapter paths (per adapter, and concatenated, where a NaN
     would reach every adapter as 0 x NaN)."""
     base, _ = reference
-    monkeypatch.setattr(lora, "FUSE_ADAPTERS", fuse)
     rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
     jobs = [{"name": n, "data": rows, "r": 4, "alpha": 8, "dropout": 0.1, "batch_size": 4, "micro_batch_size": 2,
              "epochs": 2, "lr": 1e-2} for n in ("a", "b")]
@@ -195,6 +193,7 @@ def test_a_nonfinite_job_stops_alone(tmp_path, reference, monkeypatch, capsys, f
 
     def run(out, bad_job):
         cfg = {"base_model": str(base), "dtype": "float32", "device": "cpu", "out_dir": str(tmp_path / out),
+               "fuse_adapters": fuse,
                "scheduler": {"max_candidates": 3, "max_concurrent": 3}, "jobs": [jobs[0], bad_job, jobs[1]]}
         (tmp_path / f"{out}.json").write_text(json.dumps(cfg))
         code = train.main(["--config", str(tmp_path / f"{out}.json")])
@@ -222,7 +221,7 @@ def test_a_killed_run_with_cuda_graphs_resumes_bitwise(tmp_path, reference):
     whole_path, whole = write_run(tmp_path, base, out_name="whole", cuda_graphs=True)
     assert train.main(["--config", whole_path]) == 0
     path, out = write_run(tmp_path, base, cuda_graphs=True)
-    assert run_killed(path, dict(target="train.save_checkpoint", n=2)) == -signal.SIGKILL
+    assert run_killed(path, dict(target="state.save_checkpoint", n=2)) == -signal.SIGKILL
     assert (out / "checkpoint").exists() and not (out / "run.json").exists()
     assert train.main(["--config", path]) == 0
     assert_bitwise_equal(outputs(out), outputs(whole))

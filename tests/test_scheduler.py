@@ -9,6 +9,7 @@ import data
 import lora
 import model as M
 import peft_format
+import report
 import train
 from scheduler import JobPlan, MemoryModel, Scheduler
 from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
@@ -278,7 +279,7 @@ def test_early_stop_keeps_the_best_adapter_and_frees_the_slot(tmp_path, base_dir
     net = M.load_model(base_dir)
     peft_format.load_peft(net, out / "wild")
     held_out = data.load_job_data(test_rows, tok)
-    assert train.evaluate(net, jobs[1], held_out, tok.pad_id, "cpu")[0] == pytest.approx(best, rel=1e-5)
+    assert report.evaluate(net, jobs[1], held_out, tok.pad_id, "cpu")[0] == pytest.approx(best, rel=1e-5)
 
 
 def test_early_stop_needs_held_out_data(tmp_path, base_dir):

@@ -249,9 +249,9 @@ def test_no_jobs_and_no_sweep_is_an_error(sweeps, tmp_path, capsys):
 # ----------------------------------------------------------------------------- kill and resume
 
 KILL_POINTS = {
-    "while trials wait at the first rung": dict(target="train.park", n=5, before=True),
+    "while trials wait at the first rung": dict(target="sweep.park", n=5, before=True),
     "after a rung's decision, before a promoted trial is back": dict(
-        target="jobs.admit", n=1, before=True, when=lambda run, name: name in run.parked),
+        target="sweep.readmit", n=1, before=True),
 }
 
 

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import generate
+import objectives
+import report
 import train
 from conftest import make_hf_model, run_killed, save_hf, write_rows
 from tokenizer_util import write_tokenizer_json
@@ -64,9 +66,9 @@ def count_generate(monkeypatch) -> list[list]:
 
 
 def test_task_correct():
-    assert train.task_correct("exact", " ok\n", "ok") and not train.task_correct("exact", "ok ok", "ok")
-    assert train.task_correct("contains", "it is ok.", " ok") and not train.task_correct("contains", "o k", "ok")
-    assert train.task_correct("regex", " 42 ", "ignored", r"\d+") and not train.task_correct("regex", "42a", "", r"\d+")
+    assert objectives.task_correct("exact", " ok\n", "ok") and not objectives.task_correct("exact", "ok ok", "ok")
+    assert objectives.task_correct("contains", "it is ok.", " ok") and not objectives.task_correct("contains", "o k", "ok")
+    assert objectives.task_correct("regex", " 42 ", "ignored", r"\d+") and not objectives.task_correct("regex", "42a", "", r"\d+")
 
 
 def test_scores_come_from_generated_answers(files, tmp_path, monkeypatch):
@@ -83,7 +85,7 @@ def test_scores_come_from_generated_answers(files, tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "generate", fake)
     jobs = [train.JobConfig(name=name, data="x", test_data="y", task_metric="exact", task_max_new_tokens=8)
             for name in ("a", "b")]
-    assert train.evaluate_tasks(None, tokenizer, [(job, rows) for job in jobs]) == [0.5, 1.0]
+    assert report.evaluate_tasks(None, tokenizer, [(job, rows) for job in jobs]) == [0.5, 1.0]
     assert calls == [["a"] * 4 + ["b"] * 4]
 
 

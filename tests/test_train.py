@@ -17,20 +17,18 @@ from conftest import Recorder, adapter, assert_same_adapter, job, randomize_B, r
 
 
 @pytest.mark.parametrize("gpu_path", [False, True])
-def test_fused_job_equals_job_alone(tmp_path, base_dir, monkeypatch, gpu_path):
+def test_fused_job_equals_job_alone(tmp_path, base_dir, gpu_path):
     """Same seed, dropout on: fused with two other jobs or alone, the same final adapter. Also
     on the GPU's path run here (adapters in shared matmuls, dropout drawn as bool masks)."""
-    if gpu_path:
-        monkeypatch.setattr(lora, "FUSE_ADAPTERS", "always")
-        monkeypatch.setattr(lora, "DROPOUT_DRAW", "masks")
+    path = dict(fuse_adapters="always", dropout_draw="masks") if gpu_path else {}
     d = tmp_path
     target = job("target", write_rows(d / "t.json", 12, 0, "reverse"))
     others = [job("wide", write_rows(d / "w.jsonl", 10, 1, "upper"), r=8, lr=3e-3, micro_batch_size=4,
                   targets=list(Llama.LORA_TARGETS), optimizer="sgd", momentum=0.9),
               job("count", write_rows(d / "c.json", 6, 2, "count"), lr_schedule="cosine", warmup_steps=1)]
     train.train(run_cfg(base_dir, d / "fused", [others[0], target, others[1]],
-                        scheduler={"max_concurrent": 3, "max_candidates": 3}))
-    train.train(run_cfg(base_dir, d / "alone", [target]))
+                        scheduler={"max_concurrent": 3, "max_candidates": 3}, **path))
+    train.train(run_cfg(base_dir, d / "alone", [target], **path))
     fused, alone = adapter(d / "fused", "target"), adapter(d / "alone", "target")
     assert_same_adapter(fused, alone)
     # It trained: B moved away from its zero init.
@@ -52,7 +50,7 @@ def test_loss_only_on_response_tokens(base_dir, tmp_path):
     examples = data.load_job_data(write_rows(tmp_path / "t.json", 4, 4, "reverse"), tok)
     batch = data.fuse([("a", examples)], tok.pad_id)
     ours = M.load_model(base_dir)
-    losses, rows = train.token_losses(ours, batch)
+    losses, rows = objectives.token_losses(ours, batch)
     response = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
     assert losses.numel() == response < batch.num_tokens
     assert rows.tolist() == sorted(rows.tolist()) and set(rows.tolist()) == {0, 1, 2, 3}
@@ -223,7 +221,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(base_dir, monkeypatch):
     for chunked in (True, False):
         with lora.route(net, batch.adapter_names):
             if chunked:
-                losses, rows = train.token_losses(net, batch)
+                losses, rows = objectives.token_losses(net, batch)
             else:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = labels[:, 1:] != -100
@@ -292,12 +290,11 @@ def test_activation_checkpointing_trains_the_same_adapters(tmp_path, base_dir, m
 
 
 @pytest.mark.parametrize("draw", ["auto", "masks"])
-def test_packed_training_equals_padded(tmp_path, base_dir, monkeypatch, draw):
+def test_packed_training_equals_padded(tmp_path, base_dir, draw):
     """Packing changes the layout, not what is learned: two jobs of ragged rows fused, dropout
     on, trained packed (one row, no padding) and padded end with the same adapters. The dropout
     masks are drawn over each job's real tokens in order, so they match too (draw "masks":
     as a GPU draws them, bool masks laid into the padded rows)."""
-    monkeypatch.setattr(lora, "DROPOUT_DRAW", draw)
     d = tmp_path
     jobs = [job("rev", write_rows(d / "r.json", 8, 7, "reverse"), dropout=0.3,
                 targets=list(Llama.LORA_TARGETS), train_on_inputs=True),
@@ -305,7 +302,7 @@ def test_packed_training_equals_padded(tmp_path, base_dir, monkeypatch, draw):
     summaries = {}
     for packing in (True, False):
         summaries[packing] = train.train(run_cfg(base_dir, d / str(packing), jobs, packing=packing,
-                                                 scheduler={"max_concurrent": 2}))
+                                                 scheduler={"max_concurrent": 2}, dropout_draw=draw))
     for j in jobs:
         assert_same_adapter(adapter(d / "True", j.name), adapter(d / "False", j.name))
         assert summaries[True][j.name]["padding"] == 0 < summaries[False][j.name]["padding"]

@@ -13,6 +13,7 @@ import lora
 import lora_update
 import model as M
 import peft_format
+import jobs
 import train
 from conftest import make_hf_model, randomize_B, save_hf
 from tokenizer_util import write_tokenizer_json
@@ -60,7 +61,7 @@ def run_ours(net, names, idx, p):
 
     def recording(self, group, shape, device, prob):
         keep = real(self, group, shape, device, prob)
-        masks[(id(self), group.name)] = None if keep is None else lora_update.keep_of(keep, shape)
+        masks[(self.seed, group.name)] = None if keep is None else lora_update.keep_of(keep, shape)   # one per shared input
         return keep
     net.train()
     lora.MultiLoRALinear.dropout_keep = recording
@@ -98,7 +99,7 @@ def run_peft(hf, net, name, peft_kwargs, idx_rows, masks, p):
         for key, value in peft_named(net, name).items():
             params[key].copy_(value)
     for path, layer in lora.lora_layers(net):
-        keep = next(masks[(id(s), name)] for s in layer.siblings if (id(s), name) in masks)
+        keep = masks[(layer.seed, name)]
         pm.base_model.model.get_submodule(path).lora_dropout["default"] = GivenDropout(keep, p)
     pm.train()
     logits = pm(idx_rows).logits
@@ -191,7 +192,7 @@ def test_loraplus_equals_peft_create_loraplus_optimizer(tmp_path):
         for key, value in peft_named(net, "a").items():
             params[key].copy_(value)
     job = train.JobConfig(name="a", data="-", optimizer="sgd", lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16.0)
-    ours = train.make_optimizer(lora.adapter_parameters(net, "a"), job,
+    ours = jobs.make_optimizer(lora.adapter_parameters(net, "a"), job,
                                 {id(p) for p in lora.adapter_parameters(net, "a", "lora_B")})
     theirs = create_loraplus_optimizer(pm, optimizer_cls=torch.optim.SGD, lr=1e-3, loraplus_lr_ratio=16.0,
                                        loraplus_weight_decay=0.01)   # PEFT's name for the groups' decay
@@ -224,3 +225,100 @@ def test_variant_jobs_fused_equal_each_alone(tmp_path, base_dir):
         # in another order (test_train's fused = alone tolerance).
         assert_same_adapter(adapter(fused, j.name), adapter(alone, j.name))
     assert any("lora_magnitude_vector" in k for k in adapter(fused, "dora"))
+
+
+PATHS = {"per adapter": dict(fuse=False), "concatenated": dict(fuse=True),
+         "per adapter, masks": dict(fuse=False, dropout_draw="masks"),
+         "concatenated, masks": dict(fuse=True, dropout_draw="masks")}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("variant", list(lora.VARIANTS))
+def test_fused_paths_equal_the_definition(tmp_path, variant, packed):
+    """lora_update.py's arithmetic is an optimisation of MultiLoRALinear.reference_forward (plain
+    autograd): the variant on every target beside a plain adapter and base-only rows, dropout
+    on, padded (rows scattered) or packed, per adapter or all in shared matmuls, dropout drawn
+    as positions or as masks: the same logits, the same gradients of the input (through the
+    embedding) and of every adapter tensor."""
+    from test_lora import logits_and_grads
+    _, net, _ = build(tmp_path)
+    lora.add_adapters(net, {"v": lora.LoRAConfig(r=4, alpha=8, dropout=0.3, targets=list(net.LORA_TARGETS), variant=variant),
+                            "o": lora.LoRAConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "k_proj", "up_proj", "down_proj"])})
+    for i, name in enumerate("vo"):
+        perturb(net, name, seed=30 + i)
+    net.model.embed_tokens.weight.requires_grad_(True)   # its gradient: the input's, through every layer
+    net.train()
+    idx = torch.randint(0, 384, (6, 11), generator=torch.Generator().manual_seed(5))
+    # Packed: an adapter's examples adjacent (route's rule); padded: its rows scattered.
+    names, lengths = (["v", "v", "v", None, "o", "o"], [11, 7, 8, 9, 5, 11]) if packed else \
+        (["v", "o", None, "v", "o", "v"], [11, 5, 9, 7, 11, 8])
+    for label, path in PATHS.items():
+        draw = path.get("dropout_draw", "auto")
+        want_logits, want = logits_and_grads(net, idx, names, lengths, packed, reference=True, dropout_draw=draw)
+        logits, grads = logits_and_grads(net, idx, names, lengths, packed, **path)
+        torch.testing.assert_close(logits, want_logits, atol=3e-5, rtol=1e-4, msg=lambda m: f"{label} logits: {m}")
+        assert grads.keys() == want.keys() and "model.embed_tokens.weight" in grads
+        for key in want:
+            torch.testing.assert_close(grads[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{label} {key}: {m}")
+            assert want[key].abs().sum() > 0, key   # every tensor learns, so a wrong gradient would show
+
+
+def test_variant_field_and_peft_spellings_are_one_entry(tmp_path):
+    """variant "dora" / "pissa" is PEFT's use_dora / init "pissa": the same adapter, saved with
+    PEFT's fields; a variant not in lora.VARIANTS (or set twice) is a config error naming the entries."""
+    import config
+    _, net, path = build(tmp_path)
+    for theirs, ours in ((dict(use_dora=True), dict(variant="dora")), (dict(init="pissa"), dict(variant="pissa"))):
+        made = []
+        for fields in (theirs, ours):   # the same name, so the same seeds
+            lora.add_adapters(net, {"x": lora.LoRAConfig(r=4, targets=TARGETS, **fields)})
+            adapters = [layer.adapters["x"] for _, layer in lora.lora_layers(net)]
+            assert all(type(a) is lora.VARIANTS[ours["variant"]] for a in adapters)
+            made.append(([a.state_dict() for a in adapters], peft_format.peft_files(net, "x")))
+            lora.remove_adapter(net, "x")
+        (states, (peft_config, weights)), (want_states, (want_config, want_weights)) = made
+        assert peft_config == want_config and weights.keys() == want_weights.keys()
+        for state, want in zip(states, want_states):
+            torch.testing.assert_close(state, want)
+    with pytest.raises(config.ConfigError, match=f"variant: expected one of {', '.join(lora.VARIANTS)}"):
+        config.validate_job(config.JobConfig(name="j", data="x.json", variant="nope"), "cfg", "jobs[0]")
+    with pytest.raises(config.ConfigError, match="variant"):
+        config.validate_job(config.JobConfig(name="j", data="x.json", variant="pissa", use_dora=True), "cfg", "jobs[0]")
+
+
+def test_lora_fa_freezes_A_trains_B_fused_equal_alone(tmp_path, base_dir, monkeypatch):
+    """LoRA-FA: (a) A gets no gradient and ends as it started while B trains, (b) a job fused
+    with a plain LoRA and a DoRA job ends as it does alone, (c) its rows go through LoRAUpdate's
+    plain arithmetic (no update of its own) with no gradient asked for A. (That it equals the
+    definition, dropout on, on every path: test_fused_paths_equal_the_definition.)"""
+    from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows
+    rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
+    fa = job("fa", rows, variant="lora-fa", targets=["q_proj", "k_proj", "v_proj", "down_proj"], lr=3e-3)
+    net = M.load_model(base_dir)
+    lora.add_adapters(net, {"other": lora.LoRAConfig(r=2, targets=["q_proj"]), "fa": fa.lora_config()}, seed=42)
+    start = {k: v.detach().clone() for k, v in peft_format.adapter_state(net, "fa").items()}
+    assert lora.adapter_parameters(net, "fa") == lora.adapter_parameters(net, "fa", "lora_B")   # A is not trained
+    # (c) through LoRAUpdate, asked for B's gradient only, on both fused paths
+    plans, apply = [], lora_update.LoRAUpdate.apply
+    monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda x, plan, *t: plans.append(plan) or apply(x, plan, *t))
+    monkeypatch.setattr(lora.LoRAFA, "update", lambda *a: pytest.fail("LoRA-FA ran an update of its own"))
+    idx = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    net.train()
+    for fuse in (False, True):
+        with lora.route(net, ["fa", "fa"], fuse=fuse):
+            net(idx).logsumexp(-1).sum().backward()
+    assert plans and all(group.trains == (False, True) for plan in plans for group in plan.groups)
+    for _, layer in lora.lora_layers(net):
+        if "fa" in layer.adapters:
+            assert layer.adapters["fa"].lora_A.weight.grad is None and layer.adapters["fa"].lora_B.weight.grad.abs().sum() > 0
+    # (b) fused with a plain LoRA and a DoRA job = alone; (a) A as it started, B moved
+    jobs = [job("plain", rows), job("dora", rows, variant="dora", lr=3e-3), fa]
+    train.train(run_cfg(base_dir, tmp_path / "fused", jobs, scheduler={"max_candidates": 3, "max_concurrent": 3}))
+    train.train(run_cfg(base_dir, tmp_path / "alone", [fa]))
+    fused = adapter(tmp_path / "fused", "fa")
+    assert_same_adapter(fused, adapter(tmp_path / "alone", "fa"))
+    for key, value in start.items():
+        if "lora_A" in key:
+            torch.testing.assert_close(fused[key], value, atol=0, rtol=0)
+        else:
+            assert (fused[key] - value).abs().max() > 1e-3, key
