@@ -2,14 +2,20 @@
 (ours or m-LoRA's) with `--key=value` overrides, every value checked before anything is read or
 written; and what a run may do with its out_dir (claim_out_dir), decided before it is touched.
 """
+import ast
 import dataclasses
 import difflib
+import errno
 import hashlib
+import inspect
+import io
 import json
 import math
+import os
 import re
-import shutil
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+import files
 import lora
 import mlora_config
 import objectives
+from data import NAMED_TEMPLATES
 from scheduler import STRATEGIES
 
 
@@ -46,7 +54,7 @@ class JobConfig(lora.LoRAConfig):
     weight_decay: float = 0.0              # decoupled for adamw, L2 for sgd
     momentum: float = 0.0                  # sgd only
     lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 after warmup)
-    warmup_steps: int = 0                  # linear warmup, in optimizer steps
+    warmup_steps: int = 0                  # linear warmup from lr 0 at the first step, in optimizer steps (as transformers)
     max_grad_norm: float | None = 1.0      # clip this job's gradient norm (None: no clipping)
     batch_size: int = 16                   # rows per optimizer step
     micro_batch_size: int = 4              # rows per fused forward; batch_size must be a multiple
@@ -135,9 +143,11 @@ FLOAT32_MAX = 3.4028234663852886e38
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
-def validate(cfg: RunConfig, where: str):
+def validate(cfg: RunConfig, where: str, inputs: bool = True):
     """Every value's range and enum, before anything is read or written: a ConfigError naming
-    the field. (Data, base folder and targets are checked by prepare, still before out_dir.)"""
+    the field. `inputs`: also that the base folder, data and template files exist (load_config
+    leaves that to train, which runs where the paths resolve). (Their contents and the targets
+    are checked by prepare, still before out_dir.)"""
     def need(ok: bool, field: str, value, expected: str):
         if not ok:
             raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
@@ -153,6 +163,8 @@ def validate(cfg: RunConfig, where: str):
         need(torch.cuda.is_available() and index < torch.cuda.device_count(), "device", cfg.device,
              f"not available here ({torch.cuda.device_count()} CUDA devices)")
     need(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "expected a folder path")
+    check_path(cfg.out_dir, where, "out_dir", to_make=True)
+    check_path(cfg.base_model, where, "base_model")
     need(cfg.scheduler.strategy in STRATEGIES, "scheduler.strategy", cfg.scheduler.strategy,
          f"expected one of {', '.join(STRATEGIES)}")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, "expected >= 1")
@@ -182,6 +194,49 @@ def validate(cfg: RunConfig, where: str):
         seen[job.name.lower()] = i
     if cfg.sweep is not None:
         validate_sweep(cfg.sweep, where)
+    if inputs:
+        check_inputs(cfg, where)
+
+
+def check_path(path: str, where: str, field: str, to_make: bool = False):
+    """A path from the config as the OS will take it: no NUL byte, no longer than the OS allows,
+    and a folder to be made (out_dir) not below a file: a ConfigError naming the field. Whether
+    it exists is check_inputs' question."""
+    shown = repr(path) if len(path) <= 80 else f"{path[:60]!r}... ({len(path)} characters)"
+    if "\x00" in path:
+        raise ConfigError(f"{where}: {field}: a path cannot hold a NUL byte, got {shown}")
+    try:
+        os.stat(path)
+    except (FileNotFoundError, PermissionError):
+        pass
+    except NotADirectoryError:   # a file where a folder of the path should be
+        if to_make:
+            file = next(p for p in reversed(Path(path).absolute().parents) if p.exists() and not p.is_dir())
+            raise ConfigError(f"{where}: {field}: {file} is a file, so no folder can be made below it, got {shown}") from None
+    except OSError as e:
+        reason = "longer than the OS allows" if e.errno == errno.ENAMETOOLONG else "not a usable path"
+        raise ConfigError(f"{where}: {field}: {reason} ({e.strerror}), got {shown}") from None
+
+
+def check_inputs(cfg: RunConfig, where: str):
+    """The base folder, every job's data, test_data and template file exist: else one line
+    naming the job, the field and the full path tried (relative paths resolve against the
+    working directory, as in m-LoRA)."""
+    def missing(path: str, field: str, what: str, job: str | None = None) -> ConfigError:
+        whose = "" if job is None else f" (job {job!r})"
+        return ConfigError(f"{where}: {field}{whose}: {what} not found: {Path(path).absolute()} "
+                           f"(a relative path resolves against the working directory)")
+    if not Path(cfg.base_model).is_dir():
+        raise missing(cfg.base_model, "base_model", "checkpoint folder")
+    jobs = [(f"jobs[{i}]", job) for i, job in enumerate(cfg.jobs)] + ([("sweep.job", cfg.sweep.job)] if cfg.sweep else [])
+    for label, job in jobs:
+        for field in ("data", "test_data"):
+            path = getattr(job, field)
+            if path and not Path(path).is_file():
+                raise missing(path, f"{label}.{field}", "file", job.name)
+        if job.template not in NAMED_TEMPLATES and not Path(job.template).is_file():
+            raise missing(job.template, f"{label}.template", f"not a named template ({', '.join(NAMED_TEMPLATES)}), and file",
+                          job.name)
 
 
 def validate_job(job: JobConfig, where: str, label: str):
@@ -195,6 +250,9 @@ def validate_job(job: JobConfig, where: str, label: str):
     check("name", SAFE_NAME.fullmatch(job.name) is not None and job.name not in RUN_FILES,
           "expected a plain folder name (letters, digits, '_', '.', '-'; not " + ", ".join(RUN_FILES) + ")")
     check("data", job.data.strip() != "", "expected a file path")
+    for name in ("data", "test_data", "template"):
+        if getattr(job, name):
+            check_path(getattr(job, name), where, f"{label}.{name}")
     check("r", 1 <= job.r <= 65536, "expected 1 <= r <= 65536")
     check("alpha", finite(job.alpha) and job.alpha > 0, "expected a finite number > 0")
     check("dropout", finite(job.dropout) and 0 <= job.dropout < 1, "expected 0 <= dropout < 1")
@@ -340,6 +398,96 @@ def sweep_space(sweep: SweepConfig, where: str) -> dict[str, list | tuple[str, f
     return space
 
 
+# Names other trainers give our fields (transformers' TrainingArguments, PEFT's LoraConfig, m-LoRA),
+# for the unknown-key message; the key is looked up in lower case, '-' as '_'.
+ALIASES = {"learning_rate": "lr", "lr_scheduler_type": "lr_schedule", "scheduler_type": "lr_schedule",
+           "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs", "lora_r": "r", "rank": "r",
+           "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+           "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "cutoff_len", "max_length": "cutoff_len",
+           "max_seq_len": "cutoff_len", "eval_steps": "eval_every", "save_steps": "save_every",
+           "logging_steps": "log_every", "output_dir": "out_dir", "model_name_or_path": "base_model",
+           "model": "base_model", "train_file": "data", "dataset": "data", "validation_file": "test_data",
+           "eval_data": "test_data", "gradient_checkpointing": "activation_checkpointing", "torch_dtype": "dtype",
+           "warmup": "warmup_steps", "optim": "optimizer", "prompt_template": "template"}
+
+
+def config_levels() -> dict:
+    """Where each dataclass's fields go: {override prefix: (class, its fields there)}."""
+    return {"": (RunConfig, [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("jobs", "scheduler", "sweep")]),
+            "scheduler.": (SchedulerConfig, [f.name for f in dataclasses.fields(SchedulerConfig)]),
+            "jobs.NAME.": (JobConfig, [f.name for f in dataclasses.fields(JobConfig)]),
+            "sweep.": (SweepConfig, [f.name for f in dataclasses.fields(SweepConfig)])}
+
+
+def nearest_field(key: str, cls) -> tuple[str, str] | None:
+    """The field an unknown key of `cls` most likely meant, as (override prefix, name): the field
+    itself or its alias (learning_rate -> lr) at any level (a top-level max_steps -> ("jobs.NAME.",
+    "max_steps")), else the closest spelling in cls, else at another level; None when nothing is near."""
+    name = ALIASES.get(key.lower().replace("-", "_"), key)
+    levels = [("", [f.name for f in dataclasses.fields(cls)])]   # cls's own first, jobs / scheduler / sweep too
+    levels += [(prefix, names) for prefix, (level, names) in config_levels().items() if level is not cls]
+    for prefix, names in levels:
+        if name in names:
+            return prefix, name
+    for prefix, names in levels:
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            return prefix, close[0]
+    return None
+
+
+def _unknown_key(key: str, cls, override: bool) -> str:
+    """' (did you mean ...?)' for an unknown key, or the list of cls's fields when nothing is near."""
+    near = nearest_field(key, cls)
+    if near is None:
+        return f" (valid: {', '.join(f.name for f in dataclasses.fields(cls))}; all: python train.py --help-config)"
+    prefix, name = near
+    if not prefix:
+        return f" (did you mean {name!r}?)"
+    if override:
+        return f" (did you mean '--{prefix}{name}'?)"
+    where = {"scheduler.": "in scheduler", "jobs.NAME.": "in each job", "sweep.": "in sweep"}[prefix]
+    return f" (did you mean {name!r} {where}?)"
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its comment} from the source of cls and the dataclasses it extends (the comments are
+    the documentation: read, never copied)."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        on_line = {token.start[0]: token.string.lstrip("# ").strip()
+                   for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = " ".join(on_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in on_line)
+                comments[node.target.id] = text or comments.get(node.target.id, "")
+    return comments
+
+
+def help_text() -> str:
+    """Every config field: where it goes, its type and default, and its comment in config.py (or
+    lora.py for the adapter's own fields), for `python train.py --help-config`."""
+    out = ["Config fields (config.py). In a JSON / TOML / YAML file, or on the command line as --FIELD=value,",
+           "--scheduler.FIELD=value, --jobs.NAME.FIELD=value, --sweep.FIELD=value, --sweep.job.FIELD=value."]
+    titles = {"": "Run (top level)", "scheduler.": "scheduler", "jobs.NAME.": "jobs: a list, each job",
+              "sweep.": "sweep (its `job` takes any job field but name)"}
+    for prefix, (cls, names) in config_levels().items():
+        comments, hints = _field_comments(cls), {f.name: f for f in dataclasses.fields(cls)}
+        out.append(f"\n{titles[prefix]}:")
+        for name in names:
+            f = hints[name]
+            if f.default is not dataclasses.MISSING:
+                default = json.dumps(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = json.dumps(f.default_factory())
+            else:
+                default = "required"
+            kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)   # int, str | None, list[str] | None
+            out.append(f"  {name:<24} {kind:<18} {default:<12} {comments.get(name, '')}")
+    return "\n".join(out)
+
+
 def _check_type(value, hint, where: str):
     """Check (and lightly coerce) a JSON value against a dataclass field's type hint."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -376,9 +524,7 @@ def _fill(cls, raw: dict, where: str, file: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(fields)})"
-            raise ConfigError(f"{file}: {at(key)}: unknown key{hint}")
+            raise ConfigError(f"{file}: {at(key)}: unknown key{_unknown_key(key, cls, override=False)}")
         if key == "jobs":
             if not isinstance(value, list) or not value and "sweep" not in raw:
                 raise ConfigError(f"{file}: jobs: expected a non-empty list of jobs")
@@ -514,8 +660,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         if parts[0] == "sweep" and cls is JobConfig and leaf == "name":
             raise ConfigError(f"--{key}: trials are named <sweep.name>-tNN; set --sweep.name")
         if leaf not in hints or cls is RunConfig and leaf in ("jobs", "scheduler", "sweep"):
-            close = difflib.get_close_matches(leaf, hints, n=1)
-            raise ConfigError(f"--{key}: unknown key{f' (did you mean {close[0]!r}?)' if close else ''}")
+            raise ConfigError(f"--{key}: unknown key{_unknown_key(leaf, cls, override=True)}")
         target[leaf] = _parse_override(text_value, hints[leaf])
     if mlora and "base_model" not in raw:
         raise ConfigError(f"{file}: base_model: an m-LoRA config names none; pass --base_model=DIR")
@@ -525,7 +670,7 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
         quant.check_quant(cfg.quant)
     except ValueError as e:
         raise ConfigError(f"{file}: quant: {e}") from None
-    validate(cfg, str(file))
+    validate(cfg, str(file), inputs=False)
     return cfg
 
 
@@ -583,7 +728,6 @@ def claim_out_dir(cfg: RunConfig, overwrite: bool) -> str:
 
 def clear_run(out: Path):
     """Remove a previous run's outputs from out (--overwrite): only what train.py writes there."""
-    import shutil
     try:
         old = json.loads((out / "config.json").read_text())
         names = [j["name"] for j in old["jobs"] if isinstance(j, dict) and SAFE_NAME.fullmatch(str(j.get("name")))]
@@ -591,19 +735,17 @@ def clear_run(out: Path):
         names = []
     remove_partial_writes(out)
     for name in (*names, *RUN_FILES):
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        files.remove(out / name)
 
 
 def remove_partial_writes(out: Path):
     """What a killed run left half-written: files.atomic_write's and replace_dir's temporary
-    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes."""
-    for folder in (out, *(p for p in out.iterdir() if p.is_dir()), *(out / "snapshots").glob("*")):
+    files and folders (.NAME.tmp-PID, .NAME.old-PID), in out_dir and the folders it writes.
+    A link is never followed: a linked folder is not searched, a linked temporary is unlinked."""
+    def folders(parent: Path) -> list[Path]:
+        return [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()]
+    snapshots = out / "snapshots"
+    real_snapshots = snapshots.is_dir() and not snapshots.is_symlink()
+    for folder in (out, *folders(out), *(folders(snapshots) if real_snapshots else ())):
         for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            files.remove(path)

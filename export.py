@@ -16,6 +16,7 @@ from config import ConfigError
 import peft_format
 
 MERGE_MARKER = "merged_from.json"   # in every folder export_merged writes: the only kind it replaces
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")   # what a merged checkpoint's weights may be stored as
 
 
 def check_merge_target(to: Path, inputs: list[Path]):
@@ -31,6 +32,16 @@ def check_merge_target(to: Path, inputs: list[Path]):
     if to.exists() and (not to.is_dir() or any(to.iterdir()) and not (to / MERGE_MARKER).exists()):
         raise ConfigError(f"--to {to}: exists and is not a merge written by train.py ({MERGE_MARKER}); "
                           f"choose another folder or remove it")
+
+
+def stored_dtype(stored: dict, config_file: Path) -> str:
+    """The dtype the base's weights are stored in (config.json's torch_dtype, or dtype as newer
+    transformers write it; float32 when neither), which the merge is written in: a float dtype."""
+    key = "torch_dtype" if stored.get("torch_dtype") else "dtype"
+    dtype = stored.get(key) or "float32"
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"{config_file}: {key}: expected one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str | None = None) -> float:
@@ -51,7 +62,7 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{config_file}: no base_model_name_or_path; pass --base DIR")
     check_merge_target(to, [adapter_dir, Path(base)])
-    M.check_checkpoint(base)
+    dtype = stored_dtype(M.check_checkpoint(base), Path(base) / "config.json")
     net = M.load_model(base, dtype=torch.float32, quant=quant)
     try:
         name = peft_format.load_peft(net, adapter_dir)
@@ -67,8 +78,6 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
     if getattr(net.config, "tie_word_embeddings", False):
         state.pop(f"{net.OUTPUT_LAYER}.weight", None)  # the same tensor as the embedding: stored once, as on the hub
     del net
-    stored = json.loads((Path(base) / "config.json").read_text())
-    dtype = stored.get("torch_dtype") or stored.get("dtype") or "float32"
     state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
     to.parent.mkdir(parents=True, exist_ok=True)
     tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")

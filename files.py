@@ -57,4 +57,14 @@ def replace_dir(new: Path, target: Path):
         os.rename(target, old)
         os.rename(new, target)
     fsync_dir(target.parent)
-    shutil.rmtree(old)
+    remove(old)                             # a link at target (the user's) goes, never what it points to
+
+
+def remove(path: Path):
+    """Delete a file, a folder tree, or a link: the link itself, never what it points to (a
+    link in out_dir may lead out of it); nothing when missing."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)                 # removes the links inside, follows none

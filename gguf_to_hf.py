@@ -52,6 +52,16 @@ LLAMA3_SPLIT = (
 )
 
 
+class GGUFError(ValueError):
+    """A GGUF file this converter cannot read as a LLaMA checkpoint: a one-line reason."""
+
+
+def require(ok: bool, message: str):
+    """Check input (not `assert`, which `python -O` drops)."""
+    if not ok:
+        raise GGUFError(message)
+
+
 def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: back from interleaved RoPE pairs to HF's rotate-half halves."""
     # llama.cpp's convert_hf_to_gguf.py views each head's hd rows as (2, hd/2) and swaps those axes,
@@ -80,7 +90,9 @@ def hf_config(meta: dict, tied: bool, dtype: torch.dtype) -> dict:
     hidden, n_heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     head_dim = meta.get("llama.attention.key_length", hidden // n_heads)
     # HF LLaMA rotates the whole head; a file that rotates fewer dims describes another model.
-    assert meta.get("llama.rope.dimension_count", head_dim) == head_dim, "partial RoPE is not LLaMA"
+    rope_dims = meta.get("llama.rope.dimension_count", head_dim)
+    require(rope_dims == head_dim, f"llama.rope.dimension_count is {rope_dims}, not the head's {head_dim}: "
+                                   "partial RoPE is not LLaMA")
     # GGUF stores floats as float32; its shortest decimal gives back the config's 1e-05, not 9.99e-06.
     as_decimal = lambda value: float(str(np.float32(value)))  # noqa: E731
     return {
@@ -168,10 +180,11 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     state_dict = {}
     for tensor in reader.tensors:
         key, layer = hf_key(tensor.name)
-        assert layer is None or layer < n_layers, f"{tensor.name} is past block_count {n_layers}"
+        require(layer is None or layer < n_layers, f"{tensor.name}: past llama.block_count {n_layers}")
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, numpy order
         # GGUF lists dims fastest-first (ne0 = columns); numpy/torch list them slowest-first.
-        assert values.shape == tuple(int(n) for n in reversed(tensor.shape)), (tensor.name, values.shape)
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        require(values.shape == shape, f"{tensor.name}: {values.shape} values, its header says {shape}")
         weight = torch.from_numpy(np.array(values, dtype=np.float32))  # copy: the reader's memmap is read-only
         if key.endswith("q_proj.weight"):
             weight = unpermute_qk(weight, config["num_attention_heads"])
@@ -179,8 +192,12 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
             weight = unpermute_qk(weight, config["num_key_value_heads"])
         state_dict[key] = weight.to(dtype).contiguous()
     expected = 9 * n_layers + 2 + (not tied)
-    assert len(state_dict) == expected, f"{len(state_dict)} tensors, expected {expected}"
-    assert state_dict["model.embed_tokens.weight"].shape == (config["vocab_size"], config["hidden_size"])
+    require(len(state_dict) == expected, f"{len(state_dict)} tensors, expected {expected} "
+                                         f"(9 per block of {n_layers}, embedding, norm{', output' if not tied else ''})")
+    embedding = tuple(state_dict["model.embed_tokens.weight"].shape)
+    require(embedding == (config["vocab_size"], config["hidden_size"]),
+            f"token_embd.weight is {embedding}, expected (vocab_size {config['vocab_size']}, "
+            f"embedding_length {config['hidden_size']})")
 
     special = {name: meta["tokenizer.ggml.tokens"][meta[key]] for name, key in SPECIAL_TOKEN_IDS.items() if key in meta}
     tokenizer_config = {
@@ -247,7 +264,12 @@ if __name__ == "__main__":
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}")
     start = time.perf_counter()
-    out = convert(gguf_path, args.out, DTYPES[args.dtype])
+    try:
+        out = convert(gguf_path, args.out, DTYPES[args.dtype])
+    except (ValueError, NotImplementedError) as error:   # GGUFError, and what hf_key / hf_config refuse
+        raise SystemExit(f"error: {gguf_path}: {error}")
+    except KeyError as error:
+        raise SystemExit(f"error: {gguf_path}: missing metadata {error}")
     size_mb = (out / "model.safetensors").stat().st_size / 2**20
     seconds = time.perf_counter() - start
     print(f"wrote {out}/ ({size_mb:.0f} MiB {args.dtype} weights + tokenizer) from {gguf_path} in {seconds:.1f}s")

@@ -3,7 +3,6 @@ score, generated), the metrics line of each step (log_step), and at the end summ
 run.json, loss.png and a table side by side (write_results)."""
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -119,7 +118,7 @@ def write_results(run):
     files.atomic_write(run.out_dir / "summary.json", json.dumps(run.summary, indent=2) + "\n")
     plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     files.atomic_write(run.out_dir / "run.json", json.dumps(totals, indent=2) + "\n")   # last: the run is finished
-    shutil.rmtree(run.out_dir / "checkpoint", ignore_errors=True)
+    files.remove(run.out_dir / "checkpoint")
     # One row per job, side by side: its method, training and held-out loss (a preference job's
     # loss is its objective's), a preference job's held-out reward margin and accuracy, and where
     # any job has a task_metric, its held-out task score before and after.

@@ -3,6 +3,7 @@ config; jobs.py admits, evaluates, stops and finishes the jobs around the steps)
 
     python train.py                                  the bundled demo (demo.py)
     python train.py --config cfg.json [--key=value ...] [--overwrite]
+    python train.py --help-config                    every config field, its default and what it does
     python train.py --merge out/JOB --to DIR [--base DIR] [--quant nf4]   export base + adapter merged
     torchrun --nproc_per_node=N train.py --config cfg.json    N ranks (dist.py): gloo on CPUs, NCCL on GPUs
 
@@ -44,9 +45,11 @@ from report import log_step, write_results
 # ----------------------------------------------------------------------------- the steps
 
 def get_lr(step: int, total_steps: int, job: JobConfig) -> float:
-    """Warmup then constant / linear / cosine decay to 0 (as transformers' schedules)."""
-    if step < job.warmup_steps:
-        return job.lr * (step + 1) / job.warmup_steps
+    """The lr of a job's optimizer step `step` (0-based: the steps it has taken), as transformers'
+    get_{constant,linear,cosine}_schedule_with_warmup give a Trainer's step `step`: a linear warmup
+    from 0 (step / warmup_steps), then constant, or decay to 0 at total_steps."""
+    if step < job.warmup_steps:   # step 0 at lr 0, as in transformers: AdamW's moments start from its gradient
+        return job.lr * (step / job.warmup_steps)
     progress = (step - job.warmup_steps) / max(1, total_steps - job.warmup_steps)
     if job.lr_schedule == "linear":
         return job.lr * max(0.0, 1 - progress)
@@ -354,6 +357,10 @@ def main(argv: list[str]) -> int:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             print(__doc__.strip())
+            return 0
+        if arg == "--help-config":   # every config field with its comment, from config.py's dataclasses
+            import config
+            print(config.help_text())
             return 0
         if arg == "--overwrite":
             overwrite = True

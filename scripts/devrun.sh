@@ -14,14 +14,14 @@ timeout 75 python3 -m pytest -q -n 4 tests/test_cuda.py tests/test_quant.py -k c
 echo "tests: $(( $(date +%s) - t0 )) s"
 if [ "$1" = prof ]; then
   t0=$(date +%s)
-  timeout 200 python3 scripts/gpu_prof.py --k 4,8 --profile 2>&1 > $OUT/prof.log; echo "rc $?"
+  timeout 200 python3 scripts/gpu_prof.py --k 4,8 --profile > $OUT/prof.log 2>&1; echo "rc $?"
   grep -E "^k=|launches|Traceback|Error" $OUT/prof.log
   echo "prof: $(( $(date +%s) - t0 )) s"
 fi
 if [ "$1" = final ]; then
   t0=$(date +%s)
-  timeout 45 python3 scripts/gpu_prof.py --k 4 --modes concat --packing 1 --steps 4 --profile 2>&1 > $OUT/prof.log
-  grep -E "^k=|launches|Error" $OUT/prof.log
+  timeout 45 python3 scripts/gpu_prof.py --k 4 --modes concat --packing 1 --steps 4 --profile > $OUT/prof.log 2>&1
+  grep -E "^k=|launches|Traceback|Error" $OUT/prof.log
   B="python3 bench.py --shape smollm2-135m --dtype bfloat16 --repeats 3"
   timeout 300 $B --k 4,8 --rows 2 --seq 256 --systems ours,peft-parallel,base-only,peft-seq --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
   echo "bench 256: $(( $(date +%s) - t0 )) s"
@@ -30,8 +30,8 @@ if [ "$1" = final ]; then
 fi
 if [ "$1" = graphs ]; then
   t0=$(date +%s)
-  timeout 60 python3 scripts/gpu_prof.py --k 4 --modes concat,graphs --packing 1 --steps 4 --profile 2>&1 > $OUT/prof.log
-  grep -E "^k=|launches|Error" $OUT/prof.log
+  timeout 60 python3 scripts/gpu_prof.py --k 4 --modes concat,graphs --packing 1 --steps 4 --profile > $OUT/prof.log 2>&1
+  grep -E "^k=|launches|Traceback|Error" $OUT/prof.log
   B="python3 bench.py --shape smollm2-135m --dtype bfloat16 --repeats 3"
   timeout 200 $B --k 4,8 --rows 2 --seq 256 --systems ours,ours-graphs,peft-parallel --out $OUT/bench_256.json 2>&1 | grep -v Warn | tee $OUT/bench_256.log | grep -E "^  |^\||Error"
   echo "bench 256: $(( $(date +%s) - t0 )) s"

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import data
@@ -67,6 +68,22 @@ def test_merge_never_replaces_what_it_did_not_create(tmp_path, tiny_llama, capsy
     assert (tmp_path / "merged" / export.MERGE_MARKER).exists() and not list(tmp_path.glob(".merged*"))
 
 
+@pytest.mark.parametrize("key, value", [("torch_dtype", "int8"), ("dtype", "int8"), ("torch_dtype", "float8_e4m3fn")])
+def test_merge_refuses_a_base_stored_in_no_float_dtype(tmp_path, tiny_llama, capsys, key, value):
+    """config.json's torch_dtype (or dtype) is what the merge is written in: an integer dtype
+    there is one line naming the file and field, before anything is loaded or written."""
+    path, _ = tiny_llama
+    config = json.loads((path / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    ours = M.load_model(path)
+    lora.add_adapters(ours, {"a": lora.LoRAConfig(r=4, alpha=8)})
+    peft_format.save_peft(ours, "a", tmp_path / "a", base_model_path=str(path))
+    assert train.main(["--merge", str(tmp_path / "a"), "--to", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path / 'config.json'}: {key}: expected one of float32" in err and repr(value) in err and "\n" not in err
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+
 def test_merge_usage_error(capsys):
     assert train.main(["--merge", "x"]) == 2
     assert "usage: python train.py --merge" in capsys.readouterr().err
@@ -108,4 +125,11 @@ def test_loss_plot_is_written(tmp_path):
     lines.append({"event": "eval", "job": "a", "fused_step": 4, "eval_loss": 0.7, "time": 1.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
     report.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
-    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib import colors, image
+    pixels = image.imread(tmp_path / "loss.png")                  # decoded: a whole PNG, not just its header
+    assert pixels.shape == (450, 800, 4)                          # figsize 8 x 4.5 at 100 dpi, RGBA
+    rgb = pixels[..., :3].reshape(-1, 3)
+    assert len(torch.from_numpy(rgb).unique(dim=0)) > 10          # not one colour
+    # Job a's line and dots (and legend) in the first colour of the cycle: many pixels of it.
+    first = torch.tensor(colors.to_rgb("C0"))
+    assert ((torch.from_numpy(rgb) - first).abs().max(dim=1).values < 0.02).sum() > 300

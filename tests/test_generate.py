@@ -1,4 +1,5 @@
 """Generation: greedy against transformers (+ PEFT), mixed adapters, KV cache, sampling, CLI."""
+import pytest
 import torch
 
 import data
@@ -118,6 +119,69 @@ def test_sampling_seeds_and_top_p(tiny_llama):
     ours.train()
     G.generate(ours, prompts[:1], [None], max_new_tokens=2)
     assert ours.training
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square test of counts [V] against probabilities [V]: the p-value. Tokens of
+    expected count below 5 are pooled into one bin (the test's usual validity rule)."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    if expected[-1] == 0:                            # no pooled bin
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    df = len(expected) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), statistic / 2).item()  # chi2's sf
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution to draw from, by transformers' own logits warpers (the oracle)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+SAMPLING = [(1.0, 1.0), (0.7, 1.0), (0.7, 0.6), (1.5, 0.9)]   # (temperature, top_p)
+
+
+@pytest.mark.parametrize("temperature, top_p", SAMPLING)
+def test_first_tokens_follow_the_tempered_nucleus(tiny_llama, temperature, top_p):
+    """10,000 first tokens (10 seeds x 1,000 rows of one prompt) against transformers' model with
+    its temperature and top-p warpers: chi-square p > 1e-3 (fixed seeds: the same draws every run;
+    measured 0.5-0.8), no token outside the nucleus; and the same counts against the distribution
+    of a temperature 1.25x off are rejected (p < 1e-6; measured < 1e-17), so the bound has power."""
+    path, hf = tiny_llama
+    ours = M.load_model(path, dtype=torch.float32)
+    prompt = random_prompts((5,), seed=5)[0]
+    counts = torch.zeros(hf.config.vocab_size, dtype=torch.long)
+    for seed in range(10):
+        rows = G.generate(ours, [prompt] * 1000, [None] * 1000, max_new_tokens=1, temperature=temperature,
+                          top_p=top_p, seed=seed)
+        counts += torch.bincount(torch.tensor([row[0] for row in rows]), minlength=len(counts))
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[:, -1]       # [1, V]
+    probs = nucleus_probs(logits, temperature, top_p)[0]
+    assert (probs == 0).any() == (top_p < 1) and counts[probs == 0].sum() == 0   # nothing outside the nucleus
+    assert chi_square_p(counts, probs) > 1e-3
+    assert chi_square_p(counts, nucleus_probs(logits, 1.25 * temperature, 1.0)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, 1), (0.7, 2), (0.8, 3), (0.9, 4), (1.0, 5)])
+def test_top_p_keeps_the_smallest_set_that_reaches_it(top_p, kept):
+    """Probabilities 1/2, 1/4, 1/8, 3/32, 1/32 (mass before each: 0, .5, .75, .875, .96875): top-p
+    keeps the most likely tokens until their mass reaches top_p, as transformers' TopPLogitsWarper,
+    and draws among them in proportion (chi-square on 20,000 draws of one seed)."""
+    logits = torch.tensor([1 / 2, 1 / 4, 1 / 8, 3 / 32, 1 / 32]).log()
+    probs = nucleus_probs(logits[None], 1.0, top_p)[0]
+    assert (probs > 0).sum() == kept
+    draws = G.sample(logits.expand(20_000, -1), 1.0, top_p, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5)
+    assert torch.equal(counts > 0, probs > 0)
+    if kept > 1:                                        # one token kept: every draw is it, checked above
+        assert chi_square_p(counts, probs) > 1e-3
 
 
 def test_generate_text_adds_bos_and_chat_template(tmp_path):

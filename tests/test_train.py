@@ -103,7 +103,7 @@ def write_config(tmp_path, base_dir, **changes):
     ({}, ["--scheduler.max_concurent=2"], "did you mean 'max_concurrent'"),
     ({}, ["--seed=abc"], "expected int, got 'abc'"),
     ({}, ["--jobs.zz.lr=1"], "no job named 'zz'"),
-    ({"jobs": [{"name": "a", "data": "missing.json"}]}, [], "missing.json: file not found"),
+    ({"jobs": [{"name": "a", "data": "missing.json"}]}, [], "jobs[0].data (job 'a'): file not found: "),
     ({"jobs": [{"name": "a", "dat": "x.json"}]}, [], "cfg.json: jobs[0].dat: unknown key (did you mean 'data'?)"),
     ({}, ["--dtype=bf16"], "dtype: expected one of auto, float32, bfloat16, float16, got 'bf16'"),
     # Ranges and enums (issue 12's fuzz found each of these accepted, and wrong, or a traceback).

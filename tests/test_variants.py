@@ -95,14 +95,12 @@ def run_peft(hf, net, name, peft_kwargs, idx_rows, masks, p):
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
         r=4, lora_alpha=peft_kwargs.pop("lora_alpha", 8), target_modules=TARGETS, lora_dropout=p, **peft_kwargs))
     params = dict(pm.base_model.model.named_parameters())
-    ours = {dict(lora.lora_layers(net))[path.rsplit(".lora_", 1)[0]]: None for path in peft_named(net, name)}
     with torch.no_grad():
         for key, value in peft_named(net, name).items():
             params[key].copy_(value)
     for path, layer in lora.lora_layers(net):
         keep = masks[(layer.seed, name)]
         pm.base_model.model.get_submodule(path).lora_dropout["default"] = GivenDropout(keep, p)
-    del ours
     pm.train()
     logits = pm(idx_rows).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx_rows[:, 1:].flatten(), reduction="sum")
