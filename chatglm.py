@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
-                   ConfigFields, KVCache, RMSNorm as LlamaRMSNorm, attend, positions_and_mask, run_block)
+from checkpoint import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+                        ConfigFields)
+from llama import (KVCache, RMSNorm as LlamaRMSNorm, attend, positions_and_mask, run_block)
 
 
 # ----------------------------------------------------------------------------- config

@@ -7,9 +7,48 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
+
+# ----------------------------------------------------------------------------- what a family declares
+
+# Bounds on config.json's sizes: far above any released model, low enough that a typo or a
+# hostile file (num_hidden_layers 1000000 builds for minutes) stops before the model is built.
+MAX_LAYERS = 1024
+
+
+MAX_HIDDEN = 65536            # hidden_size (Llama 3.1 405B: 16384)
+
+
+MAX_INTERMEDIATE = 2**20      # MLP width (405B: 53248)
+
+
+MAX_HEADS = 1024              # query and key/value heads
+
+
+MAX_HEAD_DIM = 1024
+
+
+MAX_VOCAB = 2**22             # largest hub vocabularies are ~256k
+
+
+MAX_POSITIONS = 2**24         # max_position_embeddings, seq_length, sliding_window
+
+
+class ConfigFields(NamedTuple):
+    """The config.json fields a family's from_hf reads, for check_checkpoint to check before
+    anything is built: integers and their upper bounds (optional ones may be absent or null), numbers
+    that must be finite and > 0, booleans, and how many key/value heads the config asks for."""
+    required: dict[str, int]
+    optional: dict[str, int]
+    floats: tuple[str, ...]
+    flags: tuple[str, ...]
+    kv_heads: Callable[[dict], int | None]
+
+
+# ----------------------------------------------------------------------------- checks
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message is one line naming the file."""

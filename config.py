@@ -20,6 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -749,3 +750,38 @@ def remove_partial_writes(out: Path):
     for folder in (out, *folders(out), *(folders(snapshots) if real_snapshots else ())):
         for path in (*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")):
             files.remove(path)
+
+
+class Command(NamedTuple):
+    """What train.py's command line asks for (train.main)."""
+    action: str                 # train | merge | help (config: "fields" for --help-config)
+    config: str | None          # --config FILE (None: the bundled demo)
+    overrides: list[str]        # --key=value
+    overwrite: bool             # --overwrite
+    merge: dict[str, str]       # --merge ADAPTER --to DIR [--base DIR] [--quant Q]
+
+
+def parse_command_line(argv: list[str]) -> Command:
+    """train.py's arguments; a --merge without --to (or the reverse) is a ConfigError."""
+    config_path, overrides, args, merge, overwrite = None, [], list(argv), {}, False
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help", "--help-config"):
+            return Command("help", None if arg != "--help-config" else "fields", [], False, {})
+        if arg == "--overwrite":
+            overwrite = True
+        elif arg in ("--config", "--merge", "--to", "--base", "--quant") and args:
+            value = args.pop(0)
+            if arg == "--config":
+                config_path = value
+            else:
+                merge[arg[2:]] = value
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    if "quant" in merge and not merge.keys() & {"merge", "to", "base"}:
+        overrides.append(f"--quant={merge.pop('quant')}")  # `--quant nf4` for a training run
+    if merge and ("merge" not in merge or "to" not in merge):
+        raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
+    return Command("merge" if merge else "train", config_path, overrides, overwrite, merge)

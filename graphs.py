@@ -7,7 +7,7 @@ memory it recorded: nothing in the step may depend on a host value that changes 
 step. So this step computes what train.fused_step computes for SFT jobs, differently:
 - the jobs' examples are packed in one row padded to a bucket of tokens (`bucket`); the
   padding is one more segment, routed to no adapter and given no loss;
-- attention, positions and routing read device tensors (llama.PackedRow, lora.TokenRouting):
+- attention, positions and routing read device tensors (llama.PackedRow, TokenRouting):
   every adapter goes through the concatenated path's shared matmuls, its rows picked by
   per-token coefficients, dropout drawn by lora_update.keep_mask from per-token seeds (the
   masks the eager step draws on a GPU);
@@ -22,6 +22,7 @@ not with data parallel ranks. `fixed_shape` puts it in the place of train.py's f
 """
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,28 @@ class StepInputs(NamedTuple):
     threshold: torch.Tensor     # [N] int16: its job's drop threshold (-2^15: none)
 
 
+class TokenRouting(NamedTuple):
+    """A packed row's routing as device tensors, one entry per token (route_tokens; this module
+    replays a step with it as a CUDA graph): its adapter's number in `names` (len(names): none),
+    its adapter's dropout seed for this step and its number among that adapter's tokens (what
+    keep_mask draws from), and its drop threshold (lora_update.drop_threshold; -2^15 keeps all)."""
+    names: tuple[str, ...]
+    adapter: torch.Tensor            # [N] long
+    seed: torch.Tensor               # [N] long
+    index: torch.Tensor              # [N] long
+    threshold: torch.Tensor          # [N] int16
+
+
+@contextmanager
+def route_tokens(model: torch.nn.Module, tokens: TokenRouting, cache: dict):
+    """Route each token of one packed row as `tokens` says (TokenRouting: device tensors, fixed
+    shapes). `cache` keeps the coefficient tables from one step to the next
+    (a captured step must find them built)."""
+    routing = lora.Routing([], cache=cache, packed=True, tokens=tokens, concatenated=True, dropout_draw="masks")
+    with lora.routed([layer for _, layer in lora.lora_layers(model)], routing):
+        yield
+
+
 def step_inputs(dropouts: list[float], examples: list[list[data.Example]], step_loss_tokens: list[int],
                 seeds: list[int | None], pad_id: int) -> StepInputs:
     """The step's inputs on the CPU: job i's examples end to end (data.pack's row), its
@@ -95,7 +118,7 @@ def step_gradients(model, inputs: StepInputs, names: tuple[str, ...], params: li
     """Each job's loss [k] and the gradients of `params` (its adapters') from the inputs alone.
     Backward runs inside the routing: activation checkpointing recomputes blocks in it."""
     row = llama.PackedRow(inputs.positions, inputs.segment, inputs.starts, longest)
-    with lora.route_tokens(model, lora.TokenRouting(names, inputs.adapter, inputs.seed, inputs.index,
+    with route_tokens(model, TokenRouting(names, inputs.adapter, inputs.seed, inputs.index,
                                                     inputs.threshold), cache):
         hidden = model(inputs.input_ids, head=False, segments=row)[0]                   # [N, C]
         nll = chunked_token_losses(hidden, model.get_submodule(model.OUTPUT_LAYER).weight, inputs.targets)

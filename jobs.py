@@ -24,7 +24,7 @@ import model as M
 import peft_format
 from config import ConfigError, JobConfig, RunConfig, clear_run, field_label, file_digest, remove_partial_writes
 from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
-from report import evaluate, evaluate_tasks
+from report import evaluate, evaluate_tasks, load_task_rows
 import scheduler
 from scheduler import JobPlan, MicroBatch, Scheduler
 
@@ -285,7 +285,7 @@ def read_inputs(cfg: RunConfig) -> dict:
     rows, the task rows, and a digest of each input file (a resumed run must read the same)."""
     check_base(cfg)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
-    task_sets = {job.name: data.load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
+    task_sets = {job.name: load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
                  for job in cfg.jobs if job.task_metric}
     sources = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
     return dict(tokenizer=tokenizer, train_sets=train_sets, test_sets=test_sets, plans=plans, sched=sched,

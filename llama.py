@@ -22,31 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+                        ConfigFields)
 from fast import RMSNormFunction, attend_packed, attend_varlen
 
 
 # ----------------------------------------------------------------------------- config
-
-# Bounds on config.json's sizes: far above any released model, low enough that a typo or a
-# hostile file (num_hidden_layers 1000000 builds for minutes) stops before the model is built.
-MAX_LAYERS = 1024
-MAX_HIDDEN = 65536            # hidden_size (Llama 3.1 405B: 16384)
-MAX_INTERMEDIATE = 2**20      # MLP width (405B: 53248)
-MAX_HEADS = 1024              # query and key/value heads
-MAX_HEAD_DIM = 1024
-MAX_VOCAB = 2**22             # largest hub vocabularies are ~256k
-MAX_POSITIONS = 2**24         # max_position_embeddings, seq_length, sliding_window
-
-
-class ConfigFields(NamedTuple):
-    """The config.json fields a family's from_hf reads, for model.check_checkpoint to check before
-    anything is built: integers and their upper bounds (optional ones may be absent or null), numbers
-    that must be finite and > 0, booleans, and how many key/value heads the config asks for."""
-    required: dict[str, int]
-    optional: dict[str, int]
-    floats: tuple[str, ...]
-    flags: tuple[str, ...]
-    kv_heads: Callable[[dict], int | None]
 
 
 LLAMA_FIELDS = ConfigFields(

@@ -13,6 +13,7 @@ peft_format.py saves and loads adapters in PEFT's format.
 import dataclasses
 import itertools
 import math
+import typing
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,22 +25,9 @@ import torch.nn.functional as F
 
 import lora_update
 import quant
-from lora_update import apply_dropout, drawn_p, mix_seed, own_length
+from lora_update import DROPOUT_DRAWS, FUSE_OPTIONS, apply_dropout, concatenates, drawn_p, mix_seed, own_length  # noqa: F401
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
-FUSE_OPTIONS = ("auto", "always", "never")   # RunConfig.fuse_adapters
-DROPOUT_DRAWS = ("auto", "masks")            # RunConfig.dropout_draw
-
-
-def concatenates(device, fuse: bool | str | None = None) -> bool:
-    """Whether a layer runs all its adapters through shared matmuls (MultiLoRALinear.forward):
-    True / "always", False / "never", or None / "auto": on GPUs (bound by kernel launches),
-    not on CPUs (where the k-fold wasted flops cost more than per-adapter matmuls)."""
-    if fuse in (None, "auto"):
-        return torch.device(device).type == "cuda"
-    if fuse not in (True, False, "always", "never"):
-        raise ValueError(f"fuse: expected True, False, None or one of {', '.join(FUSE_OPTIONS)}, got {fuse!r}")
-    return fuse in (True, "always")
 
 
 @dataclass
@@ -259,25 +247,13 @@ class RouteGroup(NamedTuple):
                                     # whole step, which of them are here): masks drawn for all, these kept
 
 
-class TokenRouting(NamedTuple):
-    """A packed row's routing as device tensors, one entry per token (route_tokens; graphs.py
-    replays a step with it as a CUDA graph): its adapter's number in `names` (len(names): none),
-    its adapter's dropout seed for this step and its number among that adapter's tokens (what
-    keep_mask draws from), and its drop threshold (lora_update.drop_threshold; -2^15 keeps all)."""
-    names: tuple[str, ...]
-    adapter: torch.Tensor            # [N] long
-    seed: torch.Tensor               # [N] long
-    index: torch.Tensor              # [N] long
-    threshold: torch.Tensor          # [N] int16
-
-
 @dataclass
 class Routing:
-    """Which rows of the fused batch belong to which adapter, set by `route` (or `route_tokens`)."""
+    """Which rows of the fused batch belong to which adapter, set by `route` (or graphs.route_tokens)."""
     groups: list[RouteGroup]
     cache: dict                      # per-row coefficients of the concatenated path, by adapter set
     packed: bool = False             # one packed row [1, N]: groups own token ranges, not rows
-    tokens: TokenRouting | None = None   # route_tokens: every adapter through the concatenated path
+    tokens: typing.Any = None        # graphs.TokenRouting (route_tokens): every adapter through the concatenated path
     concatenated: bool = False       # all adapters through shared matmuls (lora.concatenates), else per adapter
     dropout_draw: str = "auto"       # auto: dropped positions on CPUs, bool masks on GPUs; masks: masks everywhere
     reference: bool = False          # every layer by its definition (MultiLoRALinear.reference_forward)
@@ -604,16 +580,6 @@ def draw_seed(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | No
     if model.training and cfg.dropout > 0:
         return int(torch.randint(2**62, (), generator=generator))
     return None
-
-
-@contextmanager
-def route_tokens(model: nn.Module, tokens: TokenRouting, cache: dict):
-    """Route each token of one packed row as `tokens` says (lora.TokenRouting: device tensors,
-    fixed shapes; graphs.py). `cache` keeps the coefficient tables from one step to the next
-    (a captured step must find them built)."""
-    routing = Routing([], cache=cache, packed=True, tokens=tokens, concatenated=True, dropout_draw="masks")
-    with routed([layer for _, layer in lora_layers(model)], routing):
-        yield
 
 
 @contextmanager

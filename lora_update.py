@@ -9,6 +9,23 @@ import torch
 import torch.nn.functional as F
 
 
+FUSE_OPTIONS = ("auto", "always", "never")   # RunConfig.fuse_adapters
+
+
+DROPOUT_DRAWS = ("auto", "masks")            # RunConfig.dropout_draw
+
+
+def concatenates(device, fuse: bool | str | None = None) -> bool:
+    """Whether a layer runs all its adapters through shared matmuls (MultiLoRALinear.forward):
+    True / "always", False / "never", or None / "auto": on GPUs (bound by kernel launches),
+    not on CPUs (where the k-fold wasted flops cost more than per-adapter matmuls)."""
+    if fuse in (None, "auto"):
+        return torch.device(device).type == "cuda"
+    if fuse not in (True, False, "always", "never"):
+        raise ValueError(f"fuse: expected True, False, None or one of {', '.join(FUSE_OPTIONS)}, got {fuse!r}")
+    return fuse in (True, "always")
+
+
 # ----------------------------------------------------------------------------- dropout
 
 def drawn_p(p: float) -> float:
@@ -206,7 +223,7 @@ def add_updates(layers: list, x: torch.Tensor, concatenated: bool) -> list[torch
 
 
 def token_updates(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
-    """add_updates for a lora.TokenRouting (route_tokens): every adapter of the routing through
+    """add_updates for a graphs.TokenRouting (graphs.route_tokens): every adapter of the routing through
     the concatenated path's shared matmuls, its rows chosen by the per-token coefficients,
     the dropout of all of them in one keep_mask call from the per-token seeds. Fixed shapes,
     no host read: the same kernels whatever the tokens hold (graphs.py)."""

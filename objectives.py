@@ -1,11 +1,9 @@
 """What a job learns from its rows of a fused step: the chunked next-token loss, the table of
 objectives (OBJECTIVES: each one's fields, how its rows lay out as sequences, its per-job loss,
-THE seam where an objective plugs in, its metrics and describe line), and the task scorer of
-held-out generations (task_correct).
+THE seam where an objective plugs in, its metrics and describe line).
 """
 import dataclasses
 import math
-import re
 import typing
 from typing import NamedTuple
 
@@ -321,14 +319,3 @@ def loss_tokens(job: Job, row) -> int:
     return sum(label != data.IGNORE_INDEX for label in objective_of(job).loss_example(row).labels[1:])
 
 
-def task_correct(metric: str, answer: str, expected: str, pattern: str | None = None) -> bool:
-    """One generated answer (stripped) against a held-out row's output: exact (equal, stripped),
-    contains (the stripped output is in it) or regex (re.fullmatch(pattern, answer))."""
-    answer = answer.strip()
-    if metric == "exact":
-        return answer == expected.strip()
-    if metric == "contains":
-        return expected.strip() in answer
-    if metric == "regex":
-        return re.fullmatch(pattern, answer) is not None
-    raise ValueError(f"task metric {metric!r}: expected exact, contains or regex")

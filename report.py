@@ -3,6 +3,7 @@ score, generated), the metrics line of each step (log_step), and at the end summ
 run.json, loss.png and a table side by side (write_results)."""
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -11,10 +12,9 @@ import data
 import files
 import generate
 import lora
-import model as M
 import scheduler
 from config import JobConfig
-from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means, task_correct,
+from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means,
                         token_losses)
 
 
@@ -59,6 +59,38 @@ def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig,
                                  expected, job.task_pattern) for _, expected in rows)
         scores.append(right / max(len(rows), 1))
     return scores
+
+
+def load_task_rows(path: str | Path, tokenizer: data.Tokenizer, template: str = "alpaca",
+                   cutoff_len: int = 256) -> list[tuple[list[int], str]]:
+    """Held-out prompts for task evaluation: per row {instruction, input?, output}, the prompt's
+    token ids as training reads them (template, BOS; at most cutoff_len) and the expected output."""
+    path = Path(path)
+    if data.jinja_template(template):
+        raise data.DataError(f"{path}: a Jinja template renders whole rows, with no prompt to answer; "
+                        f"task_metric needs another template")
+    rows = []
+    for where, row in data.numbered_rows(path, tokenizer, template):
+        row = data.string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
+        try:
+            prompt = data.build_prompt(template, tokenizer, row["instruction"], row["input"])
+        except data.DataError as e:
+            raise data.DataError(f"{where}: {e}") from None
+        rows.append((tokenizer.add_prefix(tokenizer.encode(prompt))[:cutoff_len], row["output"]))
+    return rows
+
+
+def task_correct(metric: str, answer: str, expected: str, pattern: str | None = None) -> bool:
+    """One generated answer (stripped) against a held-out row's output: exact (equal, stripped),
+    contains (the stripped output is in it) or regex (re.fullmatch(pattern, answer))."""
+    answer = answer.strip()
+    if metric == "exact":
+        return answer == expected.strip()
+    if metric == "contains":
+        return expected.strip() in answer
+    if metric == "regex":
+        return re.fullmatch(pattern, answer) is not None
+    raise ValueError(f"task metric {metric!r}: expected exact, contains or regex")
 
 
 def log_step(run, micro_batches: list, counts: list[int], elapsed: float, between_mb: float, step_mb: float):

@@ -19,7 +19,6 @@ and steps each job's own optimizer when that job's gradient accumulation ends. A
 objective is an entry of objectives.OBJECTIVES (job_loss); a DPO job's reference is the frozen
 base itself: its pairs again, routed to no adapter, in the same fused batch.
 """
-import contextlib
 import json
 import math
 import os
@@ -35,9 +34,10 @@ import data
 import lora
 import model as M
 import scheduler
-from config import ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, load_config, validate  # noqa: F401
-from jobs import (Fused, JobState, Run, admit_all, describe, eval_due, evaluate_and_stop, finish, load_base,  # noqa: F401
-                  open_run, prefetch_tasks, prepare, read_inputs, step_rows, stop_early)
+from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, help_text,  # noqa: F401
+                    load_config, parse_command_line, validate)
+from jobs import (Fused, JobState, Run, admit_all, describe, eval_due, evaluate_and_stop, finish, load_base, open_run,
+                  prefetch_tasks, read_inputs, step_rows, stop_early)
 from objectives import fuse_rows, job_losses, reward_means
 from report import log_step, write_results
 
@@ -228,22 +228,13 @@ def train_step(run: Run):
 
 def train_loop(run: Run):
     """Turns until every job is done, each followed by its after_turn step."""
-    with closing_bar(run):
+    try:
         while run.steps.more(run):
             run.steps.turn(run)
             run.ticks += 1
             run.steps.after_turn(run)
-    run.bar.close()
-
-
-@contextlib.contextmanager
-def closing_bar(run: Run):
-    """The progress bar ends its line before an error is printed under it."""
-    try:
-        yield
-    except BaseException:
+    finally:   # the progress bar ends its line before an error is printed under it
         run.bar.close()
-        raise
 
 
 # ----------------------------------------------------------------------------- the entry: train() and main() pick the layers
@@ -326,75 +317,28 @@ def finished_summary(cfg: RunConfig) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def run_demo(overrides: list[str] | None = None, overwrite: bool = False) -> dict:
-    """The bundled demo (demo.py): four adapters trained fused, then shown side by side."""
-    import demo
-    t0 = time.time()
-    cfg = load_config(str(demo.CONFIG), overrides or [])
-    demo.resolve_paths(cfg)
-    summary = train(cfg, overwrite)
-    demo.show_results(cfg, summary)
-    print(f"\ndemo finished in {time.time() - t0:.0f}s; adapters, metrics.jsonl and loss.png in {cfg.out_dir}/")
-    return summary
-
-
-def load_config_file(path: str, overrides: list[str]) -> RunConfig:
-    """load_config; a config bundled in demo/ (e.g. demo/methods.json) has its paths relative to
-    the repository, as the demo's own (demo.resolve_paths)."""
-    cfg = load_config(path, overrides)
-    import demo
-    if Path(path).resolve().parent == demo.CONFIG.parent:
-        demo.resolve_paths(cfg, path)
-    return cfg
-
-
 def main(argv: list[str]) -> int:
+    """`python train.py [--config FILE] [--key=value ...] [--overwrite]`, `--merge`, `--help(-config)`:
+    see this file's docstring. Returns the exit status."""
+    import demo
     import dist
     from export import export_merged
     from state import Interrupted
-    config_path, overrides, args, merge_args, overwrite = None, [], list(argv), {}, False
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(__doc__.strip())
-            return 0
-        if arg == "--help-config":   # every config field with its comment, from config.py's dataclasses
-            import config
-            print(config.help_text())
-            return 0
-        if arg == "--overwrite":
-            overwrite = True
-        elif arg in ("--config", "--merge", "--to", "--base", "--quant") and args:
-            value = args.pop(0)
-            if arg == "--config":
-                config_path = value
-            else:
-                merge_args[arg[2:]] = value
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
     try:
-        if "quant" in merge_args and not merge_args.keys() & {"merge", "to", "base"}:
-            overrides.append(f"--quant={merge_args.pop('quant')}")  # `--quant nf4` for a training run
-        if merge_args:
-            if "merge" not in merge_args or "to" not in merge_args:
-                raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
-            export_merged(merge_args["merge"], merge_args["to"], merge_args.get("base"), merge_args.get("quant"))
+        command = parse_command_line(argv)
+        if command.action == "help":
+            print(__doc__.strip() if command.config is None else help_text())
+        elif command.action == "merge":
+            merge = command.merge
+            export_merged(merge["merge"], merge["to"], merge.get("base"), merge.get("quant"))
+        elif command.config is None:
+            return nonfinite_status(demo.run(train, command.overrides, command.overwrite))
         else:
-            if config_path is None:
-                summary = run_demo(overrides, overwrite)
-            else:
-                cfg = load_config_file(config_path, overrides)
-                summary = train(cfg, overwrite)
-                if Path(config_path).resolve() == Path(__file__).resolve().parent / "demo" / "methods.json":
-                    import demo
-                    demo.show_methods(cfg, summary)
-            bad = [name for name, s in summary.items() if s.get("nonfinite")]
-            if bad:
-                print(f"error: non-finite loss, gradient or weights stopped {', '.join(bad)} (see summary.json; "
-                      f"each keeps its last finite adapter)", file=sys.stderr)
-                return 3
+            cfg = demo.load_config_file(command.config, command.overrides)
+            summary = train(cfg, command.overwrite)
+            if Path(command.config).resolve() == demo.CONFIG.parent / "methods.json":
+                demo.show_methods(cfg, summary)
+            return nonfinite_status(summary)
     except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
         if dist.first_rank():   # under torchrun the ranks agreed on it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
@@ -410,6 +354,15 @@ def main(argv: list[str]) -> int:
         print("interrupted before training started: nothing to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def nonfinite_status(summary: dict) -> int:
+    """3 when a job stopped on non-finite values (each keeps its last finite adapter), else 0."""
+    bad = [name for name, s in summary.items() if s.get("nonfinite")]
+    if bad:
+        print(f"error: non-finite loss, gradient or weights stopped {', '.join(bad)} (see summary.json; "
+              f"each keeps its last finite adapter)", file=sys.stderr)
+    return 3 if bad else 0
 
 
 def exit_with(status: int):

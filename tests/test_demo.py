@@ -159,6 +159,6 @@ def test_sweep_demo_config_expands_to_16_trials_of_the_repos_data(tmp_path, monk
     import sweep
     monkeypatch.setattr(demo, "prepare_base", lambda: None)
     monkeypatch.chdir(tmp_path)
-    cfg = sweep.expand(train.load_config_file(str(demo.REPO / "demo" / "sweep.json"), []))
+    cfg = sweep.expand(demo.load_config_file(str(demo.REPO / "demo" / "sweep.json"), []))
     assert len(cfg.jobs) == 16 and len({(j.lr, j.r, tuple(j.targets)) for j in cfg.jobs}) == 16
     assert all(j.data == str(demo.REPO / "demo" / "french.json") for j in cfg.jobs)

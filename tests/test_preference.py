@@ -18,6 +18,7 @@ import model as M
 import peft_format
 import objectives
 import state
+import jobs
 import train
 from conftest import WORDS, adapter, assert_same_adapter, job, randomize_B, run_cfg, write_rows
 from objectives import OBJECTIVES
@@ -334,7 +335,7 @@ def test_a_pair_is_one_unit_and_budgets_count_all_its_sequences(tmp_path, base_d
     both again for the reference); tokens, padding and the token budget count all of them."""
     cfg = run_cfg(base_dir, tmp_path / "o", [job("dpo", write_pairs(tmp_path / "d.json", 6, 5), objective="dpo"),
                                              job("cpo", write_pairs(tmp_path / "c.json", 6, 5), objective="cpo")])
-    _, train_sets, _, plans, _ = train.prepare(cfg)
+    _, train_sets, _, plans, _ = jobs.prepare(cfg)
     for plan, factor in zip(plans, (2, 1)):
         for pair, sequences in zip(train_sets[plan.name], plan.sequences):
             assert sequences == (len(pair.chosen.input_ids), len(pair.rejected.input_ids)) * factor
@@ -366,7 +367,7 @@ def test_a_fused_step_never_splits_a_pair(tmp_path, base_dir):
     cfg = run_cfg(base_dir, tmp_path / "o", [job("dpo", pairs, objective="dpo", epochs=1, batch_size=2,
                                                  micro_batch_size=2, max_steps=1)])
     summary = train.train(cfg)
-    _, train_sets, _, plans, _ = train.prepare(cfg)
+    _, train_sets, _, plans, _ = jobs.prepare(cfg)
     first = JobPlan("dpo", plans[0].lengths, plans[0].loss_tokens, 2, 2, 1, seed=cfg.seed).pop()
     assert summary["dpo"]["tokens"] == sum(2 * (len(train_sets["dpo"][i].chosen.input_ids)
                                                 + len(train_sets["dpo"][i].rejected.input_ids)) for i in first.indices)
@@ -450,7 +451,7 @@ def test_an_objective_checks_the_fields_it_reads_and_warns_of_the_others(tmp_pat
                                              job("d", pairs, objective="dpo", loss_type="ipo", label_smoothing=0.1,
                                                  cpo_alpha=2.0),
                                              job("c", pairs, objective="cpo", beta=0.2, cpo_alpha=0.5)])
-    train.prepare(cfg)
+    jobs.prepare(cfg)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: job 's': beta is not read by its objective, sft",
                         "warning: job 'd': label_smoothing is not read by its objective, dpo (ipo, beta=0.1)",

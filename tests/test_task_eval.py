@@ -66,15 +66,15 @@ def count_generate(monkeypatch) -> list[list]:
 
 
 def test_task_correct():
-    assert objectives.task_correct("exact", " ok\n", "ok") and not objectives.task_correct("exact", "ok ok", "ok")
-    assert objectives.task_correct("contains", "it is ok.", " ok") and not objectives.task_correct("contains", "o k", "ok")
-    assert objectives.task_correct("regex", " 42 ", "ignored", r"\d+") and not objectives.task_correct("regex", "42a", "", r"\d+")
+    assert report.task_correct("exact", " ok\n", "ok") and not report.task_correct("exact", "ok ok", "ok")
+    assert report.task_correct("contains", "it is ok.", " ok") and not report.task_correct("contains", "o k", "ok")
+    assert report.task_correct("regex", " 42 ", "ignored", r"\d+") and not report.task_correct("regex", "42a", "", r"\d+")
 
 
 def test_scores_come_from_generated_answers(files, tmp_path, monkeypatch):
     """Generation replaced by known answers: the score is the fraction right, per job, from one call."""
     tokenizer = train.data.load_tokenizer(files["base"])
-    rows = train.data.load_task_rows(files["test_data"], tokenizer)
+    rows = report.load_task_rows(files["test_data"], tokenizer)
     answers = {"a": ["ok", " ok\n", "ok!", "no"], "b": ["ok", "ok", "ok", "ok"]}
     calls = []
 
