@@ -598,6 +598,31 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
     if path is None:
         raise ConfigError("no config: pass --config FILE")
     file = Path(path)
+    raw = read_config_file(file)
+    mlora = "jobs" not in raw and bool(raw.keys() & {"lora", "dispatcher", "datasets", "adapters", "tasks"})
+    if mlora:
+        try:
+            raw, warning = mlora_config.from_mlora(raw, str(file))
+        except mlora_config.MloraError as e:
+            raise ConfigError(str(e)) from None
+        if warning:
+            print(warning, file=sys.stderr)
+    for arg in overrides:
+        apply_override(raw, arg)
+    if mlora and "base_model" not in raw:
+        raise ConfigError(f"{file}: base_model: an m-LoRA config names none; pass --base_model=DIR")
+    cfg = _fill(RunConfig, raw, "", str(file))
+    try:
+        import quant
+        quant.check_quant(cfg.quant)
+    except ValueError as e:
+        raise ConfigError(f"{file}: quant: {e}") from None
+    validate(cfg, str(file), inputs=False)
+    return cfg
+
+
+def read_config_file(file: Path) -> dict:
+    """The config file's object, parsed by its suffix (.yaml/.yml, .toml, else JSON); one line naming the file otherwise."""
     try:
         text = file.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -627,52 +652,39 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"{file}: cannot parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the config: expected an object, got {type(raw).__name__}")
-    mlora = "jobs" not in raw and bool(raw.keys() & {"lora", "dispatcher", "datasets", "adapters", "tasks"})
-    if mlora:
-        try:
-            raw, warning = mlora_config.from_mlora(raw, str(file))
-        except mlora_config.MloraError as e:
-            raise ConfigError(str(e)) from None
-        if warning:
-            print(warning, file=sys.stderr)
-    for arg in overrides:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected --key=value")
-        key, text_value = arg[2:].split("=", 1)
-        parts = key.split(".")
-        if parts[0] == "jobs":  # --jobs.NAME.field=value
-            if len(parts) != 3:
-                raise ConfigError(f"--{key}: expected --jobs.NAME.FIELD=value")
-            matches = [j for j in raw.get("jobs", []) if j.get("name") == parts[1]]
-            if not matches:
-                raise ConfigError(f"--{key}: no job named {parts[1]!r}")
-            target, cls, leaf = matches[0], JobConfig, parts[2]
-        elif parts[0] == "scheduler" and len(parts) == 2:
-            target, cls, leaf = raw.setdefault("scheduler", {}), SchedulerConfig, parts[1]
-        elif parts[0] == "sweep" and len(parts) in (2, 3) and isinstance(raw.get("sweep"), dict):
-            if len(parts) == 3 and (parts[1] != "job" or not isinstance(raw["sweep"].get("job"), dict)):
-                raise ConfigError(f"--{key}: expected --sweep.FIELD=value or --sweep.job.FIELD=value")
-            target, cls, leaf = (raw["sweep"], SweepConfig, parts[1]) if len(parts) == 2 else (raw["sweep"]["job"], JobConfig, parts[2])
-        elif len(parts) == 1:
-            target, cls, leaf = raw, RunConfig, parts[0]
-        else:
-            raise ConfigError(f"--{key}: unknown key")
-        hints = typing.get_type_hints(cls)
-        if parts[0] == "sweep" and cls is JobConfig and leaf == "name":
-            raise ConfigError(f"--{key}: trials are named <sweep.name>-tNN; set --sweep.name")
-        if leaf not in hints or cls is RunConfig and leaf in ("jobs", "scheduler", "sweep"):
-            raise ConfigError(f"--{key}: unknown key{_unknown_key(leaf, cls, override=True)}")
-        target[leaf] = _parse_override(text_value, hints[leaf])
-    if mlora and "base_model" not in raw:
-        raise ConfigError(f"{file}: base_model: an m-LoRA config names none; pass --base_model=DIR")
-    cfg = _fill(RunConfig, raw, "", str(file))
-    try:
-        import quant
-        quant.check_quant(cfg.quant)
-    except ValueError as e:
-        raise ConfigError(f"{file}: quant: {e}") from None
-    validate(cfg, str(file), inputs=False)
-    return cfg
+    return raw
+
+
+def apply_override(raw: dict, arg: str):
+    """One `--key=value` (--field, --scheduler.field, --sweep.field, --sweep.job.field or
+    --jobs.NAME.field) written into the raw config, type-checked against its field."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"argument {arg!r}: expected --key=value")
+    key, text_value = arg[2:].split("=", 1)
+    parts = key.split(".")
+    if parts[0] == "jobs":  # --jobs.NAME.field=value
+        if len(parts) != 3:
+            raise ConfigError(f"--{key}: expected --jobs.NAME.FIELD=value")
+        matches = [j for j in raw.get("jobs", []) if j.get("name") == parts[1]]
+        if not matches:
+            raise ConfigError(f"--{key}: no job named {parts[1]!r}")
+        target, cls, leaf = matches[0], JobConfig, parts[2]
+    elif parts[0] == "scheduler" and len(parts) == 2:
+        target, cls, leaf = raw.setdefault("scheduler", {}), SchedulerConfig, parts[1]
+    elif parts[0] == "sweep" and len(parts) in (2, 3) and isinstance(raw.get("sweep"), dict):
+        if len(parts) == 3 and (parts[1] != "job" or not isinstance(raw["sweep"].get("job"), dict)):
+            raise ConfigError(f"--{key}: expected --sweep.FIELD=value or --sweep.job.FIELD=value")
+        target, cls, leaf = (raw["sweep"], SweepConfig, parts[1]) if len(parts) == 2 else (raw["sweep"]["job"], JobConfig, parts[2])
+    elif len(parts) == 1:
+        target, cls, leaf = raw, RunConfig, parts[0]
+    else:
+        raise ConfigError(f"--{key}: unknown key")
+    hints = typing.get_type_hints(cls)
+    if parts[0] == "sweep" and cls is JobConfig and leaf == "name":
+        raise ConfigError(f"--{key}: trials are named <sweep.name>-tNN; set --sweep.name")
+    if leaf not in hints or cls is RunConfig and leaf in ("jobs", "scheduler", "sweep"):
+        raise ConfigError(f"--{key}: unknown key{_unknown_key(leaf, cls, override=True)}")
+    target[leaf] = _parse_override(text_value, hints[leaf])
 
 
 # ----------------------------------------------------------------------------- out_dir
@@ -785,3 +797,12 @@ def parse_command_line(argv: list[str]) -> Command:
     if merge and ("merge" not in merge or "to" not in merge):
         raise ConfigError("usage: python train.py --merge ADAPTER_DIR --to OUT_DIR [--base BASE_DIR] [--quant Q]")
     return Command("merge" if merge else "train", config_path, overrides, overwrite, merge)
+
+
+def single_process_warnings(cfg: RunConfig) -> list[str]:
+    """One line for each torchrun setting changed from its default that does nothing in one process."""
+    run = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    defaults = {"shard_base": (cfg.shard_base, run["shard_base"]), "dist_timeout_s": (cfg.dist_timeout_s, run["dist_timeout_s"]),
+                "scheduler.placement": (cfg.scheduler.placement, SchedulerConfig().placement)}
+    return [f"warning: {name} {value!r} does nothing in one process (it is read under torchrun only)"
+            for name, (value, default) in defaults.items() if value != default]

@@ -34,8 +34,8 @@ import data
 import lora
 import model as M
 import state
-from config import ConfigError, JobConfig, RunConfig, claim_out_dir
-from jobs import (Fused, Interrupted, Run, describe, load_base, make_scheduler, open_run, read_inputs,
+from config import ConfigError, JobConfig, RunConfig
+from jobs import (Fused, Interrupted, Run, claim_and_lock, describe, load_base, make_scheduler, open_run, read_inputs,
                   step_rows)
 from objectives import METRIC_SUMS, adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
 import peft_format
@@ -336,13 +336,13 @@ def start(cfg: RunConfig, overwrite: bool, d: Dist) -> tuple[Run | None, dict | 
     """train.start on every rank: all read and check the same inputs and go on, or all stop with
     the first error; rank 0 claims out_dir (and reads its checkpoint) for all; each loads the base
     (sharded with shard_base). Returns (run, the checkpoint or None), or (None, the finished run's summary)."""
-    error = read = mode = saved = None
+    error = read = mode = saved = lock = None
     try:
         read = read_inputs(cfg)
         if d.world > 1 and cfg.sweep is not None and cfg.scheduler.placement == "job":
             raise ConfigError("sweep: its rungs compare trials across ranks; use scheduler.placement 'data' under torchrun")
         if d.main:
-            mode = claim_out_dir(cfg, overwrite)
+            mode, lock = claim_and_lock(cfg, overwrite)
             saved = state.read_checkpoint(Path(cfg.out_dir), read["inputs"]) if mode == "resume" else None
     except (ConfigError, data.DataError, M.CheckpointError, FileNotFoundError) as e:
         error = e
@@ -371,6 +371,8 @@ def start(cfg: RunConfig, overwrite: bool, d: Dist) -> tuple[Run | None, dict | 
                   f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank")
     run = open_run(cfg, read, model, d.device, mode, saved is not None, writes=d.main)
     run.dist = d
+    if lock is not None:
+        run.lock = lock
     if d.main:
         print(describe(cfg, d.device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}\n"
               + d.describe(cfg.scheduler.placement))

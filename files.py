@@ -1,6 +1,7 @@
 """Writes that a kill at any moment cannot leave half done: a file replaced atomically
 (atomic_write), a folder swapped in one step (replace_dir)."""
 import ctypes
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -68,3 +69,53 @@ def remove(path: Path):
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)                 # removes the links inside, follows none
+
+
+class InUse(OSError):
+    """Another process holds the folder (lock_dir); the message names it."""
+
+
+class DirLock:
+    """An exclusive OS lock (flock) on a folder itself, no file written, while this object is open;
+    released by close(), by leaving its `with` block, or when the process ends, however it ends."""
+
+    def __init__(self, folder: Path):
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise InUse(f"{folder} is in use by another run (pid {lock_holder(folder) or 'unknown'}); wait for it "
+                        f"to end, or use another out_dir") from None
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)   # releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid holding a flock on `folder`, from Linux's /proc/locks (None elsewhere, or if it just ended)."""
+    st = os.stat(folder)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for fields in (line.split() for line in lines):   # "1: FLOCK ADVISORY WRITE 1234 08:01:5678 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4])
+    return None
+
+
+def lock_dir(folder) -> DirLock:
+    """Hold `folder` (made if missing) for one run: a second run on it gets InUse and touches nothing else."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return DirLock(folder)

@@ -175,30 +175,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     meta = {name: field.contents() for name, field in reader.fields.items()}
     tied = "output.weight" not in {tensor.name for tensor in reader.tensors}
     config = hf_config(meta, tied, dtype)
-    n_layers = config["num_hidden_layers"]
-
-    state_dict = {}
-    for tensor in reader.tensors:
-        key, layer = hf_key(tensor.name)
-        require(layer is None or layer < n_layers, f"{tensor.name}: past llama.block_count {n_layers}")
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, numpy order
-        # GGUF lists dims fastest-first (ne0 = columns); numpy/torch list them slowest-first.
-        shape = tuple(int(n) for n in reversed(tensor.shape))
-        require(values.shape == shape, f"{tensor.name}: {values.shape} values, its header says {shape}")
-        weight = torch.from_numpy(np.array(values, dtype=np.float32))  # copy: the reader's memmap is read-only
-        if key.endswith("q_proj.weight"):
-            weight = unpermute_qk(weight, config["num_attention_heads"])
-        elif key.endswith("k_proj.weight"):
-            weight = unpermute_qk(weight, config["num_key_value_heads"])
-        state_dict[key] = weight.to(dtype).contiguous()
-    expected = 9 * n_layers + 2 + (not tied)
-    require(len(state_dict) == expected, f"{len(state_dict)} tensors, expected {expected} "
-                                         f"(9 per block of {n_layers}, embedding, norm{', output' if not tied else ''})")
-    embedding = tuple(state_dict["model.embed_tokens.weight"].shape)
-    require(embedding == (config["vocab_size"], config["hidden_size"]),
-            f"token_embd.weight is {embedding}, expected (vocab_size {config['vocab_size']}, "
-            f"embedding_length {config['hidden_size']})")
-
+    state_dict = hf_state_dict(reader, config, tied, dtype)
     special = {name: meta["tokenizer.ggml.tokens"][meta[key]] for name, key in SPECIAL_TOKEN_IDS.items() if key in meta}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json is the whole tokenizer
@@ -233,6 +210,34 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+
+def hf_state_dict(reader, config: dict, tied: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every GGUF tensor dequantized under its HF key (q/k un-permuted), checked: shapes, count, embedding."""
+    import gguf
+    n_layers = config["num_hidden_layers"]
+    state_dict = {}
+    for tensor in reader.tensors:
+        key, layer = hf_key(tensor.name)
+        require(layer is None or layer < n_layers, f"{tensor.name}: past llama.block_count {n_layers}")
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32, numpy order
+        # GGUF lists dims fastest-first (ne0 = columns); numpy/torch list them slowest-first.
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        require(values.shape == shape, f"{tensor.name}: {values.shape} values, its header says {shape}")
+        weight = torch.from_numpy(np.array(values, dtype=np.float32))  # copy: the reader's memmap is read-only
+        if key.endswith("q_proj.weight"):
+            weight = unpermute_qk(weight, config["num_attention_heads"])
+        elif key.endswith("k_proj.weight"):
+            weight = unpermute_qk(weight, config["num_key_value_heads"])
+        state_dict[key] = weight.to(dtype).contiguous()
+    expected = 9 * n_layers + 2 + (not tied)
+    require(len(state_dict) == expected, f"{len(state_dict)} tensors, expected {expected} "
+                                         f"(9 per block of {n_layers}, embedding, norm{', output' if not tied else ''})")
+    embedding = tuple(state_dict["model.embed_tokens.weight"].shape)
+    require(embedding == (config["vocab_size"], config["hidden_size"]),
+            f"token_embd.weight is {embedding}, expected (vocab_size {config['vocab_size']}, "
+            f"embedding_length {config['hidden_size']})")
+    return state_dict
 
 
 def ensure_converted(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

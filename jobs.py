@@ -5,6 +5,7 @@ Run (what every step shares: the model, the scheduler, the admitted jobs, the lo
 prepare); a job admitted (its adapter, optimizer and dropout RNG; its held-out loss at init),
 evaluated and stopped early (ASPEN), finished (the best adapter saved, its slot freed).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,8 @@ import files
 import lora
 import model as M
 import peft_format
-from config import ConfigError, JobConfig, RunConfig, clear_run, field_label, file_digest, remove_partial_writes
+from config import (ConfigError, JobConfig, RunConfig, claim_out_dir, clear_run, field_label, file_digest,
+                    remove_partial_writes)
 from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
 from report import evaluate, evaluate_tasks, load_task_rows
 import scheduler
@@ -115,12 +117,14 @@ class Run:
     prediction_errors: list[float] = field(default_factory=list)
     signal: int | None = None              # SIGINT/SIGTERM received: checkpoint and stop after this step
     ticks: int = 0                         # loop turns
+    checkpoint_step: int | None = None     # the fused step of the last run checkpoint (state.py), if any
     writes: bool = True                    # this process writes out_dir (under torchrun: rank 0 alone)
     tokenizer: typing.Any = None           # data.Tokenizer: task evaluation generates and decodes
     task_sets: dict[str, list] = field(default_factory=dict)   # task_metric jobs: (prompt ids, expected output) rows
     task_scores: dict[str, float] = field(default_factory=dict)   # scores prefetch_tasks batched, until task_score takes them
     # What a layer adds (None without it): torchrun's ranks, held-out evaluation split over data
     # parallel ranks (dist.Dist), a sweep's rungs (sweep.Sweep), job parallel ranks' outbox to rank 0.
+    lock: typing.Any = contextlib.nullcontext()   # out_dir held for the run (files.DirLock; ranks that write none: nothing)
     dist: typing.Any = None                # under torchrun: this rank and its collectives (dist.Dist)
     eval_ranks: typing.Any = None
     tag: dict = field(default_factory=dict)   # job parallel: {"rank": r} on every line this rank logs
@@ -291,6 +295,23 @@ def read_inputs(cfg: RunConfig) -> dict:
     return dict(tokenizer=tokenizer, train_sets=train_sets, test_sets=test_sets, plans=plans, sched=sched,
                 task_sets=task_sets, inputs={str(f): file_digest(f) for f in sources})
 
+
+
+def claim_and_lock(cfg: RunConfig, overwrite: bool) -> tuple[str, "files.DirLock | None"]:
+    """What this run does with out_dir (claim_out_dir, which touches nothing) and, unless it holds a
+    finished run, an OS lock on out_dir for the whole run: a second run at once on the same out_dir
+    stops in one line naming the first one's pid (files.InUse), and nothing is written."""
+    mode = claim_out_dir(cfg, overwrite)
+    if mode == "finished":
+        return mode, None
+    try:
+        lock = files.lock_dir(cfg.out_dir)
+    except files.InUse as e:
+        raise ConfigError(f"out_dir {e}") from None
+    mode = claim_out_dir(cfg, overwrite)   # as it is now that no other run writes it
+    if mode == "restart":
+        print(f"{cfg.out_dir} holds an unfinished run of this config that wrote no checkpoint: it starts over")
+    return mode, lock
 
 
 def load_base(cfg: RunConfig, device: str) -> torch.nn.Module:

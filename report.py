@@ -169,11 +169,25 @@ def write_results(run):
 
 
 def method(job: JobConfig) -> str:
-    """A job's method in a few characters: objective and LoRA variant, e.g. "dpo", "sft dora+"."""
-    variant = "dora" if job.use_dora else "rslora" if job.use_rslora else "lora"
-    if job.init in ("pissa", "olora"):
-        variant = job.init if variant == "lora" else f"{variant},{job.init}"
+    """A job's method in a few characters: objective and LoRA variant (lora.VARIANTS' name; rsLoRA's
+    scaling added), e.g. "dpo lora", "sft dora+", "sft rslora,pissa"."""
+    variant = job.resolved_variant
+    if job.use_rslora:
+        variant = "rslora" if variant == "lora" else f"rslora,{variant}"
     return f"{job.objective} {variant}{'+' if job.loraplus_lr_ratio else ''}"
+
+
+def metrics_records(metrics_file: Path) -> list[dict]:
+    """metrics.jsonl's lines; a torn line (a process killed mid-write) is left out, with one warning."""
+    records, torn = [], 0
+    for line in metrics_file.read_bytes().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            torn += 1
+    if torn:
+        print(f"warning: {metrics_file}: {torn} torn line(s) left out")
+    return records
 
 
 def plot_losses(metrics_file: Path, png: Path):
@@ -186,8 +200,7 @@ def plot_losses(metrics_file: Path, png: Path):
         print("matplotlib is not installed: no loss.png")
         return
     curves, evals = {}, {}
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
+    for record in metrics_records(metrics_file):
         for name, job in record.get("jobs", {}).items():
             if job["loss"] is not None:  # None until the job's first optimizer step
                 curves.setdefault(name, []).append((record["step"], job["loss"]))

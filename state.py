@@ -7,6 +7,7 @@ exactly where it stopped.
 """
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -96,6 +97,7 @@ def save_checkpoint(run: Run):
     folder.mkdir(exist_ok=True)
     t0 = time.time()
     files.atomic_write(folder / "state.pt", write=lambda p: torch.save(state, p))
+    run.checkpoint_step = run.step
     run.log({"event": "checkpoint", "fused_step": run.step, "ms": 1000 * (time.time() - t0),
              "bytes": (folder / "state.pt").stat().st_size})
 
@@ -106,7 +108,7 @@ def restore(run: Run, state: dict):
     if placement(run) == "job" and not run.writes:   # job parallel: this rank's own part
         state = state["ranks"][run.dist.rank]
     run.start = time.time() - state["elapsed_s"]
-    run.ticks = state.get("ticks", 0)
+    run.ticks, run.checkpoint_step = state.get("ticks", 0), state["step"]
     if placement(run) == "job":
         run.dist.pending = state.get("pending", [])
     run.step, run.tokens, run.padded_tokens = state["step"], state["tokens"], state["padded_tokens"]
@@ -129,12 +131,34 @@ def restore(run: Run, state: dict):
                     run.plans[name].pop()
     torch.set_rng_state(state["torch_rng"])
     if run.metrics is not None:
-        run.metrics.truncate(metrics_bytes)   # lines after the checkpoint are written again
-        run.metrics.seek(metrics_bytes)
+        cut_metrics(run.metrics, metrics_bytes)
     if run.writes:   # below the progress bar, not inside its line
         run.bar.write(f"resumed {run.out_dir} at fused step {run.step} ({len(run.summary)} jobs finished, "
                       f"{len(run.jobs)} admitted)")
 
+
+
+def cut_metrics(metrics, offset: int):
+    """metrics.jsonl back to the checkpoint's `offset`: the lines after it are written again. A
+    line before it that does not parse (torn by a kill, or by a second run before out_dir was
+    locked) goes too, with one warning, so the run's own reading of it at the end never fails."""
+    metrics.seek(0)
+    lines = metrics.read(offset).splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith(b"\n") and parses(line)]
+    if len(kept) < len(lines):
+        print(f"warning: {metrics.name}: {len(lines) - len(kept)} torn line(s) before the checkpoint dropped",
+              file=sys.stderr)
+    metrics.seek(0)
+    metrics.truncate()
+    metrics.write(b"".join(kept))
+    metrics.flush()
+
+
+def parses(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def read_checkpoint(out_dir: Path, inputs: dict[str, str]) -> dict:
@@ -168,10 +192,14 @@ def signals_checkpoint(run: Run):
         previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except KeyboardInterrupt:   # a second Ctrl-C: stopped at once, mid-step
+        last = run.checkpoint_step
+        raise Interrupted(signal.SIGINT, f"SIGINT again during fused step {run.step + 1}: stopped at once, that step "
+                          f"not checkpointed; the same command " + (f"resumes from the checkpoint of fused step {last}"
+                          if last is not None else "starts the run over (no checkpoint was written yet)")) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
 
 
 def checkpoint_turn(run: Run):

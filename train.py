@@ -34,9 +34,9 @@ import data
 import lora
 import model as M
 import scheduler
-from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, claim_out_dir, help_text,  # noqa: F401
-                    load_config, parse_command_line, validate)
-from jobs import (Fused, JobState, Run, admit_all, describe, eval_due, evaluate_and_stop, finish, load_base, open_run,
+from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, help_text, load_config,  # noqa: F401
+                    parse_command_line, single_process_warnings, validate)
+from jobs import (Fused, JobState, Run, admit_all, claim_and_lock, describe, eval_due, evaluate_and_stop, finish, load_base, open_run,
                   prefetch_tasks, read_inputs, step_rows, stop_early)
 from objectives import fuse_rows, job_losses, reward_means
 from report import log_step, write_results
@@ -266,15 +266,16 @@ def train_on(cfg: RunConfig, overwrite: bool, d=None) -> dict:
     run, saved = start(cfg, overwrite) if d is None else dist.start(cfg, overwrite, d)
     if run is None:   # out_dir holds the finished run: `saved` is its summary
         return saved
-    run.steps = core_steps()
-    if d is not None:
-        dist.add_ranks(run)
-    add_layers(run)
-    if saved is not None:
-        state.restore(run, saved)
-    with state.signals_checkpoint(run):
-        train_loop(run)
-    run.steps.results(run)
+    with run.lock:   # out_dir is this run's until it ends (files.lock_dir)
+        run.steps = core_steps()
+        if d is not None:
+            dist.add_ranks(run)
+        add_layers(run)
+        if saved is not None:
+            state.restore(run, saved)
+        with state.signals_checkpoint(run):
+            train_loop(run)
+        run.steps.results(run)
     return run.summary
 
 
@@ -283,12 +284,15 @@ def start(cfg: RunConfig, overwrite: bool) -> tuple[Run | None, dict | None]:
     base loaded, the Run opened: (run, the checkpoint or None); a finished run: (None, its summary)."""
     import state
     read = read_inputs(cfg)
-    mode = claim_out_dir(cfg, overwrite)
+    for line in single_process_warnings(cfg):
+        print(line)
+    mode, lock = claim_and_lock(cfg, overwrite)
     if mode == "finished":
         return None, finished_summary(cfg)
     saved = state.read_checkpoint(Path(cfg.out_dir), read["inputs"]) if mode == "resume" else None
     device = M.resolve_device(cfg.device)
     run = open_run(cfg, read, load_base(cfg, device), device, mode, saved is not None)
+    run.lock = lock
     print(describe(cfg, device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}")
     return run, saved
 

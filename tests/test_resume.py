@@ -225,3 +225,113 @@ def test_a_killed_run_with_cuda_graphs_resumes_bitwise(tmp_path, reference):
     assert (out / "checkpoint").exists() and not (out / "run.json").exists()
     assert train.main(["--config", path]) == 0
     assert_bitwise_equal(outputs(out), outputs(whole))
+
+
+# ----------------------------------------------------------------------------- two Ctrl-Cs; two runs at once (issue 29)
+
+def forked_main(path: str, patch=None, outcome=None):
+    """train.main(["--config", path]) in a forked child (patch(): set up in it first); its exit
+    code. `outcome` (a multiprocessing queue) receives what it printed on stderr."""
+    import contextlib
+    import io
+    import multiprocessing
+    import os
+
+    def child():
+        if patch is not None:
+            patch()
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = train.main(["--config", path])
+        if outcome is not None:
+            outcome.put(err.getvalue())
+            outcome.close()
+            outcome.join_thread()   # flushed before os._exit
+        os._exit(status)
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    return process
+
+
+def test_ctrl_c_twice_says_what_happened_and_the_rerun_says_it_starts_over(tmp_path, reference, capsys):
+    """A second SIGINT inside step 2, before any checkpoint: stopped at once, saying that step
+    was not checkpointed and that the same command starts the run over; the rerun says it does,
+    and ends as the uninterrupted run."""
+    import multiprocessing
+    import os
+    base, expected = reference
+    path, out = write_run(tmp_path, base, checkpoint_every=0)
+
+    def twice():
+        real, calls = train.fused_step, [0]
+
+        def fused_step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGINT)   # noted: checkpoint after this step
+                os.kill(os.getpid(), signal.SIGINT)   # again: stop at once
+            return real(*args, **kwargs)
+        train.fused_step = fused_step
+    queue = multiprocessing.get_context("fork").Queue()
+    process = forked_main(path, twice, queue)
+    process.join(120)
+    said = queue.get(timeout=10)
+    assert process.exitcode == 128 + signal.SIGINT
+    assert "SIGINT again during fused step 2: stopped at once" in said and "starts the run over" in said, said
+    assert "interrupted before training started" not in said
+    assert not (out / "checkpoint").exists()
+    assert train.main(["--config", path]) == 0
+    assert "wrote no checkpoint: it starts over" in capsys.readouterr().out
+    assert_bitwise_equal(outputs(out), expected)
+
+
+def test_a_second_run_on_the_same_out_dir_stops_and_touches_nothing(tmp_path, reference, capsys):
+    """The same command twice at once: the one that finds out_dir held says so in one line with
+    the holder's pid and writes nothing; the other's run is whole (every metrics line parses)."""
+    import files
+    import os
+    base, expected = reference
+    path, out = write_run(tmp_path, base)
+    out.mkdir()
+    with files.lock_dir(out):   # a run of this process holds it
+        assert train.main(["--config", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: out_dir {out} is in use by another run (pid {os.getpid()}); wait for it to end, "
+                       f"or use another out_dir"]
+        assert not any(out.iterdir())
+    first, second = forked_main(path), forked_main(path)   # both at once
+    first.join(120)
+    second.join(120)
+    assert sorted([first.exitcode, second.exitcode]) == [0, 2]
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    assert_bitwise_equal(outputs(out), expected)
+
+
+def test_a_torn_metrics_line_before_the_checkpoint_is_dropped_on_resume(tmp_path, reference, capsys):
+    """metrics.jsonl with a torn line before the checkpoint's offset (as two runs at once left it
+    before out_dir was locked): the rerun drops it with a warning and finishes."""
+    base, _ = reference
+    path, out = write_run(tmp_path, base)
+    assert run_killed(path, dict(target="state.save_checkpoint", n=2)) == -signal.SIGKILL
+    lines = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    torn = lines[:1] + [lines[1][:20] + lines[2]] + lines[3:]   # line 2 cut short, the next glued to it
+    (out / "metrics.jsonl").write_bytes(b"".join(torn))
+    state["metrics_bytes"] -= len(lines[1]) - 20
+    torch.save(state, out / "checkpoint" / "state.pt")
+    assert train.main(["--config", path]) == 0
+    assert "1 torn line(s) before the checkpoint dropped" in capsys.readouterr().err
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    assert (out / "run.json").exists()
+
+
+def test_torchrun_fields_warn_in_one_process(tmp_path, reference, capsys):
+    base, _ = reference
+    path, out = write_run(tmp_path, base, shard_base=True, dist_timeout_s=30.0)
+    assert train.main(["--config", path, "--jobs.a.epochs=1", "--jobs.b.epochs=1"]) == 0
+    said = capsys.readouterr().out
+    assert "warning: shard_base True does nothing in one process" in said
+    assert "warning: dist_timeout_s 30.0 does nothing in one process" in said
+    assert "scheduler.placement" not in said

@@ -322,3 +322,12 @@ def test_lora_fa_freezes_A_trains_B_fused_equal_alone(tmp_path, base_dir, monkey
             torch.testing.assert_close(fused[key], value, atol=0, rtol=0)
         else:
             assert (fused[key] - value).abs().max() > 1e-3, key
+
+
+def test_readme_names_every_variant():
+    """README's variants table has a row for each entry of lora.VARIANTS (plain LoRA is the default)."""
+    from pathlib import Path
+    readme = (Path(lora.__file__).parent / "README.md").read_text()
+    section = readme.split("## Methods per job: LoRA variants\n", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in lora.VARIANTS if name != "lora" and f'`variant: "{name}"`' not in section]
+    assert not missing, missing
