@@ -86,7 +86,7 @@ def export_merged(adapter_dir: str, to: str, base: str | None = None, quant: str
         for file in Path(base).iterdir():  # config and tokenizer files, not the old weights
             if file.is_file() and not file.name.startswith(("model", "pytorch_model")) and file.suffix != ".safetensors":
                 shutil.copy(file, tmp / file.name)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        files.atomic_write(tmp / "model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         files.atomic_write(tmp / MERGE_MARKER, json.dumps({"adapter": str(adapter_dir.resolve()), "base": str(Path(base).resolve()),
                                                           "quant": quant}, indent=2) + "\n")
         files.replace_dir(tmp, to)

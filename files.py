@@ -14,11 +14,15 @@ def atomic_write(path, content: bytes | str | None = None, *, write=None):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        tmp.write_bytes(b"" if content is None else content.encode() if isinstance(content, str) else content)
+        mode = tmp.stat().st_mode & 0o777   # what a plain open() gives under the umask (0644 under 022)
         if write is not None:
             write(tmp)
-        else:
-            tmp.write_bytes(content.encode() if isinstance(content, str) else content)
         with open(tmp, "rb+") as f:
+            # A writer may put its own file there: safetensors' save_file writes a private (0600)
+            # temporary file and renames it over tmp. Every file we write gets the umask's mode.
+            if os.fstat(f.fileno()).st_mode & 0o777 != mode:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

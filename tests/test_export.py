@@ -1,5 +1,6 @@
 """Merge export and the bundled demo's files."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,9 @@ def test_merged_export_loads_in_transformers(tmp_path, tiny_llama):
     assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0
     merged_dir = tmp_path / "merged"
     assert (merged_dir / "tokenizer.json").exists() and not list(tmp_path.glob(".merged.partial"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (merged_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask   # not safetensors' 0600
     hf = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     idx = torch.randint(0, 384, (2, 12))
     with lora.route(ours, ["job", "job"]):

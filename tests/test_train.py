@@ -1,6 +1,7 @@
 """The training loop: fused equals alone, exact accumulation, outputs, config errors."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -78,6 +79,12 @@ def test_train_writes_outputs_and_adapters_load_in_peft(tmp_path, base_dir):
     assert (out / "snapshots" / "a" / "step-4" / "adapter_model.safetensors").exists()
     assert not (out / "checkpoint").exists() and (out / "run.json").exists()  # finished: no run checkpoint left
     assert sum(1 for r in lines if r.get("event") == "eval") == 6
+    # Every file the run wrote has the mode a plain open() gives under the umask (adapter weights
+    # were once 0600: safetensors writes a private temporary file and renames it).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(out)): oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()}
+    assert "a/adapter_model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
     # The saved adapter, loaded by PEFT onto transformers' model, gives our logits.
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(hf, out / "a")
