@@ -3,6 +3,7 @@ CONFIG_FIELDS), the shard index, the safetensors headers, their keys and shapes 
 built on the meta device. Every problem is a CheckpointError whose one-line message starts with
 the file at fault. model.load_model calls check_checkpoint first.
 """
+import hashlib
 import json
 import math
 import os
@@ -251,3 +252,38 @@ def _index_shards(path: Path, index: Path, suffix: str) -> list[Path]:
             raise _error(index, f"shard {name!r} does not exist")
         shards[name] = file
     return sorted(shards.values())
+
+
+# ----------------------------------------------------------------------------- the weights' digest, for resume
+
+FULL_DIGEST_BYTES = 64 * 2**20   # a weight file up to this size is hashed whole
+SAMPLED_BLOCKS = 64              # else this many blocks of 4 KiB, spread evenly, with the size and header
+
+
+def weights_digests(path) -> dict[str, str]:
+    """{file: digest} of the base's weight files and their index, which a resumed run must find
+    the same (jobs.input_digests); checkpoint_files' list, after check_checkpoint passed."""
+    path = Path(path)
+    indexes = [path / name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")]
+    return {str(file): weights_digest(file) for file in [*filter(Path.is_file, indexes), *checkpoint_files(path)]}
+
+
+def weights_digest(file: Path, full_below: int = FULL_DIGEST_BYTES) -> str:
+    """sha256 of a weight file: of all of it when under `full_below` bytes; else of its size, its
+    safetensors header (a .bin has none) and SAMPLED_BLOCKS blocks of 4 KiB spread evenly over it,
+    a few hundred KiB read whatever the size. No mtime: a copied folder resumes. A change that misses
+    every sampled block of a large file goes unseen; a re-save with other values changes them all."""
+    digest, size = hashlib.sha256(), file.stat().st_size
+    with open(file, "rb") as f:
+        if size < full_below:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(size.to_bytes(8, "little"))
+        if file.suffix == ".safetensors":   # check_checkpoint checked the header's length
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+        for i in range(SAMPLED_BLOCKS):
+            f.seek(i * (size - 4096) // (SAMPLED_BLOCKS - 1))
+            digest.update(f.read(4096))
+    return "sampled:" + digest.hexdigest()

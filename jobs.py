@@ -20,6 +20,7 @@ import torch
 
 import data
 import files
+from checkpoint import weights_digests
 import lora
 import model as M
 import peft_format
@@ -29,6 +30,8 @@ from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths,
 from report import evaluate, evaluate_tasks, load_task_rows
 import scheduler
 from scheduler import JobPlan, MicroBatch, Scheduler
+from templates import NAMED_TEMPLATES
+from tokenizer import FILES as TOKENIZER_FILES
 
 
 # ----------------------------------------------------------------------------- what the loop works on
@@ -291,9 +294,19 @@ def read_inputs(cfg: RunConfig) -> dict:
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
     task_sets = {job.name: load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
                  for job in cfg.jobs if job.task_metric}
-    sources = [Path(cfg.base_model) / "config.json"] + [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
     return dict(tokenizer=tokenizer, train_sets=train_sets, test_sets=test_sets, plans=plans, sched=sched,
-                task_sets=task_sets, inputs={str(f): file_digest(f) for f in sources})
+                task_sets=task_sets, inputs=input_digests(cfg))
+
+
+def input_digests(cfg: RunConfig) -> dict[str, str | None]:
+    """{file: digest} of every file the run reads: the base's config.json, tokenizer files (None:
+    absent) and weights (checkpoint.weights_digests: cheap for large files), each job's data and
+    template file. state.read_checkpoint refuses to resume when one differs from the checkpoint's."""
+    base = Path(cfg.base_model)
+    sources = [base / name for name in ("config.json", *TOKENIZER_FILES)]
+    sources += [Path(f) for j in cfg.jobs for f in (j.data, j.test_data) if f]
+    sources += [Path(j.template) for j in cfg.jobs if j.template not in NAMED_TEMPLATES]   # a template file
+    return {**{str(f): file_digest(f) if f.is_file() else None for f in sources}, **weights_digests(base)}
 
 
 

@@ -15,6 +15,12 @@ from datetime import datetime
 from pathlib import Path
 
 
+# Every file of a checkpoint folder that Tokenizer reads besides config.json, present or not
+# (a run digests each, so that resume notices a changed or added one: jobs.input_digests).
+FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+         "generation_config.json", "chat_template.jinja", "tokenization_chatglm.py")
+
+
 class DataError(ValueError):
     """Bad input data; the one-line message names the file and, where it applies, the row or line."""
 

@@ -335,3 +335,72 @@ def test_torchrun_fields_warn_in_one_process(tmp_path, reference, capsys):
     assert "warning: shard_base True does nothing in one process" in said
     assert "warning: dist_timeout_s 30.0 does nothing in one process" in said
     assert "scheduler.placement" not in said
+
+
+def test_changed_tokenizer_template_or_weights_are_not_resumed(tmp_path, reference, capsys):
+    """Resume reads the same tokenizer files, template files and base weights (issue 29, item 13):
+    a change to any refuses in one line naming the file; put back, the run resumes."""
+    import shutil
+    from safetensors.torch import save_file
+    base = shutil.copytree(reference[0], tmp_path / "base")
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"prompt_input": "Q: {instruction}\n{input}\nA: ", "prompt_no_input": "Q: {instruction}\nA: "}))
+    path, out = write_run(tmp_path, base)
+    cfg = json.loads(Path(path).read_text())
+    cfg["jobs"][2]["template"] = str(template)
+    Path(path).write_text(json.dumps(cfg))
+    assert run_killed(path, dict(target="state.save_checkpoint", n=1)) == -signal.SIGKILL
+    before = snapshot(out)
+    weights = load_file(base / "model.safetensors")
+    changes = {base / "tokenizer_config.json": lambda file: file.write_text(json.dumps({"model_max_length": 77})),
+               template: lambda file: file.write_text(file.read_text().replace("A: ", "Answer: ")),
+               base / "model.safetensors": lambda file: save_file({k: v * 1.01 for k, v in weights.items()}, file,
+                                                                  metadata={"format": "pt"})}
+    for file, change in changes.items():
+        existed, original = file.exists(), file.read_bytes() if file.exists() else None
+        change(file)
+        assert train.main(["--config", path]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {file}: changed since the run in {out} started; restore it, or pass " \
+                      f"--overwrite to start again" and snapshot(out) == before, file
+        file.write_bytes(original) if existed else file.unlink()
+    assert train.main(["--config", path]) == 0 and "resumed" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_these_digests_resumes_bitwise(tmp_path, reference):
+    """A checkpoint whose inputs hold only the data files and config.json (written before tokenizer,
+    template and weight digests existed) resumes, checking what it holds, to the same adapters."""
+    base, expected = reference
+    path, out = write_run(tmp_path, base)
+    assert run_killed(path, dict(target="state.save_checkpoint", n=2)) == -signal.SIGKILL
+    file = out / "checkpoint" / "state.pt"
+    state = torch.load(file, weights_only=True)
+    old = {key for key in state["inputs"] if key.endswith((".json", ".jsonl")) and Path(key).parent != Path(base)}
+    state["inputs"] = {key: digest for key, digest in state["inputs"].items()
+                       if key in old or key == str(Path(base) / "config.json")}
+    assert len(state["inputs"]) == 4   # t.json, u.jsonl, test.json, config.json
+    torch.save(state, file)
+    assert train.main(["--config", path]) == 0
+    assert_bitwise_equal(outputs(out), expected)
+
+
+def test_weights_digest_of_a_large_file_samples_it(tmp_path):
+    """Above full_below bytes: the size, the safetensors header and sampled blocks, so a re-save with
+    other values is seen; below: the whole file."""
+    from safetensors.torch import save_file
+    import checkpoint
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(100_000, dtype=torch.float32)}, file)
+    full, sampled = checkpoint.weights_digest(file), checkpoint.weights_digest(file, full_below=1000)
+    assert sampled.startswith("sampled:") and full != sampled
+    save_file({"w": torch.arange(100_000, dtype=torch.float32) + 1}, file)   # same header, same size
+    assert checkpoint.weights_digest(file, full_below=1000) != sampled and checkpoint.weights_digest(file) != full
+
+
+def test_every_file_the_tokenizer_reads_is_digested():
+    """tokenizer.FILES (what resume digests) names every file name tokenizer.py's code opens."""
+    import re
+    import tokenizer
+    source = Path(tokenizer.__file__).read_text()
+    named = set(re.findall(r"""["']([\w.]+\.(?:json|model|jinja|py|txt))["']""", source))
+    assert named - {"config.json"} == set(tokenizer.FILES)
