@@ -278,11 +278,16 @@ def describe(cfg: RunConfig, device: str, train_sets: dict) -> str:
     dtype = str(M.resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     lines = [f"base {cfg.base_model} ({dtype}, {device}{f', {cfg.quant} base' if cfg.quant else ''}), "
              f"{sc.strategy}: {sc.max_concurrent} of {sc.max_candidates} admitted jobs per step, out_dir {cfg.out_dir}"]
+    model_type = json.loads((Path(cfg.base_model) / "config.json").read_text())["model_type"]   # checked by now
+    defaults = ",".join(M.FAMILIES[model_type].DEFAULT_TARGETS)
     for j in cfg.jobs:
         objective = objective_of(j).describe(j)
-        lines.append(f"  {j.name}: {objective + ', ' if objective else ''}{len(train_sets[j.name])} rows x {j.epochs} "
-                     f"epochs, r={j.r} "
-                     f"alpha={j.alpha:g} {','.join(j.targets) if j.targets else 'default targets'}, "
+        rows = len(train_sets[j.name])
+        steps = math.ceil(rows / j.batch_size) * j.epochs   # as scheduler.JobPlan counts them
+        cut = f", max_steps {j.max_steps}" if j.max_steps is not None and j.max_steps < steps else ""
+        lines.append(f"  {j.name}: {objective + ', ' if objective else ''}{rows} rows x {j.epochs} epochs{cut}: "
+                     f"{j.max_steps if cut else steps} optimizer steps, r={j.r} alpha={j.alpha:g} "
+                     f"{','.join(j.targets) if j.targets else defaults + ' (the default targets)'}, "
                      f"{j.optimizer} lr={j.lr:g}, batch {j.batch_size} (micro {j.micro_batch_size})")
     return "\n".join(lines)
 

@@ -359,3 +359,19 @@ def test_a_step_that_leaves_non_finite_weights_is_undone(base_dir):
     s.config = train.JobConfig(name="a", data="-", lr=1e-3, optimizer="sgd")
     assert train.optimizer_step(SimpleNamespace(model=ours, device="cpu"), s) is None and s.step == 1
     assert not torch.equal(params[0], before[0])
+
+
+def test_the_start_up_summary_says_the_steps_run_and_names_the_default_targets(tmp_path, base_dir):
+    """jobs.describe: each job's optimizer steps as the scheduler plans them (max_steps cutting its
+    epochs said so), and the family's DEFAULT_TARGETS by name when a job names none."""
+    import jobs
+    rows = write_rows(tmp_path / "t.json", 20, 5, "reverse")   # 20 rows, batch 4: 5 steps an epoch
+    cfg = run_cfg(base_dir, tmp_path / "o", [job("cut", rows, epochs=3, max_steps=4, targets=None),
+                                             job("whole", rows, epochs=3, max_steps=40)])
+    read = jobs.read_inputs(cfg)
+    lines = jobs.describe(cfg, "cpu", read["train_sets"]).splitlines()[1:]
+    planned = {plan.name: plan.total_steps for plan in read["plans"]}
+    assert planned == {"cut": 4, "whole": 15}
+    assert lines[0].startswith("  cut: 20 rows x 3 epochs, max_steps 4: 4 optimizer steps, r=4 alpha=8 "
+                               f"{','.join(Llama.DEFAULT_TARGETS)} (the default targets), ")
+    assert lines[1].startswith("  whole: 20 rows x 3 epochs: 15 optimizer steps, r=4 alpha=8 q_proj,v_proj, ")
