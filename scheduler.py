@@ -75,13 +75,17 @@ class JobPlan:
             self.total_steps = min(self.total_steps, max_steps)
         # Counted, not enumerated: a plan of a billion micro-batches must not take minutes to set up.
         full, rest = divmod(len(lengths), batch_size)
-        per_step = [batch_size // micro_batch_size] * full + ([math.ceil(rest / micro_batch_size)] if rest else [])
-        whole_epochs, extra_steps = divmod(self.total_steps, len(per_step))
-        self.num_micro_batches = whole_epochs * sum(per_step) + sum(per_step[:extra_steps])
+        self.per_step = [batch_size // micro_batch_size] * full + ([math.ceil(rest / micro_batch_size)] if rest else [])
+        self.num_micro_batches = self.micro_batches_in(self.total_steps)
         self.popped = 0
         self.admission = -1       # the scheduler's admission counter, for FIFO order among candidates
         self._iter = self._micro_batches()
         self._next = next(self._iter, None)
+
+    def micro_batches_in(self, steps: int) -> int:
+        """Micro-batches of the first `steps` optimizer steps (an epoch's last step may be short)."""
+        whole_epochs, extra_steps = divmod(steps, len(self.per_step))
+        return whole_epochs * sum(self.per_step) + sum(self.per_step[:extra_steps])
 
     def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.lengths)))

@@ -113,6 +113,22 @@ def planned_tokens(plan: JobPlan) -> int:
     return full_epochs * sum(per_row) + sum(per_row[i] for i in rest)
 
 
+def rung_step(plan: JobPlan, unit: str, mark: int) -> int:
+    """The optimizer steps a trial has taken when it reaches a rung at `mark` steps or tokens (by
+    its plan's rows, as rung_at counts them), or its total_steps when its schedule ends first."""
+    if unit == "steps":
+        return min(mark, plan.total_steps)
+    per_row = [sum(sequences) for sequences in plan.sequences]
+    epochs = (mark - 1) // max(sum(per_row), 1)   # whole epochs before the one where it is reached
+    step, tokens = epochs * plan.steps_per_epoch, epochs * sum(per_row)
+    order = plan.epoch_order(epochs) if step < plan.total_steps else []
+    for start in range(0, len(order), plan.batch_size):
+        tokens, step = tokens + sum(per_row[i] for i in order[start:start + plan.batch_size]), step + 1
+        if tokens >= mark or step == plan.total_steps:
+            return step
+    return plan.total_steps
+
+
 def rank_loss(loss: float | None) -> float:
     """A held-out loss for ranking: lower is better, a missing or non-finite one last."""
     return loss if loss is not None and math.isfinite(loss) else math.inf
@@ -156,6 +172,7 @@ class Sweep:
         self.racing = [name for name in self.names if self.total_steps[name] > 0]
         self.parked: list[str] = []                      # trials waiting at the open rung
         self.stopped: dict[str, int] = {}                # trial -> the rung where halving stopped it
+        self.cut = 0                                     # micro-batches taken off the progress bar: expected_cut
 
     def describe(self) -> str:
         policy = f"successive halving, eta {self.sweep.eta}" if self.sweep.policy == "halving" else "full runs"
@@ -206,13 +223,34 @@ class Sweep:
             self.racing, self.parked, self.open = ranked[:keep], [], k + 1
         return verdicts
 
+    def expected_cut(self, plans: dict[str, JobPlan]) -> int:
+        """Micro-batches of the racing trials' schedules that halving is expected not to run: at each
+        rung still open, all but the best max(1, n // eta) of the n trials there stop. Which ones is
+        not known yet, so each trial's rest counts by the share of trials that stop there (exact when
+        their plans are alike, as over lr). The progress bar's total leaves them out (settle_rungs)."""
+        if self.sweep.policy != "halving":
+            return 0
+        cut, going, share = 0.0, len(self.racing), 1.0   # trials still going, and their share of the racing
+        for k in range(self.open, len(self.rungs)):
+            at = {name: rung_step(plans[name], self.unit, self.rungs[k]) for name in self.racing}
+            there = [name for name in self.racing if at[name] < plans[name].total_steps]   # the others end first
+            n = min(going, len(there))
+            if n == 0:
+                break
+            keep = max(1, n // self.sweep.eta)
+            rest = sum(plans[name].num_micro_batches - plans[name].micro_batches_in(at[name]) for name in there)
+            cut += share * (n - keep) / n * rest
+            going, share = keep, share * keep / n
+        return round(cut)
+
     def state_dict(self) -> dict:
         return {"losses": self.losses, "open": self.open, "racing": self.racing, "parked": self.parked,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "cut": self.cut}
 
     def load_state_dict(self, state: dict):
         self.losses, self.open = {name: list(losses) for name, losses in state["losses"].items()}, state["open"]
         self.racing, self.parked, self.stopped = list(state["racing"]), list(state["parked"]), dict(state["stopped"])
+        self.cut = state.get("cut", 0)   # a checkpoint from before: its bar counted every trial's whole schedule
 
     def leaderboard(self, summary: dict[str, dict]) -> list[dict]:
         """Every trial, best first: those that ran their whole schedule by final held-out loss,
@@ -361,6 +399,10 @@ def settle_rungs(run: Run):
     """Decide each rung whose trials are all in (sweep.Sweep.decide): the best wait for a slot
     again, ahead of lower priorities; the others finish with their adapter of that rung."""
     verdicts = run.sweep.decide(set(run.summary))
+    if verdicts:   # the bar's total: the expected stops of the rungs decided, now the real ones
+        actual = sum(run.plans[name].remaining for name, reason in verdicts if reason is not None)
+        expected = run.sweep.expected_cut(run.plans)
+        cut_bar(run, actual + expected - run.sweep.cut, expected)
     # The trials a decision stops finish with their adapter of that rung; with task metrics all
     # are loaded first, so that their final task scores are generated in one batch.
     jobs = {job.name: job for job in run.cfg.jobs}
@@ -373,7 +415,6 @@ def settle_rungs(run: Run):
             continue
         s = load_job(run, name, run.sweep.held.pop(name))
         s.stopped = reason
-        run.bar.total -= plan.remaining
         run.log({"event": "early_stop", "job": name, "step": s.step, "fused_step": run.step, "reason": reason,
                  "nonfinite": False})
         stopped.append(name)
@@ -387,11 +428,23 @@ def settle_rungs(run: Run):
 
 # ----------------------------------------------------------------------------- the layer on train.py's steps
 
+def cut_bar(run: Run, micro_batches: int, expected: int):
+    """The progress bar's total less `micro_batches`; `expected` of those are the stops expected at
+    the rungs still open (Sweep.cut). Job parallel ranks keep no total."""
+    if run.bar.total is not None:
+        run.bar.total -= micro_batches
+        run.bar.refresh()
+    run.sweep.cut = expected
+
+
 def add_rungs(run: Run):
     """A sweep's rungs on the loop's steps: its trials evaluated at their rungs (evaluate_trials),
-    parked there and promoted (admit_trials, finish_trials), its report at the end (results)."""
+    parked there and promoted (admit_trials, finish_trials), its report at the end (results). The
+    progress bar counts what halving is expected to run, not every trial's whole schedule."""
     run.sweep = Sweep(run.cfg, run.plans)
     run.sweep.held = {}   # parked trials' job_state(), on the CPU (in the run checkpoint as "parked")
+    expected = run.sweep.expected_cut(run.plans)
+    cut_bar(run, expected, expected)
     if run.writes:
         print(run.sweep.describe())
     steps, core_admit, core_results = run.steps, run.steps.admit, run.steps.results

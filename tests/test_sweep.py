@@ -53,6 +53,22 @@ def run(path: str, *overrides: str) -> tuple[int, str]:
     return code, printed.getvalue()
 
 
+def run_with_bar(path: str, *overrides: str) -> tuple[int, str, list[int], int]:
+    """run(), and the progress bar's total at the start and after each rung's decision (every
+    sweep.cut_bar), and the micro-batches it counted at the end."""
+    totals, runs = [], []
+
+    def recorded(run, *args):
+        cut_bar(run, *args)
+        totals.append(run.bar.total)
+        runs.append(run)
+    cut_bar = sweep.cut_bar
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "cut_bar", recorded)
+        code, printed = run(path, *overrides)
+    return code, printed, totals, runs[-1].bar.n
+
+
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """The same space run with halving (an ordinary job beside it) and as a full grid."""
@@ -62,9 +78,9 @@ def sweeps(tmp_path_factory):
     results = {"base": base, "folder": tmp}
     for policy in ("halving", "full"):
         path, out = write_sweep(tmp, base, policy, policy, others=policy == "halving")
-        code, printed = run(path)
+        code, printed, bar_totals, bar_counted = run_with_bar(path)
         assert code == 0
-        results[policy] = {"path": path, "out": out, "printed": printed,
+        results[policy] = {"path": path, "out": out, "printed": printed, "bar": (bar_totals, bar_counted),
                            "report": json.loads((out / "sweep.json").read_text())}
     return results
 
@@ -115,6 +131,19 @@ def test_halving_stops_the_non_learners_and_finds_the_full_grids_winner(sweeps):
     assert (out / BEST / "adapter_model.safetensors").exists() and (out / "sweep.png").stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["count"]["steps"] == 4   # the ordinary job beside it
     assert "count" not in by_trial(halving)
+
+
+def test_the_progress_bar_counts_what_halving_runs(sweeps):
+    """The bar's total (micro-batches) at the start and after each rung is what the sweep runs in
+    the end: halving's expected stops are left out from the start (the ETA is not the full grid's).
+    Each trial's optimizer step is 2 micro-batches (batch 4, micro 2), as is the ordinary job's."""
+    for policy in ("halving", "full"):
+        (totals, counted), report = sweeps[policy]["bar"], sweeps[policy]["report"]
+        summary = json.loads((sweeps[policy]["out"] / "summary.json").read_text())
+        run_micro_batches = 2 * sum(job["steps"] for job in summary.values())
+        assert counted == run_micro_batches and set(totals) == {run_micro_batches}, (policy, totals)
+        assert len(totals) == (1 + len(report["rungs"]) if policy == "halving" else 1)   # the start, each decision
+    assert sweeps["halving"]["bar"][1] == 2 * (6 * 2 + 8 + 12 + 4) and sweeps["full"]["bar"][1] == 2 * 8 * 12
 
 
 def test_a_trial_equals_the_same_job_alone(sweeps, tmp_path):
@@ -263,7 +292,8 @@ def test_killed_sweep_resumes_to_the_same_result(sweeps, tmp_path, point):
     assert run_killed(path, KILL_POINTS[point]) == -signal.SIGKILL
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["parked"], "the kill came when no trial was parked"
-    assert run(path)[0] == 0
+    code, _, bar_totals, bar_counted = run_with_bar(path)
+    assert code == 0 and bar_totals[-1] == bar_counted == sweeps["halving"]["bar"][1]   # the bar resumed too
     reference = sweeps["halving"]
     expected, got = reference["report"], json.loads((out / "sweep.json").read_text())
     assert got["trials"] == expected["trials"] and got["tokens"] == expected["tokens"]
@@ -285,7 +315,8 @@ def test_rungs_by_tokens(sweeps, tmp_path):
     """rung_tokens: rung k at the first optimizer step where a trial has trained rung_tokens x eta^k
     tokens; the non-learners still stop at the first rung and the best trial wins."""
     path, out = write_sweep(tmp_path, sweeps["base"], "bytokens", "halving", rung_tokens=300)
-    code, printed = run(path)
+    code, printed, bar_totals, bar_counted = run_with_bar(path)
+    assert set(bar_totals) == {bar_counted}   # rungs by tokens: the bar's total from the start too
     report = json.loads((out / "sweep.json").read_text())
     assert report["rung_unit"] == "tokens" and len(report["rungs"]) >= 2
     assert report["rungs"] == [300 * 4**k for k in range(len(report["rungs"]))]
