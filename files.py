@@ -81,21 +81,26 @@ class InUse(OSError):
 
 class DirLock:
     """An exclusive OS lock (flock) on a folder itself, no file written, while this object is open;
-    released by close(), by leaving its `with` block, or when the process ends, however it ends."""
+    released by close(), by leaving its `with` block, when nothing refers to it any more (a run that
+    stopped on an error before it began: the caller may start it again), or when the process ends."""
+    fd = None
 
     def __init__(self, folder: Path):
-        self.fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
+            os.close(fd)
             raise InUse(f"{folder} is in use by another run (pid {lock_holder(folder) or 'unknown'}); wait for it "
                         f"to end, or use another out_dir") from None
+        self.fd = fd
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)   # releases the flock
             self.fd = None
+
+    __del__ = close
 
     def __enter__(self):
         return self

@@ -289,13 +289,9 @@ def start(cfg: RunConfig, overwrite: bool) -> tuple[Run | None, dict | None]:
     mode, lock = claim_and_lock(cfg, overwrite)
     if mode == "finished":
         return None, finished_summary(cfg)
-    try:
-        saved = state.read_checkpoint(Path(cfg.out_dir), read["inputs"]) if mode == "resume" else None
-        device = M.resolve_device(cfg.device)
-        run = open_run(cfg, read, load_base(cfg, device), device, mode, saved is not None)
-    except BaseException:   # out_dir is free again at once, not when the process ends (a caller may retry)
-        lock.close()
-        raise
+    saved = state.read_checkpoint(Path(cfg.out_dir), read["inputs"]) if mode == "resume" else None
+    device = M.resolve_device(cfg.device)
+    run = open_run(cfg, read, load_base(cfg, device), device, mode, saved is not None)
     run.lock = lock
     print(describe(cfg, device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}")
     return run, saved
