@@ -1,5 +1,6 @@
 """The flat layout stays flat: imports between the top-level files run one way (no circles)."""
 import ast
+import re
 from pathlib import Path
 
 import torch
@@ -104,3 +105,18 @@ def test_readme_snippet_trains_two_adapters_fused_with_the_core_alone(capsys):
     peft_format.load_peft(fresh, f"{scope['folder']}/upper")
     for ours, loaded in zip(lora.adapter_parameters(scope["base"], "upper"), lora.adapter_parameters(fresh, "upper")):
         assert torch.equal(ours, loaded)
+
+
+def test_readme_names_every_test_that_needs_run_slow():
+    """Each test skipped without RUN_SLOW=1 is named in README's Tests section, with RUN_SLOW."""
+    tests = REPO / "tests"
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Tests"):]
+    gated = []
+    for file in sorted(tests.glob("test_*.py")):
+        source = file.read_text()
+        if "RUN_SLOW" in source:   # `slow = pytest.mark.skipif(... RUN_SLOW ...)`, then `@slow` on each
+            gated += [f"{file.name}::{name}" for name in re.findall(r"@slow\ndef (\w+)", source)]
+    assert len(gated) == 2 and "Two slow tests" in section and "RUN_SLOW=1" in section
+    for name in gated:
+        assert name in section, name
