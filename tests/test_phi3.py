@@ -7,7 +7,6 @@ import torch
 
 import lora
 import model as M
-import peft_format
 from conftest import TINY, assert_lora_matches_peft, save_hf
 from phi3 import Phi3
 
