@@ -9,6 +9,7 @@ On the command line each adapter reads a prompt through the template it was trai
     python generate.py --base DIR --adapter out/a --adapter out/b --with-base --prompt "Hi"
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,11 @@ import data
 import lora
 import model as M
 import peft_format
+
+# Beside an adapter a run saved: {"template": ..., "cutoff_len": ...} of its job (jobs.training_record),
+# the default template of its prompts here. A file of our own: a key PEFT does not know in
+# adapter_config.json makes PEFT 0.21 warn on loading that the file needs a newer PEFT.
+TRAINING_FILE = "training.json"
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -153,17 +159,31 @@ def unique_name(folder: str, taken: set[str]) -> str:
     return name
 
 
+def read_training(adapter_dir) -> dict | None:
+    """The adapter folder's training.json (None: it has none, e.g. an adapter trained elsewhere)."""
+    file = Path(adapter_dir) / TRAINING_FILE
+    if not file.exists():
+        return None
+    try:
+        training = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(training, dict) or not isinstance(training.get("template"), str):
+        raise ValueError(f"{file}: expected an object with a 'template' string")
+    return training
+
+
 def adapter_template(folder: str, template: str | None) -> tuple[str, str]:
     """(template, where it comes from) of an adapter's prompts: --template, else the one it was
     trained with (training.json beside it), else plain."""
     if template is not None:
         return template, "--template"
-    training = peft_format.read_training(folder)
+    training = read_training(folder)
     if training is None:
-        print(f"note: {folder} has no {peft_format.TRAINING_FILE}: its prompts go in as plain text "
+        print(f"note: {folder} has no {TRAINING_FILE}: its prompts go in as plain text "
               f"(--template NAME chooses one)")
         return "plain", "the default"
-    return training["template"], str(Path(folder) / peft_format.TRAINING_FILE)
+    return training["template"], str(Path(folder) / TRAINING_FILE)
 
 
 def plan_rows(adapters: list[tuple[str, str, str]], with_base: bool, template: str | None
@@ -191,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--template", default=None,
                         help="each prompt as a row's instruction through this template, as a job's: alpaca, "
                              "chat, plain, mlora or a template file; default: each adapter's own "
-                             f"({peft_format.TRAINING_FILE} beside it), else plain (the text as it is)")
+                             f"({TRAINING_FILE} beside it), else plain (the text as it is)")
     parser.add_argument("--chat", action="store_true", help="the same as --template chat")
     parser.add_argument("--with-base", action="store_true", help="also answer each prompt with the bare base")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -20,6 +20,7 @@ import torch
 
 import data
 import files
+import generate
 import lora
 import model as M
 import peft_format
@@ -501,12 +502,11 @@ def finish(run: Run, name: str):
 def save_adapter(run: Run, name: str, folder: Path):
     """The job's adapter as a PEFT folder, with its training.json (training_record): written by
     rank 0; job parallel, the others send it there."""
-    training = training_record(next(job for job in run.cfg.jobs if job.name == name))
+    extra = {generate.TRAINING_FILE: training_record(next(job for job in run.cfg.jobs if job.name == name))}
     if run.writes:
-        peft_format.save_peft(run.model, name, folder, run.cfg.base_model, training)
+        peft_format.write_peft(folder, *peft_format.peft_files(run.model, name, run.cfg.base_model), extra)
     elif run.outbox is not None:
-        run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model),
-                           training))
+        run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model), extra))
 
 
 def training_record(job: JobConfig) -> dict:

@@ -1,6 +1,5 @@
 """Adapters in PEFT's format: adapter_config.json + adapter_model.safetensors, written as PEFT
-writes them (save_peft, one folder replaced as a whole) and read back (load_peft); beside them
-our training.json: how the adapter's prompts were made (its template), which PEFT does not read."""
+writes them (save_peft, one folder replaced as a whole) and read back (load_peft)."""
 import json
 import os
 from pathlib import Path
@@ -12,9 +11,6 @@ import files
 import lora
 
 PEFT_PREFIX = "base_model.model."
-# {"template": ..., "cutoff_len": ...} of the job that trained the adapter: generate.py's default
-# template. A file of its own, as PEFT's LoraConfig.from_pretrained may refuse keys it does not know.
-TRAINING_FILE = "training.json"
 
 
 def adapter_config(model: nn.Module, name: str) -> lora.LoRAConfig:
@@ -43,12 +39,11 @@ def adapter_state(model: nn.Module, name: str, *, as_plain_lora: bool = False) -
     return state
 
 
-def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None = None,
-              training: dict | None = None):
-    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does (and training.json
-    when given), as a whole: the files go into a new folder that replaces `out_dir` in one step
-    (replace_dir), so a reader or a kill never sees new weights beside an old config."""
-    write_peft(out_dir, *peft_files(model, name, base_model_path), training)
+def save_peft(model: nn.Module, name: str, out_dir, base_model_path: str | None = None):
+    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT does, as a whole:
+    both files go into a new folder that replaces `out_dir` in one step (replace_dir), so a
+    reader or a kill never sees new weights beside an old config."""
+    write_peft(out_dir, *peft_files(model, name, base_model_path))
 
 
 def peft_files(model: nn.Module, name: str, base_model_path: str | None = None) -> tuple[dict, dict]:
@@ -69,8 +64,8 @@ def peft_files(model: nn.Module, name: str, base_model_path: str | None = None) 
     return peft_config, state
 
 
-def write_peft(out_dir, peft_config: dict, state: dict, training: dict | None = None):
-    """peft_files' config and weights (and training.json) as a PEFT folder, replacing out_dir as a whole."""
+def write_peft(out_dir, peft_config: dict, state: dict, extra: dict | None = None):
+    """peft_files' config and weights (and `extra`, {file name: JSON}) as a PEFT folder, replacing out_dir as a whole."""
     import shutil
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
@@ -80,26 +75,11 @@ def write_peft(out_dir, peft_config: dict, state: dict, training: dict | None = 
     tmp.mkdir()
     try:
         files.atomic_write(tmp / "adapter_model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        files.atomic_write(tmp / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
-        if training is not None:
-            files.atomic_write(tmp / TRAINING_FILE, json.dumps(training, indent=2) + "\n")
+        for file, content in {"adapter_config.json": peft_config, **(extra or {})}.items():   # extra: ours beside PEFT's (training.json)
+            files.atomic_write(tmp / file, json.dumps(content, indent=2) + "\n")
         files.replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_training(adapter_dir) -> dict | None:
-    """The adapter folder's training.json (None: it has none, e.g. an adapter not trained here)."""
-    file = Path(adapter_dir) / TRAINING_FILE
-    if not file.exists():
-        return None
-    try:
-        training = json.loads(file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{file}: not JSON ({e})") from None
-    if not isinstance(training, dict) or not isinstance(training.get("template"), str):
-        raise ValueError(f"{file}: expected an object with a 'template' string")
-    return training
 
 
 def load_peft(model: nn.Module, adapter_dir, name: str | None = None, *, dtype: torch.dtype = torch.float32) -> str:

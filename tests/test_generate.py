@@ -226,8 +226,9 @@ def template_cli(tmp_path, monkeypatch):
     vocab = write_tokenizer_json(tmp_path / "base")
     save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
     ours = with_adapters(tmp_path / "base")
-    peft_format.save_peft(ours, "a", tmp_path / "al", training={"template": "alpaca", "cutoff_len": 64})
-    peft_format.save_peft(ours, "b", tmp_path / "ch", training={"template": "chat", "cutoff_len": 64})
+    for name, folder, template in (("a", "al", "alpaca"), ("b", "ch", "chat")):
+        peft_format.write_peft(tmp_path / folder, *peft_format.peft_files(ours, name),
+                               {"training.json": {"template": template, "cutoff_len": 64}})
     peft_format.save_peft(ours, "a", tmp_path / "old")
     calls, real = [], G.generate
     monkeypatch.setattr(G, "generate", lambda model, prompts, adapters, **kw:
@@ -262,8 +263,8 @@ def test_cli_template_without_a_prompt_is_a_one_line_error(tmp_path, monkeypatch
     calls, _ = template_cli(tmp_path, monkeypatch)
     jinja = tmp_path / "rows.jinja"
     jinja.write_text("{{ data_point['instruction'] }} {{ data_point['output'] }}")
-    peft_format.save_peft(with_adapters(tmp_path / "base"), "a", tmp_path / "j",
-                          training={"template": str(jinja), "cutoff_len": 64})
+    peft_format.write_peft(tmp_path / "j", *peft_format.peft_files(with_adapters(tmp_path / "base"), "a"),
+                           {"training.json": {"template": str(jinja), "cutoff_len": 64}})
     base = ["--base", str(tmp_path / "base"), "--prompt", "hi"]
     capsys.readouterr()
     for flags, source, why in ((["--adapter", str(tmp_path / "j")], str(tmp_path / "j" / "training.json"),
