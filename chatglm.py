@@ -1,7 +1,7 @@
 """ChatGLM2/3 and GLM-4 (THUDM's `model_type: "chatglm"` folders) in plain PyTorch.
 
-The same pre-norm RMSNorm decoder as the LLaMA family in model.py, written the way THUDM's
-checkpoints are laid out:
+The same pre-norm RMSNorm decoder as the LLaMA family in llama.py (whose RMSNorm, attention
+and KV cache it imports), written the way THUDM's checkpoints are laid out:
 - one fused `query_key_value` Linear with bias, split into nh query heads and ng multi-query
   groups of keys and values (ng < nh: each group serves nh/ng query heads, as GQA);
 - RoPE on the first half of each head only, rotating interleaved (even, odd) pairs, base

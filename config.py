@@ -115,6 +115,7 @@ class RunConfig:
     out_dir: str = "out"                   # adapters, metrics.jsonl, config.json
     log_every: int = 1                     # metrics.jsonl / progress bar interval, in fused steps
     checkpoint_every: int = 50             # write the run checkpoint (out_dir/checkpoint/) every N fused steps (0: only on SIGINT/SIGTERM)
+    show_examples: int = 3                 # at the end, the first N held-out prompts of each job with test_data: base vs adapter answers (0: none)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     packing: bool = True                   # each step's examples end to end in one row, no padding (data.pack)
     cuda_graphs: bool = False              # steps at fixed shapes, replayed as CUDA graphs (graphs.py; packed SFT, plain LoRA, llama family, one process)
@@ -134,7 +135,7 @@ class ConfigError(ValueError):
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.png", "checkpoint", "snapshots",
              "sweep.json", "sweep.png", "best.json")
 # Config fields a resumed run may change: they change no result.
-RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s")
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s", "show_examples")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
 TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex"), ("loss", "task")
@@ -174,6 +175,7 @@ def validate(cfg: RunConfig, where: str, inputs: bool = True):
     need(cfg.dropout_draw in lora.DROPOUT_DRAWS, "dropout_draw", cfg.dropout_draw,
          f"expected one of {', '.join(lora.DROPOUT_DRAWS)}")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "expected >= 0")
+    need(cfg.show_examples >= 0, "show_examples", cfg.show_examples, "expected >= 0")
     sc = cfg.scheduler
     need(sc.max_candidates >= 1, "scheduler.max_candidates", sc.max_candidates, "expected >= 1")
     need(sc.max_concurrent >= 1, "scheduler.max_concurrent", sc.max_concurrent, "expected >= 1")

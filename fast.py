@@ -27,13 +27,10 @@ class ChunkedTokenLosses(torch.autograd.Function):
     vocabulary would hold 1.6 GB of them with their softmax and gradient). The losses are the
     graph's last op and each token's gradient is its loss's weight times (softmax - onehot) W,
     so forward computes that [N, C] term right after each chunk's logits and backward only
-    scales it: no logits are kept, none recomputed. Chunk size, 2 CPU cores, 1229 tokens x
-    SmolLM2's 49k vocabulary, fwd+bwd (median of 5, interleaved): 2^22 logits per chunk (85
-    rows) 1.60 s, 2^24 (341 rows) 1.33 s, all at once through F.cross_entropy 1.41 s. With
-    larger vocabularies 2^24 logits are few rows, and each chunk's two matmuls go through the
-    whole [V, C] layer again (545 MB for Qwen2's 152k x 896), so a chunk has at least
-    LOSS_CHUNK_MIN_ROWS rows. 2048 tokens x 152k, fwd+bwd: 110 rows a chunk 12.6-12.8 s, 384
-    rows 9.4-10.1 s, all at once 10.8-11.8 s (`python scripts/loss_time.py --tokens 2048`).
+    scales it: no logits are kept, none recomputed. With large vocabularies 2^24 logits are few
+    rows, and each chunk's two matmuls go through the whole [V, C] layer again (545 MB for
+    Qwen2's 152k x 896), so a chunk has at least LOSS_CHUNK_MIN_ROWS rows. The chunk rule
+    timed against all logits at once: `python scripts/loss_time.py --tokens 2048` (benchmarks.md).
     """
 
     @staticmethod
@@ -43,8 +40,7 @@ class ChunkedTokenLosses(torch.autograd.Function):
         losses = torch.empty(N, dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # One logits buffer for every chunk: a fresh [341, 49k] fp32 tensor per chunk is mapped
-        # anew (over malloc's 32 MiB mmap limit) and page-faulted on its first write; the loss
-        # alone, 1500 tokens fwd+bwd on 2 CPU cores: 1.37 -> 1.26 s with the buffer.
+        # anew (over malloc's 32 MiB mmap limit) and page-faulted on its first write.
         buffer = torch.empty(min(chunk, N), V, dtype=dtype, device=hidden.device)
         for start in range(0, N, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
@@ -54,8 +50,7 @@ class ChunkedTokenLosses(torch.autograd.Function):
             else:   # bf16/fp16 hidden states: the softmax in fp32
                 logits.copy_(h @ weight.t())
             # log-sum-exp as top + log sum exp(logits - top), keeping those exps for the softmax:
-            # torch's logsumexp took 42 ms of a 341 x 49k chunk on 2 CPU cores, these four ops 17,
-            # and exp runs once, not twice (logsumexp, then the softmax).
+            # exp runs once per logit, not twice (logsumexp, then the softmax).
             top = logits.amax(-1, keepdim=True)                             # [n, 1]
             target_logits = logits.gather(1, t[:, None])                    # [n, 1]
             probs = logits.sub_(top).exp_()                                 # unnormalised softmax, in place
@@ -89,9 +84,8 @@ class RMSNormFunction(torch.autograd.Function):
     """weight * x / rms(x), normalized in fp32 and cast back to x's dtype before the weight
     (transformers' Llama) or after it (weight_in_fp32: ChatGLM's order). The forward is those
     ops; the backward is written out: autograd over them spends most of its time multiplying
-    by the [.., 1] statistics broadcast to [.., C] (pow's and mean's backward). 2 CPU cores,
-    2048 x 576 fp32, fwd+bwd: 3.7-4.1 ms through autograd, 2.0-2.4 ms written out
-    (scripts/block_time.py); 2 per block."""
+    by the [.., 1] statistics broadcast to [.., C] (pow's and mean's backward); the two are
+    timed by `python scripts/block_time.py` (benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, weight_in_fp32: bool):
@@ -132,7 +126,7 @@ def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: tor
                   window: int | None, gqa: bool) -> torch.Tensor:
     """torch's variable-length flash kernel over the segments of one packed row that begin at
     `starts` [E+1] (int32, the last = N): [1, nh, N, hd]. CUDA, 16-bit only."""
-    from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (1.5 s)
+    from torch.nn.attention.varlen import varlen_attn   # here: importing it loads torch._dynamo (slow)
     left = -1 if window is None else window - 1                                   # keys i-left .. i
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))              # [N, heads, hd]
     extra = {}

@@ -3,10 +3,13 @@
 All rows run as one batch: prompts are left padded so that each row's next token lands
 in the same column, the cache holds past keys/values, and `lora.route` sends row i
 through adapter adapters[i]. Greedy by default; temperature + top-p sampling on request.
+On the command line each adapter reads a prompt through the template it was trained with
+(its training.json), as a row's instruction, unless --template names another.
 
     python generate.py --base DIR --adapter out/a --adapter out/b --with-base --prompt "Hi"
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,11 @@ import data
 import lora
 import model as M
 import peft_format
+
+# Beside an adapter a run saved: {"template": ..., "cutoff_len": ...} of its job (jobs.training_record),
+# the default template of its prompts here. A file of our own: a key PEFT does not know in
+# adapter_config.json makes PEFT 0.21 warn on loading that the file needs a newer PEFT.
+TRAINING_FILE = "training.json"
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -121,19 +129,19 @@ def cut_at_stop(new_tokens: list[torch.Tensor], stop_ids: set[int]) -> list[list
     return outputs
 
 
-def encode_prompt(tokenizer: data.Tokenizer, text: str, chat: bool = False) -> list[int]:
-    """Token ids of a prompt as training sees it: optional chat wrapping, then BOS if the tokenizer adds one."""
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+def encode_prompt(tokenizer: data.Tokenizer, text: str, template: str = "plain") -> list[int]:
+    """Token ids of a prompt as training reads it: the text as a row's instruction through the
+    template (data.build_prompt; 'plain' leaves it as it is), then BOS if the tokenizer adds one."""
+    data.check_template(template, tokenizer)
     # BOS (ChatGLM: [gMASK] sop) unless the chat template already wrote it.
-    return tokenizer.add_prefix(tokenizer.encode(text))
+    return tokenizer.add_prefix(tokenizer.encode(data.build_prompt(template, tokenizer, text)))
 
 
 def generate_text(model, tokenizer: data.Tokenizer, texts: list[str], adapters: list[str | None], *,
-                  chat: bool = False, **kw) -> list[str]:
-    """Encode texts, generate (stopping at the tokenizer's EOS ids, choosing only its ids), decode
-    without special tokens."""
-    prompts = [encode_prompt(tokenizer, text, chat) for text in texts]
+                  template: str = "plain", **kw) -> list[str]:
+    """Encode texts (encode_prompt), generate (stopping at the tokenizer's EOS ids, choosing only its
+    ids), decode without special tokens."""
+    prompts = [encode_prompt(tokenizer, text, template) for text in texts]
     kw = {"stop_ids": tokenizer.eos_ids, "pad_id": tokenizer.pad_id, "vocab_size": tokenizer.vocab_size, **kw}
     outputs = generate(model, prompts, adapters, **kw)
     return [tokenizer.decode(ids, skip_special=True) for ids in outputs]
@@ -151,12 +159,60 @@ def unique_name(folder: str, taken: set[str]) -> str:
     return name
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_training(adapter_dir) -> dict | None:
+    """The adapter folder's training.json (None: it has none, e.g. an adapter trained elsewhere)."""
+    file = Path(adapter_dir) / TRAINING_FILE
+    if not file.exists():
+        return None
+    try:
+        training = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(training, dict) or not isinstance(training.get("template"), str):
+        raise ValueError(f"{file}: expected an object with a 'template' string")
+    return training
+
+
+def adapter_template(folder: str, template: str | None) -> tuple[str, str]:
+    """(template, where it comes from) of an adapter's prompts: --template, else the one it was
+    trained with (training.json beside it), else plain."""
+    if template is not None:
+        return template, "--template"
+    training = read_training(folder)
+    if training is None:
+        print(f"note: {folder} has no {TRAINING_FILE}: its prompts go in as plain text "
+              f"(--template NAME chooses one)")
+        return "plain", "the default"
+    return training["template"], str(Path(folder) / TRAINING_FILE)
+
+
+def plan_rows(adapters: list[tuple[str, str, str]], with_base: bool, template: str | None
+              ) -> list[tuple[str | None, str, str, str]]:
+    """(adapter or None, template, where the template comes from, label) of each prompt's rows:
+    each adapter with its own template; the bare base (with_base, or no adapter) with --template,
+    else once per template the adapters use, so that it reads each prompt as they do."""
+    rows = [(name, t, source, name) for name, t, source in adapters]
+    if adapters and not with_base:
+        return rows
+    uses = {template or "plain": "--template" if template else "the default"}
+    if adapters and template is None:
+        uses = {}
+        for _, t, source in adapters:
+            uses.setdefault(t, source)
+    return [(None, t, source, "base" if len(uses) == 1 else f"base, {Path(t).name}")
+            for t, source in uses.items()] + rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batched generation, one row per (prompt, adapter).")
     parser.add_argument("--base", required=True, help="Hugging Face checkpoint folder")
     parser.add_argument("--adapter", action="append", default=[], help="PEFT LoRA folder (repeatable)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    parser.add_argument("--template", default=None,
+                        help="each prompt as a row's instruction through this template, as a job's: alpaca, "
+                             "chat, plain, mlora or a template file; default: each adapter's own "
+                             f"({TRAINING_FILE} beside it), else plain (the text as it is)")
+    parser.add_argument("--chat", action="store_true", help="the same as --template chat")
     parser.add_argument("--with-base", action="store_true", help="also answer each prompt with the bare base")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=None,
@@ -167,35 +223,57 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
+    if args.chat:
+        if args.template not in (None, "chat"):
+            parser.error(f"--chat is --template chat; it cannot go with --template {args.template}")
+        args.template = "chat"
     if args.temperature is None:  # greedy unless a sampling flag asks otherwise
         args.temperature = 1.0 if args.top_p < 1.0 or args.seed is not None else 0.0
+    return args
 
+
+def load(args: argparse.Namespace) -> tuple:
+    """(tokenizer, model with the adapters, plan_rows' plan, {(prompt text, template): token ids})."""
     device = M.resolve_device(args.device)
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    tokenizer = data.load_tokenizer(args.base)
+    model = M.load_model(args.base, dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), device=device)
+    adapters = []
+    for folder in args.adapter:
+        name = peft_format.load_peft(model, folder, unique_name(folder, {a[0] for a in adapters}))
+        adapters.append((name, *adapter_template(folder, args.template)))
+    plan = plan_rows(adapters, args.with_base, args.template)
+    prompts = {}
+    for text in args.prompt:
+        for _, template, source, _ in plan:
+            try:
+                prompts[text, template] = encode_prompt(tokenizer, text, template)
+            except data.DataError as e:
+                raise data.DataError(f"template of {source}: {e} (--template NAME chooses another)") from None
+    return tokenizer, model, plan, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        tokenizer = data.load_tokenizer(args.base)
-        model = M.load_model(args.base, dtype=dtype, device=device)
-        names = []
-        for folder in args.adapter:
-            names.append(peft_format.load_peft(model, folder, unique_name(folder, set(names))))
-        # Prompt-major rows, so the answers to one prompt print together.
-        row_adapters = ([None] if args.with_base or not names else []) + names
-        rows = [(text, name) for text in args.prompt for name in row_adapters]
-        prompts = [encode_prompt(tokenizer, text, args.chat) for text, _ in rows]
+        tokenizer, model, plan, prompts = load(args)
     except (FileNotFoundError, KeyError, ValueError) as e:  # data.DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-
+    if args.adapter:
+        print("templates: " + ", ".join(f"{label} {template}" for _, template, _, label in plan))
+    # Prompt-major rows, so the answers to one prompt print together.
+    rows = [(text, name, template) for text in args.prompt for name, template, _, _ in plan]
     t0 = time.time()
-    outputs = generate(model, prompts, [name for _, name in rows], max_new_tokens=args.max_new_tokens,
-                       stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, vocab_size=tokenizer.vocab_size)  # python lists: synced
+    outputs = generate(model, [prompts[text, template] for text, _, template in rows], [name for _, name, _ in rows],
+                       max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       vocab_size=tokenizer.vocab_size)  # python lists: synced
     elapsed = time.time() - t0
     for i, text in enumerate(args.prompt):
         print(f"\n=== prompt {i + 1}: {text!r}")
-        for j, name in enumerate(row_adapters):
-            answer = tokenizer.decode(outputs[i * len(row_adapters) + j], skip_special=True)
-            print(f"[{name or 'base'}] {answer}")
+        for j, (_, _, _, label) in enumerate(plan):
+            answer = tokenizer.decode(outputs[i * len(plan) + j], skip_special=True)
+            print(f"[{label}] {answer}")
     n_tokens = sum(len(ids) for ids in outputs)
     print(f"\n{n_tokens} new tokens in {len(rows)} rows, {elapsed:.2f}s, {n_tokens / elapsed:.1f} tokens/s")
     return 0

@@ -1,7 +1,8 @@
 """The fused step at fixed shapes, replayed as a CUDA graph (the run option cuda_graphs).
 
-On a GPU the fused step is bound by the host: ~9000 kernel launches, each 20-60 us of Python
-and dispatch, around ~80 ms of GPU work (benchmarks.md, "Issue 11 on a GPU"). A CUDA graph
+On a GPU the fused step is bound by the host: thousands of kernel launches, each with its Python
+and dispatch around it, for far less GPU work (benchmarks.md, "Issue 11 on a GPU": an H200 at
+ab4e102 on 2026-11-29, before this file; not re-run since). A CUDA graph
 replays all the kernels of a step in one launch, but only the kernels it recorded, on the
 memory it recorded: nothing in the step may depend on a host value that changes from step to
 step. So this step computes what train.fused_step computes for SFT jobs, differently:

@@ -21,6 +21,7 @@ import torch
 import data
 import files
 from checkpoint import weights_digests
+import generate
 import lora
 import model as M
 import peft_format
@@ -46,7 +47,7 @@ def make_optimizer(params, job: JobConfig, lora_B: set | None = None) -> torch.o
                   {"params": [p for p in params if id(p) in lora_B], "lr_ratio": job.loraplus_lr_ratio}]
         for group in groups:
             group["lr"] = job.lr * group["lr_ratio"]
-    if job.optimizer == "adamw":   # fused (one kernel for all tensors): on 2 CPU cores 6 ms a step, not 28
+    if job.optimizer == "adamw":   # fused: one kernel for all of a job's tensors, not a loop over them
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(groups, lr=job.lr, weight_decay=job.weight_decay, fused=fused or None)
     if job.optimizer == "sgd":
@@ -517,8 +518,17 @@ def finish(run: Run, name: str):
 
 
 def save_adapter(run: Run, name: str, folder: Path):
-    """The job's adapter as a PEFT folder: written by rank 0; job parallel, the others send it there."""
+    """The job's adapter as a PEFT folder, with its training.json (training_record): written by
+    rank 0; job parallel, the others send it there."""
+    extra = {generate.TRAINING_FILE: training_record(next(job for job in run.cfg.jobs if job.name == name))}
     if run.writes:
-        peft_format.save_peft(run.model, name, folder, run.cfg.base_model)
+        peft_format.write_peft(folder, *peft_format.peft_files(run.model, name, run.cfg.base_model), extra)
     elif run.outbox is not None:
-        run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model)))
+        run.outbox.append(("peft", str(folder), *peft_format.peft_files(run.model, name, run.cfg.base_model), extra))
+
+
+def training_record(job: JobConfig) -> dict:
+    """How the job made its prompts, for generate.py to make them alike: its template (a file's
+    as an absolute path, so that it is found from any folder) and cutoff_len."""
+    template = job.template if job.template in data.NAMED_TEMPLATES else str(Path(job.template).resolve())
+    return {"template": template, "cutoff_len": job.cutoff_len}

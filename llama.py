@@ -296,20 +296,20 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     """Block-diagonal causal attention over one packed row, no mask materialised.
 
     On CUDA in 16-bit, torch's variable-length flash kernel does every segment in one call.
-    Elsewhere each segment runs through SDPA's causal kernel on its own: on a 2-core CPU
-    fwd+bwd of 16 alpaca-like segments (2006 tokens, SmolLM2's heads) took 50 ms per layer,
-    one SDPA call with the [N, N] block-diagonal mask 354 ms, the same rows padded 92 ms.
+    Elsewhere each segment runs through SDPA's causal kernel on its own, which on a CPU beats
+    one SDPA call with the [N, N] block-diagonal mask (N^2 work, most of it masked) and the same
+    rows padded.
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # tests/test_cuda.py compares it with the segment-by-segment path below (run on an
-        # H200 with torch 2.11, whose varlen_attn has no enable_gqa yet).
+        # tests/test_cuda.py compares it with the segment-by-segment path below (last run on an
+        # H200 with torch 2.11, at ab4e102 on 2026-11-29; not re-run since: benchmarks.md).
         lengths = torch.tensor(segments.lengths, device=q.device, dtype=torch.int32)
         starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))               # [E+1] segment starts
         return attend_varlen(q, k, v, starts, max(segments.lengths), segments.window, gqa)
     # split, not slicing: autograd joins split gradients with one cat, where each slice's
-    # gradient would be a zero-filled [1, nh, N, hd] added up (0.4 s of a 20 s step, measured).
-    # A run of segments of one length goes through SDPA as one batch: on 2 CPU cores, 8 x 256
-    # tokens with SmolLM2's heads, fwd+bwd took 44 ms per layer so, 60 ms one by one.
+    # gradient would be a zero-filled [1, nh, N, hd] added up.
+    # A run of segments of one length goes through SDPA as one batch: one call instead of one
+    # per segment (scripts/op_count.py counts the ops saved).
     runs = [(length, len(list(run))) for length, run in itertools.groupby(segments.lengths)]
     sizes = [length * count for length, count in runs]
     out = []

@@ -80,8 +80,7 @@ def drop_positions(n: int, p: float, seed: int, draws: int | None = None) -> tor
     Drawn as the gaps between drops, which are geometric: gap = 1 + floor(log u / log(1-p)),
     u uniform in (0, 1]. One random word per DROPPED element where a mask takes 16 bits per
     element (keep_mask), and applying it zeroes just those positions (index_fill_) instead of
-    a pass of x * keep that casts the mask first. On a 2-core CPU, 512 x 1536 (p = 0.05): the
-    draw 0.3 ms against keep_mask's 1.4 ms. `draws`: words drawn at a time (default: ~n p and
+    a pass of x * keep that casts the mask first. `draws`: words drawn at a time (default: ~n p and
     a margin of 6 standard deviations, so rarely a second time); the result does not depend on it.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -345,7 +344,7 @@ class LoRAUpdate(torch.autograd.Function):
     do no arithmetic. With plan.base the frozen base matmuls are in the node too, so the
     input gradient is ONE buffer: the base's grad_out_j W_j accumulate into it (addmm) and
     each adapter adds into its rows, where autograd would sum a gradient per layer and
-    the adapters' (on 2 CPU cores such sums over [N, 1536] cost as much as a small matmul).
+    the adapters' (each sum a pass over [N, in] that does no arithmetic).
     Saved for backward: each adapter's dropped input rows (a view of x without dropout; only
     when A trains), h = drop(x) A^T (r columns per layer) and its dropout (dropout_keep's); the
     base weights. Gradients only for the A's and B's that train (UpdateGroup.trains). Plain

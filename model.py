@@ -61,7 +61,7 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype | None:
     """A torch dtype from its name; "auto": bfloat16 on CUDA, float32 on the CPU, where bf16
-    matmuls without native support (no AVX512-BF16/AMX) ran 7x slower than fp32 here."""
+    matmuls without native support (no AVX512-BF16/AMX) run several times slower than fp32."""
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, str):

@@ -64,8 +64,8 @@ def peft_files(model: nn.Module, name: str, base_model_path: str | None = None) 
     return peft_config, state
 
 
-def write_peft(out_dir, peft_config: dict, state: dict):
-    """peft_files' config and weights as a PEFT folder, replacing out_dir as a whole."""
+def write_peft(out_dir, peft_config: dict, state: dict, extra: dict | None = None):
+    """peft_files' config and weights (and `extra`, {file name: JSON}) as a PEFT folder, replacing out_dir as a whole."""
     import shutil
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
@@ -75,7 +75,8 @@ def write_peft(out_dir, peft_config: dict, state: dict):
     tmp.mkdir()
     try:
         files.atomic_write(tmp / "adapter_model.safetensors", write=lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        files.atomic_write(tmp / "adapter_config.json", json.dumps(peft_config, indent=2) + "\n")
+        for file, content in {"adapter_config.json": peft_config, **(extra or {})}.items():   # extra: ours beside PEFT's (training.json)
+            files.atomic_write(tmp / file, json.dumps(content, indent=2) + "\n")
         files.replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

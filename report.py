@@ -1,9 +1,11 @@
 """What a run reports: its jobs on held-out data (evaluate: the loss; evaluate_tasks: the task
 score, generated), the metrics line of each step (log_step), and at the end summary.json,
-run.json, loss.png and a table side by side (write_results)."""
+run.json, loss.png, a table side by side (write_results) and a few held-out prompts answered by
+the base and by each adapter (show_examples)."""
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ import data
 import files
 import generate
 import lora
+import peft_format
 import scheduler
 from config import JobConfig
 from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means,
@@ -166,6 +169,72 @@ def write_results(run):
               + (f" {number(s.get('initial_eval_task'), 2):>11} {number(s.get('eval_task'), 2):>6}" if tasks else ""))
     print(f"total {total_s:.1f}s, {totals['tokens_per_s']:.0f} tokens/s, padding {100 * totals['padding']:.1f}%, "
           f"peak memory {run.peak_mb:.0f} MiB; adapters in {run.out_dir}/")
+    show_examples(run)
+
+
+EXAMPLE_TOKENS = 48   # new tokens of each answer in show_examples: enough to tell base and adapter apart
+EXAMPLE_WIDTH = 100   # characters of a prompt or answer shown there
+
+
+def example_prompts(run, name: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, expected answer ids) of the job's first show_examples held-out rows, as training
+    read them (a pair's: its chosen answer); rows with no prompt (a Jinja template's) left out."""
+    prefix = len(run.tokenizer.add_prefix([]))
+    rows = []
+    for row in run.test_sets[name][:run.cfg.show_examples]:
+        example = row.chosen if isinstance(row, data.Pair) else row
+        start = next(i for i, label in enumerate(example.labels) if label != data.IGNORE_INDEX)
+        if start > prefix:
+            rows.append((example.input_ids[:start], example.input_ids[start:]))
+    return rows
+
+
+def show_examples(run):
+    """The first show_examples held-out prompts of each job with test_data, answered by the bare base
+    and by its adapter (loaded back from out_dir/<job>): every row in ONE generation batch, greedy.
+    Not for a sweep's trials (its table ranks them), nor a base sharded over ranks (its forward
+    needs them all)."""
+    if run.cfg.show_examples == 0 or run.cfg.shard_base:
+        return
+    trials = set(run.sweep.names) if run.sweep is not None else set()
+    shown = {name: example_prompts(run, name) for name in run.summary if name in run.test_sets
+             and name not in trials and (run.out_dir / name / "adapter_config.json").exists()}
+    shown = {name: rows for name, rows in shown.items() if rows}
+    if not shown:
+        return
+    prompts, adapters, index = [], [], {}
+    for name, rows in shown.items():
+        for prompt, _ in rows:
+            for adapter in (None, name):   # the base's answer to a prompt that two jobs share is generated once
+                if (tuple(prompt), adapter) not in index:
+                    index[tuple(prompt), adapter] = len(prompts)
+                    prompts.append(prompt)
+                    adapters.append(adapter)
+    tokenizer, t0 = run.tokenizer, time.time()
+    for name in shown:
+        peft_format.load_peft(run.model, run.out_dir / name, name)
+    try:
+        outputs = generate.generate(run.model, prompts, adapters, max_new_tokens=EXAMPLE_TOKENS,
+                                    stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    finally:
+        for name in shown:
+            lora.remove_adapter(run.model, name)
+    text = lambda ids, keep_end=False: short(tokenizer.decode(ids, skip_special=True), keep_end)
+    print(f"\nheld-out prompts, base vs adapter ({len(prompts)} rows in one batch, {time.time() - t0:.1f}s; "
+          f"show_examples={run.cfg.show_examples}, 0 shows none):")
+    for name, rows in shown.items():
+        for prompt, expected in rows:
+            print(f"{name}  > {text(prompt, keep_end=True)}\n    expected  {text(expected)}")
+            for adapter in (None, name):
+                print(f"    {adapter or 'base':<8}  {text(outputs[index[tuple(prompt), adapter]])}")
+
+
+def short(text: str, keep_end: bool = False) -> str:
+    """text on one line, at most EXAMPLE_WIDTH characters: its start (or, keep_end, its end: a prompt's question)."""
+    text = " ".join(text.split())
+    if len(text) <= EXAMPLE_WIDTH:
+        return text
+    return "..." + text[-EXAMPLE_WIDTH:] if keep_end else text[:EXAMPLE_WIDTH] + "..."
 
 
 def method(job: JobConfig) -> str:

@@ -387,8 +387,8 @@ def keep_freed_memory() -> bool:
     """Process-wide, on Linux with glibc: memory freed by tensors stays in the process for the
     next ones (mallopt: allocations under 32 MiB from the heap, which is never trimmed), so the
     next step does not page-fault fresh pages in. train.py's command line and bench.py's worker
-    processes set it. A fused step of 4 x 2 x 256 on 2 CPU cores: 4-5% faster (benchmarks.md);
-    the base alone unchanged. Returns whether it was set."""
+    processes set it (tests/test_model.py checks that freed pages are reused; benchmarks.md has
+    what is known of its effect on speed). Returns whether it was set."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)

@@ -88,14 +88,13 @@ def main():
         rows.append({"instruction": "Reverse the order of these words.", "input": " ".join(words),
                      "output": " ".join(reversed(words))})
     write("reverse", rows[:64], rows[64:])
-    # Prompts shown side by side after training, all held out from training.
-    show = []
-    for job, questions_shown in (("french", held_out[8:10]), ("json", held_out[10:12]), ("signoff", held_out[6:8])):
-        make = sets[job]
-        show += [{"job": job, "instruction": q[0], "expected": make(q)["output"]} for q in questions_shown]
-    for words in ("candle tiger winter moon", "garden yellow bridge"):
-        show.append({"job": "reverse", "instruction": "Reverse the order of these words.", "input": words,
-                     "expected": " ".join(reversed(words.split()))})
+    # Prompts shown side by side after training, none in any job's training data: 8 held-out
+    # questions that french, json and signoff each answer in their own way, and reverse's 8
+    # held-out lists. "expected" holds, per job judged on the prompt, its training-style answer.
+    show = [{"instruction": q[0], "expected": {job: make(q)["output"] for job, make in sets.items()}}
+            for q in held_out[4:12]]
+    show += [{"instruction": row["instruction"], "input": row["input"], "expected": {"reverse": row["output"]}}
+             for row in rows[64:]]
     (HERE / "prompts.json").write_text(json.dumps(show, indent=1, ensure_ascii=False) + "\n")
     # The methods demo's preference pairs (demo/methods.json, its dpo job): the French answer is
     # chosen over the English one, on the french job's questions, held out the same way.

@@ -274,3 +274,30 @@ class Recorder(TorchDispatchMode):
             return a
         self.ops.append((str(func), describe(args), describe(tuple(sorted((kwargs or {}).items())))))
         return func(*args, **(kwargs or {}))
+
+
+def assert_lora_matches_peft(ours, hf, cfg, folder, layers: int = 2):
+    """Adapter "job" (cfg, B randomized) on our model against PEFT on transformers' model `hf`
+    with the same weights (our saved adapter loaded by PEFT): the logits, and the A and B
+    gradients of one loss, on every targeted layer."""
+    import lora
+    import peft
+    import peft_format
+    lora.add_adapters(ours, {"job": cfg})
+    randomize_B(ours, "job")
+    peft_format.save_peft(ours, "job", folder)
+    pm = peft.PeftModel.from_pretrained(hf, folder, is_trainable=True)
+    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
+    expected = pm(idx).logits
+    with lora.route(ours, ["job", "job"]):
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # Gradients of the same loss reach the same A and B.
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
+    ours_grads = {f"base_model.model.{k.replace('.adapters.job', '')}": p.grad
+                  for k, p in ours.named_parameters() if p.requires_grad}
+    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == layers * 2 * len(cfg.targets)
+    for key in ours_grads:
+        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)

@@ -142,7 +142,7 @@ def test_generation_never_picks_an_id_the_tokenizer_lacks(mqa, capsys):
     assert capsys.readouterr().out.count("[base] ") == len(questions)
 
     ours = M.load_model(path)
-    prompts = [G.encode_prompt(tok, q, chat=True) for q in questions]
+    prompts = [G.encode_prompt(tok, q, template="chat") for q in questions]
     free = G.generate(ours, prompts, [None] * 4, max_new_tokens=16)  # all of the model's 512 ids
     assert tok.vocab_size < V and any(t >= tok.vocab_size for row in free for t in row)  # the crash's cause
     with pytest.raises(data.DataError, match=f"ids \\[{V - 1}\\] are not in the tokenizer's vocabulary"):

@@ -34,22 +34,25 @@ def test_demo_runs_end_to_end_on_a_tiny_base(base_dir, tmp_path, capsys, monkeyp
     assert resolved["base_model"] == str(base_dir)
     assert all(j["data"] == str(demo.REPO / "demo" / f"{j['name']}.json") for j in resolved["jobs"])
 
-    # What the user sees: for each prompt, base then every adapter, the own job's row judged.
+    # What the user sees: for each prompt, base then every adapter, the rows of the prompt's jobs judged.
     text = capsys.readouterr().out
     shown = text[text.index("=== held-out prompts"):].splitlines()
     assert f"{len(PROMPTS) * (len(JOBS) + 1)} rows in one batch" in shown[0]
     headers = [i for i, line in enumerate(shown) if line.startswith("> ")]
     assert len(headers) == len(PROMPTS)
-    passes = 0
+    passes = dict.fromkeys(JOBS, 0)
     for i, p in zip(headers, PROMPTS):
-        assert shown[i].startswith(f"> {p['instruction']}") and f"[{p['job']} job;" in shown[i]
+        judged_jobs = [name for name in JOBS if name in p["expected"]]
+        assert shown[i].startswith(f"> {p['instruction']}") and shown[i].endswith(f"[judged: {', '.join(judged_jobs)}]")
         rows = shown[i + 1:i + 2 + len(JOBS)]
         assert [re.match(r"  (\S+)\s*\| ", row).group(1) for row in rows] == ["base", *JOBS]
-        judged = [row for row in rows if "<- behaviour" in row]
-        assert len(judged) == 1 and judged[0].startswith(f"  {p['job']} ")
-        passes += "behaviour PASS" in judged[0]
+        judged = [row.split()[0] for row in rows if "<- behaviour" in row]
+        assert judged == judged_jobs
+        for row in rows[1:]:   # the adapters' rows, in JOBS order
+            passes[row.split()[0]] += "behaviour PASS" in row
     assert len([line for line in shown if re.match(r"  \S+\s*\| ", line)]) == len(PROMPTS) * (len(JOBS) + 1)
-    assert f"each adapter on its own task: {passes}/{len(PROMPTS)} held-out prompts" in text
+    counts = ", ".join(f"{name} {passes[name]}/{sum(name in p['expected'] for p in PROMPTS)}" for name in JOBS)
+    assert f"each adapter on its own held-out prompts, answers showing its behaviour: {counts}\n" in text
 
     # The before/after held-out loss table: one row per job, the summary's finite numbers.
     header = next(i for i, line in enumerate(shown) if re.match(r"job\s+held-out loss before\s+after$", line))
@@ -62,6 +65,57 @@ def test_demo_runs_end_to_end_on_a_tiny_base(base_dir, tmp_path, capsys, monkeyp
         assert math.isfinite(before) and math.isfinite(after)
         assert (before, after) == (round(summary[name]["initial_eval_loss"], 3), round(summary[name]["eval_loss"], 3))
     assert "demo finished in" in text
+
+
+def test_held_out_prompts_eight_per_job_none_in_training_data():
+    """At least 8 shown prompts per job, none of them (instruction and input) in any job's training
+    data, each with an expected answer that its job's judge accepts."""
+    config = json.loads(demo.CONFIG.read_text())
+    trained = {(row["instruction"], row.get("input", "")) for j in config["jobs"]
+               for row in json.loads((demo.REPO / j["data"]).read_text())}
+    assert all((p["instruction"], p.get("input", "")) not in trained for p in PROMPTS)
+    assert len({(p["instruction"], p.get("input", "")) for p in PROMPTS}) == len(PROMPTS)
+    for name in JOBS:
+        expected = [p["expected"][name] for p in PROMPTS if name in p["expected"]]
+        assert len(expected) >= 8 and all(demo.check(name, e, e) for e in expected)
+
+
+def test_show_results_one_generate_call_and_the_count_per_adapter(base_dir, tmp_path, capsys, monkeypatch):
+    """Every (held-out prompt, base or adapter) row goes into ONE generate call, and the count line
+    tallies each adapter's answers that show its behaviour (here: answers written by the test)."""
+    import data
+    import generate
+    monkeypatch.setattr(demo, "prepare_base", lambda: None)
+    tokenizer = data.load_tokenizer(str(base_dir))
+    fails = {"json": 1, "reverse": 3}   # the first prompts of these jobs get an answer that fails
+    calls, seen = [], dict.fromkeys(JOBS, 0)
+
+    def fake_generate(net, rows, adapters, **kw):
+        calls.append(list(zip(rows, adapters)))
+        outputs = []
+        for row, name in zip(rows, adapters):
+            text = tokenizer.decode(row)
+            p = next(p for p in PROMPTS if p["instruction"] in text and p.get("input", "") in text)
+            answer = p["expected"].get(name, "no answer")
+            if name in p["expected"]:
+                answer = "not JSON" if name == "json" and seen[name] < fails["json"] else answer
+                answer = p["input"] if name == "reverse" and seen[name] < fails["reverse"] else answer
+                seen[name] += 1
+            outputs.append(tokenizer.encode(answer) + [tokenizer.eos_id])
+        return outputs
+
+    monkeypatch.setattr(generate, "generate", fake_generate)
+    rc = train.main([f"--base_model={base_dir}", f"--out_dir={tmp_path / 'demo'}", "--dtype=float32",
+                     "--device=cpu", *[f"--jobs.{name}.max_steps=1" for name in JOBS]])
+    assert rc == 0 and len(calls) == 1
+    pairs = [(tokenizer.decode(row), name) for row, name in calls[0]]
+    assert len(pairs) == len(PROMPTS) * (len(JOBS) + 1)
+    for p in PROMPTS:   # each prompt once per row: the base's and every adapter's
+        names = [name for text, name in pairs if p["instruction"] in text and p.get("input", "") in text]
+        assert names == [None, *JOBS]
+    counts = {name: sum(name in p["expected"] for p in PROMPTS) for name in JOBS}
+    line = ", ".join(f"{name} {counts[name] - fails.get(name, 0)}/{counts[name]}" for name in JOBS)
+    assert f"each adapter on its own held-out prompts, answers showing its behaviour: {line}\n" in capsys.readouterr().out
 
 
 def test_resolve_paths_bundled_against_the_repo_overrides_as_given(monkeypatch):
@@ -119,16 +173,17 @@ def test_check_judges_each_jobs_behaviour(job, expected, answer, ok):
 def test_demo_table_with_an_untrained_job_and_one_without_test_data(base_dir, tmp_path, capsys, monkeypatch):
     """A job with max_steps=0 has no adapter and is left out; a job without test_data shows '-'."""
     monkeypatch.setattr(demo, "prepare_base", lambda: None)
-    skipped, untested = JOBS[0], JOBS[1]
+    skipped, untested = JOBS[-1], JOBS[1]   # reverse: its 8 prompts, judged on it alone, are left out
     rc = train.main([f"--base_model={base_dir}", f"--out_dir={tmp_path / 'demo'}", "--dtype=float32", "--device=cpu",
                      *[f"--jobs.{name}.max_steps={0 if name == skipped else 1}" for name in JOBS],
                      f"--jobs.{untested}.test_data=null"])
     assert rc == 0
     text = capsys.readouterr().out
     shown = text[text.index("=== held-out prompts"):]
-    assert f"{len(PROMPTS) * len(JOBS)} rows in one batch" in shown
-    judged = sum(p["job"] != skipped for p in PROMPTS)
-    assert re.search(rf"each adapter on its own task: \d+/{judged} held-out prompts", shown)
+    kept = [p for p in PROMPTS if set(p["expected"]) - {skipped}]   # prompts judged on a trained job
+    assert f"{len(kept) * len(JOBS)} rows in one batch" in shown
+    counts = re.search(r"answers showing its behaviour: (.*)\n", shown).group(1).split(", ")
+    assert [c.split()[0] for c in counts] == [name for name in JOBS if name != skipped]
     table = shown[shown.index("held-out loss before"):].splitlines()[1:len(JOBS)]
     assert [line.split()[0] for line in table] == [name for name in JOBS if name != skipped]
     assert next(line for line in table if line.startswith(untested)).split()[1:] == ["-", "-"]

@@ -197,7 +197,8 @@ def test_generate_text_adds_bos_and_chat_template(tmp_path):
         expected = G.generate(ours, ids, [None, None], max_new_tokens=6, stop_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, vocab_size=vocab)
         assert all(t < vocab for row in expected for t in row)
-        got = G.generate_text(ours, tokenizer, texts, [None, None], chat=chat, max_new_tokens=6)
+        got = G.generate_text(ours, tokenizer, texts, [None, None], template="chat" if chat else "plain",
+                              max_new_tokens=6)
         assert got == [tokenizer.decode(e, skip_special=True) for e in expected]
 
 
@@ -217,3 +218,64 @@ def test_cli_with_two_adapters_and_base(tmp_path, capsys):
         assert out.count(label) == 2, out
     assert out.index("prompt 1") < out.index("[job-2]") < out.index("prompt 2")
     assert "tokens/s" in out
+
+
+def template_cli(tmp_path, monkeypatch):
+    """A base, adapters saved with training.json (alpaca, chat) and one without, and G.generate
+    recording the prompt ids and adapters it is given."""
+    vocab = write_tokenizer_json(tmp_path / "base")
+    save_hf(make_hf_model(vocab_size=max(vocab, 384)), tmp_path / "base")
+    ours = with_adapters(tmp_path / "base")
+    for name, folder, template in (("a", "al", "alpaca"), ("b", "ch", "chat")):
+        peft_format.write_peft(tmp_path / folder, *peft_format.peft_files(ours, name),
+                               {"training.json": {"template": template, "cutoff_len": 64}})
+    peft_format.save_peft(ours, "a", tmp_path / "old")
+    calls, real = [], G.generate
+    monkeypatch.setattr(G, "generate", lambda model, prompts, adapters, **kw:
+                        calls.append(list(zip(prompts, adapters))) or real(model, prompts, adapters, **kw))
+    tok = data.load_tokenizer(tmp_path / "base")
+    ids = lambda template, text: tok.add_prefix(tok.encode(data.build_prompt(template, tok, text)))
+    return calls, ids
+
+
+def test_cli_reads_each_adapter_through_its_saved_template(tmp_path, monkeypatch, capsys):
+    calls, ids = template_cli(tmp_path, monkeypatch)
+    base = ["--base", str(tmp_path / "base"), "--max-new-tokens", "2"]
+    adapters = ["--adapter", str(tmp_path / "al"), "--adapter", str(tmp_path / "ch"), "--adapter", str(tmp_path / "old")]
+    assert G.main(base + adapters + ["--with-base", "--prompt", "hi", "--prompt", "Name a color."]) == 0
+    out = capsys.readouterr().out
+    # Each adapter its own template (none saved: plain); the base once per template they use.
+    rows = [(None, "alpaca"), (None, "chat"), (None, "plain"), ("al", "alpaca"), ("ch", "chat"), ("old", "plain")]
+    assert calls[-1] == [(ids(template, text), name) for text in ("hi", "Name a color.") for name, template in rows]
+    assert "old has no training.json" in out and out.count("[base, chat] ") == 2
+    assert "templates: base, alpaca alpaca, base, chat chat, base, plain plain, al alpaca, ch chat, old plain" in out
+    # --template overrides every saved one, and the base takes it too: one base row.
+    assert G.main(base + adapters + ["--with-base", "--template", "mlora", "--prompt", "hi"]) == 0
+    assert calls[-1] == [(ids("mlora", "hi"), name) for name in (None, "al", "ch", "old")]
+    # No adapter: the text as it is, or the chat template with --chat (as --template chat).
+    for flags, template in (([], "plain"), (["--chat"], "chat"), (["--template", "chat"], "chat")):
+        assert G.main(base + flags + ["--prompt", "hi"]) == 0
+        assert calls[-1] == [(ids(template, "hi"), None)]
+    assert ids("plain", "hi") != ids("chat", "hi") != ids("alpaca", "hi")
+
+
+def test_cli_template_without_a_prompt_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    calls, _ = template_cli(tmp_path, monkeypatch)
+    jinja = tmp_path / "rows.jinja"
+    jinja.write_text("{{ data_point['instruction'] }} {{ data_point['output'] }}")
+    peft_format.write_peft(tmp_path / "j", *peft_format.peft_files(with_adapters(tmp_path / "base"), "a"),
+                           {"training.json": {"template": str(jinja), "cutoff_len": 64}})
+    base = ["--base", str(tmp_path / "base"), "--prompt", "hi"]
+    capsys.readouterr()
+    for flags, source, why in ((["--adapter", str(tmp_path / "j")], str(tmp_path / "j" / "training.json"),
+                                "a Jinja template renders whole rows; it has no prompt of its own"),
+                               (["--template", str(jinja)], "--template", "renders whole rows"),
+                               (["--adapter", str(tmp_path / "al"), "--template", str(tmp_path / "nope.json")],
+                                "--template", "nope.json: template file not found")):
+        assert G.main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: template of {source}: ") and why in err and err.count("\n") == 1, err
+    assert not calls
+    with pytest.raises(SystemExit):
+        G.main(base + ["--chat", "--template", "alpaca"])
+    assert "--chat is --template chat" in capsys.readouterr().err

@@ -120,3 +120,42 @@ def test_readme_names_every_test_that_needs_run_slow():
     assert len(gated) == 2 and "Two slow tests" in section and "RUN_SLOW=1" in section
     for name in gated:
         assert name in section, name
+
+
+# A file name, not a module attribute: `model.safetensors`, `tokenizer.json`, `sweep.png` ...
+FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "model", "png", "md", "txt", "toml", "yaml", "pt", "sh", "gguf"}
+
+
+def readme_code_references() -> list[str]:
+    """Every `module.name[.attr]` in README.md's inline code whose module is a top-level file:
+    fenced blocks aside (commands and snippets), file names and config keys (`sweep.space.lr`) aside."""
+    import dataclasses
+    import config
+    sections = {"scheduler": config.SchedulerConfig, "sweep": config.SweepConfig, "jobs": config.JobConfig}
+    modules = {p.stem for p in REPO.glob("*.py")}
+    text = re.sub(r"```.*?```", "", (REPO / "README.md").read_text(), flags=re.S)
+    found = []
+    for span in re.findall(r"`([^`\n]+)`", text):
+        for match in re.finditer(r"(?<![\w.\-/])([a-z_]\w*)((?:\.\w+)+)", span):
+            module, attrs = match.group(1), match.group(2)[1:].split(".")
+            fields = {f.name for f in dataclasses.fields(sections[module])} if module in sections else set()
+            if module in modules and attrs[-1] not in FILE_SUFFIXES and attrs[0] not in fields | {"NAME", "FIELD"}:
+                found.append(match.group(0))
+    return found
+
+
+def test_readme_code_references_resolve():
+    """Every function, class or table README.md names as `module.name` exists there, defined in
+    that module (not merely imported into it): a rename or a move shows up here."""
+    import importlib
+    import inspect
+    references = readme_code_references()
+    assert len(references) > 10, references          # the pattern still finds what the README names
+    for reference in references:
+        module_name, *attrs = reference.split(".")
+        obj = importlib.import_module(module_name)
+        for attr in attrs:
+            assert hasattr(obj, attr), f"README.md names `{reference}`: no {attr!r} in {getattr(obj, '__name__', obj)}"
+            obj = getattr(obj, attr)
+        if len(attrs) == 1 and (inspect.isfunction(obj) or inspect.isclass(obj)):
+            assert obj.__module__ == module_name, f"README.md names `{reference}`, defined in {obj.__module__}"

@@ -8,7 +8,7 @@ import lora
 import lora_update
 from llama import Llama
 import model as M
-from conftest import randomize_B
+from conftest import assert_lora_matches_peft, randomize_B
 import peft_format
 
 ALL = list(Llama.LORA_TARGETS)
@@ -29,27 +29,9 @@ def test_init_equals_base(ours):
 
 
 def test_forward_and_grads_match_peft(tmp_path, tiny_llama, ours):
-    import peft
-    path, hf = tiny_llama
+    _, hf = tiny_llama
     cfg = lora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj", "o_proj"])
-    lora.add_adapters(ours, {"job": cfg})
-    randomize_B(ours, "job")
-    peft_format.save_peft(ours, "job", tmp_path / "job")
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job", is_trainable=True)
-    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
-    expected = pm(idx).logits
-    with lora.route(ours, ["job", "job"]):
-        got = ours(idx)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    # Gradients of the same loss reach the same A and B.
-    expected.square().mean().backward()
-    got.square().mean().backward()
-    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
-    ours_grads = {f"base_model.model.{k.replace('.adapters.job', '')}": p.grad
-                  for k, p in ours.named_parameters() if p.requires_grad}
-    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * 4
-    for key in ours_grads:
-        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+    assert_lora_matches_peft(ours, hf, cfg, tmp_path / "job")
 
 
 def test_saved_adapter_format(tmp_path, ours):

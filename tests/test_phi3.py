@@ -7,8 +7,7 @@ import torch
 
 import lora
 import model as M
-import peft_format
-from conftest import TINY, randomize_B, save_hf
+from conftest import TINY, assert_lora_matches_peft, save_hf
 from phi3 import Phi3
 
 
@@ -105,26 +104,9 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(phi3):
 def test_lora_on_every_target_matches_peft(tmp_path):
     """LoRA on qkv_proj, o_proj, gate_up_proj and down_proj: logits and the A/B gradients of one
     loss equal PEFT's on transformers' model with the same weights."""
-    import peft
     hf = make_phi3(0.5)
     ours = M.load_model(save_hf(hf, tmp_path / "base"), dtype=torch.float32)
-    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(Phi3.LORA_TARGETS))})
-    randomize_B(ours, "job")
-    peft_format.save_peft(ours, "job", tmp_path / "job")
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job", is_trainable=True)
-    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
-    expected = pm(idx).logits
-    with lora.route(ours, ["job", "job"]):
-        got = ours(idx)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    expected.square().mean().backward()
-    got.square().mean().backward()
-    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
-    ours_grads = {f"base_model.model.{k.replace('.adapters.job', '')}": p.grad
-                  for k, p in ours.named_parameters() if p.requires_grad}
-    assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == 2 * 2 * 4
-    for key in ours_grads:
-        torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+    assert_lora_matches_peft(ours, hf, lora.LoRAConfig(r=4, alpha=8, targets=list(Phi3.LORA_TARGETS)), tmp_path / "job")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -105,8 +105,10 @@ def test_two_jobs_learn_ok_and_each_eval_is_one_generation_batch(files, tmp_path
         assert [e["step"] for e in events(out, "eval") if e["job"] == name] == [3, 6, 9, 12]
         assert [e["eval_task"] for e in events(out, "eval") if e["job"] == name][-1] == 1.0
     assert [e["initial_eval_task"] for e in events(out, "admit")] == [0.0, 0.0]
-    # Both jobs step together: admission, steps 3, 6, 9, 12 and the finish are one batch each.
-    assert len(calls) == 6 and all(sorted(set(c)) == ["a", "b"] and len(c) == 8 for c in calls)
+    # Both jobs step together: admission, steps 3, 6, 9, 12 and the finish are one batch each;
+    # then the held-out prompts, base vs adapter (show_examples, 3 of each job), one batch more.
+    assert len(calls) == 7 and all(sorted(set(c)) == ["a", "b"] and len(c) == 8 for c in calls[:6])
+    assert calls[6].count(None) == 3 and calls[6].count("a") == calls[6].count("b") == 3
 
 
 def test_early_stop_on_the_task_score(files, tmp_path):

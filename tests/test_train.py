@@ -375,3 +375,50 @@ def test_the_start_up_summary_says_the_steps_run_and_names_the_default_targets(t
     assert lines[0].startswith("  cut: 20 rows x 3 epochs, max_steps 4: 4 optimizer steps, r=4 alpha=8 "
                                f"{','.join(Llama.DEFAULT_TARGETS)} (the default targets), ")
     assert lines[1].startswith("  whole: 20 rows x 3 epochs: 15 optimizer steps, r=4 alpha=8 q_proj,v_proj, ")
+
+
+def test_run_ends_with_held_out_prompts_base_vs_adapter_in_one_batch(tmp_path, base_dir, monkeypatch, capsys):
+    """show_examples: the first N held-out prompts of each job with test_data, as its template builds
+    them (data.build_prompt), base and adapter rows in ONE generate call, each answer what the
+    saved adapter (or the bare base) gives alone; training.json beside every saved adapter."""
+    import generate
+    calls, real = [], generate.generate
+
+    def recorded(*args, **kw):
+        calls.append((args, kw, real(*args, **kw)))
+        return calls[-1][2]
+    monkeypatch.setattr(generate, "generate", recorded)
+    rows = write_rows(tmp_path / "t.json", 8, 5, "reverse")
+    tests = {"a": write_rows(tmp_path / "a.json", 4, 6, "reverse"), "m": write_rows(tmp_path / "m.json", 3, 7, "count")}
+    jobs = [job("a", rows, test_data=tests["a"], max_steps=2, save_every=1),
+            job("m", rows, test_data=tests["m"], template="mlora", max_steps=2),
+            job("plain", rows, max_steps=1)]
+    out = tmp_path / "out"
+    train.train(run_cfg(base_dir, out, jobs, show_examples=2))
+    text = capsys.readouterr().out
+    assert len(calls) == 1
+    (_, prompts, adapters), kw, outputs = calls[0]
+    tok = data.load_tokenizer(base_dir)
+    expected = []
+    for spec in jobs[:2]:
+        for row in json.loads(open(tests[spec.name]).read())[:2]:
+            ids = tok.add_prefix(tok.encode(data.build_prompt(spec.template, tok, row["instruction"], row["input"])))
+            expected += [(ids, None), (ids, spec.name)]
+    assert list(zip(prompts, adapters)) == expected
+    # Each row's answer is what the saved adapter (or the bare base) gives alone.
+    alone = M.load_model(base_dir)
+    for name in ("a", "m"):
+        peft_format.load_peft(alone, out / name)
+    for ids, name, answer in zip(prompts, adapters, outputs):
+        assert real(alone, [ids], [name], **kw) == [answer]
+    assert any(outputs[i] != outputs[i + 1] for i in range(0, len(outputs), 2))   # the adapters answer otherwise
+    shown = text[text.index("held-out prompts, base vs adapter (8 rows in one batch"):]
+    for name in ("a", "m"):
+        assert shown.count(f"\n{name}  > ") == 2 and shown.count(f"\n    {name:<8}  ") == 2
+    assert shown.count("\n    base      ") == 4 and "\nplain  > " not in shown
+    for folder, template in ((out / "a", "alpaca"), (out / "m", "mlora"), (out / "snapshots" / "a" / "step-1", "alpaca")):
+        assert json.loads((folder / "training.json").read_text()) == {"template": template, "cutoff_len": 256}
+    # show_examples=0: no generation at the end.
+    calls.clear()
+    train.train(run_cfg(base_dir, tmp_path / "off", jobs[:1], show_examples=0))
+    assert not calls and "held-out prompts" not in capsys.readouterr().out
