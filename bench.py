@@ -4,7 +4,7 @@
     python bench.py                    # full: k in {1, 2, 4, 8} at 1x64 tokens, k=4 at 2x256 and 2 x alpaca lengths
     python bench.py --tiny --quick     # a tiny random model (RUN_SLOW=1 tests run this)
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
-    python bench.py --scenario memory       # 8 jobs: activation peak with/without checkpointing, vs 8 PEFT processes
+    python bench.py --scenario memory       # 8 jobs: activation peak with/without checkpointing; vs 8 PEFT processes, both ways
     python bench.py --scenario ranks        # train.py on 1 process and on 2 ranks under torchrun (dist.py): scaling
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
@@ -228,6 +228,9 @@ def peft_worker(args, jobs: list[int], barrier=None, packed: bool = False) -> di
                                                                device_map=device if quant else None)
         if not quant:
             hf.to(device)
+        if args.checkpointing:   # transformers' own activation checkpointing, as a PEFT user turns it on
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.enable_input_require_grads()
         targets = args.targets.split(",")
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                      target_modules=targets, task_type="CAUSAL_LM"))
@@ -513,8 +516,8 @@ def step_activation_peak(step) -> float:
 
 def memory_scenario(args) -> dict:
     """k jobs fused: the step's activation peak without and with activation checkpointing
-    (one process, the same batch), then peak RSS of our fused run with checkpointing against
-    k PEFT processes (each process its own, summed)."""
+    (one process, the same batch), then peak RSS of our fused run against k PEFT processes
+    (each process its own, summed), like for like: both without checkpointing, both with it."""
     import lora
     import train
     k = int(args.k or 8)
@@ -534,20 +537,25 @@ def memory_scenario(args) -> dict:
             net, configs, examples, [1000] * k, generators, 0, device, args.packing))
         net.zero_grad(set_to_none=True)
     del net
-    ours = run_system("ours", argparse.Namespace(**{**vars(w), "checkpointing": True}), k)
-    peft = run_system("peft-parallel", w, k)
+    # Like for like: each side's peak RSS with checkpointing off, then on (ours one process, PEFT k).
+    rss = {(system, on): run_system(system, argparse.Namespace(**{**vars(w), "checkpointing": on}), k)["peak_mb"]
+           for on in (False, True) for system in ("ours", "peft-parallel")}
     result = {"k": k, "rows": w.rows, "seq": w.seq, "activation_peak_mb": peaks[False],
               "activation_peak_checkpointed_mb": peaks[True], "activation_cut": peaks[False] / peaks[True],
-              "ours_checkpointed_peak_rss_mb": ours["peak_mb"], "peft_parallel_peak_rss_mb": peft["peak_mb"],
-              "ours_over_peft_memory": ours["peak_mb"] / peft["peak_mb"]}
+              **{f"{'ours' if s == 'ours' else 'peft_parallel'}_{'checkpointed' if on else 'plain'}_peak_rss_mb": mb
+                 for (s, on), mb in rss.items()},
+              "ours_over_peft_memory_plain": rss["ours", False] / rss["peft-parallel", False],
+              "ours_over_peft_memory_checkpointed": rss["ours", True] / rss["peft-parallel", True]}
     print(f"\nmemory: {k} jobs x {w.rows}x{w.seq} tokens, r={args.r} on {args.targets}, {args.dtype}\n")
     print("| measure | value |\n|---|---|")
     print(f"| fused step's activation peak (tensors), no checkpointing | {peaks[False]:.0f} MiB |")
     print(f"| the same with activation checkpointing | {peaks[True]:.0f} MiB |")
     print(f"| checkpointing cuts the activation peak by | {result['activation_cut']:.2f}x |")
-    print(f"| ours fused with checkpointing, peak RSS | {ours['peak_mb']:.0f} MiB |")
-    print(f"| {k} PEFT processes, peak RSS summed | {peft['peak_mb']:.0f} MiB |")
-    print(f"| ours / PEFT processes | {result['ours_over_peft_memory']:.2f} |")
+    for on in (False, True):
+        how = "with activation checkpointing" if on else "without checkpointing"
+        print(f"| ours fused, {how}, peak RSS | {rss['ours', on]:.0f} MiB |")
+        print(f"| {k} PEFT processes, {how}, peak RSS summed | {rss['peft-parallel', on]:.0f} MiB |")
+        print(f"| ours / PEFT processes, {how} | {rss['ours', on] / rss['peft-parallel', on]:.2f} |")
     return result
 
 
@@ -659,7 +667,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quant", default=None, help="nf4 / fp4 base (QLoRA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our systems")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every system (ours; transformers' gradient checkpointing)")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep: every worker process keeps freed memory (scheduler.keep_freed_memory, as train.py "
                         "does); default: glibc's own settings")

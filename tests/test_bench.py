@@ -76,4 +76,6 @@ def test_memory_scenario_measures_checkpointing_and_peft_processes(tmp_path):
     result = json.loads(out.read_text())["memory"]
     assert result["k"] == 2 and result["activation_peak_mb"] > result["activation_peak_checkpointed_mb"] > 0
     assert result["activation_cut"] == pytest.approx(result["activation_peak_mb"] / result["activation_peak_checkpointed_mb"])
-    assert result["ours_checkpointed_peak_rss_mb"] > 0 and result["peft_parallel_peak_rss_mb"] > 0
+    for how in ("plain", "checkpointed"):   # like for like: both sides without checkpointing, and both with it
+        ours, peft = result[f"ours_{how}_peak_rss_mb"], result[f"peft_parallel_{how}_peak_rss_mb"]
+        assert ours > 0 and peft > 0 and result[f"ours_over_peft_memory_{how}"] == pytest.approx(ours / peft)
