@@ -229,7 +229,10 @@ def peft_worker(args, jobs: list[int], barrier=None, packed: bool = False) -> di
         if not quant:
             hf.to(device)
         if args.checkpointing:   # transformers' own activation checkpointing, as a PEFT user turns it on
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "activation_checkpointing_enable"):   # transformers >= 5.2x; before: gradient_checkpointing_enable
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
         targets = args.targets.split(",")
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,

@@ -35,7 +35,7 @@ import lora
 import model as M
 import state
 from config import ConfigError, JobConfig, RunConfig
-from jobs import (Fused, Interrupted, Run, claim_and_lock, describe, load_base, make_scheduler, open_run, read_inputs,
+from jobs import (Fused, Interrupted, Run, claim_and_lock, load_base, make_scheduler, open_run, read_inputs,
                   step_rows)
 from objectives import METRIC_SUMS, adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
 import peft_format
@@ -369,13 +369,11 @@ def start(cfg: RunConfig, overwrite: bool, d: Dist) -> tuple[Run | None, dict | 
             local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
             print(f"base sharded (FSDP2) over {d.world} ranks: {local:,} of "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank")
-    run = open_run(cfg, read, model, d.device, mode, saved is not None, writes=d.main)
+    run = open_run(cfg, read, model, d.device, mode, saved is not None, writes=d.main,
+                   about="\n" + d.describe(cfg.scheduler.placement))
     run.dist = d
     if lock is not None:
         run.lock = lock
-    if d.main:
-        print(describe(cfg, d.device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}\n"
-              + d.describe(cfg.scheduler.placement))
     if apart:
         run.outbox, run.tag, run.bar.total = None if d.main else [], {"rank": d.rank}, None
         d.pending = [p.name for p in sorted(read["plans"], key=lambda p: -p.priority)]

@@ -341,12 +341,15 @@ def load_base(cfg: RunConfig, device: str) -> torch.nn.Module:
 
 
 
-def open_run(cfg: RunConfig, read: dict, model, device: str, mode: str | None, resuming: bool, writes: bool = True) -> Run:
+def open_run(cfg: RunConfig, read: dict, model, device: str, mode: str | None, resuming: bool, writes: bool = True,
+             about: str = "") -> Run:
     """The Run over a prepared out_dir: a previous run's outputs cleared (overwrite) or its
-    partial writes removed (resume), the resolved config saved, metrics.jsonl opened."""
+    partial writes removed (resume), the resolved config saved, what will run printed (and
+    `about`, a layer's line), metrics.jsonl opened."""
     from tqdm import tqdm
     out_dir, metrics = Path(cfg.out_dir), None
     if writes:
+        print(describe(cfg, device, read["train_sets"]) + f"\nresolved config: {out_dir / 'config.json'}" + about)
         if mode == "overwrite":
             clear_run(out_dir)
         elif mode in ("resume", "restart"):

@@ -36,8 +36,8 @@ import model as M
 import scheduler
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, help_text, load_config,  # noqa: F401
                     parse_command_line, single_process_warnings, validate)
-from jobs import (Fused, JobState, Run, admit_all, claim_and_lock, describe, eval_due, evaluate_and_stop, finish, load_base, open_run,
-                  prefetch_tasks, read_inputs, step_rows, stop_early)
+from jobs import (Fused, JobState, Run, admit_all, claim_and_lock, eval_due, evaluate_and_stop, finish, load_base,
+                  open_run, prefetch_tasks, read_inputs, step_rows, stop_early)
 from objectives import fuse_rows, job_losses, reward_means
 from report import log_step, write_results
 
@@ -293,7 +293,6 @@ def start(cfg: RunConfig, overwrite: bool) -> tuple[Run | None, dict | None]:
     device = M.resolve_device(cfg.device)
     run = open_run(cfg, read, load_base(cfg, device), device, mode, saved is not None)
     run.lock = lock
-    print(describe(cfg, device, read["train_sets"]) + f"\nresolved config: {run.out_dir / 'config.json'}")
     return run, saved
 
 
