@@ -129,10 +129,9 @@ def sync(device: str):
 
 def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, graphed: bool = False) -> dict:
     """Our model: fused (all jobs each step; graphed: replayed as CUDA graphs on GPUs), one
-    after another, or the bare base."""
+    after another, or the bare base. Each step is train.py's own: the run's forward_backward
+    step, then each job's optimizer_step (clipping, the pre-step snapshot, the finite checks)."""
     import data
-    import graphs
-    import lora
     import objectives
     import train
     device = M.resolve_device(args.device)
@@ -141,35 +140,22 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, gra
     names = [f"job{j}" for j in jobs]
     work = {n: job_batches(args, j, net.config.vocab_size) for n, j in zip(names, jobs)}
     if not base_only:
-        targets = args.targets.split(",")
-        lora.add_adapters(net, {n: lora.LoRAConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, targets=targets)
-                                for n in names})
-        optimizers = {n: torch.optim.AdamW(lora.adapter_parameters(net, n), lr=1e-4, fused=True) for n in names}
-        generators = {n: torch.Generator().manual_seed(i) for i, n in enumerate(names)}
-        configs = {n: train.JobConfig(name=n, data="-") for n in names}  # job_loss reads the objective
-        captured = graphs.Graphs()
+        run = loop_run(args, net, names, work, device, graphed)
     else:  # backward through the frozen layers needs an input that requires grad
         net.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
     def step(group: list[str], s: int):
-        parts = [(n, make_examples(*work[n][s])) for n in group]
         if base_only:
+            parts = [(n, make_examples(*work[n][s])) for n in group]
             batch = data.make_batch(parts, 0, args.packing).to(device)
             net.train()
             losses, _ = objectives.token_losses(net, batch)
             losses.sum().backward()
             return batch.num_tokens, batch.input_ids.numel()
-        # The same fused step as train.py's (one optimizer step per micro-batch here).
-        step_args = ([configs[n] for n in group], [ex for _, ex in parts],
-                     [sum(len(e.labels) - e.labels.count(-100) for e in ex) for _, ex in parts], generators, 0, device)
-        if graphed:
-            _, _, counts, _, _ = captured.step(net, *step_args)
-        else:
-            _, _, counts, _, _ = train.fused_step(net, *step_args, args.packing)
-        for n in group:
-            optimizers[n].step()
-            optimizers[n].zero_grad(set_to_none=True)
-        return counts.sum(0).tolist()
+        # train.py's loop: the fused step, each job's loss added to its step, its optimizer step.
+        fused_run = run.steps.forward_backward(run, [micro_batch(run, n, s, args.rows) for n in group])
+        run.steps.optimize(run, train.accumulate(run, fused_run))
+        return fused_run.counts.sum(0).tolist()
 
     def one_repeat():
         real = padded = 0
@@ -185,6 +171,46 @@ def ours_worker(args, jobs: list[int], fused: bool, base_only: bool = False, gra
         return real, padded, time.perf_counter() - t0
 
     return run_repeats(args, device, one_repeat)
+
+
+def loop_run(args, net, names: list[str], work: dict, device: str, graphed: bool):
+    """A jobs.Run holding the bench's jobs as train.py's loop holds them: each a JobState (its
+    adapter, its optimizer as jobs.make_optimizer makes it, its dropout RNG, the job defaults:
+    gradient clipping at 1.0), and the run's steps as train.py picks them (core_steps, add_layers:
+    the fixed-shape step with graphed, non-finite isolation where adapters share matmuls)."""
+    import config
+    import jobs
+    import lora
+    import objectives
+    import train
+    targets = args.targets.split(",")
+    job_configs = [config.JobConfig(name=n, data="-", r=args.r, alpha=2 * args.r, dropout=args.dropout,
+                                    targets=targets, lr=1e-4) for n in names]
+    cfg = config.RunConfig(base_model=args.base, jobs=job_configs, packing=args.packing, cuda_graphs=graphed,
+                           device=device)
+    lora.add_adapters(net, {job.name: job.lora_config() for job in job_configs})
+    sets = {n: [e for rows, prompts in work[n] for e in make_examples(rows, prompts)] for n in names}
+    run = jobs.Run(cfg, device, Path("-"), net, 0, None, {}, sets, {}, {}, metrics=None, start=time.time(), bar=None)
+    for i, job in enumerate(job_configs):
+        params = lora.adapter_parameters(net, job.name)
+        run.jobs[job.name] = jobs.JobState(job, 10**9, sets[job.name], None, jobs.make_optimizer(params, job),
+                                           torch.Generator().manual_seed(i), admitted_at=time.time(),
+                                           loss_sum=torch.zeros((), device=device),
+                                           reward_sums=torch.zeros(objectives.METRIC_SUMS, device=device))
+    run.steps = train.core_steps()
+    train.add_layers(run)
+    return run
+
+
+def micro_batch(run, name: str, s: int, rows: int):
+    """Job `name`'s micro-batch of step s (the bench's `rows` rows of that step), a whole optimizer step."""
+    from scheduler import MicroBatch
+    indices = list(range(s * rows, (s + 1) * rows))
+    examples = [run.train_sets[name][i] for i in indices]
+    lengths = [len(e.input_ids) for e in examples]
+    loss_tokens = sum(label != -100 for e in examples for label in e.labels[1:])
+    return MicroBatch(name, indices, 0, s, True, loss_tokens, max(lengths), sum(lengths),
+                      sum(n * n for n in lengths), len(lengths), len(indices))
 
 
 def hf_inputs(rows: list[list[int]], prompt_lens: list[int], packed: bool, multiple_of: int = 1) -> dict:
