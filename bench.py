@@ -37,6 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -56,7 +57,8 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed",
-           "base-only", "hf-base-only", "ours-graphs")   # ours-graphs: the fused step at fixed shapes (graphs.py)
+           "base-only", "hf-base-only", "ours-graphs",   # ours-graphs: the fused step at fixed shapes (graphs.py)
+           "train-py")   # `python train.py --config` on text rows of about the same tokens, as a user runs it
 DEFAULT_SYSTEMS = ("ours", "ours-seq", "peft-seq", "peft-seq-packed", "peft-parallel", "base-only", "hf-base-only")
 DEFAULT_BASE = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 
@@ -359,6 +361,8 @@ def _child(kind: str, args, jobs, barrier, queue):
 def run_system(system: str, args, k: int) -> dict:
     """Run one system in fresh process(es); peft-parallel is k concurrent processes.
     With --in-process the same workers run here, one after another."""
+    if system == "train-py":
+        return train_py_system(args, k)
     parallel = system.startswith("peft-parallel")
     if parallel:
         threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else None
@@ -391,6 +395,51 @@ def run_system(system: str, args, k: int) -> dict:
             "peak_mb": sum(r["peak_mb"] for r in results), "gpu_util": statistics.mean(utils) if utils else None}
 
 
+def train_py_system(args, k: int) -> dict:
+    """`python train.py --config` as a user runs it, once for warm-up (page cache, imports) and then
+    --repeats times, each a fresh process on a fresh out_dir: k jobs of --steps optimizer steps of
+    --rows text rows (plain template, about --seq tokens each, 40% prompt), fused, packed or not
+    as ours, no held-out data. A repeat's time is run.json's total_s (the first step to the
+    results: steps, logging, the adapters saved), its tokens run.json's."""
+    import subprocess
+    import data
+    folder = Path(tempfile.mkdtemp(prefix="bench-train-py-"))
+    tokenizer = data.load_tokenizer(args.base)
+    words = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
+    g = torch.Generator().manual_seed(7)
+
+    def text(tokens: int) -> str:   # words until the tokenizer counts `tokens`
+        out = []
+        while len(tokenizer.encode(" ".join(out))) < tokens:
+            out.append(words[int(torch.randint(len(words), (), generator=g))])
+        return " ".join(out)
+    seq = 128 if args.seq == "alpaca" else int(args.seq)
+    targets = args.targets.split(",")
+    jobs = []
+    for j in range(k):
+        rows = [{"instruction": text(int(seq * 0.4)), "output": text(seq - int(seq * 0.4) - 1)}
+                for _ in range(args.rows * args.steps)]
+        (folder / f"job{j}.json").write_text(json.dumps(rows))
+        jobs.append({"name": f"job{j}", "data": str(folder / f"job{j}.json"), "template": "plain",
+                     "cutoff_len": seq + 8, "r": args.r, "alpha": 2 * args.r, "dropout": args.dropout,
+                     "targets": targets, "lr": 1e-4, "batch_size": args.rows, "micro_batch_size": args.rows,
+                     "epochs": 1})
+    cfg = {"base_model": str(args.base), "dtype": args.dtype, "device": args.device, "packing": args.packing,
+           "activation_checkpointing": args.checkpointing, "show_examples": 0, "jobs": jobs,
+           "scheduler": {"strategy": "trivial", "max_candidates": k, "max_concurrent": k}}
+    times, tokens, padded, peak = [], 0, 0, 0.0
+    for repeat in range(args.repeats + 1):
+        cfg["out_dir"] = str(folder / f"out{repeat}")
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--config",
+                        str(folder / "cfg.json")], check=True, capture_output=True, text=True)
+        result = json.loads((folder / f"out{repeat}" / "run.json").read_text())
+        if repeat:
+            times.append(result["total_s"])
+            tokens, padded, peak = result["tokens"], result["padded_tokens"], max(peak, result["peak_mem_mb"])
+    return {"times": times, "tokens": tokens, "padded_tokens": padded, "peak_mb": peak, "gpu_util": None}
+
+
 # ----------------------------------------------------------------------------- report
 
 def record(system: str, args, k: int, raw: dict, device: str) -> dict:
@@ -413,12 +462,16 @@ def ratios(records: list[dict]) -> list[dict]:
         same = {r["system"]: r for r in records if key(r) == key(rec) and r["k"] == rec["k"]}
         row = {"k": rec["k"], "rows": rec["rows"], "seq": rec["seq"], "dtype": rec["dtype"], "quant": rec["quant"]}
         for other in ("peft-seq", "peft-seq-packed", "peft-parallel", "peft-parallel-packed", "ours-seq", "base-only"):
+            if other in same and "train-py" in same:   # python train.py itself against the same system
+                row[f"train-py/{other}"] = same["train-py"]["tokens_per_s"] / same[other]["tokens_per_s"]
             if other in same:
                 row[f"ours/{other}"] = rec["tokens_per_s"] / same[other]["tokens_per_s"]
             if other in same and "ours-graphs" in same:
                 row[f"graphs/{other}"] = same["ours-graphs"]["tokens_per_s"] / same[other]["tokens_per_s"]
         if "ours-graphs" in same:
             row["graphs/ours"] = same["ours-graphs"]["tokens_per_s"] / rec["tokens_per_s"]
+        if "train-py" in same:   # a whole `python train.py` run against bench's ours, its step
+            row["train-py/ours"] = same["train-py"]["tokens_per_s"] / rec["tokens_per_s"]
         if "base-only" in same and "hf-base-only" in same:
             row["base/hf-base"] = same["base-only"]["tokens_per_s"] / same["hf-base-only"]["tokens_per_s"]
         one = [r for r in records if key(r) == key(rec) and r["system"] == "ours" and r["k"] == 1]
@@ -441,7 +494,8 @@ def print_tables(records, ratio_rows, title):
         cols = [c for c in ("ours/peft-seq", "ours/peft-seq-packed", "ours/peft-parallel", "ours/peft-parallel-packed",
                             "ours/ours-seq", "ours/base-only", "base/hf-base", "mem_k/mem_1", "graphs/ours",
                             "graphs/peft-seq", "graphs/peft-seq-packed", "graphs/peft-parallel",
-                            "graphs/peft-parallel-packed")
+                            "graphs/peft-parallel-packed", "train-py/ours", "train-py/peft-seq", "train-py/peft-seq-packed",
+                            "train-py/peft-parallel", "train-py/base-only")
                 if any(c in r for r in ratio_rows)]
         print(f"\n| workload | k | {' | '.join(cols)} |")
         print("|---|---|" + "---|" * len(cols))
