@@ -11,17 +11,22 @@ import bench
 slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="spawns a process per system; set RUN_SLOW=1")
 
 
+# train-py runs `python train.py` on text rows: it needs a base with a tokenizer, which the tiny
+# random base has not (test_train_py_system runs it on one that has).
+TINY_SYSTEMS = [system for system in bench.SYSTEMS if system != "train-py"]
+
+
 def run_tiny_bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
     bench.main(["--tiny", "--quick", "--k", "2", "--seq", "alpaca", "--rows", "2", "--steps", "1",
-                "--repeats", "1", "--out", str(out), "--systems", ",".join(bench.SYSTEMS), *extra])
+                "--repeats", "1", "--out", str(out), "--systems", ",".join(TINY_SYSTEMS), *extra])
     return out
 
 
 def assert_schema_and_equal_work(out):
     result = json.loads(out.read_text())
     records = result["records"]
-    assert {r["system"] for r in records} == set(bench.SYSTEMS)
+    assert {r["system"] for r in records} == set(TINY_SYSTEMS)
     fields = {"system", "k", "tokens", "latency_s", "latency_spread_s", "tokens_per_s", "peak_mem_mb",
               "padding_fraction", "gpu_util", "dtype", "quant", "rows", "seq"}
     for r in records:
@@ -79,3 +84,16 @@ def test_memory_scenario_measures_checkpointing_and_peft_processes(tmp_path):
     for how in ("plain", "checkpointed"):   # like for like: both sides without checkpointing, and both with it
         ours, peft = result[f"ours_{how}_peak_rss_mb"], result[f"peft_parallel_{how}_peak_rss_mb"]
         assert ours > 0 and peft > 0 and result[f"ours_over_peft_memory_{how}"] == pytest.approx(ours / peft)
+
+
+def test_train_py_system_runs_train_py_on_the_same_tokens(base_dir):
+    """train-py: `python train.py --config` on text rows made to the bench's token counts, a fresh
+    process per repeat; its time and tokens come from run.json."""
+    import argparse
+    args = argparse.Namespace(base=str(base_dir), rows=2, steps=2, seq="24", repeats=1, r=4, dropout=0.05,
+                              targets="q_proj,v_proj", dtype="float32", device="cpu", packing=True,
+                              checkpointing=False)
+    raw = bench.train_py_system(args, 2)
+    assert len(raw["times"]) == 1 and raw["times"][0] > 0 and raw["peak_mb"] > 0
+    # 2 jobs x 2 steps x 2 rows of about 24 tokens each (the words' text stops at or just past it)
+    assert 2 * 2 * 2 * 24 <= raw["tokens"] <= 2 * 2 * 2 * 28 and raw["padded_tokens"] == raw["tokens"]
