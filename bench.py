@@ -21,7 +21,8 @@ Systems, all on the same base, the same synthetic data and the same hyperparamet
   base-only      forward + backward of our frozen base alone over the fused tokens (packed as
                  ours): the ceiling
   hf-base-only   transformers' frozen base over the same rows padded, no mask (on rows of one
-                 length: the same batch as base-only, what our base must beat)
+                 length: the same batch as base-only, what our base must beat), the output layer
+                 and loss on the labelled positions only (logits_to_keep), as ours: equal work
 Every transformers model runs with use_cache=False, as a training script sets it.
 
 Every system runs in fresh processes, so peak memory (CPU: the process's RSS high-water
@@ -294,7 +295,9 @@ def peft_worker(args, jobs: list[int], barrier=None, packed: bool = False) -> di
 
 
 def hf_base_worker(args, jobs: list[int]) -> dict:
-    """transformers' frozen base alone: forward + backward over the same fused rows as base-only."""
+    """transformers' frozen base alone: forward + backward over the same fused rows as base-only,
+    on equal work: the output layer and the loss on the labelled positions only, as ours computes
+    them (transformers' logits_to_keep: the positions any row labels, each row's own masked)."""
     import transformers
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.base, dtype=getattr(torch, args.dtype)).to(device)
@@ -312,7 +315,12 @@ def hf_base_worker(args, jobs: list[int]) -> dict:
             rows = [(r, p) for job in work for r, p in zip(*job[s])]
             # Padded as data.fuse pads; right padding needs no mask under causal attention.
             inputs = hf_inputs([r for r, _ in rows], [p for _, p in rows], packed=False, multiple_of=8)
-            hf(**{k: v.to(device) for k, v in inputs.items() if v is not None}, use_cache=False).loss.backward()
+            labels = inputs.pop("labels").to(device)
+            labelled = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)   # positions t predicting t + 1
+            logits = hf(**{k: v.to(device) for k, v in inputs.items() if v is not None}, use_cache=False,
+                        logits_to_keep=labelled).logits                     # [B, kept, V]
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, labelled + 1].flatten(),
+                                              ignore_index=-100).backward()
             real += sum(len(r) for r, _ in rows)
             padded += inputs["input_ids"].numel()
         sync(device)
