@@ -35,8 +35,8 @@ import lora
 import model as M
 import state
 from config import ConfigError, JobConfig, RunConfig
-from jobs import (Fused, Interrupted, Run, claim_and_lock, load_base, make_scheduler, open_run, read_inputs,
-                  step_rows)
+from jobs import (Fused, Interrupted, Run, claim_and_lock, finished_summary, load_base, make_scheduler, open_run,
+                  placement, read_inputs, step_rows)
 from objectives import METRIC_SUMS, adapter_rows, fuse_rows, job_losses, job_parts, sequence_lengths
 import peft_format
 
@@ -306,12 +306,12 @@ def gather_results(run):
 
 def rows_apart(run: Run) -> bool:
     """Data parallel under torchrun: each step's rows split over the ranks."""
-    return run.dist is not None and run.cfg.scheduler.placement == "data"
+    return placement(run) == "data"
 
 
 def jobs_apart(run: Run) -> bool:
     """Job parallel under torchrun: each rank its own jobs."""
-    return run.dist is not None and run.cfg.scheduler.placement == "job"
+    return placement(run) == "job"
 
 
 @contextlib.contextmanager
@@ -351,13 +351,7 @@ def start(cfg: RunConfig, overwrite: bool, d: Dist) -> tuple[Run | None, dict | 
         raise ConfigError(message)
     mode, saved = d.broadcast((mode, saved))
     if mode == "finished":
-        summary = None
-        if d.main:
-            import json
-            print(f"{cfg.out_dir} holds the finished run of this config (run.json): nothing to do; "
-                  f"--overwrite trains it again")
-            summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
-        return None, d.broadcast(summary)
+        return None, d.broadcast(finished_summary(cfg) if d.main else None)
     apart = cfg.scheduler.placement == "job"
     check_checkpoint_ranks(cfg, saved, d)
     if apart:   # each rank's own scheduler, given jobs as it has room (assign_waiting)

@@ -333,6 +333,17 @@ def claim_and_lock(cfg: RunConfig, overwrite: bool) -> tuple[str, "files.DirLock
     return mode, lock
 
 
+def finished_summary(cfg: RunConfig) -> dict:
+    """The summary of the finished run out_dir holds (claim_out_dir said "finished"): nothing to train."""
+    print(f"{cfg.out_dir} holds the finished run of this config (run.json): nothing to do; --overwrite trains it again")
+    return json.loads((Path(cfg.out_dir) / "summary.json").read_text())
+
+
+def placement(run: Run) -> str | None:
+    """Under torchrun, how the ranks share the work (scheduler.placement: data | job); None in one process."""
+    return None if run.dist is None else run.cfg.scheduler.placement
+
+
 def load_base(cfg: RunConfig, device: str) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = M.load_model(cfg.base_model, dtype=cfg.dtype, device=device, quant=cfg.quant)

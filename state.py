@@ -19,18 +19,13 @@ import torch
 import files
 import lora
 from config import ConfigError
-from jobs import Best, Interrupted, JobState, Run, add_job  # noqa: F401
+from jobs import Best, Interrupted, JobState, Run, add_job, placement  # noqa: F401
 
 
 COUNTERS = ("step", "lr", "last_loss", "last_rewards", "tokens", "padded_tokens", "peak_mb", "initial_eval_loss",
             "eval_loss", "eval_rewards", "initial_eval_task", "eval_task", "evals_since_best", "stopped",
             "nonfinite")
 
-
-
-def placement(run: Run) -> str | None:
-    """Under torchrun, how the ranks share the work (scheduler.placement: data | job); None in one process."""
-    return None if run.dist is None else run.cfg.scheduler.placement
 
 
 def job_state(run: Run, s: JobState) -> dict:

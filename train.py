@@ -36,8 +36,8 @@ import model as M
 import scheduler
 from config import (ConfigError, JobConfig, RunConfig, SchedulerConfig, help_text, load_config,  # noqa: F401
                     parse_command_line, single_process_warnings, validate)
-from jobs import (Fused, JobState, Run, admit_all, claim_and_lock, eval_due, evaluate_and_stop, finish, load_base,
-                  open_run, prefetch_tasks, read_inputs, step_rows, stop_early)
+from jobs import (Fused, JobState, Run, admit_all, claim_and_lock, eval_due, evaluate_and_stop, finish,
+                  finished_summary, load_base, open_run, prefetch_tasks, read_inputs, step_rows, stop_early)
 from objectives import fuse_rows, job_losses, reward_means
 from report import log_step, write_results
 
@@ -312,12 +312,6 @@ def add_layers(run: Run):
         run.steps.forward_backward = graphs.fixed_shape(run.steps.forward_backward)
     if lora.concatenates(run.device, run.cfg.fuse_adapters) or run.cfg.cuda_graphs:
         run.steps.forward_backward = nonfinite.isolating(run.steps.forward_backward)
-
-
-def finished_summary(cfg: RunConfig) -> dict:
-    out_dir = Path(cfg.out_dir)
-    print(f"{out_dir} holds the finished run of this config (run.json): nothing to do; --overwrite trains it again")
-    return json.loads((out_dir / "summary.json").read_text())
 
 
 def main(argv: list[str]) -> int:
