@@ -19,7 +19,6 @@ and steps each job's own optimizer when that job's gradient accumulation ends. A
 objective is an entry of objectives.OBJECTIVES (job_loss); a DPO job's reference is the frozen
 base itself: its pairs again, routed to no adapter, in the same fused batch.
 """
-import json
 import math
 import os
 import sys
