@@ -422,10 +422,10 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     """The body; named `model` inside Llama so keys read `model.layers.0...` as on the hub."""
 
-    def __init__(self, cfg: LlamaConfig, attention: type[nn.Module], mlp: type[nn.Module]):
+    def __init__(self, cfg: LlamaConfig, block: type[nn.Module], attention: type[nn.Module], mlp: type[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, attention, mlp) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(block(cfg, i, attention, mlp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -442,13 +442,14 @@ class Llama(nn.Module):
     MLORA_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}  # m-LoRA's (Meta's w1/w2/w3)
     FIXED_SHAPE_STEP = True         # forward takes a PackedRow: graphs.py may run its step at fixed shapes
     # The pieces of each block, so a LLaMA-like family is a subclass naming its own.
+    Block = Block
     Attention = Attention
     MLP = MLP
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.Attention, self.MLP)
+        self.model = LlamaModel(cfg, self.Block, self.Attention, self.MLP)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layer_windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
         self.checkpoint_blocks = False  # activation checkpointing while training (run_block)
