@@ -8,12 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import generate as G
 import lora
 import model as M
+import peft_format
+import quant
 import train
 from chatglm import ChatGLM
-from conftest import (TINY, V, assert_lora_matches_peft, assert_same_adapter, job, make_glm, run_cfg, save_hf,
-                      write_chatglm, write_rows)
+from conftest import (TINY, V, adapter, assert_lora_matches_peft, assert_same_adapter, job, make_glm, randomize_B,
+                      run_cfg, save_hf, write_chatglm, write_rows)
 from glm import Glm, Glm4
 from tokenizer_util import write_tokenizer_json
 
@@ -150,6 +153,99 @@ def test_lora_on_every_target_matches_peft(tmp_path, kind):
     ours = M.load_model(save_hf(hf, tmp_path / "base"), dtype=torch.float32)
     assert_lora_matches_peft(ours, hf, lora.LoRAConfig(r=4, alpha=8, targets=list(type(ours).LORA_TARGETS)),
                              tmp_path / "job")
+
+
+# ----------------------------------------------------------------------------- training, QLoRA, merge, generation
+
+@pytest.fixture(scope="module", params=["glm", "glm4"])
+def base(request, tmp_path_factory):
+    """(folder with a tokenizer.json, transformers model) of a tiny GLM or GLM-4."""
+    folder = tmp_path_factory.mktemp(f"{request.param}-base")
+    write_tokenizer_json(folder)   # 300 ids, within the model's 384
+    hf = make_hf(request.param)
+    return save_hf(hf, folder), hf
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_fused_jobs_equal_each_alone(base, tmp_path, quant_type):
+    """A job on every target (dropout on) fused with another ends as it does alone, on a float base and
+    on an nf4 one (QLoRA)."""
+    folder, _ = base
+    targets = list(M.FAMILIES[json.loads((folder / "config.json").read_text())["model_type"]].LORA_TARGETS)
+    target = job("target", write_rows(tmp_path / "t.json", 8, 0, "reverse"), targets=targets)
+    other = job("other", write_rows(tmp_path / "o.jsonl", 6, 1, "upper"), r=8, optimizer="sgd", momentum=0.9,
+                targets=["q_proj", "gate_up_proj"])
+    train.train(run_cfg(folder, tmp_path / "fused", [other, target], quant=quant_type, scheduler={"max_concurrent": 2}))
+    train.train(run_cfg(folder, tmp_path / "alone", [target], quant=quant_type))
+    fused = adapter(tmp_path / "fused", "target")
+    assert_same_adapter(fused, adapter(tmp_path / "alone", "target"))
+    assert len(fused) == 2 * len(targets) * 2
+    assert max(v.abs().max() for k, v in fused.items() if "lora_B" in k) > 1e-3  # it trained
+
+
+def test_nf4_base_matches_transformers_bitsandbytes(base):
+    """Every Linear but the head quantized, as transformers + bitsandbytes do it: the same logits."""
+    import transformers
+    folder, hf = base
+    ours = M.load_model(folder, dtype=torch.float32, quant="nf4")
+    quantized = {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, quant.QuantLinear)}
+    assert quantized == set(type(ours).LORA_TARGETS)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=torch.float32)).eval()
+    for module in reference.modules():   # the fp32 kernel, which is what ours computes (tests/test_quant.py)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), reference(idx).logits, atol=1e-5, rtol=1e-4)
+        assert (ours(idx) - hf(idx).logits).abs().max() > 1e-3   # quantized: not the float model
+
+
+def with_adapter(folder):
+    """Our model with adapter "job" on every target, B randomized."""
+    ours = M.load_model(folder, dtype=torch.float32)
+    lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(type(ours).LORA_TARGETS))})
+    randomize_B(ours, "job")
+    return ours
+
+
+def test_merged_export_loads_in_transformers(base, tmp_path):
+    import transformers
+    folder, _ = base
+    ours = with_adapter(folder)
+    peft_format.save_peft(ours, "job", tmp_path / "job", base_model_path=str(folder))
+    assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), lora.route(ours, ["job", "job"]):
+        expected = ours(idx)
+        torch.testing.assert_close(merged(idx).logits, expected, atol=1e-4, rtol=1e-4)
+        assert (M.load_model(folder)(idx) - expected).abs().max() > 1e-2   # the adapter changed something
+
+
+def test_generation_equals_peft_greedy_and_the_cli_runs(base, tmp_path, capsys):
+    """Greedy decoding of left-padded prompts with an adapter (our KV cache) equals PEFT's on transformers'
+    generate; generate.py runs on the folder with the saved adapter."""
+    import peft
+    folder, hf = base
+    ours = with_adapter(folder)
+    peft_format.save_peft(ours, "job", tmp_path / "job")
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job")
+    expected = pm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                           eos_token_id=[])[:, T:].tolist()
+    pm.unload()   # the module-scoped transformers model back as it was
+    assert G.generate(ours, prompts, ["job"] * 3, max_new_tokens=8) == expected
+    assert G.generate(ours, prompts, [None] * 3, max_new_tokens=8) != expected   # the adapter matters
+    assert G.main(["--base", str(folder), "--adapter", str(tmp_path / "job"), "--with-base",
+                   "--prompt", "hello world", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[job] ") == 1 and out.count("[base] ") == 1, out
 
 
 # ----------------------------------------------------------------------------- THUDM's layout of the same weights
