@@ -80,7 +80,7 @@ class Glm4Block(Block):
 
 
 class Glm(Llama):
-    # What differs from Llama (model.FAMILIES collects it); the rest is Llama's.
+    # What differs from Llama (model.FAMILIES collects it); the rest is Llama's, its Block included.
     Config = GlmConfig
     MODEL_TYPES = tuple(GlmConfig.MODEL_TYPES)
     CONFIG_FIELDS = Phi3.CONFIG_FIELDS._replace(kv_heads=lambda hf: hf.get("num_key_value_heads", 2))
