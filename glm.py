@@ -92,6 +92,8 @@ class Glm(Llama):
     # LLaMA's w1/w3 (gate, up: halves of gate_up_proj) are no layer here: the job's targets refuse them.
     MLORA_NAMES = {"dense": "o_proj", "dense_h_to_4h": "gate_up_proj", "dense_4h_to_h": "down_proj",
                    "mlp_in": "gate_up_proj", "mlp_out": "down_proj", "w2_proj": "down_proj"}
+    NOT_SUPPORTED = ("rope_scaling of any type but default", "attention_dropout other than 0",
+                     "a partial_rotary_factor giving an odd number of rotary channels", "hidden_act other than silu")
     Attention = GlmAttention
     MLP = Phi3MLP
     rope_inv_freq = Phi3.rope_inv_freq   # transformers' default rope over the rd rotary channels

@@ -1,6 +1,8 @@
-"""GLM and GLM-4: logits against transformers' GlmForCausalLM and Glm4ForCausalLM on the same
-checkpoint (plain, padded, cached, packed, bf16), LoRA on every target against PEFT, GLM-4-9B-chat in
-THUDM's layout (chatglm.py) against its Hugging Face layout, refusals, config defaults, m-LoRA names."""
+"""What is special to GLM and GLM-4 (tests/test_families.py runs the checks every family shares):
+config.json variants (hub keys, tied head, no bias, full or partial rope, no GQA) against transformers'
+GlmForCausalLM and Glm4ForCausalLM; bf16 in LLaMA's norm order, not ChatGLM's; the nf4 base against
+transformers + bitsandbytes; greedy generation against PEFT; GLM-4-9B-chat in THUDM's layout
+(chatglm.py) against its Hugging Face layout; refusals, config defaults, m-LoRA names."""
 import json
 import shutil
 
@@ -15,8 +17,8 @@ import peft_format
 import quant
 import train
 from chatglm import ChatGLM
-from conftest import (TINY, V, adapter, assert_lora_matches_peft, assert_same_adapter, job, make_glm, randomize_B,
-                      run_cfg, save_hf, write_chatglm, write_rows)
+from conftest import (TINY, V, assert_same_adapter, job, make_glm, randomize_B, run_cfg, save_hf, write_chatglm,
+                      write_rows)
 from glm import Glm, Glm4
 from tokenizer_util import write_tokenizer_json
 
@@ -46,94 +48,60 @@ def hub_style(path):
     return path
 
 
+# ----------------------------------------------------------------------------- config.json variants
+
 VARIANTS = {
-    # name: (model type, partial_rotary_factor, config overrides, hub-style config.json)
-    "glm-gqa": ("glm", 0.5, {}, False),
-    "glm-tied-no-bias-hub-keys": ("glm", 0.75, dict(tie_word_embeddings=True, attention_bias=False), True),
-    "glm4-gqa": ("glm4", 0.5, {}, False),
-    "glm4-mha-full-rope-hub-keys": ("glm4", 1.0, dict(num_key_value_heads=4), True),
+    # name: (model type, partial_rotary_factor, config overrides); each written with the hub's keys
+    "glm-tied-no-bias-rope-0.75": ("glm", 0.75, dict(tie_word_embeddings=True, attention_bias=False)),
+    "glm4-mha-full-rope": ("glm4", 1.0, dict(num_key_value_heads=4)),
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def glm(request, tmp_path_factory):
-    """(our model, transformers model) of a tiny GLM or GLM-4 checkpoint."""
-    kind, factor, overrides, hub = VARIANTS[request.param]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variant_matches_transformers(tmp_path, variant):
+    """A left-padded batch, whole and decoded step by step through our cache: transformers' logits."""
+    kind, factor, overrides = VARIANTS[variant]
     hf = make_hf(kind, factor, **overrides)
-    path = save_hf(hf, tmp_path_factory.mktemp(request.param))
-    if hub:
-        hub_style(path)
-    ours = M.load_model(path, dtype=torch.float32)
+    ours = M.load_model(hub_style(save_hf(hf, tmp_path / variant)), dtype=torch.float32)
     assert type(ours) is {"glm": Glm, "glm4": Glm4}[kind] and ours.config.rotary_dim == int(16 * factor)
-    return ours, hf
-
-
-def test_logits_match_transformers(glm):
-    ours, hf = glm
-    idx = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_matches_transformers(glm, side):
-    ours, hf = glm
-    idx = torch.randint(0, 384, (3, 12), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    for row, n in enumerate([0, 5, 9]):
-        if n:
-            (mask[row, :n] if side == "left" else mask[row, 12 - n:]).zero_()
+    idx = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
     real = mask.bool()
     with torch.no_grad():
-        got = ours(idx, attention_mask=mask)
-        torch.testing.assert_close(got[real], hf(idx, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-4)
+        expected = hf(idx, attention_mask=mask).logits[real]
+        torch.testing.assert_close(ours(idx, attention_mask=mask)[real], expected, atol=1e-5, rtol=1e-4)
+        cache = ours.new_cache(2, 24)
+        steps = [ours(idx[:, :8], attention_mask=mask[:, :8], cache=cache)]
+        steps += [ours(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in range(8, 24)]
+        torch.testing.assert_close(torch.cat(steps, dim=1)[real], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_kv_cache_decoding_matches_transformers(glm):
-    """A left-padded batch decoded step by step through our cache: transformers' logits on the whole."""
-    ours, hf = glm
-    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones(2, 16, dtype=torch.long)
-    mask[1, :4] = 0
-    real = mask.bool()
-    with torch.no_grad():
-        cache = ours.new_cache(2, 16)
-        steps = [ours(idx[:, :6], attention_mask=mask[:, :6], cache=cache)]
-        steps += [ours(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache) for t in range(6, 16)]
-        expected = hf(idx, attention_mask=mask).logits
-        torch.testing.assert_close(torch.cat(steps, dim=1)[real], expected[real], atol=1e-5, rtol=1e-4)
+# ----------------------------------------------------------------------------- bf16, QLoRA, generation
+
+@pytest.fixture(scope="module", params=["glm", "glm4"])
+def base(request, tmp_path_factory):
+    """(folder with a tokenizer.json, transformers model) of a tiny GLM or GLM-4."""
+    folder = tmp_path_factory.mktemp(f"{request.param}-base")
+    write_tokenizer_json(folder)   # 300 ids, within the model's 384
+    hf = make_hf(request.param)
+    return save_hf(hf, folder), hf
 
 
-def test_packed_row_matches_transformers_and_each_sequence_alone(glm):
-    """Transformers given the packed row with restarting position_ids (it then keeps attention
-    inside each sequence itself), and each sequence run alone."""
-    ours, hf = glm
-    lengths = [7, 1, 13, 13, 9]
-    g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(0, 384, (n,), generator=g) for n in lengths]
-    row, positions = torch.cat(seqs)[None], torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        got = ours(row, segments=tuple(lengths))[0]
-        torch.testing.assert_close(got, hf(row, position_ids=positions, use_cache=False).logits[0], atol=1e-5, rtol=1e-4)
-        for seq, part in zip(seqs, got.split(lengths)):
-            torch.testing.assert_close(part, ours(seq[None])[0], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["glm", "glm4"])
-def test_bf16_matches_transformers_bf16(tmp_path, kind):
+def test_bf16_matches_transformers_bf16(base):
     """Loaded in bf16, our logits are transformers' in bf16 on the same checkpoint, to one bf16 step at
     the logits' scale (as tests/test_model.py's LLaMA check; measured on CPU: equal bitwise). Our fp32
     logits, and ChatGLM's norm order (the weight applied in fp32, then rounded), are further off."""
     import transformers
     import llama
-    path = save_hf(make_hf(kind), tmp_path / kind)
+    folder, _ = base
     idx = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    ours = M.load_model(path, dtype="bfloat16")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ours = M.load_model(folder, dtype="bfloat16")
     with torch.no_grad():
         expected = reference(idx).logits
         got = ours(idx)
-        fp32 = M.load_model(path, dtype=torch.float32)(idx)
+        fp32 = M.load_model(folder, dtype=torch.float32)(idx)
         for norm in ours.modules():
             if isinstance(norm, llama.RMSNorm):
                 norm.weight_in_fp32 = True
@@ -145,46 +113,8 @@ def test_bf16_matches_transformers_bf16(tmp_path, kind):
     assert (fp32 - expected.float()).abs().max() > 2 * tolerance
 
 
-@pytest.mark.parametrize("kind", ["glm", "glm4"])
-def test_lora_on_every_target_matches_peft(tmp_path, kind):
-    """LoRA on q/k/v/o_proj, gate_up_proj and down_proj: logits and the A/B gradients of one loss
-    equal PEFT's on transformers' model with the same weights."""
-    hf = make_hf(kind)
-    ours = M.load_model(save_hf(hf, tmp_path / "base"), dtype=torch.float32)
-    assert_lora_matches_peft(ours, hf, lora.LoRAConfig(r=4, alpha=8, targets=list(type(ours).LORA_TARGETS)),
-                             tmp_path / "job")
-
-
-# ----------------------------------------------------------------------------- training, QLoRA, merge, generation
-
-@pytest.fixture(scope="module", params=["glm", "glm4"])
-def base(request, tmp_path_factory):
-    """(folder with a tokenizer.json, transformers model) of a tiny GLM or GLM-4."""
-    folder = tmp_path_factory.mktemp(f"{request.param}-base")
-    write_tokenizer_json(folder)   # 300 ids, within the model's 384
-    hf = make_hf(request.param)
-    return save_hf(hf, folder), hf
-
-
-@pytest.mark.parametrize("quant_type", [None, "nf4"])
-def test_fused_jobs_equal_each_alone(base, tmp_path, quant_type):
-    """A job on every target (dropout on) fused with another ends as it does alone, on a float base and
-    on an nf4 one (QLoRA)."""
-    folder, _ = base
-    targets = list(M.FAMILIES[json.loads((folder / "config.json").read_text())["model_type"]].LORA_TARGETS)
-    target = job("target", write_rows(tmp_path / "t.json", 8, 0, "reverse"), targets=targets)
-    other = job("other", write_rows(tmp_path / "o.jsonl", 6, 1, "upper"), r=8, optimizer="sgd", momentum=0.9,
-                targets=["q_proj", "gate_up_proj"])
-    train.train(run_cfg(folder, tmp_path / "fused", [other, target], quant=quant_type, scheduler={"max_concurrent": 2}))
-    train.train(run_cfg(folder, tmp_path / "alone", [target], quant=quant_type))
-    fused = adapter(tmp_path / "fused", "target")
-    assert_same_adapter(fused, adapter(tmp_path / "alone", "target"))
-    assert len(fused) == 2 * len(targets) * 2
-    assert max(v.abs().max() for k, v in fused.items() if "lora_B" in k) > 1e-3  # it trained
-
-
 def test_nf4_base_matches_transformers_bitsandbytes(base):
-    """Every Linear but the head quantized, as transformers + bitsandbytes do it: the same logits."""
+    """Every Linear but the head quantized (gate_up_proj too), as transformers + bitsandbytes do it."""
     import transformers
     folder, hf = base
     ours = M.load_model(folder, dtype=torch.float32, quant="nf4")
@@ -202,34 +132,14 @@ def test_nf4_base_matches_transformers_bitsandbytes(base):
         assert (ours(idx) - hf(idx).logits).abs().max() > 1e-3   # quantized: not the float model
 
 
-def with_adapter(folder):
-    """Our model with adapter "job" on every target, B randomized."""
+def test_generation_equals_peft_greedy_and_the_cli_runs(base, tmp_path, capsys):
+    """Greedy decoding of left-padded prompts with an adapter on every target (our KV cache) equals
+    PEFT's on transformers' generate; generate.py runs on the folder with the saved adapter."""
+    import peft
+    folder, hf = base
     ours = M.load_model(folder, dtype=torch.float32)
     lora.add_adapters(ours, {"job": lora.LoRAConfig(r=4, alpha=8, targets=list(type(ours).LORA_TARGETS))})
     randomize_B(ours, "job")
-    return ours
-
-
-def test_merged_export_loads_in_transformers(base, tmp_path):
-    import transformers
-    folder, _ = base
-    ours = with_adapter(folder)
-    peft_format.save_peft(ours, "job", tmp_path / "job", base_model_path=str(folder))
-    assert train.main(["--merge", str(tmp_path / "job"), "--to", str(tmp_path / "merged")]) == 0
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    idx = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(10))
-    with torch.no_grad(), lora.route(ours, ["job", "job"]):
-        expected = ours(idx)
-        torch.testing.assert_close(merged(idx).logits, expected, atol=1e-4, rtol=1e-4)
-        assert (M.load_model(folder)(idx) - expected).abs().max() > 1e-2   # the adapter changed something
-
-
-def test_generation_equals_peft_greedy_and_the_cli_runs(base, tmp_path, capsys):
-    """Greedy decoding of left-padded prompts with an adapter (our KV cache) equals PEFT's on transformers'
-    generate; generate.py runs on the folder with the saved adapter."""
-    import peft
-    folder, hf = base
-    ours = with_adapter(folder)
     peft_format.save_peft(ours, "job", tmp_path / "job")
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 9, 3)]
