@@ -17,25 +17,19 @@ import peft_format
 import quant
 import train
 from chatglm import ChatGLM
-from conftest import (TINY, V, assert_same_adapter, job, make_glm, randomize_B, run_cfg, save_hf, write_chatglm,
+from conftest import (V, assert_same_adapter, job, make_glm, make_tiny, randomize_B, run_cfg, save_hf, write_chatglm,
                       write_rows)
 from glm import Glm, Glm4
 from tokenizer_util import write_tokenizer_json
 
 
 def make_hf(kind: str = "glm", partial_rotary_factor: float = 0.5, **overrides):
-    """A tiny random transformers GlmForCausalLM ("glm") or Glm4ForCausalLM ("glm4"), fp32, eval mode."""
-    import transformers
-    torch.manual_seed(0)
-    config, causal_lm = {"glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
-                         "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM)}[kind]
+    """A tiny random transformers GlmForCausalLM ("glm") or Glm4ForCausalLM ("glm4") (conftest.make_tiny)."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial_rotary_factor}
-    hf = causal_lm(config(**{**TINY, "head_dim": 16, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
-                             "pad_token_id": 0, "rope_parameters": rope, **overrides}))
-    with torch.no_grad():  # larger than the default init, so any mismatch shows
-        for name, p in hf.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
-    return hf.eval()
+    prefix = {"glm": "Glm", "glm4": "Glm4"}[kind]
+    return make_tiny(f"{prefix}Config", f"{prefix}ForCausalLM", **{
+        "head_dim": 16, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "rope_parameters": rope, **overrides})
 
 
 def hub_style(path):
