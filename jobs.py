@@ -28,7 +28,7 @@ import peft_format
 from config import (ConfigError, JobConfig, RunConfig, claim_out_dir, clear_run, field_label, file_digest,
                     remove_partial_writes)
 from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
-from report import evaluate, evaluate_tasks, load_task_rows
+from report import CHOICE_METRICS, choice_examples, evaluate, evaluate_tasks, load_task_rows
 import scheduler
 from scheduler import JobPlan, MicroBatch, Scheduler
 from templates import NAMED_TEMPLATES
@@ -205,6 +205,8 @@ def add_job(run: Run, name: str) -> JobState:
 
 def load_rows(job: JobConfig, path: str, tokenizer: data.Tokenizer, train_on_inputs: bool) -> list:
     """A job's data file: SFT examples, or preference pairs where its objective's rows are pairs."""
+    if path == job.test_data and job.task_metric in CHOICE_METRICS:   # its right choices are the held-out answers
+        return choice_examples(path, tokenizer, job)
     if not objective_of(job).pairs:
         return data.load_job_data(path, tokenizer, job.template, job.cutoff_len, train_on_inputs)
     return data.load_pairs(path, tokenizer, job.template, job.cutoff_len)
@@ -244,7 +246,8 @@ def prepare(cfg: RunConfig) -> tuple[data.Tokenizer, dict, dict, list[JobPlan], 
     train_sets, test_sets, plans, loaded = {}, {}, [], {}
 
     def rows_of(job: JobConfig, path: str, train_on_inputs: bool) -> list:   # sweep trials share their files
-        key = (objective_of(job).pairs, path, job.template, job.cutoff_len, train_on_inputs)
+        key = (objective_of(job).pairs, path, job.template, job.cutoff_len, train_on_inputs,
+               path == job.test_data and job.task_metric in CHOICE_METRICS)
         if key not in loaded:
             loaded[key] = load_rows(job, path, tokenizer, train_on_inputs)
         return loaded[key]

@@ -116,20 +116,41 @@ def load_task_rows(path: str | Path, tokenizer: data.Tokenizer, template: str = 
     return rows
 
 
-def choice_row(where: str, row: dict, tokenizer: data.Tokenizer, prompt: str) -> ChoiceRow:
-    """A row's choices (non-empty texts) and answer (an index into them), each choice's tokens as
-    the part of encode(prompt + choice) after encode(prompt) (lm-eval's way: a word that joins the
-    prompt's last piece is tokenized as it would be in the text)."""
+def checked_choices(where: str, row: dict) -> tuple[list[str], int]:
+    """A multiple-choice row's choices (at least 2 non-empty texts) and answer (an index into them)."""
     choices, answer = row.get("choices"), row.get("answer")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise data.DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise data.DataError(f"{where}: 'answer' must be the index of the right choice (0 to {len(choices) - 1}), got {answer!r}")
+    return choices, answer
+
+
+def choice_row(where: str, row: dict, tokenizer: data.Tokenizer, prompt: str) -> ChoiceRow:
+    """A row's choices, each choice's tokens as the part of encode(prompt + choice) after
+    encode(prompt) (lm-eval's way: a word that joins the prompt's last piece is tokenized as it
+    would be in the text)."""
+    choices, answer = checked_choices(where, row)
     context = tokenizer.encode(prompt)
     tokens = [tokenizer.encode(prompt + c)[len(context):] for c in choices]
     if not all(tokens):
         raise data.DataError(f"{where}: a choice encodes to no tokens of its own after the prompt")
     return ChoiceRow(tokens, answer, [len(c) for c in choices])
+
+
+def choice_examples(path: str | Path, tokenizer: data.Tokenizer, job: JobConfig) -> list[data.Example]:
+    """A multiple-choice test file (task_metric choice / choice_norm) as held-out SFT examples: each
+    row's prompt with its right choice as the response, for the held-out loss."""
+    examples = []
+    for where, row in data.numbered_rows(Path(path), tokenizer, job.template):
+        row = data.string_fields(where, row, ("instruction", "input"), optional=("input",))
+        choices, answer = checked_choices(where, row)
+        try:
+            prompt, response = data.format_example(job.template, tokenizer, row["instruction"], row["input"], choices[answer])
+        except data.DataError as e:
+            raise data.DataError(f"{where}: {e}") from None
+        examples.append(data.make_example(tokenizer, prompt, response, job.cutoff_len, False))
+    return examples
 
 
 def task_correct(metric: str, answer: str, expected: str, pattern: str | None = None) -> bool:

@@ -180,3 +180,79 @@ def test_bad_task_fields_are_one_line_errors(files, tmp_path, capsys, job, sweep
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+CHOICES = [["ok", "no", "maybe so"], [" yes", "okay", "no no no"], ["ok ok", "o", "never"], ["fine", "ok", "no"]]
+
+
+def choice_rows(files, tmp_path) -> str:
+    rows = [{**row, "choices": CHOICES[i], "answer": i % 3} for i, row in enumerate(json.loads(Path(files["test_data"]).read_text()))]
+    for row in rows:
+        del row["output"]
+    (tmp_path / "choice_test.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    return str(tmp_path / "choice_test.jsonl")
+
+
+def test_choice_scores_equal_transformers_and_peft(files, tmp_path, monkeypatch):
+    """Two jobs (choice, choice_norm) train fused and log their scores; their saved adapters'
+    scores (report.evaluate_tasks, every choice of both jobs in one eval.score pass) equal lm-eval's
+    acc / acc_norm computed from transformers + PEFT's log-likelihoods of each choice."""
+    import numpy as np
+    import peft
+    import eval as E
+    import model as M
+    import peft_format
+    test_data = choice_rows(files, tmp_path)
+    path = write_config(files, tmp_path, [{"name": "acc", "task_metric": "choice", "test_data": test_data},
+                                          {"name": "norm", "task_metric": "choice_norm", "test_data": test_data, "lr": 1e-2}],
+                        scheduler={"max_candidates": 2, "max_concurrent": 2})
+    assert run(path) == 0
+    out = tmp_path / "out"
+    assert [r["job"] for r in events(out, "eval") if "eval_task" in r]
+    tokenizer = train.data.load_tokenizer(files["base"])
+    net = M.load_model(files["base"], dtype=torch.float32)
+    jobs = []
+    for name in ("acc", "norm"):
+        peft_format.load_peft(net, out / name, name)
+        job = train.JobConfig(name=name, data="x", test_data=test_data, task_metric="choice" if name == "acc" else "choice_norm")
+        jobs.append((job, report.load_task_rows(test_data, tokenizer, metric=job.task_metric)))
+    passes, real = [], E.score
+    monkeypatch.setattr(report, "score_requests", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+    ours = report.evaluate_tasks(net, tokenizer, jobs)
+    assert len(passes) == 1
+    hf = make_hf_model(vocab_size=net.config.vocab_size, tie_word_embeddings=True)
+    expected = []
+    for (job, rows), folder in zip(jobs, ("acc", "norm")):
+        model = peft.PeftModel.from_pretrained(hf, out / folder).eval()
+        right = []
+        for ids, row in rows:
+            lls = []
+            for choice in row.choices:
+                with torch.no_grad():
+                    logp = model(torch.tensor([ids + choice])).logits[0].log_softmax(-1)
+                lls.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(choice)))
+            if job.task_metric == "choice_norm":
+                lls = np.array(lls) / np.array(row.chars, dtype=float)
+            right.append(int(np.argmax(lls)) == row.answer)
+        expected.append(sum(right) / len(right))
+        hf = model.unload()
+    assert ours == expected
+    assert 0 < min(expected) and max(expected) < 1 or ours[0] != ours[1]   # the scores say something
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"choices": ["ok"]}, "'choices' must be a list of at least 2 non-empty strings"),
+    ({"choices": ["ok", ""]}, "'choices' must be a list of at least 2 non-empty strings"),
+    ({"answer": 3}, r"'answer' must be the index of the right choice \(0 to 2\), got 3"),
+    ({"answer": True}, "'answer' must be the index"),
+])
+def test_bad_choice_rows_are_one_line(files, tmp_path, change, message):
+    test_data = Path(choice_rows(files, tmp_path))
+    rows = test_data.read_text().splitlines()
+    rows[2] = json.dumps({**json.loads(rows[2]), **change})
+    test_data.write_text("\n".join(rows))
+    tokenizer = train.data.load_tokenizer(files["base"])
+    with pytest.raises(train.data.DataError, match=f"choice_test.jsonl: line 3: {message}"):
+        report.load_task_rows(test_data, tokenizer, metric="choice")
