@@ -6,6 +6,7 @@
     python bench.py --scenario strategies   # the seed's batching-strategy table (Seq, trivial, optimal-fit, fast-fit)
     python bench.py --scenario memory       # 8 jobs: activation peak with/without checkpointing; vs 8 PEFT processes, both ways
     python bench.py --scenario ranks        # train.py on 1 process and on 2 ranks under torchrun (dist.py): scaling
+    python bench.py --scenario eval --k 4   # 4 adapters on tasks/ through eval.py once vs lm-eval hf+peft per adapter
 
 Systems, all on the same base, the same synthetic data and the same hyperparameters:
   ours           k jobs' micro-batches fused into one step (what train.py does each step),
@@ -719,6 +720,67 @@ def ranks_scenario(args) -> list[dict]:
     return results
 
 
+def eval_scenario(args) -> dict:
+    """k adapters evaluated on the shipped lm-eval tasks (tasks/), end to end as a user runs it,
+    model loads included: eval.py once for all of them (one fused pass) against lm-eval's own `hf`
+    model with `peft=`, run once per adapter (each run loading the base again), at the same batch
+    size. The adapters are random (B drawn, r = --r on --targets), saved as PEFT folders; every
+    adapter's metrics must agree between the two, or the scenario fails."""
+    import subprocess
+    import lora
+    import peft_format
+    k, tasks = int(args.k or 4), args.eval_tasks
+    folder = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    net = M.load_model(args.base, dtype="float32")
+    configs = {f"adapter{i}": lora.LoRAConfig(r=args.r, alpha=2 * args.r, targets=args.targets.split(","))
+               for i in range(k)}
+    lora.add_adapters(net, configs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(net):
+            for adapter in layer.adapters.values():
+                adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * 0.02)
+    adapters = [folder / name for name in configs]
+    for name, path in zip(configs, adapters):
+        peft_format.save_peft(net, name, path, base_model_path=args.base)
+    del net
+    include = str(Path(__file__).resolve().parent / "tasks")
+    common = ["--tasks", tasks, "--include_path", include, "--batch_size", str(args.eval_batch_size)]
+    limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    threads = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+
+    def timed(command: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(command, check=True, env=threads, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+    ours_json = folder / "ours.json"
+    ours_s = timed([sys.executable, str(Path(__file__).resolve().parent / "eval.py"), "--base", args.base, "--no_base",
+                    "--dtype", "float32", "--device", "cpu", "--out", str(ours_json), *common, *limit,
+                    *[x for a in adapters for x in ("--adapter", str(a))]])
+    ours = json.loads(ours_json.read_text())
+    lm_eval_s, agree = [], True
+    for name, path in zip(configs, adapters):
+        out = folder / f"lm-eval-{name}"
+        lm_eval_s.append(timed([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                                f"pretrained={args.base},peft={path},dtype=float32", "--device", "cpu",
+                                "--output_path", str(out), *common, *limit]))
+        theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+        for task, metrics in theirs.items():
+            for key, value in metrics.items():
+                if isinstance(value, float) and "stderr" not in key:
+                    agree &= abs(ours[name]["results"][task][key] - value) < 1e-9
+    result = {"adapters": k, "tasks": tasks, "batch_size": args.eval_batch_size, "limit": args.eval_limit,
+              "ours_s": ours_s, "lm_eval_hf_peft_s": lm_eval_s, "ratio": sum(lm_eval_s) / ours_s,
+              "metrics_equal": agree, "ours_results": {n: r["results"] for n, r in ours.items()}}
+    print(f"{k} adapters on {tasks} (batch size {args.eval_batch_size}{f', limit {args.eval_limit}' if args.eval_limit else ''}): "
+          f"eval.py once {ours_s:.1f} s; lm-eval hf+peft once per adapter {' + '.join(f'{t:.1f}' for t in lm_eval_s)} "
+          f"= {sum(lm_eval_s):.1f} s; ratio {result['ratio']:.2f}x; every metric equal: {agree}")
+    if not agree:
+        raise SystemExit("eval scenario: the two disagree on a metric (see the JSON)")
+    return result
+
+
 def ensure_base(args) -> str:
     """A checkpoint folder for every system: --base, the demo's SmolLM2, or random weights."""
     if args.base:
@@ -768,7 +830,10 @@ def main(argv: list[str] | None = None):
                    help="run every system in this process, one after another (tests: the same work in seconds; "
                         "memory and peft-parallel's speed are not comparable)")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--scenario", choices=["systems", "strategies", "memory", "ranks"], default="systems",
+    p.add_argument("--eval-tasks", default="arc_tiny,boolq_tiny,qa_tiny", help="eval scenario: lm-eval tasks (tasks/)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="eval scenario: both sides' batch size")
+    p.add_argument("--eval-limit", type=int, default=None, help="eval scenario: documents a task")
+    p.add_argument("--scenario", choices=["systems", "strategies", "memory", "ranks", "eval"], default="systems",
                    help="strategies: the seed's batching-strategy table (needs a base with a tokenizer)")
     p.add_argument("--scenario-rows", type=int, default=32, help="rows per job in the strategies scenario")
     p.add_argument("--token-budget", type=int, default=1024, help="fast-fit's rows x padded length per step")
@@ -782,6 +847,10 @@ def main(argv: list[str] | None = None):
         results = ranks_scenario(args)
         Path(args.out).write_text(json.dumps({"ranks": results}, indent=2) + "\n")
         return results, []
+    if args.scenario == "eval":
+        result = eval_scenario(args)
+        Path(args.out).write_text(json.dumps({"eval": result}, indent=2) + "\n")
+        return result, []
     if args.scenario == "memory":
         result = memory_scenario(args)
         Path(args.out).write_text(json.dumps({"memory": result}, indent=2) + "\n")
