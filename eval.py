@@ -274,7 +274,9 @@ def evaluate(evaluation: Evaluation, tasks: list[str], *, include_path: str | No
     lm_eval = import_lm_eval()
     from lm_eval.tasks import TaskManager
     lm_class = fused_lm_class()
-    manager = TaskManager(include_path=include_path)
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):   # lm-eval's own tasks too (seconds to index)
+        manager = TaskManager(include_path=include_path)
     results = {}
     for name in evaluation.names:
         lm = lm_class(evaluation, name)
@@ -292,8 +294,8 @@ def side_by_side(results: dict[str, dict]) -> str:
     for name, out in results.items():
         for task, metrics in out["results"].items():
             for key, value in metrics.items():
-                metric, _, _ = key.partition(",")
-                if isinstance(value, (int, float)) and not metric.endswith("_stderr") and metric != "alias":
+                metric = key.partition(",")[0]
+                if isinstance(value, (int, float)) and "," in key and not metric.endswith("_stderr"):   # metric,filter
                     rows.setdefault((task, key), {})[name] = value
     lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for (task, key), values in rows.items():

@@ -136,3 +136,40 @@ def test_score_rejects_what_lm_eval_rejects(ours):
         E.score(ours.model, [(None, [1, 2], [])], MAX_LENGTH)
     with pytest.raises(ValueError, match="request 0: an empty context"):
         E.score(ours.model, [(None, [], [3])], MAX_LENGTH)
+
+
+def test_every_metric_equals_lm_eval_hf_on_the_shipped_tasks(folders, ours, tmp_path):
+    """tasks/ (multiple choice and a generation task) through eval.evaluate for the base and both
+    adapters: every metric of every task identical to lm-eval's simple_evaluate with its hf model
+    (peft= for an adapter); the table and the JSON name them all."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    base, adapters = folders
+    tasks = ["arc_tiny", "boolq_tiny", "qa_tiny"]
+    results = E.evaluate(ours, tasks, include_path=str(E.Path(E.__file__).parent / "tasks"), limit=6)
+    assert list(results) == ["base", "a", "b"]
+    manager = TaskManager(include_path=str(E.Path(E.__file__).parent / "tasks"), include_defaults=False)
+    for name, adapter in zip(results, [None, *adapters]):
+        want = lm_eval.simple_evaluate(model=hf_lm(base, adapter), tasks=tasks, limit=6, task_manager=manager,
+                                       bootstrap_iters=0, log_samples=False)["results"]
+        got = results[name]["results"]
+        assert set(got) == set(want) == set(tasks)
+        for task in tasks:
+            metrics = {k: v for k, v in want[task].items() if "," in k and "stderr" not in k}
+            assert metrics and {k: got[task][k] for k in metrics} == metrics, (name, task)
+    table = E.side_by_side(results)
+    assert "| arc_tiny | acc_norm,none |" in table and "| qa_tiny | exact_match,strip |" in table
+    assert table.splitlines()[0] == "| task | metric | base | a | b |"
+
+
+def test_command_line_writes_every_adapter_and_fails_in_one_line(folders, tmp_path, capsys):
+    base, adapters = folders
+    out = tmp_path / "results.json"
+    assert E.main(["--base", str(base), "--adapter", str(adapters[0]), "--adapter", str(adapters[1]),
+                   "--tasks", "boolq_tiny", "--limit", "3", "--max_length", str(MAX_LENGTH), "--out", str(out)]) == 0
+    written = E.json.loads(out.read_text())
+    assert list(written) == ["base", "a", "b"] and all("boolq_tiny" in r["results"] for r in written.values())
+    assert "1 fused scoring passes" in capsys.readouterr().out
+    assert E.main(["--base", str(base), "--adapter", str(tmp_path / "nowhere"), "--tasks", "boolq_tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere" in err and "\n" not in err, err
