@@ -441,6 +441,7 @@ class Llama(nn.Module):
     RECOMPUTED_KEYS = ("rotary_emb.inv_freq",)  # in some checkpoints; recomputed, not loaded
     MLORA_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}  # m-LoRA's (Meta's w1/w2/w3)
     FIXED_SHAPE_STEP = True         # forward takes a PackedRow: graphs.py may run its step at fixed shapes
+    logit_softcap: float | None = None  # logits capped as c * tanh(z / c) in forward and the loss (Gemma); None: not
     # The pieces of each block, so a LLaMA-like family is a subclass naming its own.
     Block = Block
     Attention = Attention

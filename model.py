@@ -20,6 +20,7 @@ from checkpoint import CheckpointError, checkpoint_files  # noqa: F401
 from checkpoint import check_checkpoint as check_folder
 from scheduler import peak_memory, reset_peak_memory
 from chatglm import ChatGLM
+from gemma import Gemma2, Gemma3
 from llama import Llama
 from phi3 import Phi3
 
@@ -28,8 +29,8 @@ from phi3 import Phi3
 
 # config.json's model_type -> the family class that loads it. Each family declares its own facts as
 # class attributes: MODEL_TYPES, Config (from_hf), CONFIG_FIELDS, LORA_TARGETS, DEFAULT_TARGETS,
-# SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP.
-FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3) for model_type in family.MODEL_TYPES}
+# SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP, logit_softcap.
+FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3, Gemma2, Gemma3) for model_type in family.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
