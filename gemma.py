@@ -174,20 +174,15 @@ class GemmaRMSNorm(nn.Module):
         return RMSNormFunction.apply(x, 1.0 + self.weight.float(), self.eps, True)
 
 
-def dense_mask(mask, T: int, S: int, device) -> torch.Tensor:
-    """causal_mask's answer as a bool mask [.., T, S] (True: attend): None is causal; a packed row
-    (Segments or PackedRow) is causal inside each segment, within its window."""
+def dense_mask(mask: torch.Tensor | PackedRow | None, T: int, S: int, device) -> torch.Tensor:
+    """causal_mask's answer as a bool mask [.., T, S] (True: attend): None is causal; a PackedRow is
+    causal inside each segment, within its window (fast.attend_packed's mask)."""
     if isinstance(mask, torch.Tensor):
         return mask
     if mask is None:
         return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
-    if isinstance(mask, PackedRow):
-        segment = mask.segment                                                   # [N]
-    else:
-        lengths = torch.tensor(mask.lengths, device=device)
-        segment = torch.arange(len(lengths), device=device).repeat_interleave(lengths)
     i = torch.arange(T, device=device)
-    allowed = (segment[:, None] == segment[None, :]) & (i[None, :] <= i[:, None])    # [N, N]
+    allowed = (mask.segment[:, None] == mask.segment[None, :]) & (i[None, :] <= i[:, None])    # [N, N]
     if mask.window is not None:
         allowed &= i[None, :] > i[:, None] - mask.window
     return allowed

@@ -141,9 +141,9 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(gemma):
     ours, hf, _ = gemma
     lengths = [7, 1, 13, 13, 9]
     seqs, row, pos = packed_row(lengths)
-    starts = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
-    device_row = PackedRow(positions(row, None, 0, tuple(lengths)), torch.arange(5).repeat_interleave(torch.tensor(lengths)),
-                           starts, max(lengths))
+    sizes = torch.tensor(lengths)
+    device_row = PackedRow(positions(row, None, 0, tuple(lengths)), torch.arange(5).repeat_interleave(sizes),
+                           F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32), max(lengths))
     with torch.no_grad():
         expected = hf(row, position_ids=pos, use_cache=False).logits[0]
         got = ours(row, segments=tuple(lengths))[0]
@@ -195,7 +195,8 @@ def test_lora_on_every_target_matches_peft(tmp_path, kind):
     model_type, overrides, _ = VARIANTS[kind]
     hf = make_gemma(model_type, **overrides)
     ours = M.load_model(save_hf(hf, tmp_path / "base"), dtype=torch.float32)
-    assert_lora_matches_peft(ours, hf, lora.LoRAConfig(r=4, alpha=8, targets=list(Gemma2.LORA_TARGETS)), tmp_path / "job")
+    targets = list(Gemma2.LORA_TARGETS)
+    assert_lora_matches_peft(ours, hf, lora.LoRAConfig(r=4, alpha=8, targets=targets), tmp_path / "job")
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -212,16 +213,16 @@ def test_training_loss_is_cross_entropy_of_transformers_capped_logits(tmp_path, 
     peft_format.save_peft(ours, "job", tmp_path / "job")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "job", is_trainable=True)
     g = torch.Generator().manual_seed(6)
-    examples = [data.Example(ids.tolist(), [-100] * 3 + ids[3:].tolist())
-                for ids in (torch.randint(3, 384, (n,), generator=g) for n in (11, 8, 14))]
+    examples = [data.Example(tokens.tolist(), [-100] * 3 + tokens[3:].tolist())
+                for tokens in (torch.randint(3, 384, (n,), generator=g) for n in (11, 8, 14))]
     batch = data.make_batch([("job", examples)], pad_id=0, packed=packed)
     with lora.route(ours, batch.adapter_names):   # chunks of 5 rows: several chunks
         got, _ = objectives.token_losses(ours, batch, chunk_elements=5 * 384, min_rows=1)
     if packed:
         _, _, pos = packed_row([len(e.input_ids) for e in examples])
         logits = pm(batch.input_ids, position_ids=pos, use_cache=False).logits
-    else:
-        logits = pm(batch.input_ids, attention_mask=(torch.arange(batch.input_ids.size(1)) < batch.lengths[:, None]).long()).logits
+    else:   # right padding: the real tokens never see it
+        logits = pm(batch.input_ids).logits
     keep = batch.labels[:, 1:] != -100
     expected = F.cross_entropy(logits[:, :-1][keep], batch.labels[:, 1:][keep], reduction="none")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
@@ -259,25 +260,27 @@ def test_chunked_loss_with_softcap_is_cross_entropy_of_capped_logits(dtype):
     ("gemma2", dict(num_hidden_layers=5)),                                    # every other layer, from the first
     ("gemma3_text", dict(num_hidden_layers=8)),                               # sliding_window_pattern's default, 6
     ("gemma3_text", dict(num_hidden_layers=5, sliding_window_pattern=2, rope_theta=2e5, rope_local_base_freq=300.0)),
-    ("gemma3_text", dict(num_hidden_layers=2, rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ("gemma3_text", dict(num_hidden_layers=6, rope_scaling={"rope_type": "linear", "factor": 8.0},
                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e5},
                                           "sliding_attention": {"rope_type": "default", "rope_theta": 123.0}})),
 ])
 def test_config_json_read_as_transformers_reads_it(kind, fields):
-    """Which layers slide and each layer type's rope (theta, linear factor), from a config.json without
-    layer_types, as transformers' config class reads the same dict."""
+    """Which layers slide, from a config.json without layer_types, and each layer type's rope
+    frequencies, as transformers' config class and rotary embedding make them of the same dict."""
     import transformers
     hf_config = {"model_type": kind, **TINY, "head_dim": 16, **fields}
     theirs = transformers.AutoConfig.for_model(**hf_config)
-    ours = M.FAMILIES[kind].Config.from_hf(hf_config)
-    assert ours.sliding_layers == tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
-    ropes = theirs.rope_parameters if kind == "gemma3_text" else {"full_attention": theirs.rope_parameters,
-                                                                   "sliding_attention": theirs.rope_parameters}
     model = M.build_model(hf_config)
-    for layer_type, inv_freq in (("full_attention", model.inv_freq), ("sliding_attention", model.local_inv_freq)):
-        rope = ropes[layer_type]
-        expected = 1.0 / rope["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16) / rope.get("factor", 1.0)
-        torch.testing.assert_close(inv_freq, expected)
+    assert model.config.sliding_layers == tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert {"sliding_attention", "full_attention"} == set(theirs.layer_types)
+    if kind == "gemma2":
+        inv_freq = transformers.models.gemma2.modeling_gemma2.Gemma2RotaryEmbedding(theirs).inv_freq
+        expected = {"full_attention": inv_freq, "sliding_attention": inv_freq}
+    else:
+        rotary = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding(theirs)
+        expected = {kind: getattr(rotary, f"{kind}_inv_freq") for kind in ("full_attention", "sliding_attention")}
+    torch.testing.assert_close(model.inv_freq, expected["full_attention"])
+    torch.testing.assert_close(model.local_inv_freq, expected["sliding_attention"])
 
 
 @pytest.mark.parametrize("kind, change, message", [
