@@ -217,6 +217,8 @@ class ChatGLM(nn.Module):
     MLORA_NAMES = {"qkv": "query_key_value", "qkv_proj": "query_key_value",
                    "mlp_in": "dense_h_to_4h", "mlp_out": "dense_4h_to_h"}
     FIXED_SHAPE_STEP = False        # forward reads no PackedRow: graphs.py leaves it to the eager step
+    NOT_SUPPORTED = ("ChatGLM-6B v1", "pre_seq_len (P-tuning v2)", "quantization_bit (THUDM's quantized weights)",
+                     "LayerNorm, post-layernorm or fp32 residuals, a tied output_layer")   # from_hf refuses each
     logit_softcap = None            # its logits are not capped (llama.Llama.logit_softcap)
 
     def __init__(self, cfg: ChatGLMConfig):

@@ -290,6 +290,8 @@ class Gemma2(Llama):
     # graphs.py's fixed-shape step computes its loss without the logits' cap, and capped attention
     # has no flash kernel: Gemma runs the eager step.
     FIXED_SHAPE_STEP = False
+    NOT_SUPPORTED = ("use_bidirectional_attention", "a null sliding_window", "rope types other than default and linear",
+                     "partial_rotary_factor", "hidden_activation other than gelu_pytorch_tanh")   # from_hf refuses each
     Block = GemmaBlock
     Attention = Gemma2Attention
     MLP = GemmaMLP
@@ -340,4 +342,5 @@ class Gemma2(Llama):
 class Gemma3(Gemma2):
     Config = Gemma3Config
     MODEL_TYPES = tuple(Gemma3Config.MODEL_TYPES)
+    NOT_SUPPORTED = Gemma2.NOT_SUPPORTED + ("rope_scaling with the older key type (transformers reads no scaling)",)
     Attention = Gemma3Attention

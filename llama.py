@@ -441,6 +441,8 @@ class Llama(nn.Module):
     RECOMPUTED_KEYS = ("rotary_emb.inv_freq",)  # in some checkpoints; recomputed, not loaded
     MLORA_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}  # m-LoRA's (Meta's w1/w2/w3)
     FIXED_SHAPE_STEP = True         # forward takes a PackedRow: graphs.py may run its step at fixed shapes
+    NOT_SUPPORTED = ("rope_scaling yarn, dynamic, longrope", "hidden_act other than silu")  # refused, one line each
+    ROPE_DTYPE: torch.dtype | None = None   # cos and sin in this dtype (OLMo 2: fp32); None: the model's
     logit_softcap: float | None = None  # logits capped as c * tanh(z / c) in forward and the loss (Gemma); None: not
     # The pieces of each block, so a LLaMA-like family is a subclass naming its own.
     Block = Block
@@ -494,8 +496,8 @@ class Llama(nn.Module):
         freqs = pos[..., None].float() * self.inv_freq                       # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)                              # [B, T, hd]
         x = self.model.embed_tokens(input_ids)                               # [B, T, C]
-        cos = emb.cos().to(x.dtype)[:, None]                                 # [B, 1, T, hd]
-        sin = emb.sin().to(x.dtype)[:, None]
+        cos = emb.cos().to(self.ROPE_DTYPE or x.dtype)[:, None]              # [B, 1, T, hd]
+        sin = emb.sin().to(self.ROPE_DTYPE or x.dtype)[:, None]
         for block, window in zip(self.model.layers, self.layer_windows):
             x = run_block(self, block, x, cos, sin, masks[window], cache)
         if cache is not None:

@@ -94,6 +94,7 @@ class Phi3(Llama):
     DEFAULT_TARGETS = ("qkv_proj", "o_proj")
     SHARED_INPUTS = ()   # q, k, v are one layer already (qkv_proj), so are gate and up
     MLORA_NAMES = {}     # m-LoRA's qkv_proj, o_proj, gate_up_proj, down_proj are Phi-3's own names
+    NOT_SUPPORTED = ("rope_scaling longrope (the 128k releases) or any but default", "hidden_act other than silu")
     Attention = Phi3Attention
     MLP = Phi3MLP
 

@@ -2,22 +2,20 @@
 (eager attention: the one that caps scores) on the same checkpoint, on every attention path (plain,
 padded, cached, packed as segments and as a PackedRow), bf16 against transformers' bf16, LoRA against
 PEFT, the training loss through the capped logits, config.json read as transformers reads it, and
-the refusals."""
+the refusals. tests/test_families.py runs the rest (saved adapters in PEFT, merge, fused = alone,
+nf4, generate) and names these tests for the checks they make."""
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import data
 import fast
 import lora
 import model as M
 import objectives
-import train
-from conftest import (TINY, adapter, assert_lora_matches_peft, assert_same_adapter, job, randomize_B, run_cfg, save_hf,
-                      write_rows)
+from conftest import TINY, assert_lora_matches_peft, randomize_B, save_hf
 from gemma import Gemma2, Gemma3
 from llama import PackedRow, positions
 
@@ -154,8 +152,9 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(gemma):
 
 
 @pytest.mark.parametrize("kind, overrides, attn_implementation", [
-    ("gemma2", dict(attn_logit_softcapping=2.0), "eager"),
-    ("gemma3_text", dict(sliding_window_pattern=2, query_pre_attn_scalar=16, rope_local_base_freq=100.0), "sdpa")])
+    pytest.param("gemma2", dict(attn_logit_softcapping=2.0), "eager", id="gemma2"),
+    pytest.param("gemma3_text", dict(sliding_window_pattern=2, query_pre_attn_scalar=16, rope_local_base_freq=100.0),
+                 "sdpa", id="gemma3")])
 def test_bf16_equals_transformers_bf16(tmp_path, kind, overrides, attn_implementation):
     """Both in bf16 where both attend the same way (capped: explicitly; Gemma 3 with the scale SDPA's
     own): within one bf16 step at the logits' scale (measured: equal), so every rounding is
@@ -325,101 +324,3 @@ def test_mlora_names_are_llama_names():
     assert Gemma3.MLORA_NAMES == Gemma2.MLORA_NAMES == {"w1_proj": "gate_proj", "w2_proj": "down_proj",
                                                         "w3_proj": "up_proj"}
 
-
-# ----------------------------------------------------------------------------- train, merge, nf4, generate
-# What tests/test_families.py will check for every family once it is on main (then these go there).
-
-RUNS = {"gemma2": VARIANTS["gemma2"], "gemma3": VARIANTS["gemma3"]}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """kind -> (base folder with a tokenizer, run of two jobs trained fused, the same two trained one
-    after the other): job a on every target, b on the defaults with SGD."""
-    from tokenizer_util import write_tokenizer_json
-    cache = {}
-
-    def get(kind: str):
-        if kind not in cache:
-            model_type, overrides, _ = RUNS[kind]
-            d = tmp_path_factory.mktemp(f"{kind}-runs")
-            vocab = write_tokenizer_json(d / "base")
-            base = save_hf(make_gemma(model_type, **{**overrides, "vocab_size": max(vocab, 384)}), d / "base")
-            jobs = [job("a", write_rows(d / "a.json", 4, 0, "reverse"), targets=list(Gemma2.LORA_TARGETS),
-                        batch_size=2, epochs=1),
-                    job("b", write_rows(d / "b.jsonl", 4, 1, "upper"), targets=None, r=8, optimizer="sgd",
-                        momentum=0.9, batch_size=2, epochs=1)]
-            train.train(run_cfg(base, d / "fused", jobs, scheduler={"max_concurrent": 2, "max_candidates": 2}))
-            train.train(run_cfg(base, d / "alone", jobs, scheduler={"max_concurrent": 1, "max_candidates": 1}))
-            cache[kind] = base, d / "fused", d / "alone"
-        return cache[kind]
-    return get
-
-
-def reference(path, dtype=torch.float32):
-    import transformers
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-
-
-@pytest.mark.parametrize("kind", list(RUNS))
-def test_two_jobs_fused_equal_each_alone(trained, kind):
-    _, fused, alone = trained(kind)
-    for name in ("a", "b"):
-        assert_same_adapter(adapter(fused, name), adapter(alone, name))
-        assert max(v.abs().max() for k, v in adapter(fused, name).items() if "lora_B" in k) > 1e-4  # it trained
-
-
-@pytest.mark.parametrize("kind", list(RUNS))
-def test_trained_adapter_loads_in_peft_and_merges_into_a_transformers_checkpoint(trained, kind, tmp_path):
-    """train.py's adapter in PeftModel.from_pretrained on transformers' class, and export.py's merge of
-    it loaded by transformers: both give our base + adapter's logits (the norms' stored weight - 1 and
-    the tied output layer written back as the hub has them)."""
-    import peft
-    import export
-    import peft_format
-    base, fused, _ = trained(kind)
-    ours = M.load_model(base, dtype=torch.float32)
-    name = peft_format.load_peft(ours, fused / "a")
-    idx = ids(2, 12, seed=6)
-    with torch.no_grad(), lora.route(ours, [name] * 2):
-        expected = ours(idx)
-    export.export_merged(str(fused / "a"), str(tmp_path / "merged"), base=str(base))
-    with torch.no_grad():
-        torch.testing.assert_close(peft.PeftModel.from_pretrained(reference(base), fused / "a")(idx).logits, expected,
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(reference(tmp_path / "merged")(idx).logits, expected, atol=1e-5, rtol=1e-4)
-        assert (expected - reference(base)(idx).logits).abs().max() > 1e-4   # the adapter is in it
-    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")   # tied, stored once
-
-
-@pytest.mark.parametrize("kind", list(RUNS))
-def test_nf4_qlora_job_trains(trained, kind, tmp_path):
-    base, _, _ = trained(kind)
-    target = job("q", write_rows(tmp_path / "q.json", 4, 2, "count"), targets=list(Gemma2.LORA_TARGETS),
-                 batch_size=2, epochs=1)
-    train.train(run_cfg(base, tmp_path / "out", [target], quant="nf4"))
-    assert max(v.abs().max() for k, v in adapter(tmp_path / "out", "q").items() if "lora_B" in k) > 1e-4
-
-
-@pytest.mark.parametrize("kind", list(RUNS))
-def test_generate_runs_with_an_adapter(trained, kind, capsys):
-    """generate.py's command line with the trained adapter and the base; generate() (left padding,
-    KV cache) equals greedy decoding by full forwards routed to the adapter."""
-    import generate as G
-    import peft_format
-    base, fused, _ = trained(kind)
-    assert G.main(["--base", str(base), "--adapter", str(fused / "a"), "--with-base",
-                   "--prompt", "hello world", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "[base] " in out and "[a] " in out
-    ours = M.load_model(base, dtype=torch.float32)
-    name = peft_format.load_peft(ours, fused / "a")
-    ours.eval()
-    prompts = [ids(1, 5, seed=8)[0].tolist(), ids(1, 9, seed=9)[0].tolist()]
-    got = G.generate(ours, prompts, [name, name], max_new_tokens=6)
-    for prompt, tokens in zip(prompts, got):
-        sequence = list(prompt)
-        with torch.no_grad(), lora.route(ours, [name]):
-            for _ in range(6):
-                sequence.append(int(ours(torch.tensor([sequence]))[0, -1].argmax()))
-        assert tokens == sequence[len(prompt):]

@@ -582,6 +582,7 @@ def test_family_declarations_agree(family):
     assert set(family.MLORA_NAMES.values()) <= set(family.LORA_TARGETS)
     assert family.OUTPUT_LAYER.rsplit(".", 1)[-1] not in family.LORA_TARGETS
     assert isinstance(family.FIXED_SHAPE_STEP, bool)
+    assert family.NOT_SUPPORTED and all(isinstance(item, str) and ";" not in item for item in family.NOT_SUPPORTED)
     others = [kind for kind in M.FAMILIES if kind not in family.MODEL_TYPES]
     for kind in others:
         with pytest.raises(ValueError, match=f"model_type {kind!r}"):
@@ -590,10 +591,11 @@ def test_family_declarations_agree(family):
 
 def test_readme_families_table_is_the_table():
     """README's families table lists what model.FAMILIES holds: each family's model types, module,
-    LoRA targets and defaults."""
+    LoRA targets, defaults and what it refuses (NOT_SUPPORTED)."""
     readme = (Path(M.__file__).parent / "README.md").read_text()
-    rows = re.findall(r"^\| (`[\w]+`(?:, `[\w]+`)*) \| `(\w+)\.py` \| `([\w ]+)` \| `([\w ]+)` \|$", readme, re.M)
-    listed = {tuple(kind.strip("`") for kind in kinds.split(", ")): (module, targets.split(), defaults.split())
-              for kinds, module, targets, defaults in rows}
-    assert listed == {family.MODEL_TYPES: (family.__module__, list(family.LORA_TARGETS), list(family.DEFAULT_TARGETS))
-                      for family in FAMILY_CLASSES}
+    rows = re.findall(r"^\| (`[\w]+`(?:, `[\w]+`)*) \| `(\w+)\.py` \| `([\w ]+)` \| `([\w ]+)` \| ([^|`]+) \|$",
+                      readme, re.M)
+    listed = {tuple(kind.strip("`") for kind in kinds.split(", ")): (module, targets.split(), defaults.split(), refused)
+              for kinds, module, targets, defaults, refused in rows}
+    assert listed == {family.MODEL_TYPES: (family.__module__, list(family.LORA_TARGETS), list(family.DEFAULT_TARGETS),
+                                           "; ".join(family.NOT_SUPPORTED)) for family in FAMILY_CLASSES}
