@@ -60,6 +60,18 @@ def make_hf_model(kind: str = "llama", **overrides):
     return model.eval()
 
 
+def make_tiny(config_class: str, model_class: str, **config):
+    """A tiny random transformers model of these classes (TINY sizes unless config says otherwise;
+    fp32, eval mode, fixed seed), its weights larger than the default init as make_hf_model's."""
+    import transformers
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**TINY, **config}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    return model.eval()
+
+
 def save_hf(model, path: Path, old_config_keys: bool = False, **save_kwargs) -> Path:
     """save_pretrained, optionally rewriting config.json into the hub's older rope keys."""
     model.save_pretrained(path, **save_kwargs)

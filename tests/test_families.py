@@ -3,13 +3,14 @@ same tiny random checkpoint (and PEFT for LoRA): logits on a plain batch longer 
 window, a left-padded batch, KV-cache decoding and a packed row; bf16 against transformers' bf16;
 LoRA on every target against PEFT; train.py's saved adapter in PeftModel.from_pretrained; export.py's
 merge in transformers; two jobs fused equal to each alone; an nf4 QLoRA job that trains; generate.py
-with an adapter.
+with an adapter; m-LoRA's names for the family's modules.
 
 Adding a family is one TINY_MODELS entry here (how transformers builds a tiny one of its model type),
 plus its own test file for what is special to it. A check another file already makes for a model
 type is named in its entry's `elsewhere` (the test, which must exist) and not generated here; one
 that cannot apply says "n/a: why". A model type of model.FAMILIES without an entry fails.
 """
+import json
 import math
 import re
 from pathlib import Path
@@ -24,13 +25,13 @@ import lora
 import model as M
 import peft_format
 import train
-from conftest import (TINY, TINY_GLM, adapter, assert_lora_matches_peft, assert_same_adapter, job, randomize_B, run_cfg,
-                      save_hf, write_chatglm, write_rows)
+from conftest import (TINY, TINY_GLM, adapter, assert_lora_matches_peft, assert_same_adapter, job, make_tiny, randomize_B,
+                      run_cfg, save_hf, write_chatglm, write_rows)
 from tokenizer_util import write_tokenizer_json
 
 TESTS = Path(__file__).parent
 CHECKS = ("logits", "left_padded", "kv_cache", "packed", "bf16", "lora_peft", "peft_load", "merge", "fused", "nf4",
-          "generate")
+          "generate", "mlora_names")
 WINDOW = 5   # a sliding window shorter than every batch below, where a family has one
 EXACT = dict(atol=1e-5, rtol=1e-4)
 
@@ -142,9 +143,9 @@ def test_every_model_type_has_an_entry():
 def test_checks_left_to_other_files_are_made_there():
     """Each `elsewhere` names a check of this harness and a test that exists (its parameter id
     written in the file), or says why the check does not apply."""
-    for kind, entry in TINY_MODELS.items():
-        assert set(entry.elsewhere) <= set(CHECKS), kind
-        for check, where in entry.elsewhere.items():
+    for kind, tiny in TINY_MODELS.items():
+        assert set(tiny.elsewhere) <= set(CHECKS), kind
+        for check, where in tiny.elsewhere.items():
             if where.startswith("n/a: "):
                 continue
             file, name, param = re.fullmatch(r"(tests/test_\w+\.py)::(test_\w+)(?:\[(.+)\])?", where).groups()
@@ -162,18 +163,12 @@ def entry(kind: str) -> Tiny:
 
 
 def make_hf(kind: str, vocab_size: int):
-    """A tiny random transformers model of this type (fp32, eval mode, fixed seed)."""
-    import transformers
+    """A tiny random transformers model of this type (conftest.make_tiny), its special ids those of
+    the test tokenizer (tokenizer_util's: 0 begins and pads, 2 ends)."""
     tiny = entry(kind)
-    torch.manual_seed(0)
-    config = getattr(transformers, tiny.config)(**{
-        **TINY, "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **tiny.overrides,
-        **({"attn_implementation": tiny.attn_implementation} if tiny.attn_implementation else {})})
-    hf = getattr(transformers, tiny.model)(config)
-    with torch.no_grad():  # larger than the default init, so any mismatch shows
-        for name, p in hf.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
-    return hf.eval()
+    extra = {"attn_implementation": tiny.attn_implementation} if tiny.attn_implementation else {}
+    return make_tiny(tiny.config, tiny.model, **{"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 2,
+                                                 "pad_token_id": 0, **tiny.overrides, **extra})
 
 
 def oracle(kind: str, folder, dtype=torch.float32):
@@ -188,6 +183,15 @@ class Built(NamedTuple):
     folder: Path        # config.json, weights and a tokenizer.json
     hf: object          # transformers' model of the same weights, fp32
     ours: object        # model.load_model's, fp32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_loss_plot():
+    """train.py's loss.png (matplotlib: half of a tiny run's time) is tests/test_export.py's to check."""
+    import report
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "plot_losses", lambda metrics_file, png: None)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +260,9 @@ def test_kv_cache_decoding_matches_transformers(built, kind):
 @pytest.mark.parametrize("kind", cases("packed"))
 def test_packed_row_matches_transformers_and_each_sequence_alone(built, kind):
     """The training path (segments): transformers given the row with restarting position_ids keeps
-    attention inside each sequence itself; each sequence alone gives the same."""
+    attention inside each sequence itself; each sequence alone gives the same; so does the row as a
+    llama.PackedRow (graphs.py's fixed-shape step) where the family declares FIXED_SHAPE_STEP."""
+    import llama
     b = built(kind)
     lengths = [7, 1, 13, 13, 9]
     seqs = [ids(1, n, seed=5 + i)[0] for i, n in enumerate(lengths)]
@@ -266,6 +272,11 @@ def test_packed_row_matches_transformers_and_each_sequence_alone(built, kind):
         torch.testing.assert_close(got, b.hf(row, position_ids=positions, use_cache=False).logits[0], **EXACT)
         for seq, part in zip(seqs, got.split(lengths)):
             torch.testing.assert_close(part, b.ours(seq[None])[0], **EXACT)
+        if M.FAMILIES[kind].FIXED_SHAPE_STEP:
+            segment = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+            starts = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+            packed = llama.PackedRow(positions, segment, starts, max(lengths))
+            torch.testing.assert_close(b.ours(row, segments=packed)[0], got, **EXACT)
 
 
 @pytest.mark.parametrize("kind", cases("bf16"))
@@ -376,3 +387,20 @@ def test_generate_runs_with_an_adapter(built, kind, tmp_path, capsys):
         for _ in range(6):
             sequence.append(int(ours(torch.tensor([sequence]))[0, -1].argmax()))
     assert got == sequence[len(prompt):]
+
+
+@pytest.mark.parametrize("kind", cases("mlora_names"))
+def test_mlora_names_are_the_family_modules(built, kind):
+    """An m-LoRA file (2024) naming every module of the family in m-LoRA's words (MLORA_NAMES: Meta's
+    w1/w2/w3 for gate/down/up on LLaMA-like ones; else the family's own names) trains all its LoRA
+    targets, which add_adapters takes on the loaded model."""
+    import mlora_config
+    family = M.FAMILIES[kind]
+    names = list(family.MLORA_NAMES) + [t for t in family.LORA_TARGETS if t not in family.MLORA_NAMES.values()]
+    raw = json.loads((TESTS / "fixtures/mlora/2024/config/finetune.json").read_text())
+    raw["lora"] = [dict(raw["lora"][0], target_modules=dict.fromkeys(names, True))]
+    targets = mlora_config.from_mlora(raw, "finetune.json")[0]["jobs"][0]["targets"]
+    assert sorted(targets) == sorted(family.LORA_TARGETS)
+    ours = M.load_model(built(kind).folder, dtype=torch.float32)
+    lora.add_adapters(ours, {"m": lora.LoRAConfig(targets=targets)})
+    assert len(lora.lora_layers(ours)) == TINY["num_hidden_layers"] * len(targets)
