@@ -3,7 +3,7 @@
 padded, cached, packed as segments and as a PackedRow), bf16 against transformers' bf16, LoRA against
 PEFT, the training loss through the capped logits, config.json read as transformers reads it, and
 the refusals. tests/test_families.py runs the rest (saved adapters in PEFT, merge, fused = alone,
-nf4, generate) and names these tests for the checks they make."""
+nf4, generate, m-LoRA's names) and names these tests for the checks they make."""
 import json
 
 import pytest
@@ -313,14 +313,3 @@ def test_hidden_act_beside_hidden_activation_is_left_unread(tmp_path):
     config = path / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_act": "gelu_pytorch_tanh"}))
     assert isinstance(M.load_model(path), Gemma2)
-
-
-def test_mlora_names_are_llama_names():
-    """m-LoRA's q/k/v/o_proj and w1/w2/w3 are Gemma's q/k/v/o_proj and gate/down/up_proj, as LLaMA's."""
-    from mlora_config import MloraFile, _family_names
-    names = ["q_proj", "o_proj", "w1_proj", "w2_proj", "w3_proj"]
-    assert _family_names(MloraFile("finetune.json"), names, names, "t") == \
-        ["q_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
-    assert Gemma3.MLORA_NAMES == Gemma2.MLORA_NAMES == {"w1_proj": "gate_proj", "w2_proj": "down_proj",
-                                                        "w3_proj": "up_proj"}
-
