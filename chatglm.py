@@ -9,6 +9,7 @@ and KV cache it imports), written the way THUDM's checkpoints are laid out:
 - SwiGLU through one `dense_h_to_4h` whose first half is the gate.
 Parameter names equal the checkpoint's keys (transformer.encoder.layers.N.self_attention...),
 so loading is model.py's strict load and PEFT keys come out as THUDM's own code has them.
+transformers' layout of the same weights (GLM-4-9B-chat as `model_type: "glm"`) is glm.py's.
 
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 ng key/value groups, hd head size, rd rotary size (hd/2), V vocab (padded).

@@ -68,7 +68,7 @@ class JobConfig(lora.LoRAConfig):
     early_stop: int | None = None          # stop after N evals without a better held-out loss (needs eval_every)
     diverge_factor: float = 2.0            # with early_stop: also stop when held-out loss > this x its best
     early_stop_metric: str = "loss"        # what early_stop watches: loss (held-out, lower is better) | task (task score, higher is better; no divergence test)
-    task_metric: str | None = None         # sft: also score generated answers to test_data's prompts at each eval: exact | contains | regex (null: none)
+    task_metric: str | None = None         # sft: also score test_data at each eval: generated answers (exact | contains | regex) or log-likelihood multiple choice (choice: acc | choice_norm: acc_norm, as lm-eval) (null: none)
     task_pattern: str | None = None        # regex: an answer is right when re.fullmatch(task_pattern, answer) (the row's output is not read)
     task_max_new_tokens: int = 32          # task_metric: greedy tokens generated per held-out prompt
 
@@ -138,7 +138,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.p
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s", "show_examples")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
-TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex"), ("loss", "task")
+TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex", "choice", "choice_norm"), ("loss", "task")
 PLACEMENTS = ("data", "job")
 MAX_TRIALS = 10_000
 FLOAT32_MAX = 3.4028234663852886e38

@@ -298,7 +298,7 @@ def read_inputs(cfg: RunConfig) -> dict:
     rows, the task rows, and a digest of each input file (a resumed run must read the same)."""
     check_base(cfg)
     tokenizer, train_sets, test_sets, plans, sched = prepare(cfg)
-    task_sets = {job.name: load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len)
+    task_sets = {job.name: load_task_rows(job.test_data, tokenizer, job.template, job.cutoff_len, job.task_metric)
                  for job in cfg.jobs if job.task_metric}
     return dict(tokenizer=tokenizer, train_sets=train_sets, test_sets=test_sets, plans=plans, sched=sched,
                 task_sets=task_sets, inputs=input_digests(cfg))

@@ -21,18 +21,24 @@ import torch.nn.functional as F
 from llama import LLAMA_FIELDS, Llama, LlamaConfig, attend, checked_window, rope_inv_freq, rotate_half
 
 
-def phi3_fields(hf: dict) -> dict:
-    """Phi3ForCausalLM's own fields: no bias; the sliding window on every layer (Phi3Config's
-    default: none); the rotary channels from partial_rotary_factor (in rope_parameters, or beside it)."""
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+def partial_rotary_dim(hf: dict, head_dim: int, default: float = 1.0) -> int:
+    """rd = int(head_dim * partial_rotary_factor), as transformers' rope computes it, the factor read
+    from rope_parameters (or rope_scaling), else beside it, else `default`; rd must be even."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", default))
     rotary_dim = int(head_dim * factor) if isinstance(factor, (int, float)) and 0 < factor <= 1 else 0
     if rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"config.json: partial_rotary_factor {factor!r} of a {head_dim}-channel head must "
                          f"give an even number of rotary channels")
+    return rotary_dim
+
+
+def phi3_fields(hf: dict) -> dict:
+    """Phi3ForCausalLM's own fields: no bias; the sliding window on every layer (Phi3Config's
+    default: none); the rotary channels from partial_rotary_factor (Phi3Config's default: 1.0)."""
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     window = checked_window(hf.get("sliding_window"), tuple(range(hf["num_hidden_layers"])))
-    return dict(qkv_bias=False, o_bias=False, mlp_bias=False, rotary_dim=rotary_dim, **window)
+    return dict(qkv_bias=False, o_bias=False, mlp_bias=False, rotary_dim=partial_rotary_dim(hf, head_dim), **window)
 
 
 @dataclass

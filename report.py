@@ -7,6 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,8 +18,12 @@ import lora
 import peft_format
 import scheduler
 from config import JobConfig
+from eval import score as score_requests
 from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means,
                         token_losses)
+
+
+CHOICE_METRICS = ("choice", "choice_norm")   # config.TASK_METRICS scored by log-likelihood, not generated
 
 
 @torch.no_grad()
@@ -44,43 +49,87 @@ def evaluate(model, job: JobConfig, examples: list, pad_id: int, device, rows: i
     return totals[0].item(), reward_means(job, totals[1:].tolist())
 
 
-def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], str]]]]
+class ChoiceRow(NamedTuple):
+    """A multiple-choice test row (task_metric choice / choice_norm): each choice's tokens after the
+    prompt (encoded as lm-eval encodes a continuation), the right one, each choice's length in characters."""
+    choices: list[list[int]]
+    answer: int
+    chars: list[int]
+
+
+def evaluate_tasks(model, tokenizer: data.Tokenizer, jobs: list[tuple[JobConfig, list[tuple[list[int], object]]]]
                    ) -> list[float]:
-    """Each job's task score (the fraction of its held-out prompts answered right): every job's
-    prompts in ONE generation batch, row i through its job's adapter (generate.generate, greedy),
-    each job's answers cut at its task_max_new_tokens (greedy: as if generated alone)."""
-    prompts = [ids for _, rows in jobs for ids, _ in rows]
-    if not prompts:
-        return [0.0 for _ in jobs]
-    outputs = iter(generate.generate(model, prompts, [job.name for job, rows in jobs for _ in rows],
-                                     max_new_tokens=max(job.task_max_new_tokens for job, _ in jobs),
-                                     stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                                     vocab_size=tokenizer.vocab_size))
-    scores = []
-    for job, rows in jobs:
-        right = sum(task_correct(job.task_metric, tokenizer.decode(next(outputs)[:job.task_max_new_tokens], skip_special=True),
-                                 expected, job.task_pattern) for _, expected in rows)
-        scores.append(right / max(len(rows), 1))
+    """Each job's task score (the fraction of its held-out rows answered right). Generated answers:
+    every such job's prompts in ONE generation batch, row i through its job's adapter
+    (generate.generate, greedy), each job's answers cut at its task_max_new_tokens (greedy: as if
+    generated alone). Multiple choice: every choice of every such job's rows scored in one fused
+    pass (eval.score); a row is right when its answer has the highest log-likelihood (choice: lm-eval's
+    acc) or the highest log-likelihood per character (choice_norm: acc_norm)."""
+    scores = [0.0 for _ in jobs]
+    generated = [(i, job, rows) for i, (job, rows) in enumerate(jobs) if job.task_metric not in CHOICE_METRICS and rows]
+    chosen = [(i, job, rows) for i, (job, rows) in enumerate(jobs) if job.task_metric in CHOICE_METRICS and rows]
+    if generated:
+        outputs = iter(generate.generate(model, [ids for _, _, rows in generated for ids, _ in rows],
+                                         [job.name for _, job, rows in generated for _ in rows],
+                                         max_new_tokens=max(job.task_max_new_tokens for _, job, _ in generated),
+                                         stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                                         vocab_size=tokenizer.vocab_size))
+        for i, job, rows in generated:
+            right = sum(task_correct(job.task_metric, tokenizer.decode(next(outputs)[:job.task_max_new_tokens], skip_special=True),
+                                     expected, job.task_pattern) for _, expected in rows)
+            scores[i] = right / len(rows)
+    if chosen:
+        requests = [(job.name, ids, choice) for _, job, rows in chosen for ids, row in rows for choice in row.choices]
+        likelihoods = iter(lp for lp, _ in score_requests(model, requests, max_length=max(len(c) + len(p) for _, p, c in requests)))
+        for i, job, rows in chosen:
+            right = 0
+            for _, row in rows:
+                lls = [next(likelihoods) for _ in row.choices]
+                if job.task_metric == "choice_norm":
+                    lls = [ll / n for ll, n in zip(lls, row.chars)]
+                right += max(range(len(lls)), key=lls.__getitem__) == row.answer   # the first of ties, as numpy's argmax
+            scores[i] = right / len(rows)
     return scores
 
 
 def load_task_rows(path: str | Path, tokenizer: data.Tokenizer, template: str = "alpaca",
-                   cutoff_len: int = 256) -> list[tuple[list[int], str]]:
-    """Held-out prompts for task evaluation: per row {instruction, input?, output}, the prompt's
-    token ids as training reads them (template, BOS; at most cutoff_len) and the expected output."""
+                   cutoff_len: int = 256, metric: str = "exact") -> list[tuple[list[int], object]]:
+    """Held-out rows for task evaluation: per row {instruction, input?, output} (generated answers),
+    or {instruction, input?, choices: [text, ...], answer: index} (metric choice / choice_norm), as
+    (the prompt's token ids as training reads them (template, BOS; at most cutoff_len), the expected
+    output or a ChoiceRow)."""
     path = Path(path)
     if data.jinja_template(template):
         raise data.DataError(f"{path}: a Jinja template renders whole rows, with no prompt to answer; "
                         f"task_metric needs another template")
+    choice = metric in CHOICE_METRICS
     rows = []
     for where, row in data.numbered_rows(path, tokenizer, template):
-        row = data.string_fields(where, row, ("instruction", "input", "output"), optional=("input",))
+        row = data.string_fields(where, row, ("instruction", "input") if choice else ("instruction", "input", "output"),
+                                 optional=("input",))
         try:
             prompt = data.build_prompt(template, tokenizer, row["instruction"], row["input"])
         except data.DataError as e:
             raise data.DataError(f"{where}: {e}") from None
-        rows.append((tokenizer.add_prefix(tokenizer.encode(prompt))[:cutoff_len], row["output"]))
+        ids = tokenizer.add_prefix(tokenizer.encode(prompt))[:cutoff_len]
+        rows.append((ids, choice_row(where, row, tokenizer, prompt) if choice else row["output"]))
     return rows
+
+
+def choice_row(where: str, row: dict, tokenizer: data.Tokenizer, prompt: str) -> ChoiceRow:
+    """A row's choices (non-empty texts) and answer (an index into them), each choice's tokens as
+    the part of encode(prompt + choice) after encode(prompt) (lm-eval's way: a word that joins the
+    prompt's last piece is tokenized as it would be in the text)."""
+    choices, answer = row.get("choices"), row.get("answer")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise data.DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise data.DataError(f"{where}: 'answer' must be the index of the right choice (0 to {len(choices) - 1}), got {answer!r}")
+    context = tokenizer.encode(prompt)
+    tokens = [tokenizer.encode(prompt + c)[len(context):] for c in choices]
+    if not all(tokens):
+        raise data.DataError(f"{where}: a choice encodes to no tokens of its own after the prompt")
+    return ChoiceRow(tokens, answer, [len(c) for c in choices])
 
 
 def task_correct(metric: str, answer: str, expected: str, pattern: str | None = None) -> bool:

@@ -73,6 +73,15 @@ def sliding_elsewhere(name: str) -> dict[str, str]:
             "kv_cache": model_file(f"test_sliding_window_kv_cache_equals_full_forward[{name}]")}
 
 
+GLM = dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+
+
+def glm_elsewhere(kind: str) -> dict[str, str]:
+    """tests/test_glm.py's bf16 check (ChatGLM's norm order off too) and greedy generation against PEFT's."""
+    return {"bf16": f"tests/test_glm.py::test_bf16_matches_transformers_bf16[{kind}]",
+            "generate": f"tests/test_glm.py::test_generation_equals_peft_greedy_and_the_cli_runs[{kind}]"}
+
+
 def gemma_elsewhere(variant: str) -> dict[str, str]:
     """tests/test_gemma.py's tests of its VARIANTS[variant] (and of the uncapped and hub-keys variants):
     logits, left (and right) padding, KV cache, packed rows as segments and as a PackedRow; bf16; LoRA."""
@@ -114,6 +123,9 @@ TINY_MODELS = {
     "qwen3": Tiny("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, attention_bias=True, use_sliding_window=True,
                                                           sliding_window=WINDOW, max_window_layers=1)),
     "olmo2": Tiny("Olmo2Config", "Olmo2ForCausalLM", dict(attention_bias=True)),
+    # q/k/v bias (GlmConfig's default), interleaved rope on half of each head; GLM-4's extra norms.
+    "glm": Tiny("GlmConfig", "GlmForCausalLM", GLM, elsewhere=glm_elsewhere("glm")),
+    "glm4": Tiny("Glm4Config", "Glm4ForCausalLM", GLM, elsewhere=glm_elsewhere("glm4")),
     # Both caps low enough to bend these scores and logits, a query scale other than head_dim's, layer 0
     # sliding; sqrt(hidden_size) not a power of 2 (the embedding scale's rounding shows in bf16).
     "gemma2": Tiny("Gemma2Config", "Gemma2ForCausalLM", dict(hidden_size=72, head_dim=16, sliding_window=WINDOW,

@@ -158,7 +158,7 @@ def test_killed_run_resumes_to_the_same_scores(files, tmp_path):
 
 
 @pytest.mark.parametrize("job, sweep, message", [
-    ({"task_metric": "exactt"}, None, "jobs[0].task_metric: expected null or one of exact, contains, regex, got 'exactt'"),
+    ({"task_metric": "exactt"}, None, "jobs[0].task_metric: expected null or one of exact, contains, regex, choice, choice_norm, got 'exactt'"),
     ({"test_data": None}, None, "jobs[0].task_metric: needs test_data"),
     ({"objective": "dpo"}, None, "jobs[0].task_metric: sft jobs only"),
     ({"task_metric": "regex"}, None, "jobs[0].task_pattern: expected a regular expression with task_metric regex"),
