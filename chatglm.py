@@ -220,6 +220,7 @@ class ChatGLM(nn.Module):
     FIXED_SHAPE_STEP = False        # forward reads no PackedRow: graphs.py leaves it to the eager step
     NOT_SUPPORTED = ("ChatGLM-6B v1", "pre_seq_len (P-tuning v2)", "quantization_bit (THUDM's quantized weights)",
                      "LayerNorm, post-layernorm or fp32 residuals, a tied output_layer")   # from_hf refuses each
+    logit_softcap = None            # its logits are not capped (llama.Llama.logit_softcap)
 
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()

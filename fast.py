@@ -34,7 +34,7 @@ class ChunkedTokenLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None):
         N, V = hidden.size(0), weight.size(0)
         dtype = torch.promote_types(hidden.dtype, torch.float32)          # softmax in fp32 at least
         losses = torch.empty(N, dtype=dtype, device=hidden.device)
@@ -42,6 +42,7 @@ class ChunkedTokenLosses(torch.autograd.Function):
         # One logits buffer for every chunk: a fresh [341, 49k] fp32 tensor per chunk is mapped
         # anew (over malloc's 32 MiB mmap limit) and page-faulted on its first write.
         buffer = torch.empty(min(chunk, N), V, dtype=dtype, device=hidden.device)
+        slopes = torch.empty_like(buffer) if softcap is not None and grad_hidden is not None else None
         for start in range(0, N, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = buffer[:len(t)]                                        # [n, V]
@@ -49,6 +50,11 @@ class ChunkedTokenLosses(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=logits)
             else:   # bf16/fp16 hidden states: the softmax in fp32
                 logits.copy_(h @ weight.t())
+            if softcap is not None:   # logits capped as c * tanh(z / c) (Gemma), whose slope is 1 - tanh^2
+                squashed = logits.div_(softcap).tanh_()
+                if slopes is not None:
+                    slope = torch.mul(squashed, squashed, out=slopes[:len(t)]).neg_().add_(1)
+                logits = squashed.mul_(softcap)
             # log-sum-exp as top + log sum exp(logits - top), keeping those exps for the softmax:
             # exp runs once per logit, not twice (logsumexp, then the softmax).
             top = logits.amax(-1, keepdim=True)                             # [n, 1]
@@ -59,6 +65,8 @@ class ChunkedTokenLosses(torch.autograd.Function):
             if grad_hidden is not None:
                 probs.div_(total)
                 probs[torch.arange(len(t), device=t.device), t] -= 1        # softmax - onehot
+                if slopes is not None:
+                    probs.mul_(slope)                                       # through the cap
                 grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return losses
@@ -66,16 +74,18 @@ class ChunkedTokenLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
 
 
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_elements: int = LOSS_CHUNK_ELEMENTS, min_rows: int = LOSS_CHUNK_MIN_ROWS) -> torch.Tensor:
+                         chunk_elements: int = LOSS_CHUNK_ELEMENTS, min_rows: int = LOSS_CHUNK_MIN_ROWS,
+                         softcap: float | None = None) -> torch.Tensor:
     """Per-token cross-entropy [N] of hidden [N, C] through the (frozen) output weight [V, C], in
-    chunks of chunk_elements logits but at least min_rows rows."""
+    chunks of chunk_elements logits but at least min_rows rows; softcap: the logits capped as
+    softcap * tanh(logits / softcap) first (the model's logit_softcap)."""
     if weight.requires_grad:
         raise ValueError("chunked_token_losses: the output layer must be frozen (its gradient is not computed)")
-    return ChunkedTokenLosses.apply(hidden, weight, targets, max(min_rows, chunk_elements // weight.size(0)))
+    return ChunkedTokenLosses.apply(hidden, weight, targets, max(min_rows, chunk_elements // weight.size(0)), softcap)
 
 
 # ----------------------------------------------------------------------------- RMSNorm

@@ -443,6 +443,7 @@ class Llama(nn.Module):
     FIXED_SHAPE_STEP = True         # forward takes a PackedRow: graphs.py may run its step at fixed shapes
     NOT_SUPPORTED = ("rope_scaling yarn, dynamic, longrope", "hidden_act other than silu")  # refused, one line each
     ROPE_DTYPE: torch.dtype | None = None   # cos and sin in this dtype (OLMo 2: fp32); None: the model's
+    logit_softcap: float | None = None  # logits capped as c * tanh(z / c) in forward and the loss (Gemma); None: not
     # The pieces of each block, so a LLaMA-like family is a subclass naming its own.
     Block = Block
     Attention = Attention

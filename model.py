@@ -20,6 +20,7 @@ from checkpoint import CheckpointError, checkpoint_files  # noqa: F401
 from checkpoint import check_checkpoint as check_folder
 from scheduler import peak_memory, reset_peak_memory
 from chatglm import ChatGLM
+from gemma import Gemma2, Gemma3
 from glm import Glm, Glm4
 from llama import Llama
 from olmo2 import Olmo2
@@ -31,8 +32,8 @@ from qwen3 import Qwen3
 
 # config.json's model_type -> the family class that loads it. Each family declares its own facts as
 # class attributes: MODEL_TYPES, Config (from_hf), CONFIG_FIELDS, LORA_TARGETS, DEFAULT_TARGETS,
-# SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP, NOT_SUPPORTED (README's table).
-FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3, Qwen3, Olmo2, Glm, Glm4) for model_type in family.MODEL_TYPES}
+# SHARED_INPUTS, OUTPUT_LAYER, RECOMPUTED_KEYS, MLORA_NAMES, FIXED_SHAPE_STEP, NOT_SUPPORTED (README's table), logit_softcap.
+FAMILIES = {model_type: family for family in (Llama, ChatGLM, Phi3, Qwen3, Olmo2, Glm, Glm4, Gemma2, Gemma3) for model_type in family.MODEL_TYPES}
 
 
 # ----------------------------------------------------------------------------- loading

@@ -24,7 +24,7 @@ def token_losses(model, batch: data.Batch, **chunking):
     keep[:, :-1] = targets != -100
     hidden = model(batch.input_ids, output_mask=keep, head=False, segments=batch.segments)   # [N, C]
     output_layer = model.get_submodule(model.OUTPUT_LAYER)
-    losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]], **chunking)
+    losses = chunked_token_losses(hidden, output_layer.weight, targets[keep[:, :-1]], softcap=model.logit_softcap, **chunking)
     return losses, batch.example_of(keep)
 
 

@@ -82,6 +82,16 @@ def glm_elsewhere(kind: str) -> dict[str, str]:
             "generate": f"tests/test_glm.py::test_generation_equals_peft_greedy_and_the_cli_runs[{kind}]"}
 
 
+def gemma_elsewhere(variant: str) -> dict[str, str]:
+    """tests/test_gemma.py's tests of its VARIANTS[variant] (and of the uncapped and hub-keys variants):
+    logits, left (and right) padding, KV cache, packed rows as segments and as a PackedRow; bf16; LoRA."""
+    return {check: f"tests/test_gemma.py::{name}[{variant}]" for check, name in (
+        ("logits", "test_logits_match_transformers"), ("kv_cache", "test_kv_cache_decoding_matches_transformers"),
+        ("bf16", "test_bf16_equals_transformers_bf16"), ("lora_peft", "test_lora_on_every_target_matches_peft"),
+        ("packed", "test_packed_row_matches_transformers_and_each_sequence_alone"),
+    )} | {"left_padded": "tests/test_gemma.py::test_padding_matches_transformers"}   # ids [variant-left]
+
+
 NO_TRANSFORMERS_CLASS = "n/a: transformers has no class for THUDM's layout (it is their remote code)"
 TINY_MODELS = {
     "llama": Tiny("LlamaConfig", "LlamaForCausalLM", elsewhere=LLAMA_ELSEWHERE),
@@ -116,6 +126,17 @@ TINY_MODELS = {
     # q/k/v bias (GlmConfig's default), interleaved rope on half of each head; GLM-4's extra norms.
     "glm": Tiny("GlmConfig", "GlmForCausalLM", GLM, elsewhere=glm_elsewhere("glm")),
     "glm4": Tiny("Glm4Config", "Glm4ForCausalLM", GLM, elsewhere=glm_elsewhere("glm4")),
+    # Both caps low enough to bend these scores and logits, a query scale other than head_dim's, layer 0
+    # sliding; sqrt(hidden_size) not a power of 2 (the embedding scale's rounding shows in bf16).
+    "gemma2": Tiny("Gemma2Config", "Gemma2ForCausalLM", dict(hidden_size=72, head_dim=16, sliding_window=WINDOW,
+                   query_pre_attn_scalar=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+                   attn_implementation="eager", elsewhere=gemma_elsewhere("gemma2")),
+    # q/k norms, a rope of its own on the sliding layer 0, linear scaling on layer 1, a final cap.
+    "gemma3_text": Tiny("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+                            hidden_size=72, head_dim=16, sliding_window=WINDOW, sliding_window_pattern=2,
+                            rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                            final_logit_softcapping=3.0), attn_implementation="eager",
+                        elsewhere=gemma_elsewhere("gemma3")),
 }
 
 
