@@ -256,3 +256,29 @@ def test_bad_choice_rows_are_one_line(files, tmp_path, change, message):
     tokenizer = train.data.load_tokenizer(files["base"])
     with pytest.raises(train.data.DataError, match=f"choice_test.jsonl: line 3: {message}"):
         report.load_task_rows(test_data, tokenizer, metric="choice")
+
+
+def test_sweep_ranked_by_multiple_choice_picks_the_learner(files, tmp_path, monkeypatch):
+    """A sweep ranked by the choice score (lm-eval's acc): the trial that learns to answer "ok"
+    picks it among the choices of every held-out row and wins; each evaluation point scores all of
+    its trials' choices in one fused pass."""
+    import eval as E
+    rows = json.loads(Path(files["test_data"]).read_text())
+    choices = [["maybe", "ok", "no"], ["ok", "never", "no no"], ["yes", "no", "ok"], ["ok", "fine", "sure"]]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps({"instruction": r["instruction"], "input": r["input"],
+                                                             "choices": c, "answer": c.index("ok")})
+                                                 for r, c in zip(rows, choices)))
+    passes, real = [], E.score
+    monkeypatch.setattr(report, "score_requests", lambda model, requests, **kw: passes.append(
+        sorted({name for name, _, _ in requests})) or real(model, requests, **kw))
+    base = {"data": files["data"], "test_data": str(tmp_path / "mc.jsonl"), "eval_every": 0, "task_metric": "choice",
+            **{k: v for k, v in OK_JOB.items() if k not in ("lr", "task_metric")}}
+    path = write_config(files, tmp_path, [], sweep={"name": "mc", "job": base, "metric": "task", "policy": "halving",
+                                                    "eta": 4, "rung_steps": 6,
+                                                    "space": {"lr": [1e-30, 2e-30, 3e-30, 3e-2]}})
+    assert run(path) == 0
+    result = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert result["best"]["trial"] == "mc-t03" and result["best"]["final"] == 1.0
+    trials = {row["trial"]: row for row in result["trials"]}
+    assert all(trials[f"mc-t0{i}"]["rungs"]["6"] < 1.0 for i in range(3))
+    assert passes[0] == [f"mc-t0{i}" for i in range(4)]   # admitted together: one pass
