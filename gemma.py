@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from checkpoint import MAX_LAYERS
 from fast import RMSNormFunction
 from llama import (LLAMA_FIELDS, MLP, Attention, Llama, LlamaConfig, PackedRow, Segments, attend, causal_mask,
-                   checked_window, positions, project, rope_inv_freq, rotate_half, run_block)
+                   checked_window, positions, project, rope_inv_freq, run_block)
 
 
 # ----------------------------------------------------------------------------- config
@@ -214,26 +214,10 @@ class Gemma2Attention(Attention):
         # 1.0 (nothing to do) in the releases where query_pre_attn_scalar is head_dim.
         self.q_factor = (self.hd / cfg.query_pre_attn_scalar) ** 0.5
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, nh, T, hd], k, v [B, nkv, T, hd] of x, before RoPE."""
-        B, T, C = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        return (q.view(B, T, self.nh, self.hd).transpose(1, 2), k.view(B, T, self.nkv, self.hd).transpose(1, 2),
-                v.view(B, T, self.nkv, self.hd).transpose(1, 2))
-
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
-        q, k, v = self.heads(x)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
+    def attend(self, q, k, v, mask):
         if self.cap is not None:
-            y = attend_capped(q, k, v, mask, self.scale, self.cap)           # [B, nh, T, hd]
-        else:
-            y = attend(q * self.q_factor if self.q_factor != 1 else q, k, v, mask, gqa=self.nkv != self.nh)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+            return attend_capped(q, k, v, mask, self.scale, self.cap)
+        return attend(q * self.q_factor if self.q_factor != 1 else q, k, v, mask, gqa=self.nkv != self.nh)
 
 
 class Gemma3Attention(Gemma2Attention):

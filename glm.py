@@ -17,7 +17,7 @@ from typing import Callable, ClassVar
 import torch.nn as nn
 
 from chatglm import apply_rope
-from llama import Attention, Block, Llama, RMSNorm, attend, project
+from llama import Attention, Block, Llama, RMSNorm
 from phi3 import Phi3, Phi3Config, Phi3MLP, partial_rotary_dim
 
 
@@ -49,20 +49,9 @@ class GlmAttention(Attention):
     """LLaMA's q/k/v/o projections (the biases from GlmConfig) with GLM's rope: interleaved pairs
     of the first rd channels of each head (chatglm.apply_rope)."""
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                  # [B, nh, T, hd]
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
+    def rotate(self, t, cos, sin):
         # Llama.forward's cos, sin [B, 1, T, rd] are cat(freqs, freqs); a pair takes each frequency once.
-        cos, sin = cos[..., :cos.size(-1) // 2], sin[..., :sin.size(-1) // 2]   # [B, 1, T, rd/2]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        y = attend(q, k, v, mask, gqa=self.nkv != self.nh)                   # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+        return apply_rope(t, cos[..., :cos.size(-1) // 2], sin[..., :sin.size(-1) // 2])
 
 
 class Glm4Block(Block):

@@ -144,17 +144,11 @@ class LlamaConfig:
         rope_scaling = {"rope_type": rope_type, **rope} if rope_type != "default" else {}
         n_heads = hf["num_attention_heads"]
         shared = dict(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads, num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
             # LlamaConfig, Qwen2Config, MistralConfig and Phi3Config default to untied when the key is absent.
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             mlp_bias=hf.get("mlp_bias", False),
@@ -380,17 +374,25 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, C = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                  # [B, nh, T, hd]
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.heads(x)                                             # [B, nh, T, hd], [B, nkv, T, hd] x2
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        y = attend(q, k, v, mask, gqa=self.nkv != self.nh)                   # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+        y = self.attend(q, k, v, mask)                                      # [B, nh, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    # What a LLaMA-like family changes of it: its projections and norms, its RoPE, its scores.
+    def heads(self, x):
+        return self.split(*project(x, (self.q_proj, self.k_proj, self.v_proj)))
+
+    def split(self, q, k, v):   # [B, T, n*hd] -> [B, n, T, hd]
+        return tuple(t.unflatten(-1, (n, self.hd)).transpose(1, 2) for t, n in ((q, self.nh), (k, self.nkv), (v, self.nkv)))
+
+    def rotate(self, t, cos, sin):
+        return t * cos + rotate_half(t) * sin
+
+    def attend(self, q, k, v, mask):
+        return attend(q, k, v, mask, gqa=self.nkv != self.nh)
 
 
 class MLP(nn.Module):

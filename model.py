@@ -6,8 +6,7 @@ config.json's model_type (FAMILIES, from each family module's MODEL_TYPES), buil
 model on the meta device and assigns the checkpoint's tensors shard by shard (single or sharded
 safetensors, pytorch_model*.bin as a fallback) with a strict key check, quantizing Linears as
 they are read when asked (quant.py).
-Also resolve_device and resolve_dtype, which train.py and bench.py share.
-The model files import nothing from here.
+Also resolve_device and resolve_dtype, which train.py and bench.py share. The model files import nothing from here.
 """
 import time
 from pathlib import Path

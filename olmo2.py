@@ -18,7 +18,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from llama import Attention, Llama, LlamaConfig, RMSNorm, attend, project, rotate_half
+from llama import Attention, Llama, LlamaConfig, RMSNorm, project
 
 
 def olmo2_fields(hf: dict) -> dict:
@@ -46,20 +46,12 @@ class Olmo2Attention(Attention):
         self.q_norm = norm(self.nh * self.hd, cfg.rms_norm_eps)
         self.k_norm = norm(self.nkv * self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
+    def heads(self, x):
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q, k = self.q_norm(q), self.k_norm(k)                               # [B, T, nh*hd], [B, T, nkv*hd]
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                  # [B, nh, T, hd]
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        q = (q * cos + rotate_half(q) * sin).to(v.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        y = attend(q, k, v, mask, gqa=self.nkv != self.nh)                   # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+        return self.split(self.q_norm(q), self.k_norm(k), v)                # normed over [B, T, n*hd]
+
+    def rotate(self, t, cos, sin):   # cos, sin in fp32 (Olmo2.ROPE_DTYPE), the result back in the model's dtype
+        return super().rotate(t, cos, sin).to(t.dtype)
 
 
 class Olmo2Block(nn.Module):

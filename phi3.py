@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import LLAMA_FIELDS, Llama, LlamaConfig, attend, checked_window, rope_inv_freq, rotate_half
+from llama import LLAMA_FIELDS, Attention, Llama, LlamaConfig, checked_window, rope_inv_freq, rotate_half
 
 
 def partial_rotary_dim(hf: dict, head_dim: int, default: float = 1.0) -> int:
@@ -56,27 +56,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-class Phi3Attention(nn.Module):
+class Phi3Attention(Attention):
+    """llama.Attention over one fused qkv_proj, with RoPE on the first rd channels of each head."""
+
     def __init__(self, cfg: Phi3Config, layer: int):
-        super().__init__()
+        nn.Module.__init__(self)   # its own projections, not LLaMA's four
         self.layer = layer
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
         self.qkv_proj = nn.Linear(C, (self.nh + 2 * self.nkv) * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
-        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                 # [B, nh, T, hd]
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                # [B, nkv, T, hd]
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                # [B, nkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        y = attend(q, k, v, mask, gqa=self.nkv != self.nh)                   # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+    def heads(self, x):
+        return self.split(*self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1))
+
+    def rotate(self, t, cos, sin):
+        return apply_rope(t, cos, sin)
 
 
 class Phi3MLP(nn.Module):

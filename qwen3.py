@@ -13,7 +13,7 @@ Shape letters as in llama.py.
 """
 from typing import Callable, ClassVar
 
-from llama import Attention, Llama, LlamaConfig, RMSNorm, attend, project, qwen2_fields, rotate_half
+from llama import Attention, Llama, LlamaConfig, RMSNorm, qwen2_fields
 
 
 def qwen3_fields(hf: dict) -> dict:
@@ -37,19 +37,9 @@ class Qwen3Attention(Attention):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, C = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = self.q_norm(q.view(B, T, self.nh, self.hd)).transpose(1, 2)     # [B, nh, T, hd]
-        k = self.k_norm(k.view(B, T, self.nkv, self.hd)).transpose(1, 2)    # [B, nkv, T, hd]
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)                 # [B, nkv, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                           # [B, nkv, T_past+T, hd]
-        y = attend(q, k, v, mask, gqa=self.nkv != self.nh)                   # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)              # [B, T, nh*hd]
-        return self.o_proj(y)
+    def heads(self, x):
+        q, k, v = super().heads(x)
+        return self.q_norm(q), self.k_norm(k), v
 
 
 class Qwen3(Llama):
