@@ -7,7 +7,7 @@ LoRA (lora.py swaps Linears in later) nor about files (model.py reads the folder
 KVCache, positions_and_mask and attend are shared with chatglm.py. Each model type's own
 config.json fields (Qwen2's biases, Mistral's and Qwen2's sliding windows, per layer as
 transformers decides them) are its LlamaConfig.MODEL_TYPES entry. A LLaMA-like family is a
-subclass of Llama that names its own Attention, MLP, config and rope (phi3.py).
+subclass of Llama naming its own Block, Attention (heads, rotate, attend), MLP, config, rope.
 
 Shape letters: B batch rows, T time steps, C channels (hidden_size), nh query heads,
 nkv key/value heads, hd head size, V vocab.
