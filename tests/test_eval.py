@@ -173,3 +173,17 @@ def test_command_line_writes_every_adapter_and_fails_in_one_line(folders, tmp_pa
     assert E.main(["--base", str(base), "--adapter", str(tmp_path / "nowhere"), "--tasks", "boolq_tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert "nowhere" in err and "\n" not in err, err
+
+
+def test_registered_model_alone_equals_the_fused_one(folders, ours):
+    """lm-eval's registry builds "fused-lora" from a model_args string (its own Evaluation of one
+    adapter): the same log-likelihoods as the adapter's column of the fused Evaluation."""
+    from lm_eval.api.registry import get_model
+    base, adapters = folders
+    E.fused_lm_class()
+    alone = get_model("fused-lora").create_from_arg_string(f"base={base},adapter={adapters[1]},max_length={MAX_LENGTH}")
+    args = LOGLIKELIHOOD_ARGS[:3]
+    got = alone.loglikelihood(instances("loglikelihood", args))
+    fused = E.fused_lm_class()(ours, ours.names[2]).loglikelihood(instances("loglikelihood", args))
+    for (lp, g), (lp_f, g_f) in zip(got, fused):
+        assert math.isclose(lp, lp_f, rel_tol=1e-5, abs_tol=1e-5) and g == g_f
