@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import stat
+import sys
 import tarfile
 import threading
 import time
@@ -350,6 +351,14 @@ def test_the_token_file_is_its_owners_alone(tmp_path, monkeypatch):
     file.chmod(0o644)
     with pytest.raises(serve.ServeError, match="others may read it"):
         serve.server_token(str(tmp_path))
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_a_missing_optional_dependency_is_one_line(base, tmp_path, monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)   # import raises ImportError, as when not installed
+    assert serve.main(["--base_model", str(base), "--out_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: serve.py needs {missing}: pip install fastapi uvicorn\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_client_commands_against_a_real_server(base, tmp_path, monkeypatch, capsys):
