@@ -6,7 +6,7 @@ its client for scripts.
     python serve.py status [JOB] [--since S] | cancel JOB | download JOB [--to FILE]
     python serve.py generate --adapter JOB [--adapter JOB ...] [--base] --prompt TEXT [--max-new-tokens N]
 
-The API, JSON under /v1; every endpoint but GET /v1/health needs `Authorization: Bearer TOKEN`:
+The API, JSON under /v1; every endpoint but the two last needs `Authorization: Bearer TOKEN`:
     POST /v1/jobs                 a job's fields, as in a config file's jobs list; data and test_data
                                   are the rows themselves (a list) or a file inside an --allow_dir folder
     GET  /v1/jobs[/JOB]           state (waiting, training, finished, stopped, failed), step, loss,
@@ -16,6 +16,9 @@ The API, JSON under /v1; every endpoint but GET /v1/health needs `Authorization:
     GET  /v1/jobs/JOB/adapter     its adapter, the PEFT folder as a .tar.gz
     POST /v1/generate             {"prompts": [TEXT, ...], "adapters": [JOB or null (the base), ...],
                                   "max_new_tokens": N}: requests arriving together share one batch
+    GET  /v1/health               is it up
+    GET  /                        a page (serve.html) of the jobs through this API, with the token pasted
+                                  in: state, progress, loss curve, cancel, a submit form
 A refused request is a 4xx with {"error": "one line"}. The token is $SERVE_TOKEN, else the one in
 OUT_DIR/_service/token, made on the first start and readable by its owner alone. The client finds
 the server at --url (default $SERVE_URL, else http://127.0.0.1:8000) and the token as the server does.
@@ -35,7 +38,11 @@ import files
 
 TOKEN_ENV, URL_ENV = "SERVE_TOKEN", "SERVE_URL"
 TOKEN_FILE = "_service/token"   # in out_dir: service.SERVICE_DIR, a name no job can take
-OPEN_PATHS = ("/v1/health",)    # no token needed
+OPEN_PATHS = ("/v1/health", "/")   # no token needed: the page holds no data (it asks for the token)
+PAGE = Path(__file__).with_name("serve.html")
+# The page runs its own inline script, and talks to this server alone.
+PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "connect-src 'self'; frame-ancestors 'none'", "x-content-type-options": "nosniff"}
 CLIENT_COMMANDS = ("submit", "status", "cancel", "download", "generate")
 
 
@@ -117,7 +124,7 @@ def guard(app, token: str, max_body: int):
 def make_app(service):
     """The API over a service.Service (see this file's docstring); guard() adds the token and the body limit."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from service import RequestError
@@ -151,6 +158,12 @@ def make_app(service):
         except ValueError:
             raise RequestError(422, f"request: since: expected a fused step (an integer), "
                                     f"got {request.query_params['since']!r:.40}") from None
+
+    page = PAGE.read_text()
+
+    @app.get("/")
+    def index():
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/v1/health")
     def health():

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import queue
 import stat
 import sys
@@ -413,3 +414,22 @@ def test_the_client_commands_against_a_real_server(base, tmp_path, monkeypatch, 
         server.should_exit = True
         thread.join(30)
         svc.close()
+
+
+def test_the_page_is_self_contained_and_calls_only_the_api(trained):
+    """GET / (no token: it holds no data) is one HTML page that fetches nothing from elsewhere; each
+    API call its script makes answers with the token, as the page reads it."""
+    response = trained.client.get("/", headers={"authorization": ""})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    page = response.text
+    assert not re.search(r"<link|<img|<iframe|\bsrc=|@import|url\(", page)
+    assert set(re.findall(r"https?://[^\s\"'`)]+", page)) == {"http://www.w3.org/2000/svg"}   # a namespace, not fetched
+    calls = re.findall(r'api\("(GET|POST)", [`"](/v1/[^`"?]*)', page)
+    assert sorted({path for _, path in calls}) == ["/v1/jobs", "/v1/jobs/${encodeURIComponent(job.name)}/cancel",
+                                                   "/v1/jobs/${encodeURIComponent(job.name)}/metrics"]
+    jobs = trained.client.get("/v1/jobs").json()["jobs"]
+    assert {"name", "state", "reason", "error", "step", "total_steps", "loss", "eval_loss", "tokens_per_s"} <= set(jobs[1])
+    lines = trained.client.get("/v1/jobs/b/metrics?since=0").json()["lines"]
+    assert all({"fused_step", "loss"} <= set(line) for line in lines if "loss" in line) and lines
+    assert trained.client.post("/v1/jobs/b/cancel").status_code == 409   # the button shows for waiting and training jobs only
