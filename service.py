@@ -143,6 +143,61 @@ def relabel(message: str, staged: dict[str, str]) -> str:
     return message.replace("jobs[0].", "job.")
 
 
+def check_submission(body, cfg: RunConfig, allow_dirs: list[Path], staging: Path) -> tuple:
+    """A submitted job checked as train.py checks a config's job (config.read_job, then
+    jobs.read_inputs: the base's targets, every row), its inputs staged outside out_dir: (the job,
+    its read_inputs, {field: where it came from}, {field: its staged copy})."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"request: expected a JSON object of job fields, got {type(body).__name__}")
+    raw, sources, staged = stage_inputs(body, allow_dirs, staging)
+    try:
+        job = read_job(raw, "request")
+    except ConfigError as e:
+        raise RequestError(422, relabel(str(e), staged)) from None
+    try:
+        read = jobs.read_inputs(dataclasses.replace(cfg, jobs=[job]))
+    except (ValueError, OSError) as e:   # ConfigError, data.DataError, a checkpoint's error
+        raise RequestError(422, f"request: {relabel(one_line(e), staged)}") from None
+    return job, read, sources, staged
+
+
+def store_inputs(job, staged: dict[str, str], folder: Path):
+    """The staged inputs into folder/<job>/, the folder put there in one step (never half written);
+    the job, reading them from there."""
+    target = folder / job.name
+    tmp = folder / f".{job.name}.tmp-{os.getpid()}"
+    files.remove(tmp)
+    tmp.mkdir()
+    for path in staged.values():
+        files.atomic_write(tmp / Path(path).name, write=lambda to, source=path: shutil.copyfile(source, to))
+    files.replace_dir(tmp, target)
+    return dataclasses.replace(job, **{name: str(target / Path(path).name) for name, path in staged.items()})
+
+
+def generation_request(body) -> tuple[list[str], list[str | None], int, str | None]:
+    """A generation request's prompts, adapters (job names; None: the bare base), max_new_tokens
+    and template (a named one, or None: each adapter's own), checked."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"request: expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(body.keys() - {"prompts", "adapters", "max_new_tokens", "template"})
+    if unknown:
+        raise RequestError(422, f"request: {unknown[0]}: unknown key (expected prompts, adapters, max_new_tokens, template)")
+    prompts, adapters = body.get("prompts"), body.get("adapters", [None])
+    max_new_tokens, template = body.get("max_new_tokens", 64), body.get("template")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise RequestError(422, f"request: prompts: expected a non-empty list of non-empty strings, got {prompts!r:.80}")
+    if not isinstance(adapters, list) or not adapters or not all(a is None or isinstance(a, str) for a in adapters):
+        raise RequestError(422, f"request: adapters: expected a non-empty list of job names (null: the base), "
+                                f"got {adapters!r:.80}")
+    if len(prompts) * len(adapters) > MAX_GENERATE_ROWS:
+        raise RequestError(422, f"request: {len(prompts)} prompts x {len(adapters)} adapters: at most "
+                                f"{MAX_GENERATE_ROWS} rows")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise RequestError(422, f"request: max_new_tokens: expected 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
+    if template is not None and template not in NAMED_TEMPLATES:
+        raise RequestError(422, f"request: template: expected one of {', '.join(NAMED_TEMPLATES)}, got {template!r:.80}")
+    return prompts, adapters, max_new_tokens, template
+
 def finite_json(value):
     """value with every non-finite float as None: JSON has no inf or NaN (a diverged loss)."""
     if isinstance(value, float):
@@ -173,6 +228,53 @@ def ended_state(summary: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the service
 
+def claim_out_dir(out_dir: Path, settings: dict) -> dict | None:
+    """out_dir's registry if it holds a service of these settings; None if it is missing or empty;
+    else a ConfigError (it holds something else)."""
+    registry_file = out_dir / SERVICE_DIR / "jobs.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir}: exists and is not a folder")
+    if not registry_file.exists():
+        if out_dir.exists() and any(p.name != SERVICE_DIR for p in out_dir.iterdir()):
+            raise ConfigError(f"out_dir {out_dir}: not empty and holds no service (no {SERVICE_DIR}/jobs.json); "
+                              "choose another out_dir")
+        return None
+    try:
+        registry = json.loads(registry_file.read_text())
+        theirs, records = registry["settings"], registry["jobs"]
+        if not isinstance(theirs, dict) or not isinstance(records, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{registry_file}: unreadable; choose another out_dir") from None
+    for key, value in settings.items():
+        if theirs.get(key) != value:
+            raise ConfigError(f"out_dir {out_dir} holds a service of another {key} ({theirs.get(key)!r} "
+                              f"there, {value!r} here); choose another out_dir")
+    return registry
+
+
+def open_run(cfg: RunConfig, dir_lock, fail) -> ServedRun:
+    """The base loaded and a Run with no job yet: train.py's steps with its layers (add_layers),
+    failures isolated per job (fail(name, error)); metrics.jsonl appended to (a torn last line cut off)."""
+    from tqdm import tqdm
+    cfg = dataclasses.replace(cfg, jobs=[], checkpoint_every=0)   # its own list; no run checkpoint yet
+    tokenizer = data.load_tokenizer(cfg.base_model)
+    device = M.resolve_device(cfg.device)
+    model = jobs.load_base(cfg, device)
+    metrics_file = Path(cfg.out_dir) / "metrics.jsonl"
+    if metrics_file.exists():
+        text = metrics_file.read_bytes()
+        if text and not text.endswith(b"\n"):
+            os.truncate(metrics_file, text.rfind(b"\n") + 1)
+    run = ServedRun(cfg, device, Path(cfg.out_dir), model, tokenizer.pad_id, jobs.make_scheduler(cfg, []), {}, {}, {},
+                    {}, metrics=open(metrics_file, "ab"), start=time.time(), bar=tqdm(total=0, disable=True),
+                    tokenizer=tokenizer, lock=dir_lock)
+    run.steps = train.core_steps()
+    train.add_layers(run)
+    isolate_failures(run, fail)
+    return run
+
+
 class Service:
     """The trainer thread and the job registry over one out_dir (see the module's docstring)."""
 
@@ -191,12 +293,12 @@ class Service:
         self.home = self.out_dir / SERVICE_DIR
         self.settings = {"base_model": os.path.realpath(cfg.base_model), "seed": cfg.seed, "dtype": cfg.dtype,
                          "quant": cfg.quant}
-        self.claim()
+        claim_out_dir(self.out_dir, self.settings)
         try:
             self.dir_lock = files.lock_dir(self.out_dir)
         except files.InUse as e:
             raise ConfigError(f"out_dir {e}") from None
-        registry = self.claim()   # as it is now that no other service writes it
+        registry = claim_out_dir(self.out_dir, self.settings)   # as it is now that no other service writes it
         self.records: dict[str, dict] = registry["jobs"] if registry else {}
         (self.home / "data").mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)   # the submitted rows and the token are the owner's alone
@@ -212,54 +314,10 @@ class Service:
         self.history: dict[str, list[dict]] = {}   # each job's step and evaluation lines
         self.published_step = 0
         self.closing = False
-        self.run = self.open_run()
+        self.run = open_run(cfg, self.dir_lock, self.fail)
         self.requeue_unfinished()
         self.thread = threading.Thread(target=self.loop, name="trainer", daemon=True)
         self.thread.start()
-
-    def claim(self) -> dict | None:
-        """out_dir's registry if it holds a service of these settings; None if it is missing or empty;
-        else a ConfigError (it holds something else)."""
-        registry_file = self.home / "jobs.json"
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ConfigError(f"out_dir {self.out_dir}: exists and is not a folder")
-        if not registry_file.exists():
-            if self.out_dir.exists() and any(p.name != SERVICE_DIR for p in self.out_dir.iterdir()):
-                raise ConfigError(f"out_dir {self.out_dir}: not empty and holds no service (no {SERVICE_DIR}/jobs.json); "
-                                  "choose another out_dir")
-            return None
-        try:
-            registry = json.loads(registry_file.read_text())
-            settings = registry["settings"]
-            assert isinstance(registry["jobs"], dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise ConfigError(f"{registry_file}: unreadable; choose another out_dir") from None
-        for key, value in self.settings.items():
-            if settings.get(key) != value:
-                raise ConfigError(f"out_dir {self.out_dir} holds a service of another {key} ({settings.get(key)!r} "
-                                  f"there, {value!r} here); choose another out_dir")
-        return registry
-
-    def open_run(self) -> ServedRun:
-        """The base loaded and a Run with no job yet: train.py's steps with its layers (add_layers),
-        failures isolated per job; metrics.jsonl appended to (a torn last line cut off)."""
-        from tqdm import tqdm
-        cfg = dataclasses.replace(self.cfg, jobs=[], checkpoint_every=0)   # its own list; no run checkpoint yet
-        tokenizer = data.load_tokenizer(cfg.base_model)
-        device = M.resolve_device(cfg.device)
-        model = jobs.load_base(cfg, device)
-        metrics_file = self.out_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            text = metrics_file.read_bytes()
-            if text and not text.endswith(b"\n"):
-                os.truncate(metrics_file, text.rfind(b"\n") + 1)
-        run = ServedRun(cfg, device, self.out_dir, model, tokenizer.pad_id, jobs.make_scheduler(cfg, []), {}, {}, {},
-                        {}, metrics=open(metrics_file, "ab"), start=time.time(), bar=tqdm(total=0, disable=True),
-                        tokenizer=tokenizer, lock=self.dir_lock)
-        run.steps = train.core_steps()
-        train.add_layers(run)
-        isolate_failures(run, self.fail)
-        return run
 
     def requeue_unfinished(self):
         """Jobs a previous service left waiting or training: read again from their stored inputs and
@@ -285,28 +343,15 @@ class Service:
     # ------------------------------------------------------------------------- what request threads call
 
     def submit(self, body) -> dict:
-        """Check a job as train.py checks a config's (read_job, then read_inputs: the base's targets,
-        every row), store its inputs in out_dir, register it and hand it to the trainer. Nothing is
-        written unless all of it passes. Returns its state."""
-        if not isinstance(body, dict):
-            raise RequestError(400, f"request: expected a JSON object of job fields, got {type(body).__name__}")
+        """A job checked (check_submission), its inputs stored in out_dir, registered and handed to
+        the trainer; nothing is written unless all of it passes. Returns its state."""
         with tempfile.TemporaryDirectory(prefix="serve-") as staging:
-            raw, sources, staged = stage_inputs(body, self.allow_dirs, Path(staging))
-            try:
-                job = read_job(raw, "request")
-            except ConfigError as e:
-                raise RequestError(422, relabel(str(e), staged)) from None
-            with self.lock:
-                self.check_new_name(job.name)
-            try:
-                read = jobs.read_inputs(dataclasses.replace(self.cfg, jobs=[job]))
-            except (ValueError, OSError) as e:   # ConfigError, data.DataError, a checkpoint's error
-                raise RequestError(422, f"request: {relabel(one_line(e), staged)}") from None
+            job, read, sources, staged = check_submission(body, self.cfg, self.allow_dirs, Path(staging))
             with self.lock:
                 self.check_new_name(job.name)
                 self.reserved.add(job.name.lower())
             try:
-                job = self.store_inputs(job, staged)
+                job = store_inputs(job, staged, self.home / "data")
             except BaseException:
                 with self.lock:
                     self.reserved.discard(job.name.lower())
@@ -327,18 +372,6 @@ class Service:
         if taken is not None or name.lower() in self.reserved:
             state = self.records[taken]["state"] if taken else "being submitted"
             raise RequestError(409, f"request: job.name: a job named {taken or name!r} exists ({state}); choose another name")
-
-    def store_inputs(self, job, staged: dict[str, str]):
-        """The staged inputs into out_dir/_service/data/<job>/, the folder put there in one step
-        (never half written); the job reading them from there."""
-        folder = self.home / "data" / job.name
-        tmp = folder.with_name(f".{job.name}.tmp-{os.getpid()}")
-        files.remove(tmp)
-        tmp.mkdir()
-        for path in staged.values():
-            files.atomic_write(tmp / Path(path).name, write=lambda target, source=path: shutil.copyfile(source, target))
-        files.replace_dir(tmp, folder)
-        return dataclasses.replace(job, **{name: str(folder / Path(path).name) for name, path in staged.items()})
 
     def record(self, name: str) -> dict:
         if name not in self.records:
@@ -408,26 +441,7 @@ class Service:
         """Greedy answers of each prompt by each adapter (an ended job's, or null: the bare base),
         from the next batched generation between steps. Each adapter reads a prompt through its
         job's template (the base: plain), unless `template` names one."""
-        if not isinstance(body, dict):
-            raise RequestError(400, f"request: expected a JSON object, got {type(body).__name__}")
-        unknown = sorted(body.keys() - {"prompts", "adapters", "max_new_tokens", "template"})
-        if unknown:
-            raise RequestError(422, f"request: {unknown[0]}: unknown key (expected prompts, adapters, max_new_tokens, "
-                                    f"template)")
-        prompts, adapters = body.get("prompts"), body.get("adapters", [None])
-        max_new_tokens, template = body.get("max_new_tokens", 64), body.get("template")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise RequestError(422, f"request: prompts: expected a non-empty list of non-empty strings, got {prompts!r:.80}")
-        if not isinstance(adapters, list) or not adapters or not all(a is None or isinstance(a, str) for a in adapters):
-            raise RequestError(422, f"request: adapters: expected a non-empty list of job names (null: the base), "
-                                    f"got {adapters!r:.80}")
-        if len(prompts) * len(adapters) > MAX_GENERATE_ROWS:
-            raise RequestError(422, f"request: {len(prompts)} prompts x {len(adapters)} adapters: at most "
-                                    f"{MAX_GENERATE_ROWS} rows")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise RequestError(422, f"request: max_new_tokens: expected 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
-        if template is not None and template not in NAMED_TEMPLATES:
-            raise RequestError(422, f"request: template: expected one of {', '.join(NAMED_TEMPLATES)}, got {template!r:.80}")
+        prompts, adapters, max_new_tokens, template = generation_request(body)
         templates = {None: template or "plain"}
         for name in dict.fromkeys(a for a in adapters if a is not None):
             self.adapter_folder(name)
@@ -501,7 +515,7 @@ class Service:
                 for name in cancels:
                     self.stop(name)
                 if asks:
-                    self.answer(asks)
+                    answer(run, asks, self.out_dir)
                 if not run.sched.done:
                     run.steps.turn(run)
                     run.ticks += 1
@@ -554,41 +568,6 @@ class Service:
         print(f"job {name!r} failed: {error}")
         run.log({"event": "fail", "job": name, "time": run.now(), "error": error})
 
-    def answer(self, asks: list[Ask]):
-        """Every pending generation request in ONE generate.generate call: the ended jobs' adapters
-        loaded from their folders beside the ones training, each row routed to its own."""
-        run, tokenizer = self.run, self.run.tokenizer
-        names = sorted({name for ask in asks for _, name in ask.rows if name is not None})
-        loaded = []
-        try:
-            for name in names:
-                try:
-                    peft_format.load_peft(run.model, self.out_dir / name, name)
-                    loaded.append(name)
-                except Exception as e:   # noqa: BLE001 - the requests that name it fail, the others are answered
-                    for ask in asks:
-                        if any(n == name for _, n in ask.rows):
-                            ask.error = f"adapter {name!r}: {one_line(e)}"
-            ready = [ask for ask in asks if ask.error is None]
-            if ready:
-                outputs = generate.generate(run.model, [ids for ask in ready for ids, _ in ask.rows],
-                                            [name for ask in ready for _, name in ask.rows],
-                                            max_new_tokens=max(ask.max_new_tokens for ask in ready),
-                                            stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                                            vocab_size=tokenizer.vocab_size)
-                for ask in ready:   # greedy: a shorter request's tokens are the first of the longest
-                    ask.outputs = [ids[:ask.max_new_tokens] for ids in outputs[:len(ask.rows)]]
-                    outputs = outputs[len(ask.rows):]
-        except Exception as e:   # noqa: BLE001
-            for ask in asks:
-                if ask.outputs is None and ask.error is None:
-                    ask.error = f"generation failed: {one_line(e)}"
-        finally:
-            for name in loaded:
-                lora.remove_adapter(run.model, name)
-            for ask in asks:
-                ask.done.set()
-
     def publish(self):
         """What the turn logged, for request threads: states from the events (admit, finish, cancel,
         fail; the registry written when one changed), step and evaluation lines into each job's
@@ -599,14 +578,9 @@ class Service:
         with self.lock:
             for record in logged:
                 event, name = record.get("event"), record.get("job")
-                if event is None and "jobs" in record:   # a step line (report.log_step)
-                    for job_name, job_line in record["jobs"].items():
-                        self.history.setdefault(job_name, []).append(
-                            {"fused_step": record["step"], **job_line, "jobs": sorted(record["jobs"]),
-                             "tokens_per_s": record["tokens_per_s"], "ms": record["ms"]})
-                elif event == "eval":
-                    self.history.setdefault(name, []).append({k: v for k, v in record.items() if k != "job"})
-                elif event == "admit":
+                for job_name, line in history_lines(record):
+                    self.history.setdefault(job_name, []).append(line)
+                if event == "admit":
                     self.records[name].update(state="training", started=now)
                 elif event in ("finish", "cancel", "fail"):
                     summary = run.summary.get(name)
@@ -625,6 +599,53 @@ class Service:
             run.cfg.jobs = [job for job in run.cfg.jobs if job.name != name]
             for table in (run.plans, run.train_sets, run.test_sets, run.task_sets):
                 table.pop(name, None)
+
+
+def history_lines(record: dict) -> list[tuple[str, dict]]:
+    """(job, line) of its metrics from a line the run logged: a step line (report.log_step) gives
+    each job of the step its loss and lr and the jobs it was fused with; an evaluation, its job's."""
+    if record.get("event") is None and "jobs" in record:
+        return [(name, {"fused_step": record["step"], **line, "jobs": sorted(record["jobs"]),
+                        "tokens_per_s": record["tokens_per_s"], "ms": record["ms"]}) for name, line in record["jobs"].items()]
+    if record.get("event") == "eval":
+        return [(record["job"], {key: value for key, value in record.items() if key != "job"})]
+    return []
+
+
+def answer(run: Run, asks: list[Ask], out_dir: Path):
+    """Every pending generation request in ONE generate.generate call: the ended jobs' adapters
+    loaded from their folders beside the ones training, each row routed to its own."""
+    tokenizer = run.tokenizer
+    names = sorted({name for ask in asks for _, name in ask.rows if name is not None})
+    loaded = []
+    try:
+        for name in names:
+            try:
+                peft_format.load_peft(run.model, out_dir / name, name)
+                loaded.append(name)
+            except Exception as e:   # noqa: BLE001 - the requests that name it fail, the others are answered
+                for ask in asks:
+                    if any(n == name for _, n in ask.rows):
+                        ask.error = f"adapter {name!r}: {one_line(e)}"
+        ready = [ask for ask in asks if ask.error is None]
+        if ready:
+            outputs = generate.generate(run.model, [ids for ask in ready for ids, _ in ask.rows],
+                                        [name for ask in ready for _, name in ask.rows],
+                                        max_new_tokens=max(ask.max_new_tokens for ask in ready),
+                                        stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                                        vocab_size=tokenizer.vocab_size)
+            for ask in ready:   # greedy: a shorter request's tokens are the first of the longest
+                ask.outputs = [ids[:ask.max_new_tokens] for ids in outputs[:len(ask.rows)]]
+                outputs = outputs[len(ask.rows):]
+    except Exception as e:   # noqa: BLE001
+        for ask in asks:
+            if ask.outputs is None and ask.error is None:
+                ask.error = f"generation failed: {one_line(e)}"
+    finally:
+        for name in loaded:
+            lora.remove_adapter(run.model, name)
+        for ask in asks:
+            ask.done.set()
 
 
 def isolate_failures(run: Run, fail):

@@ -243,14 +243,20 @@ def test_a_failing_job_fails_alone_and_the_registry_outlives_the_service(base, t
         assert (bad["state"], bad["error"]) == ("failed", "finish: No space left on device")
         assert (good["state"], good["step"]) == ("finished", 2) and not (out / "bad").exists()
         assert svc.healthy() and client.get("/v1/health").json() == {"status": "ok"}
+        assert client.post("/v1/jobs", json=fields("long", rows, epochs=1000, max_steps=1000)).status_code == 201
+        wait(client, "long", lambda v: v["step"] >= 1)
     finally:
-        svc.close()
+        svc.close()   # `long` stops where it is
     registry = json.loads((out / "_service" / "jobs.json").read_text())
-    assert {name: r["state"] for name, r in registry["jobs"].items()} == {"bad": "failed", "good": "finished"}
+    assert {name: r["state"] for name, r in registry["jobs"].items()} == {"bad": "failed", "good": "finished", "long": "training"}
     again, client = start(base, out)
-    try:
-        assert [(v["name"], v["state"]) for v in client.get("/v1/jobs").json()["jobs"]] == [("bad", "failed"), ("good", "finished")]
+    try:   # the ended jobs as they were; `long` trains again from its stored rows (not resumed: stage 2)
+        assert [(v["name"], v["state"]) for v in client.get("/v1/jobs").json()["jobs"][:2]] == [("bad", "failed"), ("good", "finished")]
         assert client.get("/v1/jobs/good/adapter").status_code == 200
+        view = wait(client, "long", lambda v: v["state"] == "training")
+        assert view["restarts"] == 1 and view["config"]["data"] == "uploaded (8 rows)"
+        client.post("/v1/jobs/long/cancel")
+        wait(client, "long", lambda v: v["state"] == "stopped")
     finally:
         again.close()
     with pytest.raises(ConfigError, match=r"holds a service of another seed \(42 there, 1 here\)"):
