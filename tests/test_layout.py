@@ -123,7 +123,7 @@ def test_readme_names_every_test_that_needs_run_slow():
 
 
 # A file name, not a module attribute: `model.safetensors`, `tokenizer.json`, `sweep.png` ...
-FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "model", "png", "md", "txt", "toml", "yaml", "pt", "sh", "gguf"}
+FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "model", "png", "md", "txt", "toml", "yaml", "pt", "sh", "gguf", "html"}
 
 
 def readme_code_references() -> list[str]:
