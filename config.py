@@ -154,6 +154,27 @@ def validate(cfg: RunConfig, where: str, inputs: bool = True):
         if not ok:
             raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
 
+    validate_run(cfg, where)
+    need(bool(cfg.jobs) or cfg.sweep is not None, "jobs", cfg.jobs, "expected a non-empty list of jobs (or a sweep)")
+    seen = {}
+    for i, job in enumerate(cfg.jobs):
+        validate_job(job, where, f"jobs[{i}]")
+        need(job.name.lower() not in seen, f"jobs[{i}].name", job.name,
+             f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
+        seen[job.name.lower()] = i
+    if cfg.sweep is not None:
+        validate_sweep(cfg.sweep, where)
+    if inputs:
+        check_inputs(cfg, where)
+
+
+def validate_run(cfg: RunConfig, where: str):
+    """The run's own values (all but its jobs and sweep), each against its range or enum: a
+    ConfigError "where: field: ...". validate's first part; serve.py's settings, which start with no job."""
+    def need(ok: bool, field: str, value, expected: str):
+        if not ok:
+            raise ConfigError(f"{where}: {field}: {expected}, got {value!r}")
+
     def finite(x) -> bool:
         return x is not None and math.isfinite(x)
 
@@ -188,17 +209,6 @@ def validate(cfg: RunConfig, where: str, inputs: bool = True):
          f"a {cfg.quant} base cannot be sharded (bitsandbytes' packed weights are not FSDP2's); use quant null")
     need(not cfg.shard_base or sc.placement == "data", "shard_base", cfg.shard_base,
          "works with scheduler.placement 'data' only (job parallel ranks run different steps)")
-    need(bool(cfg.jobs) or cfg.sweep is not None, "jobs", cfg.jobs, "expected a non-empty list of jobs (or a sweep)")
-    seen = {}
-    for i, job in enumerate(cfg.jobs):
-        validate_job(job, where, f"jobs[{i}]")
-        need(job.name.lower() not in seen, f"jobs[{i}].name", job.name,
-             f"expected a unique name (jobs[{seen.get(job.name.lower())}] has it)")
-        seen[job.name.lower()] = i
-    if cfg.sweep is not None:
-        validate_sweep(cfg.sweep, where)
-    if inputs:
-        check_inputs(cfg, where)
 
 
 def check_path(path: str, where: str, field: str, to_make: bool = False):
@@ -550,6 +560,13 @@ def _fill(cls, raw: dict, where: str, file: str):
         raise ConfigError(f"{file}: {where or 'the config'}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
 
+
+def read_job(raw, where: str, label: str = "job") -> JobConfig:
+    """One job's object (a config file's jobs[i], or one submitted to serve.py) filled and checked as
+    load_config and validate check a file's jobs: a ConfigError "where: label.field: ..."."""
+    job = _fill(JobConfig, raw, label, where)
+    validate_job(job, where, label)
+    return job
 
 def _parse_override(text: str, hint):
     """`--key=value` text -> a JSON-like value; a bare string when it is not JSON."""

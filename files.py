@@ -30,6 +30,24 @@ def atomic_write(path, content: bytes | str | None = None, *, write=None):
     fsync_dir(path.parent)
 
 
+def write_private(path, content: str):
+    """atomic_write for a secret: the file is its owner's alone (0600) from the moment it exists,
+    never readable by others in between."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)   # O_CREAT's mode passes the umask; an old tmp keeps its own
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(folder):
     fd = os.open(folder, os.O_RDONLY)
     try:

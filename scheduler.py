@@ -318,8 +318,9 @@ class Scheduler:
         return self.candidates[:1]
 
     def requeue(self, job: JobPlan):
-        """Put a stopped job back among the waiting (a sweep trial promoted past a rung): ahead of
-        lower priorities, behind its own, as admission orders them; it goes on where it was."""
+        """Put a job among the waiting: a stopped one back (a sweep trial promoted past a rung: it
+        goes on where it was), or one submitted to a running scheduler (serve.py); ahead of lower
+        priorities, behind its own, as admission orders them."""
         at = next((i for i, p in enumerate(self.waiting) if p.priority < job.priority), len(self.waiting))
         self.waiting.insert(at, job)
 
@@ -330,6 +331,14 @@ class Scheduler:
             return False
         self.candidates.remove(job)
         self.finished.append(name)
+        return True
+
+    def withdraw(self, name: str) -> bool:
+        """Take a waiting job out before it is admitted (serve.py's cancel). False if not waiting."""
+        job = next((j for j in self.waiting if j.name == name), None)
+        if job is None:
+            return False
+        self.waiting.remove(job)
         return True
 
     def pop_finished(self) -> list[str]:

@@ -53,7 +53,7 @@ def test_model_files_know_nothing_of_lora_or_files():
 # ----------------------------------------------------------------------------- the core and its layers
 
 CORE = ["model.py", "llama.py", "lora.py", "data.py", "objectives.py", "train.py", "peft_format.py"]
-LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config"}
+LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config", "service", "serve"}
 # train.py's entry: train() and main() pick the layers a run needs (README, "Read the code").
 ENTRY = {"train", "train_on", "start", "add_layers", "main",
          "exit_with"}
@@ -123,7 +123,7 @@ def test_readme_names_every_test_that_needs_run_slow():
 
 
 # A file name, not a module attribute: `model.safetensors`, `tokenizer.json`, `sweep.png` ...
-FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "model", "png", "md", "txt", "toml", "yaml", "pt", "sh", "gguf"}
+FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "model", "png", "md", "txt", "toml", "yaml", "pt", "sh", "gguf", "html"}
 
 
 def readme_code_references() -> list[str]:

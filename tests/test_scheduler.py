@@ -112,6 +112,20 @@ def test_stop_frees_the_slot():
     assert {mb.job for step in steps for mb in step} == {"b"} and a.remaining == a.num_micro_batches - 1
 
 
+def test_a_running_scheduler_takes_new_jobs_and_withdraws_waiting_ones():
+    """serve.py's seams: a job added while others run waits behind its priority (requeue) and joins
+    the next step with room; a waiting job withdrawn never runs and finishes nothing."""
+    sched = Scheduler([plan("a", 8)], max_candidates=2, max_concurrent=2)
+    assert sched.admit() == ["a"] and [mb.job for mb in sched.next_step()] == ["a"]
+    for new in (plan("b", 8), plan("c", 8), plan("d", 8, priority=1)):
+        sched.requeue(new)
+    assert [p.name for p in sched.waiting] == ["d", "b", "c"]
+    assert sched.withdraw("b") and not sched.withdraw("b") and not sched.withdraw("a")   # a runs: stop() is its way
+    assert sched.admit() == ["d"] and [mb.job for mb in sched.next_step()] == ["d", "a"]   # priority first
+    steps, admitted = drain(sched)
+    assert admitted == ["c"] and "b" not in {mb.job for step in steps for mb in step} and "b" not in sched.finished
+
+
 def test_optimal_fit_groups_similar_lengths():
     short1, short2 = plan("s1", 4, lengths=[10] * 4), plan("s2", 4, lengths=[12] * 4)
     long1 = plan("l1", 4, lengths=[100] * 4)

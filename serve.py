@@ -1,0 +1,390 @@
+"""A fine-tuning service: jobs submitted over HTTP to one running fused trainer (service.py), and
+its client for scripts.
+
+    python serve.py --base_model DIR [--out_dir out/serve] [--host 127.0.0.1 --port 8000] [--allow_dir DIR ...]
+    python serve.py submit JOB.json [--data ROWS.jsonl] [--test_data ROWS.jsonl]
+    python serve.py status [JOB] [--since S] | cancel JOB | download JOB [--to FILE]
+    python serve.py generate --adapter JOB [--adapter JOB ...] [--base] --prompt TEXT [--max-new-tokens N]
+
+The API, JSON under /v1; every endpoint but the two last needs `Authorization: Bearer TOKEN`:
+    POST /v1/jobs                 a job's fields, as in a config file's jobs list; data and test_data
+                                  are the rows themselves (a list) or a file inside an --allow_dir folder
+    GET  /v1/jobs[/JOB]           state (waiting, training, finished, stopped, failed), step, loss,
+                                  held-out metrics, tokens/s
+    GET  /v1/jobs/JOB/metrics?since=S     its step and evaluation lines after fused step S
+    POST /v1/jobs/JOB/cancel      it stops, keeping its best adapter; its slot goes to a waiting job
+    GET  /v1/jobs/JOB/adapter     its adapter, the PEFT folder as a .tar.gz
+    POST /v1/generate             {"prompts": [TEXT, ...], "adapters": [JOB or null (the base), ...],
+                                  "max_new_tokens": N}: requests arriving together share one batch
+    GET  /v1/health               is it up
+    GET  /                        a page (serve.html) of the jobs through this API, with the token pasted
+                                  in: state, progress, loss curve, cancel, a submit form
+A refused request is a 4xx with {"error": "one line"}. The token is $SERVE_TOKEN, else the one in
+OUT_DIR/_service/token, made on the first start and readable by its owner alone. The client finds
+the server at --url (default $SERVE_URL, else http://127.0.0.1:8000) and the token as the server does.
+"""
+import argparse
+import hmac
+import json
+import os
+import secrets
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import files
+
+TOKEN_ENV, URL_ENV = "SERVE_TOKEN", "SERVE_URL"
+TOKEN_FILE = "_service/token"   # in out_dir: service.SERVICE_DIR, a name no job can take
+OPEN_PATHS = ("/v1/health", "/")   # no token needed: the page holds no data (it asks for the token)
+PAGE = Path(__file__).with_name("serve.html")
+# The page runs its own inline script, and talks to this server alone.
+PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "connect-src 'self'; frame-ancestors 'none'", "x-content-type-options": "nosniff"}
+CLIENT_COMMANDS = ("submit", "status", "cancel", "download", "generate")
+
+
+class ServeError(Exception):
+    """A problem the command line reports in one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- the token
+
+def server_token(out_dir: str) -> str:
+    """$SERVE_TOKEN, else out_dir's token file: made on the first start from `secrets`, its
+    owner's alone (0600); one that others may read is refused (it may have leaked)."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    file = Path(out_dir) / TOKEN_FILE
+    if file.exists():
+        mode = file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ServeError(f"{file}: others may read it (mode {mode:o}); remove it for a new token")
+        token = file.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files.write_private(file, token + "\n")
+    return token
+
+
+def client_token(out_dir: str) -> str:
+    """$SERVE_TOKEN, else the server's token file in out_dir."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    file = Path(out_dir) / TOKEN_FILE
+    try:
+        return file.read_text().strip()
+    except OSError:
+        raise ServeError(f"no token: set ${TOKEN_ENV}, or pass the server's --out_dir ({file} not readable)") from None
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+def guard(app, token: str, max_body: int):
+    """ASGI around the app: every path but OPEN_PATHS needs `Authorization: Bearer TOKEN` (compared
+    in constant time), and a body over max_body bytes is refused with 413, by its Content-Length or,
+    without one (chunked), as its bytes arrive."""
+    from service import RequestError
+    expected = f"Bearer {token}".encode()
+    too_large = f"request: body over {max_body} bytes (--max_body_mb)"
+
+    async def reply(send, status: int, message: str, headers: tuple = ()):
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":   # lifespan
+            return await app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if scope["path"] not in OPEN_PATHS and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+            return await reply(send, 401, "request: missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                               ((b"www-authenticate", b"Bearer"),))
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return await reply(send, 413, too_large)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > max_body:   # raised in the endpoint reading the body: its error handler answers
+                raise RequestError(413, too_large)
+            return message
+        await app(scope, limited_receive, send)
+    return guarded
+
+
+def make_app(service):
+    """The API over a service.Service (see this file's docstring); guard() adds the token and the body limit."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from service import RequestError
+
+    app = FastAPI(title="multi-LoRA fine-tuning service", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, e: RequestError):
+        return error(e.status, str(e))
+
+    @app.exception_handler(HTTPException)   # no such path, or method
+    async def not_routed(request: Request, e: HTTPException):
+        return error(e.status_code, f"request: {request.method} {request.url.path}: {str(e.detail).lower()}")
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        return error(500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
+
+    async def body_json(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (ValueError, RecursionError) as e:   # not UTF-8, not JSON, nested too deep
+            raise RequestError(400, f"request: the body is not JSON ({' '.join(str(e).split())[:200]})") from None
+
+    def since_of(request: Request) -> int:
+        try:
+            return int(request.query_params.get("since", "0"))
+        except ValueError:
+            raise RequestError(422, f"request: since: expected a fused step (an integer), "
+                                    f"got {request.query_params['since']!r:.40}") from None
+
+    page = PAGE.read_text()
+
+    @app.get("/")
+    def index():
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.get("/v1/health")
+    def health():
+        return {"status": "ok"} if service.healthy() else error(503, "the trainer has stopped")
+
+    @app.post("/v1/jobs")
+    async def submit(request: Request):
+        return JSONResponse(await run_in_threadpool(service.submit, await body_json(request)), 201)
+
+    @app.get("/v1/jobs")
+    def list_jobs():
+        return {"jobs": service.list_jobs()}
+
+    @app.get("/v1/jobs/{name}")
+    def job(name: str):
+        return service.job(name)
+
+    @app.get("/v1/jobs/{name}/metrics")
+    def metrics(name: str, request: Request):
+        return service.metrics(name, since_of(request))
+
+    @app.post("/v1/jobs/{name}/cancel")
+    def cancel(name: str):
+        return JSONResponse(service.cancel(name), 202)
+
+    @app.get("/v1/jobs/{name}/adapter")
+    def adapter(name: str):
+        return Response(service.adapter_archive(name), media_type="application/gzip",
+                        headers={"content-disposition": f'attachment; filename="{name}.tar.gz"'})
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        return await run_in_threadpool(service.generate, await body_json(request))
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free one; its number is sock.getsockname()[1])."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def uvicorn_server(app):
+    import uvicorn
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+
+# ----------------------------------------------------------------------------- the server's command line
+
+def server_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serve.py", description="Serve one fused trainer: jobs submitted over HTTP "
+                                     "train together (client: serve.py submit|status|cancel|download|generate -h).")
+    parser.add_argument("--base_model", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--out_dir", default="out/serve", help="the run's files, the job registry, the token")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--allow_dir", action="append", default=[],
+                        help="a folder whose files jobs may name as data, test_data or template (repeatable)")
+    parser.add_argument("--max_body_mb", type=float, default=64, help="largest request body, MiB")
+    parser.add_argument("--strategy", default="trivial", help="the scheduler's strategy (scheduler.py)")
+    parser.add_argument("--max_candidates", type=int, default=4, help="jobs admitted at once")
+    parser.add_argument("--max_concurrent", type=int, default=2, help="jobs fused into one step")
+    parser.add_argument("--token_budget", type=int, default=None, help="fast-fit: processed tokens per step")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quant", default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def server_main(argv: list[str]) -> int:
+    """Load the base, start the trainer, serve until Ctrl-C. Exit status 2 on bad input (one line)."""
+    args = server_args(argv)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"error: serve.py needs {e.name}: pip install fastapi uvicorn", file=sys.stderr)
+        return 2
+    from config import ConfigError, RunConfig, SchedulerConfig
+    from model import CheckpointError
+    from service import Service
+    cfg = RunConfig(base_model=args.base_model, out_dir=args.out_dir, dtype=args.dtype, device=args.device,
+                    quant=args.quant, seed=args.seed,
+                    scheduler=SchedulerConfig(strategy=args.strategy, max_candidates=args.max_candidates,
+                                              max_concurrent=args.max_concurrent, token_budget=args.token_budget))
+    try:
+        if not args.max_body_mb > 0:
+            raise ServeError(f"--max_body_mb: expected a number > 0, got {args.max_body_mb}")
+        sock = bind(args.host, args.port)
+        service = Service(cfg, args.allow_dir)
+    except (ServeError, ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        token = server_token(args.out_dir)
+        host, port = sock.getsockname()[:2]
+        where = f"${TOKEN_ENV}" if os.environ.get(TOKEN_ENV) else str(Path(args.out_dir) / TOKEN_FILE)
+        print(f"serving {args.out_dir} on http://{args.host}:{port}/ (token: {where})")
+        if host not in ("127.0.0.1", "::1"):
+            print(f"warning: listening on {host}: anyone who reaches it with the token can train and read "
+                  "adapters, over plain HTTP (put TLS in front)")
+        uvicorn_server(guard(make_app(service), token, int(args.max_body_mb * 2**20))).run(sockets=[sock])
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        service.close()
+    return 0
+
+
+# ----------------------------------------------------------------------------- the client
+
+def client_args(argv: list[str]) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8000"), help="the server")
+    common.add_argument("--out_dir", default="out/serve", help=f"the server's out_dir: its token (unless ${TOKEN_ENV})")
+    parser = argparse.ArgumentParser(prog="serve.py", description="The service's client; prints the server's JSON.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    submit = commands.add_parser("submit", parents=[common], help="submit a job (a JSON file of its fields)")
+    submit.add_argument("job")
+    submit.add_argument("--data", help="upload these rows (.json or .jsonl) as the job's data")
+    submit.add_argument("--test_data", help="upload these rows as its test_data")
+    status = commands.add_parser("status", parents=[common], help="every job's state, or one's")
+    status.add_argument("name", nargs="?")
+    status.add_argument("--since", type=int, default=None, help="its metrics lines after this fused step instead")
+    commands.add_parser("cancel", parents=[common], help="stop a job, keeping its best adapter").add_argument("name")
+    download = commands.add_parser("download", parents=[common], help="a job's adapter, as JOB.tar.gz")
+    download.add_argument("name")
+    download.add_argument("--to", help="the archive's path (default: JOB.tar.gz)")
+    generate = commands.add_parser("generate", parents=[common], help="greedy answers of ended jobs' adapters")
+    generate.add_argument("--adapter", action="append", default=[], help="a job's name (repeatable)")
+    generate.add_argument("--base", action="store_true", help="also the bare base (the default with no --adapter)")
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    return parser.parse_args(argv)
+
+
+def request(args: argparse.Namespace, method: str, path: str, body=None) -> bytes:
+    """One call of the API; its error as a ServeError of the server's line."""
+    headers = {"authorization": f"Bearer {client_token(args.out_dir)}", "content-type": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    call = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(call, timeout=3600) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code} {e.reason}"
+        raise ServeError(message) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ServeError(f"cannot reach {args.url}: {getattr(e, 'reason', e)}") from None
+
+
+def read_rows(path: str) -> list:
+    """Rows of a .json list or a .jsonl file, to upload (the server checks each)."""
+    try:
+        text = Path(path).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
+            else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ServeError(f"{path}: {e}") from None
+
+
+def client_main(argv: list[str]) -> int:
+    """One client command; prints the server's answer (JSON), or one line and exit status 2."""
+    args = client_args(argv)
+    try:
+        if args.command == "submit":
+            try:
+                job = json.loads(read_file(args.job))
+            except ValueError as e:
+                raise ServeError(f"{args.job}: not JSON ({e})") from None
+            if not isinstance(job, dict):
+                raise ServeError(f"{args.job}: expected a JSON object of job fields")
+            for name in ("data", "test_data"):
+                if getattr(args, name):
+                    job[name] = read_rows(getattr(args, name))
+            answer = request(args, "POST", "/v1/jobs", job)
+        elif args.command == "status" and args.name is None:
+            answer = request(args, "GET", "/v1/jobs")
+        elif args.command == "status":
+            metrics = "" if args.since is None else f"/metrics?since={args.since}"
+            answer = request(args, "GET", f"/v1/jobs/{args.name}{metrics}")
+        elif args.command == "cancel":
+            answer = request(args, "POST", f"/v1/jobs/{args.name}/cancel")
+        elif args.command == "download":
+            target = Path(args.to or f"{args.name}.tar.gz")
+            files.atomic_write(target, request(args, "GET", f"/v1/jobs/{args.name}/adapter"))
+            answer = json.dumps({"job": args.name, "archive": str(target)}).encode()
+        else:
+            adapters = args.adapter + ([None] if args.base or not args.adapter else [])
+            answer = request(args, "POST", "/v1/generate", {"prompts": args.prompt, "adapters": adapters,
+                                                            "max_new_tokens": args.max_new_tokens})
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads(answer), indent=1))
+    return 0
+
+
+def read_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ServeError(f"{path}: {e.strerror}") from None
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return client_main(argv)
+    return server_main(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] and sys.argv[1] not in CLIENT_COMMANDS:
+        import scheduler   # process-wide, as train.py's: freed memory stays for the next step
+        scheduler.keep_freed_memory()
+    sys.exit(main(sys.argv[1:]))
