@@ -1,0 +1,126 @@
+"""The service under load (issue 32, item 7), on localhost only, every request loop bounded in
+count and time: one job trains alone (max_concurrent 1) while the API is first idle, then busy:
+20 clients submit a job each at the same moment (all must be queued, none lost or duplicated) and
+`--rate` status requests a second go on for as many steps. The training step's time ("ms" of
+the metrics lines, the fused step) is compared between the two windows, medians.
+
+    python scripts/serve_load.py [--base DIR] [--steps 20] [--clients 20] [--rate 50]
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import config  # noqa: E402
+import serve  # noqa: E402
+import service  # noqa: E402
+
+WORDS = "apple river stone cloud green small quick house music light paper ocean".split()
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"instruction": "Reverse the words.", "input": " ".join(w := rng.sample(WORDS, 6)), "output": " ".join(w[::-1])}
+            for _ in range(n)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=str(Path(__file__).resolve().parent.parent / "checkpoints/smollm2-135m-instruct"))
+    p.add_argument("--steps", type=int, default=20, help="fused steps in each window")
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--rate", type=float, default=50, help="status requests a second while busy")
+    args = p.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="serve-load-")) / "out"
+    cfg = config.RunConfig(base_model=args.base, jobs=[], dtype="float32", device="cpu", out_dir=str(out),
+                           scheduler=config.SchedulerConfig(max_candidates=1, max_concurrent=1))
+    svc = service.Service(cfg)
+    token = serve.server_token(str(out))
+    server = serve.uvicorn_server(serve.guard(serve.make_app(svc), token, 64 << 20))
+    sock = serve.bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+
+    def call(method: str, path: str, body=None) -> tuple[int, dict]:
+        request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def job(name: str, n: int, seed: int, epochs: int) -> dict:
+        return {"name": name, "data": rows(n, seed), "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
+                "lr": 1e-4, "batch_size": 4, "micro_batch_size": 4, "epochs": epochs, "template": "alpaca"}
+
+    def steps_after(since: int, count: int, deadline: float) -> list[float]:
+        """The ms of `count` fused steps after fused step `since`."""
+        while True:
+            lines = [line for line in call("GET", f"/v1/jobs/long/metrics?since={since}")[1]["lines"] if "ms" in line]
+            if len(lines) >= count:
+                return [line["ms"] for line in lines[:count]]
+            assert time.time() < deadline, "the training job stopped stepping"
+            time.sleep(0.5)
+
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert call("POST", "/v1/jobs", job("long", 8, 0, 1000))[0] == 201
+        deadline = time.time() + 600
+        warm = steps_after(0, 3, deadline)   # the first steps (allocator, lazy init) are not timed
+        idle = steps_after(3, args.steps, deadline)
+        since = 3 + args.steps
+        # Busy: the clients submit at once, then status requests at the rate until the window's steps ran.
+        with ThreadPoolExecutor(args.clients) as pool:
+            answers = list(pool.map(lambda i: call("POST", "/v1/jobs", job(f"client-{i:02d}", 8, i + 1, 1)), range(args.clients)))
+        stop, statuses = threading.Event(), []
+
+        def poll(worker: int, workers: int = 5):
+            n = 0
+            while not stop.is_set() and n < 100_000:
+                t0 = time.perf_counter()
+                statuses.append(call("GET", "/v1/jobs" if n % 2 else "/v1/jobs/long")[0])
+                n += 1
+                time.sleep(max(0.0, workers / args.rate - (time.perf_counter() - t0)))
+        pollers = [threading.Thread(target=poll, args=(w,)) for w in range(5)]
+        t_busy = time.time()
+        for t in pollers:
+            t.start()
+        busy = steps_after(since, args.steps, deadline)
+        stop.set()
+        for t in pollers:
+            t.join(60)
+        busy_s = time.time() - t_busy
+        listed = [j["name"] for j in call("GET", "/v1/jobs")[1]["jobs"]]
+        clients = [f"client-{i:02d}" for i in range(args.clients)]
+        submitted_ok = all(code == 201 for code, _ in answers)
+        states = {j["name"]: j["state"] for j in call("GET", "/v1/jobs")[1]["jobs"]}
+        print(f"warm-up steps (not timed): {', '.join(f'{m:.0f}' for m in warm)} ms")
+        print(f"idle: {args.steps} steps, median {statistics.median(idle):.1f} ms (min {min(idle):.1f}, max {max(idle):.1f})")
+        print(f"busy: {args.steps} steps, median {statistics.median(busy):.1f} ms (min {min(busy):.1f}, max {max(busy):.1f}); "
+              f"{len(statuses)} status requests in {busy_s:.1f} s ({len(statuses) / busy_s:.1f}/s), "
+              f"{sum(code != 200 for code in statuses)} not 200")
+        print(f"{args.clients} submissions at once: all 201 {submitted_ok}; listed once each "
+              f"{sorted(n for n in listed if n in clients) == clients and len(listed) == len(set(listed))}; "
+              f"states {sorted(set(states[c] for c in clients))}")
+        print(f"busy / idle step time: {statistics.median(busy) / statistics.median(idle):.3f}")
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        svc.close()
+
+
+if __name__ == "__main__":
+    main()
