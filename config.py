@@ -138,7 +138,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "run.json", "loss.p
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "dist_timeout_s", "show_examples")
 OPTIMIZERS, SCHEDULES, DTYPES = ("adamw", "sgd"), ("constant", "linear", "cosine"), ("auto", "float32", "bfloat16", "float16")
 SEARCHES, POLICIES, RANGES = ("grid", "random"), ("full", "halving"), ("uniform", "log_uniform")
-TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex", "choice", "choice_norm"), ("loss", "task")
+CHOICE_METRICS = ("choice", "choice_norm")   # task metrics scored by log-likelihood (report.py), not generated
+TASK_METRICS, EVAL_METRICS = ("exact", "contains", "regex", *CHOICE_METRICS), ("loss", "task")
 PLACEMENTS = ("data", "job")
 MAX_TRIALS = 10_000
 FLOAT32_MAX = 3.4028234663852886e38
@@ -243,10 +244,10 @@ def check_inputs(cfg: RunConfig, where: str):
         raise missing(cfg.base_model, "base_model", "checkpoint folder")
     jobs = [(f"jobs[{i}]", job) for i, job in enumerate(cfg.jobs)] + ([("sweep.job", cfg.sweep.job)] if cfg.sweep else [])
     for label, job in jobs:
-        for field in ("data", "test_data"):
-            path = getattr(job, field)
+        for key in ("data", "test_data"):
+            path = getattr(job, key)
             if path and not Path(path).is_file():
-                raise missing(path, f"{label}.{field}", "file", job.name)
+                raise missing(path, f"{label}.{key}", "file", job.name)
         if job.template not in NAMED_TEMPLATES and not Path(job.template).is_file():
             raise missing(job.template, f"{label}.template", f"not a named template ({', '.join(NAMED_TEMPLATES)}), and file",
                           job.name)

@@ -156,112 +156,110 @@ def import_lm_eval():
     return lm_eval
 
 
+class FusedLMMethods:
+    """One adapter (None: the base) of an Evaluation, as an lm-eval model: FusedLM is this over
+    lm-eval's TemplateLM (fused_lm_class). Alone (`lm_eval.simple_evaluate(model="fused-lora",
+    model_args="base=DIR,adapter=DIR")`) it loads its own Evaluation of that one adapter."""
+
+    def __init__(self, evaluation: Evaluation | None = None, name: str | None = None, base: str | None = None,
+                 adapter: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
+                 dtype: str | None = None, device: str = "auto", **unused):
+        super().__init__()
+        if evaluation is None:
+            if base is None:
+                raise ValueError(f"{REGISTERED_NAME}: model_args needs base=DIR (and adapter=DIR for an adapter)")
+            size = 8 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+            evaluation = load_evaluation(base, [adapter] if adapter else [], dtype=dtype, device=device,
+                                         max_length=max_length, batch_size=size, with_base=not adapter)
+            name = evaluation.names[-1]
+        self.evaluation, self.name = evaluation, name
+
+    @property
+    def tokenizer_name(self) -> str:
+        return REGISTERED_NAME
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.evaluation.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:   # as lm-eval's hf model: BOS, else EOS
+        tok = self.evaluation.tokenizer
+        return tok.bos_id if tok.bos_id is not None else tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.evaluation.max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kw):
+        """As the hf model's tokenizer.encode: the tokenizer's own BOS unless told otherwise or
+        the string starts with it."""
+        tok = self.evaluation.tokenizer
+        bos = tok.add_bos if add_special_tokens is None else add_special_tokens and bool(tok.prefix_ids)
+        if add_special_tokens is None and tok.bos_token and string.startswith(tok.bos_token):
+            bos = False
+        ids = tok.encode(string, bos=bos)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.evaluation.tokenizer.decode(tokens if isinstance(tokens, list) else [tokens],
+                                                skip_special=skip_special_tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+        pairs = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+        results = self.evaluation.loglikelihoods(self.name, pairs)
+        for (key, _, _), result in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """The whole text's log-likelihood in lm-eval's disjoint windows of max_length tokens."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        windows = [[tuple(map(tuple, make_disjoint_window(w))) for w in get_rolling_token_windows(
+            token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length, context_len=1)] for (text,) in (r.args for r in requests)]
+        scores = iter(self.evaluation.loglikelihoods(self.name, [w for each in windows for w in each]))
+        totals = [sum(next(scores)[0] for _ in each) for each in windows]
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        answers = []
+        for context, gen_kwargs in (r.args for r in requests):
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.evaluation.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_new = kwargs.pop("max_gen_toks")
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            settings = (max_new, temperature, float(kwargs.pop("top_p", 1.0)), 1234)
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks {max_new} must be below the model's max_length {self.max_length}")
+            prompt = tuple(self.tok_encode(context, left_truncate_len=self.max_length - max_new))
+            answers.append((prompt, settings, until))
+        # all requests of one setting in one call, so the Evaluation batches them together
+        texts: dict = {}
+        for settings in dict.fromkeys(s for _, s, _ in answers):
+            prompts = [p for p, s, _ in answers if s == settings]
+            texts.update({(p, settings): t for p, t in zip(prompts, self.evaluation.generations(self.name, prompts, settings))})
+        results = [postprocess_generated_text(generation=texts[p, s], stop=until, think_end_token=None)
+                   for p, s, until in answers]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", request.args, result)
+        return results
+
+
 def fused_lm_class():
-    """FusedLM, defined (and registered with lm-eval as "fused-lora") on first use, so that this
-    module imports without lm-eval (report.py uses score)."""
+    """FusedLM (FusedLMMethods over lm-eval's TemplateLM), made and registered with lm-eval as
+    "fused-lora" on first use, so that this module imports without lm-eval (report.py uses score)."""
     global FusedLM
-    if "FusedLM" in globals():
-        return FusedLM
-    import_lm_eval()
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    @register_model(REGISTERED_NAME)
-    class FusedLM(TemplateLM):
-        """One adapter (None: the base) of an Evaluation, as an lm-eval model. Alone
-        (`lm_eval.simple_evaluate(model="fused-lora", model_args="base=DIR,adapter=DIR")`) it
-        loads its own Evaluation of that one adapter."""
-
-        def __init__(self, evaluation: Evaluation | None = None, name: str | None = None, base: str | None = None,
-                     adapter: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
-                     dtype: str | None = None, device: str = "auto", **unused):
-            super().__init__()
-            if evaluation is None:
-                if base is None:
-                    raise ValueError(f"{REGISTERED_NAME}: model_args needs base=DIR (and adapter=DIR for an adapter)")
-                size = 8 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
-                evaluation = load_evaluation(base, [adapter] if adapter else [], dtype=dtype, device=device,
-                                             max_length=max_length, batch_size=size, with_base=not adapter)
-                name = evaluation.names[-1]
-            self.evaluation, self.name = evaluation, name
-
-        @property
-        def tokenizer_name(self) -> str:
-            return REGISTERED_NAME
-
-        @property
-        def eot_token_id(self) -> int:
-            return self.evaluation.tokenizer.eos_id
-
-        @property
-        def prefix_token_id(self) -> int:   # as lm-eval's hf model: BOS, else EOS
-            tok = self.evaluation.tokenizer
-            return tok.bos_id if tok.bos_id is not None else tok.eos_id
-
-        @property
-        def max_length(self) -> int:
-            return self.evaluation.max_length
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kw):
-            """As the hf model's tokenizer.encode: the tokenizer's own BOS unless told otherwise or
-            the string starts with it."""
-            tok = self.evaluation.tokenizer
-            bos = tok.add_bos if add_special_tokens is None else add_special_tokens and bool(tok.prefix_ids)
-            if add_special_tokens is None and tok.bos_token and string.startswith(tok.bos_token):
-                bos = False
-            ids = tok.encode(string, bos=bos)
-            return ids[-left_truncate_len:] if left_truncate_len else ids
-
-        def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
-            return self.evaluation.tokenizer.decode(tokens if isinstance(tokens, list) else [tokens],
-                                                    skip_special=skip_special_tokens)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
-            pairs = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
-            results = self.evaluation.loglikelihoods(self.name, pairs)
-            for (key, _, _), result in zip(requests, results):
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, result)
-            return results
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            """The whole text's log-likelihood in lm-eval's disjoint windows of max_length tokens."""
-            windows = [[tuple(map(tuple, make_disjoint_window(w))) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)] for (text,) in (r.args for r in requests)]
-            scores = iter(self.evaluation.loglikelihoods(self.name, [w for each in windows for w in each]))
-            totals = [sum(next(scores)[0] for _ in each) for each in windows]
-            for request, total in zip(requests, totals):
-                self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
-            return totals
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-            answers = []
-            for context, gen_kwargs in (r.args for r in requests):
-                kwargs = normalize_gen_kwargs(gen_kwargs, self.evaluation.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                max_new = kwargs.pop("max_gen_toks")
-                temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-                settings = (max_new, temperature, float(kwargs.pop("top_p", 1.0)), 1234)
-                if max_new >= self.max_length:
-                    raise ValueError(f"max_gen_toks {max_new} must be below the model's max_length {self.max_length}")
-                prompt = tuple(self.tok_encode(context, left_truncate_len=self.max_length - max_new))
-                answers.append((prompt, settings, until))
-            # all requests of one setting in one call, so the Evaluation batches them together
-            texts: dict = {}
-            for settings in dict.fromkeys(s for _, s, _ in answers):
-                prompts = [p for p, s, _ in answers if s == settings]
-                texts.update({(p, settings): t for p, t in zip(prompts, self.evaluation.generations(self.name, prompts, settings))})
-            results = [postprocess_generated_text(generation=texts[p, s], stop=until, think_end_token=None)
-                       for p, s, until in answers]
-            for request, result in zip(requests, results):
-                self.cache_hook.add_partial("generate_until", request.args, result)
-            return results
-
-    globals()["FusedLM"] = FusedLM
+    if "FusedLM" not in globals():
+        import_lm_eval()
+        from lm_eval.api.model import TemplateLM
+        from lm_eval.api.registry import register_model
+        FusedLM = register_model(REGISTERED_NAME)(type("FusedLM", (FusedLMMethods, TemplateLM), {}))
     return FusedLM
 
 

@@ -25,10 +25,10 @@ import generate
 import lora
 import model as M
 import peft_format
-from config import (ConfigError, JobConfig, RunConfig, claim_out_dir, clear_run, field_label, file_digest,
+from config import (CHOICE_METRICS, ConfigError, JobConfig, RunConfig, claim_out_dir, clear_run, field_label, file_digest,
                     remove_partial_writes)
 from objectives import METRIC_SUMS, loss_tokens, objective_of, sequence_lengths, unused_fields
-from report import CHOICE_METRICS, choice_examples, evaluate, evaluate_tasks, load_task_rows
+from report import choice_examples, evaluate, evaluate_tasks, load_task_rows
 import scheduler
 from scheduler import JobPlan, MicroBatch, Scheduler
 from templates import NAMED_TEMPLATES

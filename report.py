@@ -17,13 +17,10 @@ import generate
 import lora
 import peft_format
 import scheduler
-from config import JobConfig
+from config import CHOICE_METRICS, JobConfig
 from eval import score as score_requests
 from objectives import (METRIC_SUMS, job_loss, job_parts, loss_tokens, objective_of, reward_means,
                         token_losses)
-
-
-CHOICE_METRICS = ("choice", "choice_norm")   # config.TASK_METRICS scored by log-likelihood, not generated
 
 
 @torch.no_grad()
