@@ -9,12 +9,14 @@ threads never touch the model: a submission is checked as train.py checks a conf
 (config.read_job, jobs.read_inputs), its inputs are written into out_dir, it is registered and
 handed over; job states are read from what the trainer publishes under the lock.
 
-out_dir holds the run's files (each ended job's adapter folder, metrics.jsonl) and _service/, a
-name no job can take (config.SAFE_NAME starts with a letter or digit): jobs.json, the job
-registry, written atomically at every change of state; data/<job>/, each job's inputs as it was
-submitted; serve.py's token file. Not yet here: the run checkpoint (state.py) that would let a
-killed service resume its jobs bitwise; a restarted one trains its unfinished jobs again from
-their first step (the same result, later).
+out_dir holds the run's files (each ended job's adapter folder, metrics.jsonl, the run checkpoint
+of state.py every `checkpoint_every` fused steps and at close) and _service/, a name no job can
+take (config.SAFE_NAME starts with a letter or digit): jobs.json, the job registry, written
+atomically at every change of state; data/<job>/, each job's inputs as it was submitted;
+serve.py's token file. The registry also notes the loop turn at which the trainer queued each job
+and applied each cancellation, before that turn trains: a service killed at any moment and started
+again restores the checkpoint and replays the later of those at the same turns (resume), so every
+job trains on bitwise as it would have, as a resumed train.py run does.
 """
 import dataclasses
 import io
@@ -40,6 +42,7 @@ import jobs
 import lora
 import model as M
 import peft_format
+import state
 import train
 from config import (ConfigError, RunConfig, check_inputs, check_path, read_job, remove_partial_writes,
                     validate_run)
@@ -254,10 +257,11 @@ def claim_out_dir(out_dir: Path, settings: dict) -> dict | None:
 
 
 def open_run(cfg: RunConfig, dir_lock, fail) -> ServedRun:
-    """The base loaded and a Run with no job yet: train.py's steps with its layers (add_layers),
-    failures isolated per job (fail(name, error)); metrics.jsonl appended to (a torn last line cut off)."""
+    """The base loaded and a Run with no job yet: train.py's steps with its layers (add_layers: the
+    run checkpoint every cfg.checkpoint_every fused steps among them), failures isolated per job
+    (fail(name, error)); metrics.jsonl appended to (a torn last line cut off)."""
     from tqdm import tqdm
-    cfg = dataclasses.replace(cfg, jobs=[], checkpoint_every=0)   # its own list; no run checkpoint yet
+    cfg = dataclasses.replace(cfg, jobs=[])   # its own list
     tokenizer = data.load_tokenizer(cfg.base_model)
     device = M.resolve_device(cfg.device)
     model = jobs.load_base(cfg, device)
@@ -267,7 +271,7 @@ def open_run(cfg: RunConfig, dir_lock, fail) -> ServedRun:
         if text and not text.endswith(b"\n"):
             os.truncate(metrics_file, text.rfind(b"\n") + 1)
     run = ServedRun(cfg, device, Path(cfg.out_dir), model, tokenizer.pad_id, jobs.make_scheduler(cfg, []), {}, {}, {},
-                    {}, metrics=open(metrics_file, "ab"), start=time.time(), bar=tqdm(total=0, disable=True),
+                    {}, metrics=open(metrics_file, "a+b"), start=time.time(), bar=tqdm(total=0, disable=True),
                     tokenizer=tokenizer, lock=dir_lock)
     run.steps = train.core_steps()
     train.add_layers(run)
@@ -278,7 +282,8 @@ def open_run(cfg: RunConfig, dir_lock, fail) -> ServedRun:
 class Service:
     """The trainer thread and the job registry over one out_dir (see the module's docstring)."""
 
-    def __init__(self, cfg: RunConfig, allow_dirs: list[str] = ()):
+    def __init__(self, cfg: RunConfig, allow_dirs: list[str] = (), trainer: bool = True):
+        """trainer=False: no trainer thread; the caller turns the loop (turn(), tests)."""
         validate_run(cfg, "serve.py")
         check_inputs(dataclasses.replace(cfg, jobs=[]), "serve.py")   # the base folder
         jobs.check_base(cfg)
@@ -314,27 +319,13 @@ class Service:
         self.history: dict[str, list[dict]] = {}   # each job's step and evaluation lines
         self.published_step = 0
         self.closing = False
+        self.events = 1 + max((e[1] for r in self.records.values() for e in (r.get("queued"), r.get("cancelled")) if e),
+                              default=0)   # the next event's number: replay orders a turn's events by it
         self.run = open_run(cfg, self.dir_lock, self.fail)
-        self.requeue_unfinished()
+        self.replay: list[tuple] = resume(self)   # (turn, event, "queue" or "cancel", job name, what it needs)
         self.thread = threading.Thread(target=self.loop, name="trainer", daemon=True)
-        self.thread.start()
-
-    def requeue_unfinished(self):
-        """Jobs a previous service left waiting or training: read again from their stored inputs and
-        queued, to train from their first step (resume from a run checkpoint is not here yet)."""
-        for name, record in self.records.items():
-            if record["state"] in ENDED:
-                continue
-            try:
-                job = read_job(record["config"], f"{self.home / 'jobs.json'}")
-                read = jobs.read_inputs(dataclasses.replace(self.cfg, jobs=[job]))
-            except (ValueError, OSError) as e:
-                record.update(state="failed", error=f"restart: {one_line(e)}", ended=time.time())
-                continue
-            record.update(state="waiting", started=None, restarts=record.get("restarts", 0) + 1)
-            self.live[name] = {"step": 0, "total_steps": read["plans"][0].total_steps}
-            self.inbox.append((job, read))
-        self.save_registry()
+        if trainer:
+            self.thread.start()
 
     def save_registry(self):
         files.atomic_write(self.home / "jobs.json", json.dumps(finite_json(
@@ -351,11 +342,13 @@ class Service:
                 self.check_new_name(job.name)
                 self.reserved.add(job.name.lower())
             try:
-                job = store_inputs(job, staged, self.home / "data")
+                stored = store_inputs(job, staged, self.home / "data")
             except BaseException:
                 with self.lock:
                     self.reserved.discard(job.name.lower())
                 raise
+        moved = {staged[name]: getattr(stored, name) for name in staged}   # the digests, of the stored copies
+        job, read = stored, {**read, "inputs": {moved.get(path, path): digest for path, digest in read["inputs"].items()}}
         with self.lock:
             self.reserved.discard(job.name.lower())
             self.records[job.name] = {"name": job.name, "state": "waiting", "submitted": time.time(), "started": None,
@@ -414,6 +407,8 @@ class Service:
                 raise RequestError(409, f"request: job {name!r} is {state} already: nothing to cancel")
             if name not in self.cancels:
                 self.cancels.append(name)
+                self.records[name]["cancel_asked"] = True   # a restart applies it if the trainer did not
+                self.save_registry()
             self.lock.notify_all()
             return self.view(name)
 
@@ -475,65 +470,94 @@ class Service:
         return self.thread.is_alive()
 
     def close(self):
-        """Stop the trainer after its turn and release out_dir (jobs still training are not saved: a
-        service started again on out_dir trains them again)."""
+        """Stop the trainer after its turn, checkpoint the run (loop), release out_dir."""
         with self.lock:
             self.closing = True
             self.lock.notify_all()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
         self.run.metrics.close()
         self.dir_lock.close()
 
     # ------------------------------------------------------------------------- the trainer thread
 
     def loop(self):
-        """Wait for work; apply new jobs, cancellations and generation requests; one turn of the
-        loop (train_step); publish. An error outside the isolated steps fails the jobs in training."""
+        """Turns while there is work, until close; then a run checkpoint, from which a service
+        started again on out_dir goes on."""
+        while self.wait_for_work():
+            self.turn()
+        if not self.run.sched.done:
+            state.save_checkpoint(self.run)
+
+    def wait_for_work(self) -> bool:
+        with self.lock:
+            while not (self.closing or self.inbox or self.cancels or self.replay or not self.asks.empty()
+                       or not self.run.sched.done):
+                self.lock.wait()
+            return not self.closing
+
+    def turn(self):
+        """Apply the jobs and cancellations due (due_events); answer the generation requests; one
+        turn of the loop (train_step); publish. An error outside the isolated steps fails the jobs
+        in training."""
         run = self.run
-        while True:
-            with self.lock:
-                while not (self.closing or self.inbox or self.cancels or not self.asks.empty() or not run.sched.done):
-                    self.lock.wait()
-                if self.closing:
-                    return
-                arrivals, self.inbox = self.inbox, []
-                cancels, self.cancels = self.cancels, []
-            asks = []
-            while True:
-                try:
-                    asks.append(self.asks.get_nowait())
-                except queue.Empty:
-                    break
-            for job, read in arrivals:
-                try:
-                    self.add(job, read)
-                except Exception as e:   # noqa: BLE001 - it fails alone
-                    with self.lock:
-                        self.records[job.name].update(state="failed", ended=time.time(), error=f"queueing: {one_line(e)}")
-                        self.save_registry()
+        arrivals, cancels = self.due_events()
+        asks = []
+        while not self.asks.empty():
+            asks.append(self.asks.get_nowait())
+        for job, read in arrivals:
             try:
-                for name in cancels:
-                    self.stop(name)
-                if asks:
-                    answer(run, asks, self.out_dir)
-                if not run.sched.done:
-                    run.steps.turn(run)
-                    run.ticks += 1
-                    run.steps.after_turn(run)
-            except Exception as e:   # noqa: BLE001 - the service goes on; these jobs cannot
-                traceback.print_exc()
-                for name in [*run.jobs, *(plan.name for plan in run.sched.candidates + run.sched.waiting)]:
-                    try:
-                        self.fail(name, f"the trainer failed: {one_line(e)}")
-                    except Exception:   # noqa: BLE001 - it is failed in the registry at least
-                        run.log({"event": "fail", "job": name, "time": run.now(), "error": one_line(e)})
-            self.publish()
+                self.add(job, read)
+            except Exception as e:   # noqa: BLE001 - it fails alone
+                with self.lock:
+                    self.records[job.name].update(state="failed", ended=time.time(), error=f"queueing: {one_line(e)}")
+                    self.save_registry()
+        try:
+            for name in cancels:
+                self.stop(name)
+            if asks:
+                answer(run, asks, self.out_dir)
+            if not run.sched.done:
+                run.steps.turn(run)
+                run.ticks += 1
+                run.steps.after_turn(run)
+        except Exception as e:   # noqa: BLE001 - the service goes on; these jobs cannot
+            traceback.print_exc()
+            for name in [*run.jobs, *(plan.name for plan in run.sched.candidates + run.sched.waiting)]:
+                try:
+                    self.fail(name, f"the trainer failed: {one_line(e)}")
+                except Exception:   # noqa: BLE001 - it is failed in the registry at least
+                    run.log({"event": "fail", "job": name, "time": run.now(), "error": one_line(e)})
+        self.publish()
+
+    def due_events(self) -> tuple[list[tuple], list[str]]:
+        """The jobs to queue and the cancellations to apply before this turn: the replay's that are
+        due (resume), else, once it is done, the ones that came. New ones are noted in the registry
+        with this turn, written before the turn trains (what a resumed service replays)."""
+        run = self.run
+        with self.lock:
+            if self.replay:
+                turn = run.ticks if not run.sched.done else self.replay[0][0]   # no turn comes before it
+                due = [event for event in self.replay if event[0] <= turn]
+                self.replay = self.replay[len(due):]
+                return ([job_read for *_, kind, _, job_read in due if kind == "queue"],
+                        [name for *_, kind, name, _ in due if kind == "cancel"])
+            arrivals, self.inbox = self.inbox, []
+            cancels, self.cancels = self.cancels, []
+            for kind, names in (("queued", [job.name for job, _ in arrivals]), ("cancelled", cancels)):
+                for name in names:
+                    self.records[name][kind] = [run.ticks, self.events]
+                    self.events += 1
+            if arrivals or cancels:
+                self.save_registry()
+            return arrivals, cancels
 
     def add(self, job, read: dict):
         """A submitted job into the running scheduler: it waits for a free slot like any job."""
         run, name = self.run, job.name
         (plan,) = read["plans"]
         run.cfg.jobs.append(job)
+        run.inputs.update(read["inputs"])   # what the run checkpoint checks on resume
         run.plans[name], run.train_sets[name] = plan, read["train_sets"][name]
         for sets, key in ((run.test_sets, "test_sets"), (run.task_sets, "task_sets")):
             if name in read[key]:
@@ -599,6 +623,98 @@ class Service:
             run.cfg.jobs = [job for job in run.cfg.jobs if job.name != name]
             for table in (run.plans, run.train_sets, run.test_sets, run.task_sets):
                 table.pop(name, None)
+
+
+# ----------------------------------------------------------------------------- a service started again
+
+def resume(svc: Service) -> list[tuple]:
+    """Back to where the last service on out_dir stopped: its run checkpoint restored (restore_run).
+    Returns the registry's events from that turn on, in order, to replay at their turns: (turn,
+    event, "queue", job, (its config, read_inputs)) or (turn, event, "cancel", job, None). Jobs the
+    trainer never queued, and cancellations it never applied, go to the inbox: they follow the replay."""
+    records = svc.records
+    saved = read_service_checkpoint(svc)
+    ticks = saved["ticks"] if saved else 0
+    held = saved["scheduler"]["waiting"] + saved["scheduler"]["candidates"] if saved else []
+    replay, restored = [], []
+    for name, record in records.items():
+        queued, cancelled = record.get("queued"), record.get("cancelled")
+        again = name in held or (queued and queued[0] >= ticks)
+        if again or (not queued and record["state"] not in ENDED):
+            try:
+                job_read = stored_job(svc, record)
+            except (ValueError, OSError) as e:
+                if name in held:
+                    raise ConfigError(f"{svc.home / 'jobs.json'}: {name}: the run checkpoint's job cannot be read "
+                                      f"again ({one_line(e)}); choose another out_dir") from None
+                record.update(state="failed", ended=time.time(), error=f"restart: {one_line(e)}")
+                continue
+            record.update(state="waiting", started=None, ended=None, summary=None, reason=None, error=None,
+                          restarts=record.get("restarts", 0) + 1)
+            svc.live[name] = {"step": 0, "total_steps": job_read[1]["plans"][0].total_steps}
+            if name in held:
+                restored.append(job_read)
+            elif queued:
+                replay.append((*queued, "queue", name, job_read))
+            else:
+                svc.inbox.append(job_read)
+        elif record["state"] not in ENDED:   # it ended after the checkpoint, before the registry said so
+            ended_in(record, saved)
+        if cancelled and cancelled[0] >= ticks:
+            replay.append((*cancelled, "cancel", name, None))
+        elif record.get("cancel_asked") and not cancelled and record["state"] not in ENDED:
+            svc.cancels.append(name)
+    if saved:
+        restore_run(svc, saved, restored)
+    svc.save_registry()
+    return sorted(replay, key=lambda event: event[:2])
+
+
+def read_service_checkpoint(svc: Service) -> dict | None:
+    """out_dir's run checkpoint, if any, its inputs (the stored copies of every registered job) unchanged."""
+    if not (svc.out_dir / "checkpoint" / "state.pt").exists():
+        return None
+    known = []
+    for record in svc.records.values():
+        try:
+            known.append(read_job(record["config"], "jobs.json"))
+        except ConfigError:
+            pass
+    return state.read_checkpoint(svc.out_dir, jobs.input_digests(dataclasses.replace(svc.cfg, jobs=known)))
+
+
+def stored_job(svc: Service, record: dict) -> tuple:
+    """A registered job and its read_inputs, read again from its stored inputs."""
+    job = read_job(record["config"], f"{svc.home / 'jobs.json'}")
+    return job, jobs.read_inputs(dataclasses.replace(svc.cfg, jobs=[job]))
+
+
+def ended_in(record: dict, saved: dict | None):
+    """A job the checkpoint holds as ended (in its summary) or failed (gone without one)."""
+    summary = (saved or {}).get("summary", {}).get(record["name"])
+    if summary is None:
+        record.update(state="failed", ended=time.time(), error="restart: it failed before the service stopped")
+    else:
+        record.update(state="stopped" if summary["stopped"] else "finished", ended=time.time(), summary=summary,
+                      reason=summary["stopped"] or None)
+
+
+def restore_run(svc: Service, saved: dict, restored: list[tuple]):
+    """The checkpoint's jobs into the Run (in the order they came), the Run put back as the
+    checkpoint left it (state.restore: scheduler, adapters, optimizers, RNG, metrics.jsonl cut
+    back), and what the page shows rebuilt from metrics.jsonl."""
+    run = svc.run
+    for job, read in restored:
+        svc.add(job, read)
+    state.restore(run, saved)
+    run.metrics.seek(0)
+    for line in run.metrics.read().splitlines():
+        for name, entry in history_lines(json.loads(line)):
+            svc.history.setdefault(name, []).append(entry)
+    for name, s in run.jobs.items():   # admitted
+        svc.live[name] = live_state(s)
+        svc.records[name]["state"] = "training"
+    svc.published_step = run.step
 
 
 def history_lines(record: dict) -> list[tuple[str, dict]]:

@@ -7,6 +7,8 @@ the metrics lines, the fused step) is compared between the two windows, medians.
     python scripts/serve_load.py [--base DIR] [--steps 20] [--clients 20] [--rate 50]
 """
 import argparse
+import os
+import subprocess
 import json
 import random
 import statistics
@@ -18,10 +20,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import serve  # noqa: E402
-import service  # noqa: E402
 
 WORDS = "apple river stone cloud green small quick house music light paper ocean".split()
 
@@ -40,15 +41,14 @@ def main():
     p.add_argument("--rate", type=float, default=50, help="status requests a second while busy")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="serve-load-")) / "out"
-    cfg = config.RunConfig(base_model=args.base, jobs=[], dtype="float32", device="cpu", out_dir=str(out),
-                           scheduler=config.SchedulerConfig(max_candidates=1, max_concurrent=1))
-    svc = service.Service(cfg)
-    token = serve.server_token(str(out))
-    server = serve.uvicorn_server(serve.guard(serve.make_app(svc), token, 64 << 20))
     sock = serve.bind("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
+    port = sock.getsockname()[1]
+    sock.close()
+    token = "load-test-token"
+    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--base_model", args.base, "--out_dir", str(out),
+                               "--port", str(port), "--max_candidates", "1", "--max_concurrent", "1",
+                               "--dtype", "float32", "--device", "cpu"], env={**os.environ, "SERVE_TOKEN": token})
+    url = f"http://127.0.0.1:{port}"
 
     def call(method: str, path: str, body=None) -> tuple[int, dict]:
         request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
@@ -73,10 +73,15 @@ def main():
             time.sleep(0.5)
 
     try:
-        deadline = time.time() + 60
-        while not server.started:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if call("GET", "/v1/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "the server did not start"
+            time.sleep(0.2)
         assert call("POST", "/v1/jobs", job("long", 8, 0, 1000))[0] == 201
         deadline = time.time() + 600
         warm = steps_after(0, 3, deadline)   # the first steps (allocator, lazy init) are not timed
@@ -117,9 +122,8 @@ def main():
               f"states {sorted(set(states[c] for c in clients))}")
         print(f"busy / idle step time: {statistics.median(busy) / statistics.median(idle):.3f}")
     finally:
-        server.should_exit = True
-        thread.join(60)
-        svc.close()
+        server.terminate()
+        server.wait(60)
 
 
 if __name__ == "__main__":

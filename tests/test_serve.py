@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -249,12 +250,14 @@ def test_a_failing_job_fails_alone_and_the_registry_outlives_the_service(base, t
         svc.close()   # `long` stops where it is
     registry = json.loads((out / "_service" / "jobs.json").read_text())
     assert {name: r["state"] for name, r in registry["jobs"].items()} == {"bad": "failed", "good": "finished", "long": "training"}
+    stopped_at = registry["jobs"]["long"]
     again, client = start(base, out)
-    try:   # the ended jobs as they were; `long` trains again from its stored rows (not resumed: stage 2)
+    try:   # the ended jobs as they were; `long` goes on from the checkpoint close() wrote
         assert [(v["name"], v["state"]) for v in client.get("/v1/jobs").json()["jobs"][:2]] == [("bad", "failed"), ("good", "finished")]
         assert client.get("/v1/jobs/good/adapter").status_code == 200
-        view = wait(client, "long", lambda v: v["state"] == "training")
-        assert view["restarts"] == 1 and view["config"]["data"] == "uploaded (8 rows)"
+        view = client.get("/v1/jobs/long").json()
+        assert view["state"] == "training" and view["step"] >= 1, view
+        assert view["restarts"] == 1 and view["config"]["data"] == "uploaded (8 rows)" and stopped_at["queued"][0] >= 1
         client.post("/v1/jobs/long/cancel")
         wait(client, "long", lambda v: v["state"] == "stopped")
     finally:
@@ -264,6 +267,55 @@ def test_a_failing_job_fails_alone_and_the_registry_outlives_the_service(base, t
     train.train(run_cfg(base, tmp_path / "train_py", [job("a", write_rows(tmp_path / "a.json", 4, 0, "count"), max_steps=1)]))
     with pytest.raises(ConfigError, match="not empty and holds no service"):
         service.Service(run_cfg(base, tmp_path / "train_py", []))
+
+
+def test_a_killed_service_resumes_every_job_bitwise(base, tmp_path):
+    """Jobs queued at different turns, one finished and one cancelled between the run checkpoint
+    and the kill: a service dropped mid-run (as kill -9 leaves it: no close, no checkpoint of its
+    own) and started again on out_dir restores the checkpoint and replays the registry's later
+    events at their turns. Every adapter bitwise, and every loss, as the service never stopped."""
+    rows = rows_of(write_rows(tmp_path / "r.json", 12, 0, "reverse"))
+    script = {0: [("submit", fields("a", rows, epochs=3))], 1: [("submit", fields("b", rows[:8], epochs=3))],
+              3: [("submit", fields("s", rows[:4], epochs=1))], 4: [("submit", fields("c", rows[4:], epochs=1)),
+              ("cancel", "b")], 7: [("submit", fields("d", rows[:6], epochs=1))]}
+
+    def drive(out: Path, from_turn: int = 0, kill_at: int | None = None) -> service.Service:
+        svc = service.Service(run_cfg(base, out, [], checkpoint_every=3, scheduler=dict(max_candidates=3, max_concurrent=3)),
+                              trainer=False)
+        client = TestClient(serve.make_app(svc))
+        applied = {t for t in script if t < from_turn}
+        while svc.run.ticks != kill_at:
+            if (t := svc.run.ticks) in script and t not in applied:
+                applied.add(t)
+                for action, what in script[t]:
+                    response = client.post("/v1/jobs", json=what) if action == "submit" else client.post(f"/v1/jobs/{what}/cancel")
+                    assert response.status_code in (201, 202), response.json()
+            if svc.run.sched.done and not (svc.inbox or svc.cancels or svc.replay) and applied == set(script):
+                return svc
+            svc.turn()
+        svc.run.metrics.close()   # dropped: nothing more written, out_dir free for the next one
+        svc.dir_lock.close()
+
+    never_stopped = drive(tmp_path / "ref")
+    drive(tmp_path / "out", kill_at=5)
+    registry = json.loads((tmp_path / "out" / "_service" / "jobs.json").read_text())["jobs"]
+    assert registry["s"]["state"] == "finished" and registry["b"]["state"] == "stopped"   # after the checkpoint of step 3
+    assert torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)["step"] == 3
+    resumed = drive(tmp_path / "out", from_turn=5)
+    assert {n: r["state"] for n, r in resumed.records.items()} == {n: r["state"] for n, r in never_stopped.records.items()} \
+        == {"a": "finished", "b": "stopped", "s": "finished", "c": "finished", "d": "finished"}
+    for name in "absd c".replace(" ", ""):
+        for file in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / "out" / name / file).read_bytes() == (tmp_path / "ref" / name / file).read_bytes(), name
+
+    def losses(out: Path) -> list:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(line["step"], {n: j["loss"] for n, j in line["jobs"].items()}) for line in lines if "jobs" in line and "event" not in line]
+    assert losses(tmp_path / "out") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) >= 10
+    assert resumed.history["a"] == never_stopped.history["a"] or \
+        [line["loss"] for line in resumed.history["a"]] == [line["loss"] for line in never_stopped.history["a"]]
+    for svc in (never_stopped, resumed):
+        svc.close()
 
 
 # ----------------------------------------------------------------------------- what the service refuses
