@@ -173,17 +173,19 @@ def make_app(service):
     async def submit(request: Request):
         return JSONResponse(await run_in_threadpool(service.submit, await body_json(request)), 201)
 
+    # Reads answer at once from what the trainer published (no thread hop, no encoder pass: the
+    # cheapest requests, and the most frequent).
     @app.get("/v1/jobs")
-    def list_jobs():
-        return {"jobs": service.list_jobs()}
+    async def list_jobs():
+        return JSONResponse({"jobs": service.list_jobs()})
 
     @app.get("/v1/jobs/{name}")
-    def job(name: str):
-        return service.job(name)
+    async def job(name: str):
+        return JSONResponse(service.job(name))
 
     @app.get("/v1/jobs/{name}/metrics")
-    def metrics(name: str, request: Request):
-        return service.metrics(name, since_of(request))
+    async def metrics(name: str, request: Request):
+        return JSONResponse(service.metrics(name, since_of(request)))
 
     @app.post("/v1/jobs/{name}/cancel")
     def cancel(name: str):
@@ -234,6 +236,10 @@ def server_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quant", default=None)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--api_nice", type=int, default=10,
+                        help="the HTTP side's niceness, above the trainer's (0: the same priority)")
+    parser.add_argument("--checkpoint_every", type=int, default=50,
+                        help="the run checkpoint every N fused steps (and at close): a restart goes on from it")
     return parser.parse_args(argv)
 
 
@@ -246,19 +252,19 @@ def server_main(argv: list[str]) -> int:
     except ImportError as e:
         print(f"error: serve.py needs {e.name}: pip install fastapi uvicorn", file=sys.stderr)
         return 2
+    import remote
     from config import ConfigError, RunConfig, SchedulerConfig
-    from model import CheckpointError
-    from service import Service
     cfg = RunConfig(base_model=args.base_model, out_dir=args.out_dir, dtype=args.dtype, device=args.device,
-                    quant=args.quant, seed=args.seed,
+                    quant=args.quant, seed=args.seed, checkpoint_every=args.checkpoint_every,
                     scheduler=SchedulerConfig(strategy=args.strategy, max_candidates=args.max_candidates,
                                               max_concurrent=args.max_concurrent, token_budget=args.token_budget))
     try:
         if not args.max_body_mb > 0:
             raise ServeError(f"--max_body_mb: expected a number > 0, got {args.max_body_mb}")
         sock = bind(args.host, args.port)
-        service = Service(cfg, args.allow_dir)
-    except (ServeError, ConfigError, CheckpointError, ValueError, OSError) as e:
+        service = remote.start(cfg, args.allow_dir)   # the trainer, in a process of its own
+        os.nice(args.api_nice)   # this process only: the trainer's steps come first
+    except (ServeError, ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -270,6 +276,8 @@ def server_main(argv: list[str]) -> int:
             print(f"warning: listening on {host}: anyone who reaches it with the token can train and read "
                   "adapters, over plain HTTP (put TLS in front)")
         uvicorn_server(guard(make_app(service), token, int(args.max_body_mb * 2**20))).run(sockets=[sock])
+    except KeyboardInterrupt:   # Ctrl-C, as uvicorn raises it again once it has stopped: how one stops it
+        pass
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -384,7 +392,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] and sys.argv[1] not in CLIENT_COMMANDS:
-        import scheduler   # process-wide, as train.py's: freed memory stays for the next step
-        scheduler.keep_freed_memory()
     sys.exit(main(sys.argv[1:]))

@@ -319,6 +319,7 @@ class Service:
         self.history: dict[str, list[dict]] = {}   # each job's step and evaluation lines
         self.published_step = 0
         self.closing = False
+        self.notify = lambda: None          # called after each change that readers see (remote.py's push)
         self.events = 1 + max((e[1] for r in self.records.values() for e in (r.get("queued"), r.get("cancelled")) if e),
                               default=0)   # the next event's number: replay orders a turn's events by it
         self.run = open_run(cfg, self.dir_lock, self.fail)
@@ -358,7 +359,9 @@ class Service:
             self.save_registry()
             self.inbox.append((job, read))
             self.lock.notify_all()
-            return self.view(job.name)
+            view = self.view(job.name)
+        self.notify()
+        return view
 
     def check_new_name(self, name: str):
         taken = next((n for n in self.records if n.lower() == name.lower()), None)
@@ -395,8 +398,7 @@ class Service:
         steps after `since`; a turn's lines appear together, so the last fused_step seen is the next since."""
         with self.lock:
             self.record(name)
-            lines = [line for line in self.history.get(name, []) if line["fused_step"] > since][:limit]
-            return finite_json({"job": name, "since": since, "lines": lines, "fused_steps": self.published_step})
+            return metrics_since(name, self.history.get(name, []), since, limit, self.published_step)
 
     def cancel(self, name: str) -> dict:
         """Ask the trainer to stop the job at the next turn: it finishes as a stopped job (its best
@@ -410,7 +412,9 @@ class Service:
                 self.records[name]["cancel_asked"] = True   # a restart applies it if the trainer did not
                 self.save_registry()
             self.lock.notify_all()
-            return self.view(name)
+            view = self.view(name)
+        self.notify()
+        return view
 
     def adapter_folder(self, name: str) -> Path:
         """The ended job's adapter folder (PEFT's format); a 409 when it has none."""
@@ -503,8 +507,11 @@ class Service:
         run = self.run
         arrivals, cancels = self.due_events()
         asks = []
-        while not self.asks.empty():
-            asks.append(self.asks.get_nowait())
+        while True:
+            try:
+                asks.append(self.asks.get_nowait())
+            except queue.Empty:
+                break
         for job, read in arrivals:
             try:
                 self.add(job, read)
@@ -623,6 +630,7 @@ class Service:
             run.cfg.jobs = [job for job in run.cfg.jobs if job.name != name]
             for table in (run.plans, run.train_sets, run.test_sets, run.task_sets):
                 table.pop(name, None)
+        self.notify()
 
 
 # ----------------------------------------------------------------------------- a service started again
@@ -715,6 +723,12 @@ def restore_run(svc: Service, saved: dict, restored: list[tuple]):
         svc.live[name] = live_state(s)
         svc.records[name]["state"] = "training"
     svc.published_step = run.step
+
+
+def metrics_since(name: str, history: list[dict], since: int, limit: int, fused_steps: int) -> dict:
+    """The metrics answer: a job's history lines after fused step `since` (at most `limit`)."""
+    lines = [line for line in history if line["fused_step"] > since][:limit]
+    return finite_json({"job": name, "since": since, "lines": lines, "fused_steps": fused_steps})
 
 
 def history_lines(record: dict) -> list[tuple[str, dict]]:

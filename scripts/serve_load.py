@@ -1,12 +1,15 @@
 """The service under load (issue 32, item 7), on localhost only, every request loop bounded in
-count and time: one job trains alone (max_concurrent 1) while the API is first idle, then busy:
-20 clients submit a job each at the same moment (all must be queued, none lost or duplicated) and
-`--rate` status requests a second go on for as many steps. The training step's time ("ms" of
-the metrics lines, the fused step) is compared between the two windows, medians.
+count and time: serve.py in its own process (the trainer in a process of its own, its HTTP side
+at --api_nice), one job training alone (max_concurrent 1), and this script as the clients: 20
+submit a job each at the same moment (all must be queued, none lost or duplicated), then
+`--rate` status requests a second in busy windows of `--steps` fused steps, each followed by an
+idle window as long. The training step's time ("ms" of the metrics lines) is compared between
+busy and idle windows, medians.
 
-    python scripts/serve_load.py [--base DIR] [--steps 20] [--clients 20] [--rate 50]
+    python scripts/serve_load.py [--base DIR] [--steps 10] [--windows 3] [--clients 20] [--rate 50] [--api_nice 10]
 """
 import argparse
+import http.client
 import os
 import subprocess
 import json
@@ -36,9 +39,12 @@ def rows(n: int, seed: int) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(Path(__file__).resolve().parent.parent / "checkpoints/smollm2-135m-instruct"))
-    p.add_argument("--steps", type=int, default=20, help="fused steps in each window")
+    p.add_argument("--steps", type=int, default=10, help="fused steps in each window")
+    p.add_argument("--windows", type=int, default=3, help="busy windows, each followed by an idle one")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rate", type=float, default=50, help="status requests a second while busy")
+    p.add_argument("--api_nice", type=int, default=10, help="serve.py's --api_nice")
+    p.add_argument("--client_nice", type=int, default=0, help="this script's (the clients') niceness")
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="serve-load-")) / "out"
     sock = serve.bind("127.0.0.1", 0)
@@ -47,8 +53,9 @@ def main():
     token = "load-test-token"
     server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--base_model", args.base, "--out_dir", str(out),
                                "--port", str(port), "--max_candidates", "1", "--max_concurrent", "1",
-                               "--dtype", "float32", "--device", "cpu"], env={**os.environ, "SERVE_TOKEN": token})
+                               "--dtype", "float32", "--device", "cpu", "--api_nice", str(args.api_nice)], env={**os.environ, "SERVE_TOKEN": token})
     url = f"http://127.0.0.1:{port}"
+    os.nice(args.client_nice)
 
     def call(method: str, path: str, body=None) -> tuple[int, dict]:
         request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
@@ -85,36 +92,46 @@ def main():
         assert call("POST", "/v1/jobs", job("long", 8, 0, 1000))[0] == 201
         deadline = time.time() + 600
         warm = steps_after(0, 3, deadline)   # the first steps (allocator, lazy init) are not timed
-        idle = steps_after(3, args.steps, deadline)
-        since = 3 + args.steps
-        # Busy: the clients submit at once, then status requests at the rate until the window's steps ran.
+        since, idle, busy, statuses, busy_s = 3, [], [], [], 0.0
+        # The clients submit at once, at the start of the first busy window (its steps are timed).
         with ThreadPoolExecutor(args.clients) as pool:
             answers = list(pool.map(lambda i: call("POST", "/v1/jobs", job(f"client-{i:02d}", 8, i + 1, 1)), range(args.clients)))
-        stop, statuses = threading.Event(), []
 
-        def poll(worker: int, workers: int = 5):
-            n = 0
+        def poll(stop: threading.Event, workers: int = 5):
+            """One client asking for status at rate / workers a second, on one kept-alive connection (as a browser's)."""
+            connection, n = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0
             while not stop.is_set() and n < 100_000:
                 t0 = time.perf_counter()
-                statuses.append(call("GET", "/v1/jobs" if n % 2 else "/v1/jobs/long")[0])
+                connection.request("GET", "/v1/jobs" if n % 2 else "/v1/jobs/long", headers={"authorization": f"Bearer {token}"})
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
                 n += 1
                 time.sleep(max(0.0, workers / args.rate - (time.perf_counter() - t0)))
-        pollers = [threading.Thread(target=poll, args=(w,)) for w in range(5)]
-        t_busy = time.time()
-        for t in pollers:
-            t.start()
-        busy = steps_after(since, args.steps, deadline)
-        stop.set()
-        for t in pollers:
-            t.join(60)
-        busy_s = time.time() - t_busy
+            connection.close()
+        # Busy and idle windows in turn, so that a drift of the machine falls on both alike.
+        for window in range(2 * args.windows):
+            if window % 2 == 0:
+                stop = threading.Event()
+                pollers = [threading.Thread(target=poll, args=(stop,)) for _ in range(5)]
+                t_busy = time.time()
+                for t in pollers:
+                    t.start()
+                busy += steps_after(since, args.steps, deadline)
+                stop.set()
+                for t in pollers:
+                    t.join(60)
+                busy_s += time.time() - t_busy
+            else:
+                idle += steps_after(since, args.steps, deadline)
+            since += args.steps
         listed = [j["name"] for j in call("GET", "/v1/jobs")[1]["jobs"]]
         clients = [f"client-{i:02d}" for i in range(args.clients)]
         submitted_ok = all(code == 201 for code, _ in answers)
         states = {j["name"]: j["state"] for j in call("GET", "/v1/jobs")[1]["jobs"]}
         print(f"warm-up steps (not timed): {', '.join(f'{m:.0f}' for m in warm)} ms")
-        print(f"idle: {args.steps} steps, median {statistics.median(idle):.1f} ms (min {min(idle):.1f}, max {max(idle):.1f})")
-        print(f"busy: {args.steps} steps, median {statistics.median(busy):.1f} ms (min {min(busy):.1f}, max {max(busy):.1f}); "
+        print(f"idle: {len(idle)} steps, median {statistics.median(idle):.1f} ms (min {min(idle):.1f}, max {max(idle):.1f})")
+        print(f"busy: {len(busy)} steps, median {statistics.median(busy):.1f} ms (min {min(busy):.1f}, max {max(busy):.1f}); "
               f"{len(statuses)} status requests in {busy_s:.1f} s ({len(statuses) / busy_s:.1f}/s), "
               f"{sum(code != 200 for code in statuses)} not 200")
         print(f"{args.clients} submissions at once: all 201 {submitted_ok}; listed once each "

@@ -8,12 +8,16 @@ import json
 import os
 import re
 import queue
+import signal
 import stat
+import subprocess
 import sys
 import tarfile
 import threading
 import time
 import http.client
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,9 +29,11 @@ pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient   # noqa: E402
 from safetensors.torch import load_file     # noqa: E402
 
+import files          # noqa: E402
 import generate       # noqa: E402
 import model as M     # noqa: E402
 import peft_format    # noqa: E402
+import remote         # noqa: E402
 import serve          # noqa: E402
 import service        # noqa: E402
 import train          # noqa: E402
@@ -36,6 +42,7 @@ from conftest import adapter, assert_same_adapter, job, make_hf_model, run_cfg, 
 from tokenizer_util import write_tokenizer_json   # noqa: E402
 
 TOKEN = "test-token"
+ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 256 * 1024
 
 
@@ -265,57 +272,141 @@ def test_a_failing_job_fails_alone_and_the_registry_outlives_the_service(base, t
     with pytest.raises(ConfigError, match=r"holds a service of another seed \(42 there, 1 here\)"):
         service.Service(dataclasses.replace(run_cfg(base, out, []), seed=1))
     train.train(run_cfg(base, tmp_path / "train_py", [job("a", write_rows(tmp_path / "a.json", 4, 0, "count"), max_steps=1)]))
-    with pytest.raises(ConfigError, match="not empty and holds no service"):
-        service.Service(run_cfg(base, tmp_path / "train_py", []))
+    with pytest.raises(ConfigError, match="not empty and holds no service"):   # its line, from the trainer process
+        remote.start(run_cfg(base, tmp_path / "train_py", []))
+
+
+def drive(base: Path, out: Path, script: dict, from_turn: int = 0, kill_at: int | None = None) -> service.Service:
+    """A service with no trainer thread, turned here: before turn t, script[t]'s actions (("submit",
+    fields) or ("cancel", name)) through the API; until every job ended, or dropped before turn
+    kill_at as kill -9 leaves it (no close, no checkpoint of its own). from_turn: a service started
+    again, whose earlier actions the first one took."""
+    svc = service.Service(run_cfg(base, out, [], checkpoint_every=3, scheduler=dict(max_candidates=3, max_concurrent=3)),
+                          trainer=False)
+    client = TestClient(serve.make_app(svc))
+    applied = {t for t in script if t < from_turn}
+    while svc.run.ticks != kill_at:
+        if (t := svc.run.ticks) in script and t not in applied:
+            applied.add(t)
+            for action, what in script[t]:
+                response = client.post("/v1/jobs", json=what) if action == "submit" else client.post(f"/v1/jobs/{what}/cancel")
+                assert response.status_code in (201, 202), response.json()
+        if svc.run.sched.done and not (svc.inbox or svc.cancels or svc.replay) and applied == set(script):
+            return svc
+        svc.turn()
+    svc.run.metrics.close()   # dropped: nothing more written, out_dir free for the next one
+    svc.dir_lock.close()
+
+
+def losses(out: Path) -> list:
+    """Each fused step's jobs and their losses, from metrics.jsonl."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], {n: j["loss"] for n, j in line["jobs"].items()}) for line in lines if "jobs" in line and "event" not in line]
+
+
+def assert_same_outputs(out: Path, reference: Path, names):
+    for name in names:
+        for file in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (out / name / file).read_bytes() == (reference / name / file).read_bytes(), name
+    assert losses(out) == losses(reference) and len(losses(reference)) >= 6
 
 
 def test_a_killed_service_resumes_every_job_bitwise(base, tmp_path):
     """Jobs queued at different turns, one finished and one cancelled between the run checkpoint
-    and the kill: a service dropped mid-run (as kill -9 leaves it: no close, no checkpoint of its
-    own) and started again on out_dir restores the checkpoint and replays the registry's later
-    events at their turns. Every adapter bitwise, and every loss, as the service never stopped."""
+    and the kill: a service dropped mid-run and started again on out_dir restores the checkpoint
+    and replays the registry's later events at their turns. Every adapter bitwise, and every
+    loss, as the service that never stopped."""
     rows = rows_of(write_rows(tmp_path / "r.json", 12, 0, "reverse"))
     script = {0: [("submit", fields("a", rows, epochs=3))], 1: [("submit", fields("b", rows[:8], epochs=3))],
               3: [("submit", fields("s", rows[:4], epochs=1))], 4: [("submit", fields("c", rows[4:], epochs=1)),
               ("cancel", "b")], 7: [("submit", fields("d", rows[:6], epochs=1))]}
-
-    def drive(out: Path, from_turn: int = 0, kill_at: int | None = None) -> service.Service:
-        svc = service.Service(run_cfg(base, out, [], checkpoint_every=3, scheduler=dict(max_candidates=3, max_concurrent=3)),
-                              trainer=False)
-        client = TestClient(serve.make_app(svc))
-        applied = {t for t in script if t < from_turn}
-        while svc.run.ticks != kill_at:
-            if (t := svc.run.ticks) in script and t not in applied:
-                applied.add(t)
-                for action, what in script[t]:
-                    response = client.post("/v1/jobs", json=what) if action == "submit" else client.post(f"/v1/jobs/{what}/cancel")
-                    assert response.status_code in (201, 202), response.json()
-            if svc.run.sched.done and not (svc.inbox or svc.cancels or svc.replay) and applied == set(script):
-                return svc
-            svc.turn()
-        svc.run.metrics.close()   # dropped: nothing more written, out_dir free for the next one
-        svc.dir_lock.close()
-
-    never_stopped = drive(tmp_path / "ref")
-    drive(tmp_path / "out", kill_at=5)
+    never_stopped = drive(base, tmp_path / "ref", script)
+    drive(base, tmp_path / "out", script, kill_at=5)
     registry = json.loads((tmp_path / "out" / "_service" / "jobs.json").read_text())["jobs"]
     assert registry["s"]["state"] == "finished" and registry["b"]["state"] == "stopped"   # after the checkpoint of step 3
     assert torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)["step"] == 3
-    resumed = drive(tmp_path / "out", from_turn=5)
+    resumed = drive(base, tmp_path / "out", script, from_turn=5)
     assert {n: r["state"] for n, r in resumed.records.items()} == {n: r["state"] for n, r in never_stopped.records.items()} \
         == {"a": "finished", "b": "stopped", "s": "finished", "c": "finished", "d": "finished"}
-    for name in "absd c".replace(" ", ""):
-        for file in ("adapter_model.safetensors", "adapter_config.json"):
-            assert (tmp_path / "out" / name / file).read_bytes() == (tmp_path / "ref" / name / file).read_bytes(), name
-
-    def losses(out: Path) -> list:
-        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [(line["step"], {n: j["loss"] for n, j in line["jobs"].items()}) for line in lines if "jobs" in line and "event" not in line]
-    assert losses(tmp_path / "out") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) >= 10
-    assert resumed.history["a"] == never_stopped.history["a"] or \
-        [line["loss"] for line in resumed.history["a"]] == [line["loss"] for line in never_stopped.history["a"]]
+    assert_same_outputs(tmp_path / "out", tmp_path / "ref", "absdc")
+    assert [line["loss"] for line in resumed.history["a"] if "loss" in line] == \
+        [line["loss"] for line in never_stopped.history["a"] if "loss" in line]   # the page's curves, rebuilt
     for svc in (never_stopped, resumed):
         svc.close()
+
+
+def test_kill_9_of_serve_py_and_a_restart(base, tmp_path):
+    """The real server (serve.py: HTTP in one process, the trainer in another), killed with
+    SIGKILL while two jobs train, after a run checkpoint; started again on out_dir, it finishes
+    them. Oracle: the service that never stopped, given the same jobs at the turns the registry
+    says the trainer queued them: the same adapters, bitwise, and the same losses."""
+    rows = rows_of(write_rows(tmp_path / "r.json", 12, 0, "reverse"))
+    bodies = {"a": fields("a", rows, epochs=4), "b": fields("b", rows[:8], epochs=4)}
+    out, env = tmp_path / "out", {**os.environ, serve.TOKEN_ENV: TOKEN}
+
+    def server() -> tuple[subprocess.Popen, str]:
+        sock = serve.bind("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        sock.close()
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--base_model", str(base), "--out_dir", str(out),
+                                    "--port", str(port), "--checkpoint_every", "3", "--max_candidates", "3",
+                                    "--max_concurrent", "3", "--dtype", "float32", "--device", "cpu"], env=env)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while not ok(url, "/v1/health"):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.1)
+        return process, url
+
+    process, url = server()
+    for body in bodies.values():
+        assert call(url, "POST", "/v1/jobs", body)[0] == 201
+    deadline = time.time() + 120
+    while call(url, "GET", "/v1/jobs/a")[1]["step"] < 5:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    deadline = time.time() + 30
+    while files.lock_holder(out) is not None:   # the trainer process follows its front (PR_SET_PDEATHSIG)
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert (out / "checkpoint" / "state.pt").exists()
+    process, url = server()
+    try:
+        assert call(url, "GET", "/v1/jobs/a")[1]["step"] >= 1   # restored from the checkpoint, not from step 0
+        deadline = time.time() + 120
+        while any(call(url, "GET", f"/v1/jobs/{n}")[1]["state"] not in service.ENDED for n in bodies):
+            assert time.time() < deadline
+            time.sleep(0.1)
+        views = {n: call(url, "GET", f"/v1/jobs/{n}")[1] for n in bodies}
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    assert all(v["state"] == "finished" and v["restarts"] == 1 for v in views.values()), views
+    registry = json.loads((out / "_service" / "jobs.json").read_text())["jobs"]
+    script = {}
+    for name, body in bodies.items():
+        script.setdefault(registry[name]["queued"][0], []).append(("submit", body))
+    drive(base, tmp_path / "ref", script).close()
+    assert_same_outputs(out, tmp_path / "ref", bodies)
+
+
+def ok(url: str, path: str) -> bool:
+    try:
+        return call(url, "GET", path)[0] == 200
+    except OSError:
+        return False
+
+
+def call(url: str, method: str, path: str, body=None) -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 # ----------------------------------------------------------------------------- what the service refuses
@@ -423,7 +514,7 @@ def test_a_missing_optional_dependency_is_one_line(base, tmp_path, monkeypatch, 
 def test_the_client_commands_against_a_real_server(base, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
     out = tmp_path / "out"
-    svc = service.Service(run_cfg(base, out, []))
+    svc = remote.start(run_cfg(base, out, []))   # as serve.py runs it: the trainer in a process of its own
     server = serve.uvicorn_server(serve.guard(serve.make_app(svc), serve.server_token(str(out)), MAX_BODY))
     sock = serve.bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
