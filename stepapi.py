@@ -1,19 +1,15 @@
 """The step-level training API's engine (issue 33): the client owns the training loop, the
-engine owns the model, as in Tinker's client (forward_backward, optim_step, sample, save,
-load; each per LoRA). A layer over the core: nothing in the core imports it, and service.py /
-serve.py put it behind HTTP.
+engine owns the model, as in Tinker's client: forward_backward, optim_step, sample, save, load,
+each per LoRA. A layer: nothing in the core imports it; service.py / serve.py put it behind HTTP.
 
-The point of it: calls of DIFFERENT LoRAs that wait at the same moment run as ONE fused
-forward and backward over the shared frozen base (each row routed to its own adapter,
-lora.route), and each client's log-probs, loss and gradients are the ones it would get alone
-(to float reassociation; tests/test_stepapi.py checks it). Sampling is fused the same way:
-every completion of every call in one batched generation (generate.generate_rows), each call
-drawing from its own generator.
+Calls of DIFFERENT LoRAs that wait at the same moment run as ONE fused forward and backward over
+the shared frozen base (each row routed to its own adapter, lora.route), and each client's
+log-probs, loss and gradients are those it would get alone (to float reassociation); sampling
+is fused alike (generate.generate_rows), each call drawing from its own generator.
 
-Read in this order: the wire types (Datum, Call, Result; SampleCall, Completion,
-SampleResult), the losses (LOSSES: one table), the checks that refuse a bad call before any
-batch is built (so it fails alone), then Engine. One caller at a time: the engine is not
-thread-safe (the service's trainer thread owns it).
+Read in this order: the wire types, the losses (LOSSES: one table), the checks that refuse a bad
+call before any batch is built (so it fails alone), then Engine. One caller at a time: the
+engine is not thread-safe (the service's trainer thread owns it).
 """
 import dataclasses
 import math
@@ -221,11 +217,44 @@ def adam_settings(adam: dict | None) -> dict:
     return {**ADAM_DEFAULTS, **adam}
 
 
-def stop_string_end(tokenizer, tokens: list[int], strings: list[str]) -> int | None:
-    """How many of tokens end at the first stop string in their text (None: none in it)."""
-    if not strings or not any(s in tokenizer.decode(tokens) for s in strings):
-        return None
-    return next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in strings))
+def check_sample_fields(call: SampleCall, vocab: int, max_length: int | None, tokenizer) -> None:
+    """ValueError naming the first field of a sample call that is not allowed."""
+    token_ids(call.prompt, "prompt", vocab)
+    checks = {"n": type(call.n) is int and call.n >= 1, "max_tokens": type(call.max_tokens) is int and call.max_tokens >= 1,
+              "temperature": is_number(call.temperature) and call.temperature >= 0,
+              "top_p": is_number(call.top_p) and 0 < call.top_p <= 1, "seed": call.seed is None or type(call.seed) is int,
+              "stop": isinstance(call.stop, list) and all(type(s) is int or (isinstance(s, str) and s) for s in call.stop)}
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{bad[0]}={getattr(call, bad[0])!r}: not allowed (n, max_tokens >= 1; temperature >= 0; "
+                         "0 < top_p <= 1; stop: token ids and non-empty strings)")
+    if max_length is not None and len(call.prompt) + call.max_tokens > max_length:
+        raise ValueError(f"max_tokens: prompt + max_tokens = {len(call.prompt) + call.max_tokens}, "
+                         f"over the maximum length {max_length}")
+    if tokenizer is None and any(isinstance(s, str) for s in call.stop):
+        raise ValueError("stop: strings need the engine's tokenizer (it has none)")
+
+
+def check_each(calls: list, check) -> tuple[list, dict]:
+    """(each call's slot: its ValueError, else None for now; {slot: the checked call})."""
+    results, valid = [None] * len(calls), {}
+    for i, call in enumerate(calls):
+        try:
+            valid[i] = check(call)
+        except ValueError as e:
+            results[i] = e
+    return results, valid
+
+
+def completion(call: SampleCall, tokens: list[int], logprobs: list[float], tokenizer) -> Completion:
+    """A row's tokens cut at max_tokens, at its first stop id, or at the token that ends its
+    first stop string, whichever comes first (that token kept, as generate keeps EOS)."""
+    tokens, logprobs = tokens[:call.max_tokens], logprobs[:call.max_tokens]
+    end = next((k + 1 for k, t in enumerate(tokens) if t in call.stop), None)
+    strings = [s for s in call.stop if isinstance(s, str)]
+    if strings and any(s in tokenizer.decode(tokens[:end]) for s in strings):
+        end = next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in strings))
+    return Completion(tokens[:end], logprobs[:end], "length" if end is None else "stop")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -298,20 +327,10 @@ class Engine:
     def forward_backward(self, calls: list[Call]) -> list[Result | Exception]:
         """Every valid call in ONE forward and backward (fused_pass); a call refused by its
         checks gets its ValueError in its slot and the others run as they would without it."""
-        results, valid = self.check_each(calls, self.check_call)
+        results, valid = check_each(calls, self.check_call)
         for i, result in zip(valid, self.fused_pass([checked for checked in valid.values()])):
             results[i] = result
         return results
-
-    def check_each(self, calls: list, check) -> tuple[list, dict]:
-        """(each call's slot: its ValueError, else None for now; {slot: checked call})."""
-        results, valid = [None] * len(calls), {}
-        for i, call in enumerate(calls):
-            try:
-                valid[i] = check(call)
-            except ValueError as e:
-                results[i] = e
-        return results, valid
 
     def check_call(self, call: Call) -> Checked:
         if not isinstance(call, Call):
@@ -332,8 +351,8 @@ class Engine:
         objectives.token_losses (the chunked log-softmax over the whole vocabulary)."""
         if not calls:
             return []
-        first = {lora_id: i for i, lora_id in reversed(list(enumerate(c.lora_id for c in calls)))}
-        order = sorted(range(len(calls)), key=lambda k: first[calls[k].lora_id])
+        rank = {lora_id: i for i, lora_id in enumerate(dict.fromkeys(c.lora_id for c in calls))}
+        order = sorted(range(len(calls)), key=lambda k: rank[calls[k].lora_id])
         ordered = [calls[k] for k in order]
         batch = data.make_batch([(c.lora_id, c.examples) for c in ordered], self.pad_id, self.packed).to(self.device)
         generators = {c.lora_id: self.loras[c.lora_id].generator for c in ordered}
@@ -379,7 +398,7 @@ class Engine:
         alone or fused with others. Each token's log-prob is the model's at temperature 1 over
         the whole output layer, whatever temperature and top_p sampled it: the quantity
         forward_backward returns, so an unchanged model's importance ratio is 1."""
-        results, valid = self.check_each(calls, self.check_sample)
+        results, valid = check_each(calls, self.check_sample)
         if not valid:
             return results
         prompts, adapters, groups = [], [], []
@@ -394,7 +413,7 @@ class Engine:
                                                   self.pad_id, self.tokenizer.vocab_size if self.tokenizer else None)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()   # syncs the device
         for (i, call), group in zip(valid.items(), groups):
-            results[i] = SampleResult([self.completion(call, tokens[r], logprobs[r])
+            results[i] = SampleResult([completion(call, tokens[r], logprobs[r], self.tokenizer)
                                        for r in range(group.rows.start, group.rows.stop)])
         return results
 
@@ -404,32 +423,9 @@ class Engine:
             raise ValueError(f"expected a SampleCall, got {type(call).__name__}")
         if call.lora_id is not None:
             self.state(call.lora_id)
-        token_ids(call.prompt, "prompt", self.vocab)
-        checks = {"n": type(call.n) is int and call.n >= 1, "max_tokens": type(call.max_tokens) is int and call.max_tokens >= 1,
-                  "temperature": is_number(call.temperature) and call.temperature >= 0,
-                  "top_p": is_number(call.top_p) and 0 < call.top_p <= 1,
-                  "seed": call.seed is None or type(call.seed) is int,
-                  "stop": isinstance(call.stop, list) and all(type(s) is int or (isinstance(s, str) and s) for s in call.stop)}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"{bad[0]}={getattr(call, bad[0])!r}: not allowed (n, max_tokens >= 1; temperature >= 0; "
-                             "0 < top_p <= 1; stop: token ids and non-empty strings)")
-        if self.max_length is not None and len(call.prompt) + call.max_tokens > self.max_length:
-            raise ValueError(f"max_tokens: prompt + max_tokens = {len(call.prompt) + call.max_tokens}, "
-                             f"over the maximum length {self.max_length}")
-        if self.tokenizer is None and any(isinstance(s, str) for s in call.stop):
-            raise ValueError("stop: strings need the engine's tokenizer (it has none)")
+        check_sample_fields(call, self.vocab, self.max_length, self.tokenizer)
         seed = call.seed if call.seed is not None else int(torch.randint(2**62, (), generator=self.rng))
         return dataclasses.replace(call, seed=seed)
-
-    def completion(self, call: SampleCall, tokens: list[int], logprobs: list[float]) -> Completion:
-        """A row's tokens cut at max_tokens, at its first stop id, or at the token that ends its
-        first stop string, whichever comes first (that token kept, as generate keeps EOS)."""
-        tokens = tokens[:call.max_tokens]
-        end = next((k + 1 for k, t in enumerate(tokens) if t in call.stop), None)
-        strings = [s for s in call.stop if isinstance(s, str)]
-        end = stop_string_end(self.tokenizer, tokens[:end], strings) or end
-        return Completion(tokens[:end], logprobs[:len(tokens)][:end], "length" if end is None else "stop")
 
     # -- saving
 
@@ -458,16 +454,21 @@ class Engine:
             return lora_id
         record = torch.load(folder / ENGINE_FILE, map_location="cpu", weights_only=True)
         cfg = lora.LoRAConfig(**record["config"])
-        lora.add_adapters(self.model, {lora_id: cfg}, seed=record["seed"])
-        try:
-            for path, layer in lora.lora_layers(self.model):
-                if lora_id in layer.adapters:
-                    layer.adapters[lora_id].load_state_dict(record["adapter"][path])
-        except (KeyError, RuntimeError) as e:
-            lora.remove_adapter(self.model, lora_id)
-            raise ValueError(f"{folder / ENGINE_FILE}: does not fit this model ({str(e).splitlines()[0]})") from None
+        add_saved_adapter(self.model, lora_id, cfg, record, folder / ENGINE_FILE)
         s = self.loras[lora_id] = self.new_state(lora_id, cfg, record["seed"])
         s.optimizer.load_state_dict(record["optimizer"])
         s.step = record["step"]
         s.generator.set_state(record["dropout_rng"])
         return lora_id
+
+
+def add_saved_adapter(model, lora_id: str, cfg: lora.LoRAConfig, record: dict, file: Path):
+    """The adapter as Engine.save recorded it, every tensor exact, or ValueError when it does not fit."""
+    lora.add_adapters(model, {lora_id: cfg}, seed=record["seed"])
+    try:
+        for path, layer in lora.lora_layers(model):
+            if lora_id in layer.adapters:
+                layer.adapters[lora_id].load_state_dict(record["adapter"][path])
+    except (KeyError, RuntimeError) as e:
+        lora.remove_adapter(model, lora_id)
+        raise ValueError(f"{file}: does not fit this model ({str(e).splitlines()[0]})") from None

@@ -314,3 +314,6 @@ def test_every_variant_of_the_table_trains_and_bad_adam_settings_are_refused(bas
         with pytest.raises(ValueError, match=field):
             engine.optim_step(lora_id, adam)
     assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo"}
+    engine.remove_lora(lora_id)
+    assert lora_id not in lora.adapter_names(engine.model)
+    assert isinstance(engine.forward_backward([Call(lora_id, [datum(random.Random(5), 6)])])[0], ValueError)
