@@ -58,13 +58,23 @@ def grads(engine: Engine, lora_id: str) -> list[torch.Tensor]:
 
 def three_calls(engine: Engine) -> list[Call]:
     """Three LoRAs of different ranks, targets and variants, each with its own loss and lengths."""
-    a = new_lora(engine, 1, r=4)
+    a = new_lora(engine, 1, r=4, dropout=0.1)
     b = new_lora(engine, 2, r=8, targets=["q_proj", "v_proj"], variant="dora")
     c = new_lora(engine, 3, r=2, alpha=4, targets=["o_proj", "down_proj"], use_rslora=True)
     rng = random.Random(0)
     return [Call(a, [datum(rng, 9), datum(rng, 4)]),
             Call(b, [datum(rng, 13, rl=True)], "importance_sampling"),
             Call(c, [datum(rng, 6, rl=True), datum(rng, 11, rl=True)], "ppo", {"clip_low": 0.1})]
+
+
+def alone(engine: Engine, call: Call, dropout_streams: dict):
+    """The call run alone, its LoRA's dropout stream where it was before the fused run: the same masks."""
+    engine.loras[call.lora_id].generator.set_state(dropout_streams[call.lora_id])
+    return engine.forward_backward([call])[0]
+
+
+def dropout_streams(engine: Engine) -> dict:
+    return {lora_id: s.generator.get_state() for lora_id, s in engine.loras.items()}
 
 
 def assert_same_results(got, want, tolerance=TIGHT):
@@ -78,11 +88,11 @@ def assert_same_results(got, want, tolerance=TIGHT):
 def test_fused_calls_equal_each_call_alone(base, packed):
     engine = engine_on(base, packed=packed)
     calls = three_calls(engine)
+    streams = dropout_streams(engine)
     fused = engine.forward_backward(calls)
     fused_grads = [grads(engine, call.lora_id) for call in calls]
     for call, result, want_grads in zip(calls, fused, fused_grads):
-        (alone,) = engine.forward_backward([call])
-        assert_same_results(result, alone)
+        assert_same_results(result, alone(engine, call, streams))
         assert [len(lp) for lp in result.logprobs] == [len(d.tokens) for d in call.data]
         got = grads(engine, call.lora_id)
         assert len(got) == len(want_grads) and all(g.abs().sum() > 0 for g in got)
@@ -275,6 +285,7 @@ def test_a_bad_call_fails_alone_with_a_one_line_error(base):
            "maximum length": Call(a, [datum(rng, 33)]),
            "clip_low": Call(a, [datum(rng, 5, rl=True)], "ppo", {"clip_low": -1})}
     calls = [bad["lora_id"], good[0], bad["tokens"], good[1], *list(bad.values())[2:], good[2]]
+    streams = dropout_streams(engine)
     results = engine.forward_backward(calls)
     fused_grads = [grads(engine, call.lora_id) for call in good]
     errors = [r for r in results if isinstance(r, Exception)]
@@ -282,8 +293,7 @@ def test_a_bad_call_fails_alone_with_a_one_line_error(base):
     for field, error in zip(bad, [results[0], results[2], *results[4:-1]]):
         assert field in str(error), (field, error)
     for call, result, want in zip(good, [results[1], results[3], results[-1]], fused_grads):
-        (alone,) = engine.forward_backward([call])
-        assert_same_results(result, alone)
+        assert_same_results(result, alone(engine, call, streams))
         for g, w in zip(grads(engine, call.lora_id), want):
             torch.testing.assert_close(g, w, **TIGHT)
     assert all(isinstance(r, ValueError) for r in engine.forward_backward([bad["data"], bad["loss_fn"]]))
