@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+class RowGroup(NamedTuple):
+    """Rows of a batched generation that sample alike (generate_rows): their own temperature,
+    top-p, RNG and stop ids, so that what they draw never depends on the other rows."""
+    rows: slice                          # contiguous rows of the batch
+    temperature: float = 0.0             # 0: greedy
+    top_p: float = 1.0
+    generator: torch.Generator | None = None   # the group's own draws (None: torch's global RNG)
+    stop_ids: frozenset = frozenset()    # a row is done at the first of these
+    max_new_tokens: int | None = None    # a row is done after this many (None: the batch's max)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max_new_tokens: int = 128,
              stop_ids: set[int] | None = None, pad_id: int = 0, temperature: float = 0.0,
@@ -57,19 +69,33 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     stop_ids = set(stop_ids or ())
+    generator = None
+    if temperature > 0 and seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    group = RowGroup(slice(0, len(prompts)), temperature, top_p, generator, frozenset(stop_ids))
+    new_tokens, _ = generate_rows(model, prompts, adapters, [group], max_new_tokens, pad_id, vocab_size)
+    return cut_at_stop(new_tokens, stop_ids)
+
+
+@torch.no_grad()
+def generate_rows(model, prompts: list[list[int]], adapters: list[str | None], groups: list[RowGroup],
+                  max_new_tokens: int, pad_id: int = 0, vocab_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens [B, S] of every row (S <= max_new_tokens: it stops when every row is done;
+    a done row runs on with the rest, its extra tokens for the caller to cut) and the
+    log-probability of each under the model at temperature 1 [B, S] (log-softmax of the whole
+    output layer's logits, whatever the sampling settings: what a training forward scores).
+    Each group of rows samples with its own settings and generator (RowGroup)."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     B, T = input_ids.shape
     last_column = torch.zeros(B, T, dtype=torch.bool, device=device)
     last_column[:, -1] = True  # only the last position's logits are needed: skip the vocab matmul elsewhere
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    generator = None
-    if temperature > 0 and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
+    stops = [torch.tensor(sorted(group.stop_ids), dtype=torch.long, device=device) for group in groups]
+    may_end_early = any(stop.numel() for stop in stops) or any(g.max_new_tokens is not None for g in groups)
     cache = model.new_cache(B, T + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
+    new_tokens, logprobs = [], []
     was_training = model.training
     model.eval()
     try:
@@ -79,19 +105,21 @@ def generate(model, prompts: list[list[int]], adapters: list[str | None], *, max
                 # The output layer may have more rows than the tokenizer has ids (ChatGLM3: 65024
                 # for 64798): choosing among the first vocab_size logits is masking the rest to
                 # -inf, and leaves the argmax as it was whenever it is a real token.
-                token = sample(logits[:, :vocab_size], temperature, top_p, generator)  # [B]
+                token = torch.cat([sample(logits[g.rows, :vocab_size], g.temperature, g.top_p, g.generator)
+                                   for g in groups])                                           # [B]
                 new_tokens.append(token)
-                if stop_ids:  # finished rows run on with the rest; their extra tokens are cut off below
-                    done |= torch.isin(token, stop)
-                    if done.all().item():  # syncs the device: one small check per step
-                        break
+                logprobs.append(torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0])
+                for group, stop in zip(groups, stops):   # finished rows run on with the rest
+                    done[group.rows] |= torch.isin(token[group.rows], stop) | (step + 1 == group.max_new_tokens)
+                if may_end_early and done.all().item():  # syncs the device: one small check per step
+                    break
                 if step == max_new_tokens - 1:
                     break  # the last token needs no forward pass of its own
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # [B, T_past+1]
                 logits = model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]  # [B, V]
     finally:
         model.train(was_training)
-    return cut_at_stop(new_tokens, stop_ids)
+    return torch.stack(new_tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
 def check_generate_args(prompts: list[list[int]], adapters: list[str | None], temperature: float, top_p: float,
@@ -120,10 +148,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return input_ids.to(device), attention_mask.to(device)
 
 
-def cut_at_stop(new_tokens: list[torch.Tensor], stop_ids: set[int]) -> list[list[int]]:
-    """Each row's tokens up to and including its first stop id (python lists: syncs the device)."""
+def cut_at_stop(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[list[int]]:
+    """Each row's tokens [B, steps] up to and including its first stop id (python lists: syncs the device)."""
     outputs = []
-    for row in torch.stack(new_tokens, dim=1).tolist():                      # [B, steps]
+    for row in new_tokens.tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
         outputs.append(row[:end])
     return outputs
