@@ -2,13 +2,14 @@
 its client for scripts.
 
     python serve.py --base_model DIR [--out_dir out/serve] [--host 127.0.0.1 --port 8000] [--allow_dir DIR ...]
-    python serve.py submit JOB.json [--data ROWS.jsonl] [--test_data ROWS.jsonl]
+    python serve.py submit JOB.json [--data ROWS.jsonl] [--test_data ROWS.jsonl] | submit CONFIG.json
     python serve.py status [JOB] [--since S] | cancel JOB | download JOB [--to FILE]
     python serve.py generate --adapter JOB [--adapter JOB ...] [--base] --prompt TEXT [--max-new-tokens N]
 
 The API, JSON under /v1; every endpoint but the two last needs `Authorization: Bearer TOKEN`:
     POST /v1/jobs                 a job's fields, as in a config file's jobs list; data and test_data
-                                  are the rows themselves (a list) or a file inside an --allow_dir folder
+                                  are the rows themselves (a list) or a file inside an --allow_dir folder;
+                                  or {"jobs": [...]}: several, all or none, queued at the same turn
     GET  /v1/jobs[/JOB]           state (waiting, training, finished, stopped, failed), step, loss,
                                   held-out metrics, tokens/s
     GET  /v1/jobs/JOB/metrics?since=S     its step and evaluation lines after fused step S
@@ -294,7 +295,8 @@ def client_args(argv: list[str]) -> argparse.Namespace:
     common.add_argument("--out_dir", default="out/serve", help=f"the server's out_dir: its token (unless ${TOKEN_ENV})")
     parser = argparse.ArgumentParser(prog="serve.py", description="The service's client; prints the server's JSON.")
     commands = parser.add_subparsers(dest="command", required=True)
-    submit = commands.add_parser("submit", parents=[common], help="submit a job (a JSON file of its fields)")
+    submit = commands.add_parser("submit", parents=[common], help="submit a job (a JSON file of its fields), or a "
+                                 "config's jobs together (their data files uploaded)")
     submit.add_argument("job")
     submit.add_argument("--data", help="upload these rows (.json or .jsonl) as the job's data")
     submit.add_argument("--test_data", help="upload these rows as its test_data")
@@ -346,16 +348,7 @@ def client_main(argv: list[str]) -> int:
     args = client_args(argv)
     try:
         if args.command == "submit":
-            try:
-                job = json.loads(read_file(args.job))
-            except ValueError as e:
-                raise ServeError(f"{args.job}: not JSON ({e})") from None
-            if not isinstance(job, dict):
-                raise ServeError(f"{args.job}: expected a JSON object of job fields")
-            for name in ("data", "test_data"):
-                if getattr(args, name):
-                    job[name] = read_rows(getattr(args, name))
-            answer = request(args, "POST", "/v1/jobs", job)
+            answer = request(args, "POST", "/v1/jobs", submission(args))
         elif args.command == "status" and args.name is None:
             answer = request(args, "GET", "/v1/jobs")
         elif args.command == "status":
@@ -376,6 +369,31 @@ def client_main(argv: list[str]) -> int:
         return 2
     print(json.dumps(json.loads(answer), indent=1))
     return 0
+
+
+def submission(args: argparse.Namespace) -> dict:
+    """What `submit FILE` sends: one job's fields (--data, --test_data: rows to upload instead of
+    its files), or, for a config file (a "jobs" list), every job with the rows of its data and
+    test_data files uploaded (read here, relative to this directory, as train.py reads them)."""
+    try:
+        body = json.loads(read_file(args.job))
+    except ValueError as e:
+        raise ServeError(f"{args.job}: not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ServeError(f"{args.job}: expected a JSON object of job fields, or a config with a jobs list")
+    if isinstance(body.get("jobs"), list):
+        if args.data or args.test_data:
+            raise ServeError(f"{args.job}: a config's jobs upload their own files (no --data or --test_data)")
+        jobs = [dict(job) if isinstance(job, dict) else job for job in body["jobs"]]
+        for job in jobs:
+            for name in ("data", "test_data"):
+                if isinstance(job, dict) and isinstance(job.get(name), str):
+                    job[name] = read_rows(job[name])
+        return {"jobs": jobs}
+    for name in ("data", "test_data"):
+        if getattr(args, name):
+            body[name] = read_rows(getattr(args, name))
+    return body
 
 
 def read_file(path: str) -> str:

@@ -53,7 +53,8 @@ def test_model_files_know_nothing_of_lora_or_files():
 # ----------------------------------------------------------------------------- the core and its layers
 
 CORE = ["model.py", "llama.py", "lora.py", "data.py", "objectives.py", "train.py", "peft_format.py"]
-LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config", "service", "serve", "stepapi"}
+LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config", "service", "service_loop", "submission",
+          "remote", "serve", "stepapi"}
 # train.py's entry: train() and main() pick the layers a run needs (README, "Read the code").
 ENTRY = {"train", "train_on", "start", "add_layers", "main",
          "exit_with"}

@@ -36,6 +36,7 @@ import peft_format    # noqa: E402
 import remote         # noqa: E402
 import serve          # noqa: E402
 import service        # noqa: E402
+import service_loop   # noqa: E402
 import train          # noqa: E402
 from config import ConfigError   # noqa: E402
 from conftest import adapter, assert_same_adapter, job, make_hf_model, run_cfg, save_hf, write_rows   # noqa: E402
@@ -144,6 +145,32 @@ def test_served_adapters_equal_the_ones_train_py_trains(trained):
         assert_same_adapter(adapter(trained.out, name), adapter(trained.dir / "train_py", name))
 
 
+def test_jobs_submitted_together_train_as_train_py_trains_them(base, tmp_path):
+    """A config's jobs in one submission ({"jobs": [...]}, what `serve.py submit CONFIG` sends):
+    queued at the same turn, as train.py starts them, into an idle service: the same adapters,
+    bitwise, and the same losses at every fused step. A batch with one bad job writes nothing."""
+    paths = {"b": write_rows(tmp_path / "b.json", 12, 0, "reverse"), "c": write_rows(tmp_path / "c.json", 8, 1, "upper")}
+    configs = [job("b", paths["b"], eval_every=2, test_data=write_rows(tmp_path / "t.json", 3, 2, "reverse")),
+               job("c", paths["c"], r=8, lr_schedule="cosine", warmup_steps=1, epochs=1)]
+    bodies = [{**dataclasses.asdict(j), **{k: rows_of(getattr(j, k)) for k in ("data", "test_data") if getattr(j, k)}}
+              for j in configs]
+    svc, client = start(base, tmp_path / "out", max_candidates=2, max_concurrent=2)
+    try:
+        bad = client.post("/v1/jobs", json={"jobs": [bodies[0], {**bodies[1], "lr": -1}]})
+        assert bad.status_code == 422 and bad.json()["error"].startswith("request: jobs[1]: job.lr"), bad.json()
+        twice = client.post("/v1/jobs", json={"jobs": [bodies[0], bodies[0]]})
+        assert twice.json() == {"error": "request: jobs: the name 'b' twice"}
+        assert list((tmp_path / "out" / "_service" / "data").iterdir()) == [] and client.get("/v1/jobs").json()["jobs"] == []
+        answer = client.post("/v1/jobs", json={"jobs": bodies})
+        assert answer.status_code == 201 and [v["name"] for v in answer.json()["jobs"]] == ["b", "c"]
+        for name in ("b", "c"):
+            assert wait(client, name, lambda v: v["state"] in service.ENDED)["state"] == "finished"
+    finally:
+        svc.close()
+    train.train(run_cfg(base, tmp_path / "train_py", configs, scheduler=dict(max_candidates=2, max_concurrent=2)))
+    assert_same_outputs(tmp_path / "out", tmp_path / "train_py", ["b", "c"])
+
+
 def test_metrics_since_a_fused_step(trained):
     everything = trained.client.get("/v1/jobs/b/metrics").json()
     steps = sorted({line["fused_step"] for line in everything["lines"]})
@@ -233,13 +260,13 @@ def test_cancel_keeps_the_best_adapter_and_frees_the_slot(base, tmp_path):
 def test_a_failing_job_fails_alone_and_the_registry_outlives_the_service(base, tmp_path, monkeypatch):
     """`bad` fails where its adapter is saved: its error in its state, `good` trains on. The
     registry is what a service started again on out_dir shows; other settings are refused."""
-    real_finish = service.finish
+    real_finish = service_loop.finish
 
     def finish(run, name):
         if name == "bad":
             raise OSError("No space left on device")
         real_finish(run, name)
-    monkeypatch.setattr(service, "finish", finish)
+    monkeypatch.setattr(service_loop, "finish", finish)
     out = tmp_path / "out"
     svc, client = start(base, out)
     rows = rows_of(write_rows(tmp_path / "r.json", 8, 0, "reverse"))
@@ -306,8 +333,8 @@ def losses(out: Path) -> list:
 
 def assert_same_outputs(out: Path, reference: Path, names):
     for name in names:
-        for file in ("adapter_model.safetensors", "adapter_config.json"):
-            assert (out / name / file).read_bytes() == (reference / name / file).read_bytes(), name
+        assert (out / name / "adapter_model.safetensors").read_bytes() == (reference / name / "adapter_model.safetensors").read_bytes(), name
+        assert json.loads((out / name / "adapter_config.json").read_text()) == json.loads((reference / name / "adapter_config.json").read_text())
     assert losses(out) == losses(reference) and len(losses(reference)) >= 6
 
 
@@ -559,6 +586,15 @@ def test_the_client_commands_against_a_real_server(base, tmp_path, monkeypatch, 
         response = connection.getresponse()
         assert response.status == 413 and json.loads(response.read())["error"].startswith("request: body over")
         assert client("status", "j")[0] == 0   # still serving
+        # A config's jobs, their data files uploaded by the client, queued together.
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"base_model": "ignored: the server's", "jobs": [
+            {**fields(n, write_rows(tmp_path / f"{n}.json", 4, i, "count")), "max_steps": 1} for i, n in enumerate(("k", "l"))]}))
+        status, answer = client("submit", str(config))
+        assert status == 0 and [(v["name"], v["config"]["data"]) for v in answer["jobs"]] == \
+            [("k", "uploaded (4 rows)"), ("l", "uploaded (4 rows)")]
+        assert client("submit", str(config), "--data", str(tmp_path / "k.json")) == \
+            (2, f"error: {config}: a config's jobs upload their own files (no --data or --test_data)")
     finally:
         server.should_exit = True
         thread.join(30)
