@@ -27,7 +27,7 @@ from tqdm import tqdm
 from config import ConfigError
 from service import RequestError, metrics_since
 
-CALLS = ("submit", "cancel", "generate", "adapter_archive")   # what the front asks the trainer process
+CALLS = ("submit", "cancel", "generate", "adapter_archive", "saved_archive", "step_api")   # what the front asks the trainer process
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,6 +59,8 @@ def trainer_main(cfg, allow_dirs: list[str], conn, parent: int):
 
     def answer(call_id: int, method: str, args: tuple):
         try:
+            if method not in CALLS:
+                raise RequestError(500, f"internal error: no call {method!r}")
             send(("answer", call_id, None, getattr(svc, method)(*args)))
         except RequestError as e:
             send(("answer", call_id, (e.status, str(e)), None))
@@ -177,6 +179,12 @@ class Remote:
 
     def adapter_archive(self, name: str) -> bytes:
         return self.call("adapter_archive", name)
+
+    def saved_archive(self, name: str) -> bytes:
+        return self.call("saved_archive", name)
+
+    def step_api(self, kind: str, lora_id: str | None, body) -> dict:
+        return self.call("step_api", kind, lora_id, body)
 
     def view(self, name: str) -> dict:
         if name not in self.jobs:

@@ -147,12 +147,6 @@ def make_app(service):
     async def failed(request: Request, e: Exception):
         return error(500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
 
-    async def body_json(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (ValueError, RecursionError) as e:   # not UTF-8, not JSON, nested too deep
-            raise RequestError(400, f"request: the body is not JSON ({' '.join(str(e).split())[:200]})") from None
-
     def since_of(request: Request) -> int:
         try:
             return int(request.query_params.get("since", "0"))
@@ -201,7 +195,58 @@ def make_app(service):
     async def generate(request: Request):
         return await run_in_threadpool(service.generate, await body_json(request))
 
+    add_step_api(app, service)
     return app
+
+
+async def body_json(request):
+    """A request's body as JSON, or a 400 of one line."""
+    from service import RequestError
+    try:
+        return json.loads(await request.body())
+    except (ValueError, RecursionError) as e:   # not UTF-8, not JSON, nested too deep
+        raise RequestError(400, f"request: the body is not JSON ({' '.join(str(e).split())[:200]})") from None
+
+
+def add_step_api(app, service):
+    """The step-level API (issue 33; stepapi.Engine behind service.step_api): the client owns the
+    loop, each call on one LoRA; calls of different LoRAs that wait together run fused."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from service import RequestError
+
+    async def call(kind: str, lora_id: str | None, request: Request, status: int = 200):
+        body = await body_json(request) if kind != "delete" else {}
+        return JSONResponse(await run_in_threadpool(service.step_api, kind, lora_id, body), status)
+
+    @app.post("/v1/loras")
+    async def create(request: Request):
+        return await call("create", None, request, 201)
+
+    @app.post("/v1/loras/load")
+    async def load(request: Request):
+        return await call("load", None, request, 201)
+
+    @app.post("/v1/base/sample")
+    async def sample_base(request: Request):
+        return await call("sample", None, request)
+
+    @app.post("/v1/loras/{lora_id}/{kind}")
+    async def act(lora_id: str, kind: str, request: Request):
+        if kind not in ("forward_backward", "optim_step", "sample", "save"):
+            raise RequestError(404, f"request: POST /v1/loras/{lora_id}/{kind}: not found (forward_backward, "
+                                    f"optim_step, sample, save)")
+        return await call(kind, lora_id, request)
+
+    @app.delete("/v1/loras/{lora_id}")
+    async def delete(lora_id: str, request: Request):
+        return await call("delete", lora_id, request)
+
+    @app.get("/v1/saved/{name}")
+    def saved(name: str):
+        return Response(service.saved_archive(name), media_type="application/gzip",
+                        headers={"content-disposition": f'attachment; filename="{name}.tar.gz"'})
 
 
 def bind(host: str, port: int) -> socket.socket:

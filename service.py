@@ -33,14 +33,25 @@ import files
 import generate
 import jobs
 import state
-from config import ConfigError, RunConfig, check_inputs, read_job, remove_partial_writes, validate_run
-from service_loop import Ask, Trainer, history_lines, live_state, open_run
+from config import SAFE_NAME, ConfigError, RunConfig, check_inputs, read_job, remove_partial_writes, validate_run
+import stepapi
+from service_loop import Ask, StepCall, Trainer, history_lines, live_state, open_run
 from submission import (MAX_BATCH, MAX_PROMPT_TOKENS, RequestError, check_submission, generation_request, one_line,
-                        store_inputs)
+                        step_arguments, store_inputs)
 
 SERVICE_DIR = "_service"
 STATES = ("waiting", "training", "finished", "stopped", "failed")
 ENDED = ("finished", "stopped", "failed")
+
+
+def archive(folder: Path, name: str) -> bytes:
+    """A folder's files as a .tar.gz, under <name>/ (links left out)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and not file.is_symlink():
+                tar.add(file, arcname=f"{name}/{file.name}")
+    return buffer.getvalue()
 
 
 def finite_json(value):
@@ -92,8 +103,9 @@ class Service(Trainer):
     """The job registry over one out_dir and what request threads call; the trainer thread's
     steps are Trainer's (service_loop.py). See the module's docstring."""
 
-    def __init__(self, cfg: RunConfig, allow_dirs: list[str] = (), trainer: bool = True):
-        """trainer=False: no trainer thread; the caller turns the loop (turn(), tests)."""
+    def __init__(self, cfg: RunConfig, allow_dirs: list[str] = (), trainer: bool = True, api_linger: float = 0.005):
+        """trainer=False: no trainer thread; the caller turns the loop (turn(), tests). api_linger:
+        seconds the trainer waits, once step-level API calls are there, for more to fuse with them."""
         validate_run(cfg, "serve.py")
         check_inputs(dataclasses.replace(cfg, jobs=[]), "serve.py")   # the base folder
         jobs.check_base(cfg)
@@ -124,6 +136,8 @@ class Service(Trainer):
         self.inbox: list[tuple] = []        # (job, its read_inputs) submitted, not yet in the scheduler
         self.cancels: list[str] = []
         self.asks: queue.Queue[Ask] = queue.Queue()
+        self.step_inbox: list[StepCall] = []   # the step-level API's calls (stepapi.Engine's), not yet answered
+        self.api_linger = api_linger
         self.reserved: set[str] = set()     # names of submissions being stored (lower case)
         self.live: dict[str, dict] = {}     # a job's state while it trains, as last published
         self.history: dict[str, list[dict]] = {}   # each job's step and evaluation lines
@@ -133,6 +147,8 @@ class Service(Trainer):
         self.events = 1 + max((e[1] for r in self.records.values() for e in (r.get("queued"), r.get("cancelled")) if e),
                               default=0)   # the next event's number: replay orders a turn's events by it
         self.run = open_run(cfg, self.dir_lock, self.fail)
+        # The step-level API's LoRAs on the same base (ids no job name can take: "_lora-0001").
+        self.engine = stepapi.Engine(self.run.model, self.run.tokenizer, self.run.device, cfg.seed, prefix="_lora-")
         self.replay: list[tuple] = resume(self)   # (turn, event, "queue" or "cancel", job name, what it needs)
         self.thread = threading.Thread(target=self.loop, name="trainer", daemon=True)
         if trainer:
@@ -263,13 +279,15 @@ class Service(Trainer):
 
     def adapter_archive(self, name: str) -> bytes:
         """The job's adapter folder as a .tar.gz (its files under <name>/)."""
-        folder = self.adapter_folder(name)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for file in sorted(folder.iterdir()):
-                if file.is_file() and not file.is_symlink():
-                    tar.add(file, arcname=f"{name}/{file.name}")
-        return buffer.getvalue()
+        return archive(self.adapter_folder(name), name)
+
+    def saved_archive(self, name: str) -> bytes:
+        """A LoRA the step-level API saved as `name` (out_dir/_api/NAME: PEFT's folder and the
+        engine's state), as a .tar.gz."""
+        folder = self.out_dir / "_api" / name
+        if SAFE_NAME.fullmatch(name) is None or not (folder / "adapter_config.json").is_file():
+            raise RequestError(404, f"request: no saved LoRA {name!r}")
+        return archive(folder, name)
 
     def generate(self, body) -> dict:
         """Greedy answers of each prompt by each adapter (an ended job's, or null: the bare base),
@@ -304,6 +322,22 @@ class Service(Trainer):
         decode = self.run.tokenizer.decode
         return {"outputs": [{"prompt": text, "adapter": name, "text": decode(ids, skip_special=True), "tokens": len(ids)}
                             for text, (_, name), ids in zip(texts, rows, ask.outputs)]}
+
+    def step_api(self, kind: str, lora_id: str | None, body) -> dict:
+        """One call of the step-level API (submission.STEP_FIELDS: create, load, forward_backward,
+        optim_step, sample, save, delete), answered between turns with the calls of other LoRAs
+        that wait at the same moment: forward_backward calls in one fused pass, samples in one
+        generation (service_loop.answer_steps). Its refusal: a RequestError of one line."""
+        call = StepCall(kind, lora_id, step_arguments(kind, lora_id, body))
+        with self.lock:
+            self.step_inbox.append(call)
+            self.lock.notify_all()
+        while not call.done.wait(1.0):
+            if not self.thread.is_alive():
+                raise RequestError(503, "request: the trainer has stopped")
+        if call.error is not None:
+            raise RequestError(*call.error)
+        return call.result
 
     def healthy(self) -> bool:
         return self.thread.is_alive()

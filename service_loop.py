@@ -51,6 +51,17 @@ class Ask:
     error: str | None = None
 
 
+@dataclass
+class StepCall:
+    """One call of the step-level API (submission.STEP_FIELDS), answered by the trainer between turns."""
+    kind: str
+    lora_id: str | None
+    args: object                               # submission.step_arguments'
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: tuple[int, str] | None = None       # (HTTP status, one line)
+
+
 def live_state(s: jobs.JobState) -> dict:
     """What a job's state shows while it trains: where it stands, its last loss, its held-out metrics."""
     held_out = {f"eval_{key}": value for key, value in (s.eval_rewards or {}).items()}
@@ -98,7 +109,7 @@ class Trainer:
 
     def wait_for_work(self) -> bool:
         with self.lock:
-            while not (self.closing or self.inbox or self.cancels or self.replay or not self.asks.empty()
+            while not (self.closing or self.inbox or self.cancels or self.replay or self.step_inbox or not self.asks.empty()
                        or not self.run.sched.done):
                 self.lock.wait()
             return not self.closing
@@ -109,6 +120,7 @@ class Trainer:
         in training."""
         run = self.run
         arrivals, cancels = self.due_events()
+        calls = self.take_step_calls()
         asks = []
         while True:
             try:
@@ -127,6 +139,8 @@ class Trainer:
                 self.stop(name)
             if asks:
                 answer(run, asks, self.out_dir)
+            if calls:
+                answer_steps(self.engine, calls, self.out_dir / "_api")
             if not run.sched.done:
                 run.steps.turn(run)
                 run.ticks += 1
@@ -139,6 +153,23 @@ class Trainer:
                 except Exception:   # noqa: BLE001 - it is failed in the registry at least
                     run.log({"event": "fail", "job": name, "time": run.now(), "error": one_line(e)})
         self.publish()
+
+    def take_step_calls(self) -> list[StepCall]:
+        """The step-level API's calls waiting now (after api_linger, for the calls of clients in
+        step with each other to arrive together), at most one of each LoRA: a LoRA's calls run in
+        the order they came, the later ones at the next turns."""
+        with self.lock:
+            if not self.step_inbox:
+                return []
+            deadline = time.monotonic() + self.api_linger
+            while (left := deadline - time.monotonic()) > 0:   # the whole window (each arrival notifies)
+                self.lock.wait(left)
+            calls, later, seen = [], [], set()
+            for call in self.step_inbox:
+                (later if call.lora_id is not None and call.lora_id in seen else calls).append(call)
+                seen.add(call.lora_id)
+            self.step_inbox = later
+            return calls
 
     def due_events(self) -> tuple[list[tuple], list[str]]:
         """The jobs to queue and the cancellations to apply before this turn: the replay's that are
@@ -234,6 +265,57 @@ class Trainer:
             for table in (run.plans, run.train_sets, run.test_sets, run.task_sets):
                 table.pop(name, None)
         self.notify()
+
+
+def answer_steps(engine, calls: list[StepCall], saved: Path):
+    """The step-level API's calls of this turn: LoRAs created and loaded, then every forward_backward
+    in ONE fused pass and every sample in ONE batched generation (stepapi.Engine: each as if alone),
+    then optimizer steps, saves (as saved/NAME) and deletions. A call that fails fails alone."""
+    def run_each(kind: str, act):
+        for call in (c for c in calls if c.kind == kind and c.error is None):
+            try:
+                call.result = act(call)
+            except ValueError as e:
+                call.error = (422, f"request: {one_line(e)}")
+
+    def fused(kind: str, method, wrap):
+        group = [c for c in calls if c.kind == kind and c.error is None]
+        for call, result in zip(group, method([c.args for c in group]) if group else []):
+            if isinstance(result, Exception):
+                call.error = (422, f"request: {one_line(result)}")
+            else:
+                call.result = wrap(result)
+    def save(call: StepCall) -> dict:
+        engine.save(call.lora_id, saved / call.args)
+        return {"name": call.args}
+
+    def delete(call: StepCall) -> dict:
+        engine.remove_lora(call.lora_id)
+        return {"deleted": call.lora_id}
+    for call in calls:
+        if call.lora_id is not None and call.lora_id not in engine.loras:
+            call.error = (404, f"request: no LoRA {call.lora_id!r} (create one: POST /v1/loras)")
+    try:
+        run_each("create", lambda c: {"lora_id": engine.create_lora(c.args)})
+        run_each("load", lambda c: {"lora_id": engine.load(saved_folder(saved, c.args))})
+        fused("forward_backward", engine.forward_backward, lambda r: {"logprobs": r.logprobs, "loss": r.loss})
+        fused("sample", engine.sample, lambda r: {"completions": [dataclasses.asdict(c) for c in r.completions]})
+        run_each("optim_step", lambda c: engine.optim_step(c.lora_id, c.args))
+        run_each("save", save)
+        run_each("delete", delete)
+    except Exception as e:   # noqa: BLE001 - a failure of the fused pass itself: its calls fail
+        for call in calls:
+            if call.result is None and call.error is None:
+                call.error = (500, f"request: the step failed: {one_line(e)}")
+    finally:
+        for call in calls:
+            call.done.set()
+
+
+def saved_folder(saved: Path, name: str) -> Path:
+    if not (saved / name / "adapter_config.json").is_file():
+        raise ValueError(f"name: no saved LoRA {name!r}")
+    return saved / name
 
 
 def history_lines(record: dict) -> list[tuple[str, dict]]:

@@ -275,8 +275,9 @@ class Engine:
     else padded rows; max_length: the longest sequence taken (default: the model's positions)."""
 
     def __init__(self, model, tokenizer: data.Tokenizer | None, device, seed: int = 0, *,
-                 packed: bool = True, max_length: int | None = None):
+                 packed: bool = True, max_length: int | None = None, prefix: str = "lora-"):
         self.model, self.tokenizer, self.device, self.seed, self.packed = model, tokenizer, device, seed, packed
+        self.prefix = prefix   # of the ids: the service's ("_lora-") no job name can take
         self.vocab = model.get_submodule(model.OUTPUT_LAYER).weight.size(0)   # ids the model scores
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
@@ -305,7 +306,7 @@ class Engine:
 
     def new_id(self) -> str:
         self.created += 1
-        return f"lora-{self.created:04d}"
+        return f"{self.prefix}{self.created:04d}"
 
     def new_state(self, lora_id: str, cfg: lora.LoRAConfig, seed: int) -> LoRAState:
         optimizer = torch.optim.AdamW(lora.adapter_parameters(self.model, lora_id), lr=ADAM_DEFAULTS["lr"])

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import files
 import jobs
-from config import ConfigError, RunConfig, check_path, read_job
+import stepapi
+from config import SAFE_NAME, ConfigError, RunConfig, check_path, read_job
 from templates import NAMED_TEMPLATES
 
 INPUT_FIELDS = ("data", "test_data", "template")   # the job fields that name a file
@@ -18,6 +19,12 @@ MAX_NEW_TOKENS = 1024       # a generation request's max_new_tokens
 MAX_GENERATE_ROWS = 256     # prompts x adapters of one request
 MAX_PROMPT_TOKENS = 4096
 MAX_BATCH = 64              # jobs of one submission
+# The step-level API's calls (issue 33; stepapi.Engine's methods) and the fields of each request's body.
+STEP_FIELDS = {"create": tuple(stepapi.LORA_CHECKS), "load": ("name",),
+               "forward_backward": ("data", "loss_fn", "loss_fn_config"), "optim_step": (*stepapi.ADAM_DEFAULTS, "learning_rate"),
+               "sample": ("prompt", "n", "temperature", "top_p", "max_tokens", "stop", "seed"), "save": ("name",),
+               "delete": ()}
+DATUM_FIELDS = tuple(f.name for f in dataclasses.fields(stepapi.Datum))
 
 
 class RequestError(Exception):
@@ -141,3 +148,38 @@ def generation_request(body) -> tuple[list[str], list[str | None], int, str | No
     if template is not None and template not in NAMED_TEMPLATES:
         raise RequestError(422, f"request: template: expected one of {', '.join(NAMED_TEMPLATES)}, got {template!r:.80}")
     return prompts, adapters, max_new_tokens, template
+
+
+# ----------------------------------------------------------------------------- a step-level API call
+
+def step_arguments(kind: str, lora_id: str | None, body) -> object:
+    """A step-level API request's arguments for stepapi.Engine, its shape checked (the engine
+    checks the values and refuses in one line): create a config, load a saved name, forward_backward
+    a stepapi.Call, optim_step the Adam settings, sample a stepapi.SampleCall, save a name."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"request: expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(body.keys() - set(STEP_FIELDS[kind]))
+    if unknown:
+        raise RequestError(422, f"request: {unknown[0]}: unknown key (expected {', '.join(STEP_FIELDS[kind]) or 'none'})")
+    if kind in ("load", "save"):
+        name = body.get("name")
+        if not isinstance(name, str) or SAFE_NAME.fullmatch(name) is None:
+            raise RequestError(422, f"request: name: expected letters, digits, '_', '.', '-' (a letter or digit first), "
+                                    f"got {name!r:.80}")
+        return name
+    if kind == "forward_backward":
+        data = body.get("data")
+        if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+            raise RequestError(422, f"request: data: expected a non-empty list of objects, got {data!r:.80}")
+        for i, datum in enumerate(data):
+            if extra := sorted(datum.keys() - set(DATUM_FIELDS)) or sorted({"tokens", "targets"} - datum.keys()):
+                raise RequestError(422, f"request: data[{i}]: {extra[0]}: expected the fields {', '.join(DATUM_FIELDS)} "
+                                        f"(tokens and targets required)")
+        return stepapi.Call(lora_id, [stepapi.Datum(**d) for d in data], body.get("loss_fn", "cross_entropy"),
+                            body.get("loss_fn_config"))
+    if kind == "sample":
+        if "prompt" not in body:
+            raise RequestError(422, "request: prompt: required (a list of token ids)")
+        return stepapi.SampleCall(lora_id, **body)
+    return body   # create's config, optim_step's settings, delete's nothing
+

@@ -54,6 +54,7 @@ def test_model_files_know_nothing_of_lora_or_files():
 
 CORE = ["model.py", "llama.py", "lora.py", "data.py", "objectives.py", "train.py", "peft_format.py"]
 LAYERS = {"dist", "graphs", "nonfinite", "sweep", "state", "mlora_config", "service", "service_loop", "submission",
+          "stepclient",
           "remote", "serve", "stepapi"}
 # train.py's entry: train() and main() pick the layers a run needs (README, "Read the code").
 ENTRY = {"train", "train_on", "start", "add_layers", "main",

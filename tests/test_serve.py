@@ -37,6 +37,7 @@ import remote         # noqa: E402
 import serve          # noqa: E402
 import service        # noqa: E402
 import service_loop   # noqa: E402
+import stepclient     # noqa: E402
 import train          # noqa: E402
 from config import ConfigError   # noqa: E402
 from conftest import adapter, assert_same_adapter, job, make_hf_model, run_cfg, save_hf, write_rows   # noqa: E402
@@ -595,6 +596,12 @@ def test_the_client_commands_against_a_real_server(base, tmp_path, monkeypatch, 
             [("k", "uploaded (4 rows)"), ("l", "uploaded (4 rows)")]
         assert client("submit", str(config), "--data", str(tmp_path / "k.json")) == \
             (2, f"error: {config}: a config's jobs upload their own files (no --data or --test_data)")
+        # The step-level API through the trainer process (tests/test_stepservice.py: in depth).
+        steps = stepclient.ServiceClient(f"http://127.0.0.1:{port}", out_dir=str(out))
+        lora = steps.create_lora(r=2, seed=1)
+        fb = lora.forward_backward([{"tokens": [5, 6, 7], "targets": [6, 7, 8]}])
+        assert lora.optim_step(lr=0.01).result() == {"step": 1} and len(fb.result()["logprobs"][0]) == 3
+        assert len(lora.sample([5, 6], n=2, max_tokens=3, seed=0).result()["completions"]) == 2
     finally:
         server.should_exit = True
         thread.join(30)
