@@ -33,7 +33,7 @@ PR_SET_PDEATHSIG = 1
 
 # ----------------------------------------------------------------------------- the trainer process
 
-def trainer_main(cfg, allow_dirs: list[str], conn, parent: int):
+def trainer_main(cfg, allow_dirs: list[str], conn, parent: int, api_linger: float):
     """The trainer process: the Service, the calls the front sends, a push after every change."""
     die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the front's to handle
@@ -43,7 +43,7 @@ def trainer_main(cfg, allow_dirs: list[str], conn, parent: int):
     scheduler.keep_freed_memory()   # as train.py's main: freed memory stays for the next step
     tqdm.set_lock(threading.RLock())   # not tqdm's default, a named semaphore that a kill -9 would leave behind
     try:
-        svc = Service(cfg, allow_dirs, trainer=False)
+        svc = Service(cfg, allow_dirs, trainer=False, api_linger=api_linger)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         conn.send(("failed", str(e)))
         return
@@ -220,12 +220,12 @@ class Remote:
         self.conn.close()
 
 
-def start(cfg, allow_dirs: list[str] = ()) -> Remote:
+def start(cfg, allow_dirs: list[str] = (), api_linger: float = 0.005) -> Remote:
     """The trainer process started (the base loaded, out_dir resumed); a ConfigError with its
     one line when the Service refuses to start."""
     context = multiprocessing.get_context("spawn")   # a fresh interpreter: no lock or thread of this one
     ours, theirs = context.Pipe()
-    process = context.Process(target=trainer_main, args=(cfg, list(allow_dirs), theirs, os.getpid()),
+    process = context.Process(target=trainer_main, args=(cfg, list(allow_dirs), theirs, os.getpid(), api_linger),
                               name="serve-trainer")
     process.start()
     theirs.close()

@@ -17,6 +17,16 @@ The API, JSON under /v1; every endpoint but the two last needs `Authorization: B
     GET  /v1/jobs/JOB/adapter     its adapter, the PEFT folder as a .tar.gz
     POST /v1/generate             {"prompts": [TEXT, ...], "adapters": [JOB or null (the base), ...],
                                   "max_new_tokens": N}: requests arriving together share one batch
+    The step-level API (stepclient.py is its Python client; the client owns the loop):
+    POST /v1/loras                a LoRA's config (r, alpha, dropout, targets, variant, ...) -> its id
+    POST /v1/loras/ID/forward_backward    {"data": [{tokens, targets, weights?, logprobs?, advantages?}],
+                                  "loss_fn": cross_entropy | importance_sampling | ppo} -> log-probs, loss
+    POST /v1/loras/ID/optim_step  Adam settings (lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
+    POST /v1/loras/ID/sample      {"prompt": ids, "n", "temperature", "top_p", "max_tokens", "stop", "seed"}
+    POST /v1/base/sample          the same, of the bare base
+    POST /v1/loras/ID/save        {"name": NAME}: out_dir/_api/NAME; POST /v1/loras/load {"name": NAME}
+    DELETE /v1/loras/ID;  GET /v1/saved/NAME     a saved LoRA as a .tar.gz
+                                  Calls of different LoRAs that wait together run as ONE fused pass.
     GET  /v1/health               is it up
     GET  /                        a page (serve.html) of the jobs through this API, with the token pasted
                                   in: state, progress, loss curve, cancel, a submit form
@@ -284,6 +294,8 @@ def server_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--api_nice", type=int, default=10,
                         help="the HTTP side's niceness, above the trainer's (0: the same priority)")
+    parser.add_argument("--api_linger", type=float, default=0.005,
+                        help="seconds the trainer waits, once step-level API calls came, for others to fuse with")
     parser.add_argument("--checkpoint_every", type=int, default=50,
                         help="the run checkpoint every N fused steps (and at close): a restart goes on from it")
     return parser.parse_args(argv)
@@ -308,7 +320,9 @@ def server_main(argv: list[str]) -> int:
         if not args.max_body_mb > 0:
             raise ServeError(f"--max_body_mb: expected a number > 0, got {args.max_body_mb}")
         sock = bind(args.host, args.port)
-        service = remote.start(cfg, args.allow_dir)   # the trainer, in a process of its own
+        if not args.api_linger >= 0:
+            raise ServeError(f"--api_linger: expected seconds >= 0, got {args.api_linger}")
+        service = remote.start(cfg, args.allow_dir, args.api_linger)   # the trainer, in a process of its own
         os.nice(args.api_nice)   # this process only: the trainer's steps come first
     except (ServeError, ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

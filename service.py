@@ -8,6 +8,11 @@ batched multi-adapter generation. Request threads never touch the model: a submi
 as train.py checks a config's job (submission.py), its inputs are written into out_dir, it is
 registered and handed over; job states are read from what the trainer publishes under the lock.
 
+The step-level API's LoRAs (stepapi.Engine, issue 33) live on the same base, apart from the jobs:
+their calls are answered between turns, those of different LoRAs that wait together in one fused
+pass. They are the clients' state, not the run's: the run checkpoint does not hold them (a client
+saves its LoRA, and loads it again after a restart).
+
 out_dir holds the run's files (each ended job's adapter folder, metrics.jsonl, the run checkpoint
 of state.py every `checkpoint_every` fused steps and at close) and _service/, a name no job can
 take (config.SAFE_NAME starts with a letter or digit): jobs.json, the job registry, written
