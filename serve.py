@@ -137,25 +137,10 @@ def make_app(service):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
     from service import RequestError
 
     app = FastAPI(title="multi-LoRA fine-tuning service", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status)
-
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, e: RequestError):
-        return error(e.status, str(e))
-
-    @app.exception_handler(HTTPException)   # no such path, or method
-    async def not_routed(request: Request, e: HTTPException):
-        return error(e.status_code, f"request: {request.method} {request.url.path}: {str(e.detail).lower()}")
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception):
-        return error(500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
+    add_error_answers(app)
 
     def since_of(request: Request) -> int:
         try:
@@ -172,7 +157,7 @@ def make_app(service):
 
     @app.get("/v1/health")
     def health():
-        return {"status": "ok"} if service.healthy() else error(503, "the trainer has stopped")
+        return {"status": "ok"} if service.healthy() else JSONResponse({"error": "the trainer has stopped"}, 503)
 
     @app.post("/v1/jobs")
     async def submit(request: Request):
@@ -207,6 +192,30 @@ def make_app(service):
 
     add_step_api(app, service)
     return app
+
+
+def add_error_answers(app):
+    """Every refusal and error as {"error": "one line"}: a RequestError's status, no such path or
+    method, anything else a 500."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from service import RequestError
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, e: RequestError):
+        return error(e.status, str(e))
+
+    @app.exception_handler(HTTPException)   # no such path, or method
+    async def not_routed(request: Request, e: HTTPException):
+        return error(e.status_code, f"request: {request.method} {request.url.path}: {str(e.detail).lower()}")
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        return error(500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 async def body_json(request):

@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 import files
-import generate
 import jobs
 import state
 from config import SAFE_NAME, ConfigError, RunConfig, check_inputs, read_job, remove_partial_writes, validate_run
 import stepapi
 from service_loop import Ask, StepCall, Trainer, history_lines, live_state, open_run
-from submission import (MAX_BATCH, MAX_PROMPT_TOKENS, RequestError, check_submission, generation_request, one_line,
+from submission import (MAX_BATCH, RequestError, check_submission, generation_request, generation_rows, one_line,
                         step_arguments, store_inputs)
 
 SERVICE_DIR = "_service"
@@ -104,6 +103,41 @@ def claim_out_dir(out_dir: Path, settings: dict) -> dict | None:
     return registry
 
 
+def checked_settings(cfg: RunConfig, allow_dirs) -> tuple[RunConfig, list[Path], dict]:
+    """The service's run options checked as train.py checks a run's, and the base folder; the
+    allowed folders resolved; the settings a service's out_dir is bound to."""
+    validate_run(cfg, "serve.py")
+    check_inputs(dataclasses.replace(cfg, jobs=[]), "serve.py")   # the base folder
+    jobs.check_base(cfg)
+    folders = []
+    for folder in allow_dirs:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"serve.py: --allow_dir: not a folder: {folder!r}")
+        folders.append(Path(os.path.realpath(folder)))
+    # Absolute: the registry names each job's stored inputs, read again from any working directory.
+    cfg = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
+    settings = {"base_model": os.path.realpath(cfg.base_model), "seed": cfg.seed, "dtype": cfg.dtype, "quant": cfg.quant}
+    return cfg, folders, settings
+
+
+def take_out_dir(out_dir: Path, settings: dict) -> tuple:
+    """out_dir claimed (claim_out_dir, before anything is written), locked for this service, its
+    half-written files of a killed one removed: (the lock, its registry or None)."""
+    claim_out_dir(out_dir, settings)
+    try:
+        lock = files.lock_dir(out_dir)
+    except files.InUse as e:
+        raise ConfigError(f"out_dir {e}") from None
+    registry = claim_out_dir(out_dir, settings)   # as it is now that no other service writes it
+    home = out_dir / SERVICE_DIR
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)   # the submitted rows and the token are the owner's alone
+    remove_partial_writes(out_dir)
+    for partial in (home / "data").glob(".*.tmp-*"):
+        files.remove(partial)
+    return lock, registry
+
+
 class Service(Trainer):
     """The job registry over one out_dir and what request threads call; the trainer thread's
     steps are Trainer's (service_loop.py). See the module's docstring."""
@@ -111,32 +145,11 @@ class Service(Trainer):
     def __init__(self, cfg: RunConfig, allow_dirs: list[str] = (), trainer: bool = True, api_linger: float = 0.005):
         """trainer=False: no trainer thread; the caller turns the loop (turn(), tests). api_linger:
         seconds the trainer waits, once step-level API calls are there, for more to fuse with them."""
-        validate_run(cfg, "serve.py")
-        check_inputs(dataclasses.replace(cfg, jobs=[]), "serve.py")   # the base folder
-        jobs.check_base(cfg)
-        self.allow_dirs = []
-        for folder in allow_dirs:
-            if not Path(folder).is_dir():
-                raise ConfigError(f"serve.py: --allow_dir: not a folder: {folder!r}")
-            self.allow_dirs.append(Path(os.path.realpath(folder)))
-        # Absolute: the registry names each job's stored inputs, read again from any working directory.
-        self.cfg = cfg = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
-        self.out_dir = Path(cfg.out_dir)
+        self.cfg, self.allow_dirs, self.settings = checked_settings(cfg, allow_dirs)
+        self.out_dir = Path(self.cfg.out_dir)
         self.home = self.out_dir / SERVICE_DIR
-        self.settings = {"base_model": os.path.realpath(cfg.base_model), "seed": cfg.seed, "dtype": cfg.dtype,
-                         "quant": cfg.quant}
-        claim_out_dir(self.out_dir, self.settings)
-        try:
-            self.dir_lock = files.lock_dir(self.out_dir)
-        except files.InUse as e:
-            raise ConfigError(f"out_dir {e}") from None
-        registry = claim_out_dir(self.out_dir, self.settings)   # as it is now that no other service writes it
+        self.dir_lock, registry = take_out_dir(self.out_dir, self.settings)
         self.records: dict[str, dict] = registry["jobs"] if registry else {}
-        (self.home / "data").mkdir(parents=True, exist_ok=True)
-        os.chmod(self.home, 0o700)   # the submitted rows and the token are the owner's alone
-        remove_partial_writes(self.out_dir)
-        for partial in (self.home / "data").glob(".*.tmp-*"):
-            files.remove(partial)
         self.lock = threading.Condition()   # guards everything below that request threads read or write
         self.inbox: list[tuple] = []        # (job, its read_inputs) submitted, not yet in the scheduler
         self.cancels: list[str] = []
@@ -151,7 +164,7 @@ class Service(Trainer):
         self.notify = lambda: None          # called after each change that readers see (remote.py's push)
         self.events = 1 + max((e[1] for r in self.records.values() for e in (r.get("queued"), r.get("cancelled")) if e),
                               default=0)   # the next event's number: replay orders a turn's events by it
-        self.run = open_run(cfg, self.dir_lock, self.fail)
+        self.run = open_run(self.cfg, self.dir_lock, self.fail)
         # The step-level API's LoRAs on the same base (ids no job name can take: "_lora-0001").
         self.engine = stepapi.Engine(self.run.model, self.run.tokenizer, self.run.device, cfg.seed, prefix="_lora-")
         self.replay: list[tuple] = resume(self)   # (turn, event, "queue" or "cancel", job name, what it needs)
@@ -304,17 +317,7 @@ class Service(Trainer):
             self.adapter_folder(name)
             with self.lock:
                 templates[name] = template or self.records[name]["config"]["template"]
-        rows, texts = [], []
-        for text in prompts:
-            for name in adapters:
-                try:
-                    ids = generate.encode_prompt(self.run.tokenizer, text, templates[name])
-                except ValueError as e:   # data.DataError: a template that cannot read it
-                    raise RequestError(422, f"request: template of {name or 'the base'}: {one_line(e)}") from None
-                if len(ids) > MAX_PROMPT_TOKENS:
-                    raise RequestError(422, f"request: prompts: {len(ids)} tokens, at most {MAX_PROMPT_TOKENS}")
-                rows.append((ids, name))
-                texts.append(text)
+        rows, texts = generation_rows(self.run.tokenizer, prompts, adapters, templates)
         ask = Ask(rows, max_new_tokens)
         self.asks.put(ask)
         with self.lock:

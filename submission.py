@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import files
+import generate
 import jobs
 import stepapi
 from config import SAFE_NAME, ConfigError, RunConfig, check_path, read_job
@@ -148,6 +149,22 @@ def generation_request(body) -> tuple[list[str], list[str | None], int, str | No
     if template is not None and template not in NAMED_TEMPLATES:
         raise RequestError(422, f"request: template: expected one of {', '.join(NAMED_TEMPLATES)}, got {template!r:.80}")
     return prompts, adapters, max_new_tokens, template
+
+
+def generation_rows(tokenizer, prompts: list[str], adapters: list[str | None], templates: dict) -> tuple[list, list[str]]:
+    """Each prompt through each adapter's template: (prompt ids, adapter) rows, and each row's text."""
+    rows, texts = [], []
+    for text in prompts:
+        for name in adapters:
+            try:
+                ids = generate.encode_prompt(tokenizer, text, templates[name])
+            except ValueError as e:   # data.DataError: a template that cannot read it
+                raise RequestError(422, f"request: template of {name or 'the base'}: {one_line(e)}") from None
+            if len(ids) > MAX_PROMPT_TOKENS:
+                raise RequestError(422, f"request: prompts: {len(ids)} tokens, at most {MAX_PROMPT_TOKENS}")
+            rows.append((ids, name))
+            texts.append(text)
+    return rows, texts
 
 
 # ----------------------------------------------------------------------------- a step-level API call

@@ -41,8 +41,7 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(base, tmp_path_factory):
     """A service, and a record of the engine's fused calls: how many calls each forward_backward
-    and sample took. The tests that fuse set a long api_linger (calls that come within 0.3 s of
-    each other fuse); the others none."""
+    and sample took."""
     out = tmp_path_factory.mktemp("serve") / "out"
     svc = service.Service(run_cfg(base, out, []), api_linger=0.0)
     sizes = {"forward_backward": [], "sample": []}
@@ -62,6 +61,21 @@ def server(base, tmp_path_factory):
     uvicorn.should_exit = True
     thread.join(30)
     svc.close()
+
+
+def together(svc, n: int):
+    """The trainer's next take of step calls waits until n are there (as calls that arrive within
+    --api_linger do; here whatever the machine's load), then it takes them as it would."""
+    real = svc.take_step_calls
+
+    def take():
+        deadline = time.time() + 60
+        while len(svc.step_inbox) < n:
+            assert time.time() < deadline, svc.step_inbox
+            time.sleep(0.01)
+        del svc.take_step_calls   # the method again
+        return real()
+    svc.take_step_calls = take
 
 
 def oracle(base) -> stepapi.Engine:
@@ -86,11 +100,10 @@ def test_clients_calls_fuse_and_each_gets_what_it_gets_alone(server, base):
     loras = [client.create_lora(**config) for config in LORAS]   # in order: the ids (and so the inits) of the oracle's
     losses = ["cross_entropy", "importance_sampling", "ppo"]
     sizes["forward_backward"].clear()
-    svc.api_linger = 0.3
+    together(svc, 3)
     with ThreadPoolExecutor(3) as pool:   # three clients at once
         answers = list(pool.map(lambda i: loras[i].forward_backward(batch(i, rl=i > 0), losses[i]).result(), range(3)))
         steps = list(pool.map(lambda i: loras[i].optim_step(lr=1e-2 * (i + 1)).result(), range(3)))
-    svc.api_linger = 0.0
     assert sizes["forward_backward"] == [3], sizes   # ONE fused pass for the three clients
     assert steps == [{"step": 1}] * 3
     for i, lora in enumerate(loras):
@@ -118,11 +131,10 @@ def test_samples_of_several_clients_are_one_generation_each_as_alone(server, bas
     lora.optim_step(lr=0.05).result()   # the LoRA now differs from the base
     sizes["sample"].clear()
     prompt = [5, 17, 42, 9]
-    svc.api_linger = 0.3
+    together(svc, 2)
     futures = [lora.sample(prompt, n=3, temperature=1.0, max_tokens=6, seed=11),
                client.sample_base(prompt, n=2, temperature=0.8, top_p=0.9, max_tokens=5, seed=3)]
     fused = [f.result() for f in futures]
-    svc.api_linger = 0.0
     assert sizes["sample"] == [2], sizes
     again = lora.sample(prompt, n=3, temperature=1.0, max_tokens=6, seed=11).result()   # alone now
     assert again == fused[0] and len(fused[0]["completions"]) == 3 and len(fused[1]["completions"]) == 2
@@ -144,10 +156,9 @@ def test_a_bad_call_fails_alone_in_one_line(server):
     sizes["forward_backward"].clear()
     bad_batch = batch(1)
     bad_batch[0]["targets"][0] = 10**6   # past the vocabulary
-    svc.api_linger = 0.3
+    together(svc, 2)
     futures = [good.forward_backward(batch(2)), other.forward_backward(bad_batch), good.forward_backward(batch(3))]
     first = futures[0].result()
-    svc.api_linger = 0.0
     with pytest.raises(stepclient.StepError, match=r"^request: data\[0\].targets: token ids must be integers in \[0, 384\)$") as refused:
         futures[1].result()
     assert refused.value.status == 422 and "\n" not in str(refused.value)
