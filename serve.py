@@ -41,8 +41,6 @@ import os
 import secrets
 import socket
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import files
@@ -384,21 +382,12 @@ def client_args(argv: list[str]) -> argparse.Namespace:
 
 
 def request(args: argparse.Namespace, method: str, path: str, body=None) -> bytes:
-    """One call of the API; its error as a ServeError of the server's line."""
-    headers = {"authorization": f"Bearer {client_token(args.out_dir)}", "content-type": "application/json"}
-    data = None if body is None else json.dumps(body).encode()
-    call = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method, headers=headers)
+    """One call of the API (stepclient's); its error as a ServeError of the server's line."""
+    import stepclient
     try:
-        with urllib.request.urlopen(call, timeout=3600) as response:
-            return response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {e.code} {e.reason}"
-        raise ServeError(message) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ServeError(f"cannot reach {args.url}: {getattr(e, 'reason', e)}") from None
+        return stepclient.ServiceClient(args.url, client_token(args.out_dir)).request(method, path, body)
+    except stepclient.StepError as e:
+        raise ServeError(str(e)) from None
 
 
 def read_rows(path: str) -> list:
