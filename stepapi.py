@@ -135,6 +135,9 @@ LORA_CHECKS = {
     "init": (lambda v: v in ("kaiming", "gaussian"), "kaiming or gaussian"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false (rsLoRA: scale alpha / sqrt(r))"),
     "seed": (lambda v: type(v) is int, "an integer"),
+    # train.py's job of this name with the same seed: its initial weights and dropout stream (jobs.add_job),
+    # which depend on the adapter's name (lora.adapter_seed); examples/sft_api.py reproduces a job with it.
+    "init_as": (lambda v: isinstance(v, str) and bool(v), "a non-empty job name"),
 }
 
 
@@ -289,7 +292,8 @@ class Engine:
 
     def create_lora(self, config: dict | None = None) -> str:
         """A new LoRA (fields: LORA_CHECKS; targets default to all of the family's LORA_TARGETS,
-        variant "lora", dropout 0); returns its id."""
+        variant "lora", dropout 0); returns its id. Its init depends on its id (lora.adapter_seed)
+        unless init_as names the train.py job whose init it takes."""
         config = dict(config or {})
         for name, value in config.items():
             if name not in LORA_CHECKS:
@@ -297,12 +301,25 @@ class Engine:
             ok, expected = LORA_CHECKS[name]
             if not ok(value):
                 raise ValueError(f"create_lora: {name}={value!r}: expected {expected}")
-        seed = config.pop("seed", self.seed)
+        seed, init_as = config.pop("seed", self.seed), config.pop("init_as", None)
         cfg = lora.LoRAConfig(**{"targets": list(self.model.LORA_TARGETS), **config})
         lora_id = self.new_id()
         lora.add_adapters(self.model, {lora_id: cfg}, seed=seed)   # ValueError naming the field (targets, variant)
-        self.loras[lora_id] = self.new_state(lora_id, cfg, seed)
+        self.loras[lora_id] = (self.new_state(lora_id, cfg, seed) if init_as is None
+                               else self.state_as(lora_id, cfg, seed, init_as))
         return lora_id
+
+    def state_as(self, lora_id: str, cfg: lora.LoRAConfig, seed: int, job_name: str) -> LoRAState:
+        """The new LoRA's weights drawn again as train.py draws those of its job `job_name` with
+        this seed (lora.add_adapters: one generator, layer by layer in the model's order), and
+        its state with that job's dropout stream (jobs.add_job)."""
+        generator = torch.Generator().manual_seed(lora.adapter_seed(seed, job_name))
+        for _, layer in lora.lora_layers(self.model):
+            if lora_id in layer.adapters:
+                layer.add_adapter(lora_id, cfg, generator, torch.float32)   # replaces it (add_adapters' dtype)
+        s = self.new_state(lora_id, cfg, seed)
+        s.generator.manual_seed(lora.mix_seed(lora.adapter_seed(seed, job_name), 1))
+        return s
 
     def new_id(self) -> str:
         self.created += 1
