@@ -57,23 +57,25 @@ def server(base, tmp_path_factory):
     svc.close()
 
 
-def test_sft_through_the_api_gives_train_pys_adapter(server, base, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_sft_through_the_api_gives_train_pys_adapter(server, base, tmp_path, dropout):
     """3 optimizer steps of 2 micro-batches each, a cosine schedule after 1 warmup step (step 0
     at lr 0), clipping that bites (max_grad_norm 0.05), weight decay. Not bitwise: the API's loss
     is sum(nll * (1 / N)) where train.py's is sum(nll) / N, its forward scores every position
     (the prompt's at weight 0) where train.py's scores the labelled ones, and train.py's AdamW is
     torch's fused kernel, the engine's the foreach one: float reassociation, which Adam's
-    m / sqrt(v) enlarges where a gradient is near 0 (max 3e-6 seen); a wrong lr, normaliser or
-    init differs by ~1e-3 and more."""
+    m / sqrt(v) enlarges where a gradient is near 0 (1e-7 to 3e-6 seen); a wrong lr, normaliser or
+    init differs by ~1e-3 and more. With dropout the masks are train.py's too: init_as gives the
+    LoRA the job's dropout stream, and alone on the server its rows lay out as in train.py's batch."""
     client, out = server
     rows = write_rows(tmp_path / "rows.json", 12, 3, "reverse")
-    sft = job("sft", rows, dropout=0.0, batch_size=4, micro_batch_size=2, epochs=1, lr=2e-2,
-              lr_schedule="cosine", warmup_steps=1, max_grad_norm=0.05, weight_decay=0.01)
+    sft = job("sft", rows, dropout=dropout, batch_size=4, micro_batch_size=2, epochs=1, lr=2e-2,
+              lr_schedule="cosine", warmup_steps=1, max_grad_norm=0.05, weight_decay=0.1)
     cfg = run_cfg(base, tmp_path / "train", [sft], seed=7)
     train.train(cfg)
     lora = load_example().train_job(client, cfg, "sft")
-    lora.save("sft").result()
-    ours, theirs = load_file(out / "_api" / "sft" / "adapter_model.safetensors"), adapter(tmp_path / "train", "sft")
+    lora.save(f"sft-{dropout}").result()
+    ours, theirs = load_file(out / "_api" / f"sft-{dropout}" / "adapter_model.safetensors"), adapter(tmp_path / "train", "sft")
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
