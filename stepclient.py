@@ -67,7 +67,7 @@ class ServiceClient:
 
     def create_lora(self, **config) -> "TrainingClient":
         """A new LoRA on the server's base: r, alpha, dropout, targets, variant, init, use_rslora,
-        seed (stepapi.LORA_CHECKS); waits for its id."""
+        seed, init_as (stepapi.LORA_CHECKS); waits for its id."""
         return TrainingClient(self, self.post("/v1/loras", config)["lora_id"])
 
     def load(self, name: str) -> "TrainingClient":

@@ -21,9 +21,9 @@ What makes it the same, each piece taken from the repo rather than written again
     lr of each step from the job's schedule (train.get_lr).
 What differs: no held-out evaluation (the API has no forward without gradients), so no early
 stopping either: this saves the LAST weights, where train.py saves the best held-out ones of a
-job with early_stop (it says so). A job with dropout > 0 gets train.py's dropout stream
-(init_as), but its masks are the same only as far as the server's batch lays the rows out as
-train.py's does. Refused: other objectives, optimizers and LoRA+ (the API has plain AdamW).
+job with early_stop (it says so). With dropout the masks are train.py's too: init_as gives the
+LoRA the job's dropout stream (tested with packed batches, the default of both). Refused: other
+objectives, optimizers and LoRA+ (the API has plain AdamW).
 The client needs the base folder (its tokenizer, to read the data) and the config's data files.
 """
 import argparse
