@@ -12,7 +12,7 @@ samples, one forward and backward for their gradients (service_loop.answer_steps
 then run this against it:
 
     python serve.py --base_model checkpoints/smollm2-135m-instruct --out_dir out/serve --api_nice 0
-    python examples/rl_api.py --out_dir out/serve [--url http://127.0.0.1:8000] [--iterations 12] [--n 6]
+    python examples/rl_api.py --out_dir out/serve [--url http://127.0.0.1:8000] [--iterations 12] [--n 4]
 
 It prints each client's mean reward at every iteration. `run_clients` is the loop without the
 tokenizer or the command line (tests/test_rl_api.py drives it on a tiny model).
@@ -149,9 +149,9 @@ def main():
     p.add_argument("--rewards", default="brief,opens_the,brief,opens_the", help=f"one per client, of {', '.join(TEXT_REWARDS)}")
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--batch", type=int, default=2, help="prompts per iteration")
-    p.add_argument("--n", type=int, default=6, help="completions per prompt (its group)")
-    p.add_argument("--max_tokens", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n", type=int, default=4, help="completions per prompt (its group)")
+    p.add_argument("--max_tokens", type=int, default=12)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     import data
