@@ -77,7 +77,7 @@ def rl_iteration(lora: stepclient.TrainingClient, prompts: list[list[int]], rewa
 
 
 def run_client(lora: stepclient.TrainingClient, task: Task, curve: list[float], *, iterations: int, batch: int,
-               n: int, max_tokens: int, stop: list, seed: int, adam: dict, log: Callable[[str], None]):
+               n: int, max_tokens: int, stop: list, seed: int, adam: dict, log: Callable[[str], None], label: str):
     """A client's loop: `iterations` iterations over its prompts in turn, `batch` at a time; each
     mean reward appended to curve."""
     for it in range(iterations):
@@ -85,23 +85,28 @@ def run_client(lora: stepclient.TrainingClient, task: Task, curve: list[float], 
         prompts = [task.prompts[(start + j) % len(task.prompts)] for j in range(batch)]
         curve.append(rl_iteration(lora, prompts, task.reward, n=n, max_tokens=max_tokens, stop=stop,
                                   seed=seed + 1000 * it, adam=adam))
-        log(f"iteration {it:3d}  client {lora.lora_id} ({task.name}): mean reward {curve[-1]:.3f}")
+        log(f"iteration {it:3d}  {label}: mean reward {curve[-1]:.3f}")
 
 
-def run_clients(service: stepclient.ServiceClient, tasks: list[Task], *, iterations: int, batch: int = 2, n: int = 6,
-                max_tokens: int = 16, stop: list = (), seed: int = 0, lora_config: dict | None = None,
-                adam: dict | None = None, log: Callable[[str], None] = print) -> list[list[float]]:
+def run_clients(service: stepclient.ServiceClient, tasks: list[Task], *, iterations: int, batch: int = 2, n: int = 4,
+                max_tokens: int = 12, stop: list = (), seed: int = 0, lora_config: dict | None = None,
+                adam: dict | None = None, log: Callable[[str], None] | None = None) -> list[list[float]]:
     """One LoRA per task on the server, each trained by its own thread at the same time; returns
-    each client's mean reward per iteration."""
+    each client's mean reward per iteration. log: each iteration's line (default: printed)."""
     config = lora_config or {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     loras = [service.create_lora(**config, seed=seed + i) for i in range(len(tasks))]
     curves = [[] for _ in tasks]
-    errors = []
+    errors, lock = [], threading.Lock()
+
+    def printed(line: str):
+        with lock:   # one line at a time from the clients' threads
+            print(line, flush=True)
 
     def client(i: int):
         try:
             run_client(loras[i], tasks[i], curves[i], iterations=iterations, batch=batch, n=n, max_tokens=max_tokens,
-                       stop=list(stop), seed=seed * 1_000_003 + 100_000 * i, adam=adam or {"lr": 1e-3}, log=log)
+                       stop=list(stop), seed=seed * 1_000_003 + 100_000 * i, adam=adam or {"lr": 2e-3}, log=log or printed,
+                       label=f"client {i} ({tasks[i].name}, {loras[i].lora_id})")
         except Exception as e:   # noqa: BLE001 - raised again below, in the caller's thread
             errors.append(e)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(tasks))]
@@ -162,8 +167,8 @@ def main():
     curves = run_clients(service, tasks, iterations=args.iterations, batch=args.batch, n=args.n, max_tokens=args.max_tokens,
                          stop=sorted(tokenizer.eos_ids), seed=args.seed, adam={"lr": args.lr})
     third = max(1, args.iterations // 3)
-    for task, curve in zip(tasks, curves):
-        print(f"{task.name}: mean reward, first {third} iterations {sum(curve[:third]) / third:.3f}, "
+    for i, (task, curve) in enumerate(zip(tasks, curves)):
+        print(f"client {i} ({task.name}): mean reward, first {third} iterations {sum(curve[:third]) / third:.3f}, "
               f"last {third} {sum(curve[-third:]) / third:.3f}")
     print(f"{args.iterations} iterations of {len(tasks)} clients in {time.time() - t0:.0f} s")
 
