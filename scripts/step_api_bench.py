@@ -12,6 +12,8 @@ pass come back together (their answer times within --gap_ms), passes are hundred
 Then the server is stopped and the same 4 LoRAs' steps run in THIS process: one fused
 stepapi.Engine.forward_backward and 4 optim_steps per step, against the time per step of (a)
 (the time between the moments all 4 clients have finished a step, median): the API's overhead.
+The in-process steps run from the main thread, then again from a thread of their own, as the
+service's trainer thread runs them (on 2 CPU cores that alone cost ~25 %).
 
     python scripts/step_api_bench.py [--base DIR] [--steps 6] [--rows 4] [--warmup 1] [--dtype auto --device auto]
 """
@@ -134,11 +136,12 @@ def step_times(start: float, ends: list[list[float]]) -> list[float]:
     return [b - a for a, b in zip([start] + done[:-1], done)]
 
 
-def in_process(args, batches, first: int, steps: int) -> list[float]:
+def in_process(args, batches, first: int, steps: int) -> tuple[list[float], list[float]]:
     """The same 4 LoRAs' steps in this process, the base loaded as the service loads it
     (jobs.load_base) into a stepapi.Engine as the service's: per step ONE forward_backward of
-    the 4 calls and the 4 optim_steps. Steps before `first` warm up; returns the others' seconds."""
-    import torch
+    the 4 calls and the 4 optim_steps; `first` steps warm up. Returns the timed steps' seconds
+    run from the main thread, then from a thread of their own (as the service's trainer thread
+    runs them: on CPUs that alone was seen to cost ~25 %)."""
     import jobs
     import model as M
     import stepapi
@@ -147,6 +150,18 @@ def in_process(args, batches, first: int, steps: int) -> list[float]:
     cfg = RunConfig(base_model=args.base, dtype=args.dtype, device=device)
     engine = stepapi.Engine(jobs.load_base(cfg, device), data.load_tokenizer(args.base), device, cfg.seed, prefix="_lora-")
     ids = [engine.create_lora(config) for config in lora_configs()]
+    main_thread = engine_steps(engine, ids, batches, first, steps, device)
+    in_thread = []
+    worker = threading.Thread(target=lambda: in_thread.extend(engine_steps(engine, ids, batches, first, steps, device)))
+    worker.start()
+    worker.join()
+    return main_thread, in_thread
+
+
+def engine_steps(engine, ids: list[str], batches, first: int, steps: int, device: str) -> list[float]:
+    """Steps [0, first + steps) on the engine; the seconds of those from `first` on."""
+    import torch
+    import stepapi
     times = []
     for step in range(first + steps):
         calls = [stepapi.Call(lora_id, [stepapi.Datum(**d) for d in batches[c][step]]) for c, lora_id in enumerate(ids)]
@@ -208,11 +223,15 @@ def report(args, tokens, wall_a, wall_b, fused, local, passes_a, passes_b, alone
     print(f"(b) one after another:        {wall_b:.2f} s, {tokens / wall_b:.0f} tokens/s; calls per pass: "
           f"{sorted(set(passes_b))} ({len(passes_b)} passes); a client's step alone: median {ms(statistics.median(per_step_alone))}")
     print(f"throughput (a) / (b): {wall_b / wall_a:.3f}")
-    server, here = statistics.median(fused), statistics.median(local)
+    (local, local_thread), server = local, statistics.median(fused)
+    here, thread = statistics.median(local), statistics.median(local_thread)
     print(f"a fused step of the 4 through the server (a): median {ms(server)} (steps: {', '.join(ms(s) for s in fused)})")
-    print(f"the same in process (one Engine.forward_backward + 4 optim_steps): median {ms(here)} "
+    print(f"the same in process (one Engine.forward_backward + 4 optim_steps), main thread: median {ms(here)} "
           f"(steps: {', '.join(ms(s) for s in local)})")
-    print(f"API overhead: {1000 * (server - here):+.0f} ms a step ({100 * (server / here - 1):+.1f} %)")
+    print(f"the same in process from a thread of its own (as the service's trainer): median {ms(thread)} "
+          f"(steps: {', '.join(ms(s) for s in local_thread)})")
+    print(f"API overhead against the main thread: {1000 * (server - here):+.0f} ms a step ({100 * (server / here - 1):+.1f} %); "
+          f"against the thread: {1000 * (server - thread):+.0f} ms ({100 * (server / thread - 1):+.1f} %)")
 
 
 if __name__ == "__main__":
