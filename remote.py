@@ -67,20 +67,25 @@ def trainer_main(cfg, allow_dirs: list[str], conn, parent: int, api_linger: floa
         except Exception as e:   # noqa: BLE001 - the front answers 500 with it
             send(("answer", call_id, (500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"), None))
 
+    def serve_calls():
+        with ThreadPoolExecutor(8, thread_name_prefix="call") as pool:
+            while True:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):   # the front is gone without close(): as after kill -9
+                    os._exit(1)
+                if message[0] == "close":
+                    return svc.stop_trainer()
+                _, call_id, method, args = message
+                pool.submit(answer, call_id, method, args)
+
     svc.notify = push
-    svc.thread.start()
     push()
     send(("ready",))
-    with ThreadPoolExecutor(8, thread_name_prefix="call") as pool:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):   # the front is gone without close(): as after kill -9
-                os._exit(1)
-            if message[0] == "close":
-                break
-            _, call_id, method, args = message
-            pool.submit(answer, call_id, method, args)
+    threading.Thread(target=serve_calls, name="calls", daemon=True).start()
+    # The loop in the main thread: torch's OpenMP threads run a step about 20% slower from any
+    # other thread of a process whose main thread has run parallel work (model loading); benchmarks.md.
+    svc.loop()
     svc.close()
     send(("closed",))
 

@@ -161,6 +161,7 @@ class Service(Trainer):
         self.history: dict[str, list[dict]] = {}   # each job's step and evaluation lines
         self.published_step = 0
         self.closing = False
+        self.loop_ended = False             # the trainer's loop returned (or failed)
         self.notify = lambda: None          # called after each change that readers see (remote.py's push)
         self.events = 1 + max((e[1] for r in self.records.values() for e in (r.get("queued"), r.get("cancelled")) if e),
                               default=0)   # the next event's number: replay orders a turn's events by it
@@ -323,7 +324,7 @@ class Service(Trainer):
         with self.lock:
             self.lock.notify_all()
         while not ask.done.wait(1.0):
-            if not self.thread.is_alive():
+            if not self.healthy():
                 raise RequestError(503, "request: the trainer has stopped")
         if ask.error is not None:
             raise RequestError(500, f"request: {ask.error}")
@@ -341,20 +342,24 @@ class Service(Trainer):
             self.step_inbox.append(call)
             self.lock.notify_all()
         while not call.done.wait(1.0):
-            if not self.thread.is_alive():
+            if not self.healthy():
                 raise RequestError(503, "request: the trainer has stopped")
         if call.error is not None:
             raise RequestError(*call.error)
         return call.result
 
     def healthy(self) -> bool:
-        return self.thread.is_alive()
+        return not self.loop_ended
 
-    def close(self):
-        """Stop the trainer after its turn, checkpoint the run (loop), release out_dir."""
+    def stop_trainer(self):
+        """Ask the trainer to stop after its turn (its loop then checkpoints the run)."""
         with self.lock:
             self.closing = True
             self.lock.notify_all()
+
+    def close(self):
+        """Stop the trainer after its turn, checkpoint the run (loop), release out_dir."""
+        self.stop_trainer()
         if self.thread.is_alive():
             self.thread.join()
         self.run.metrics.close()

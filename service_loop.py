@@ -102,10 +102,13 @@ class Trainer:
     def loop(self):
         """Turns while there is work, until close; then a run checkpoint, from which a service
         started again on out_dir goes on."""
-        while self.wait_for_work():
-            self.turn()
-        if not self.run.sched.done:
-            state.save_checkpoint(self.run)
+        try:
+            while self.wait_for_work():
+                self.turn()
+            if not self.run.sched.done:
+                state.save_checkpoint(self.run)
+        finally:
+            self.loop_ended = True
 
     def wait_for_work(self) -> bool:
         with self.lock:
