@@ -140,8 +140,9 @@ def in_process(args, batches, first: int, steps: int) -> tuple[list[float], list
     """The same 4 LoRAs' steps in this process, the base loaded as the service loads it
     (jobs.load_base) into a stepapi.Engine as the service's: per step ONE forward_backward of
     the 4 calls and the 4 optim_steps; `first` steps warm up. Returns the timed steps' seconds
-    run from the main thread, then from a thread of their own (as the service's trainer thread
-    runs them: on CPUs that alone was seen to cost ~25 %)."""
+    run from the main thread (as serve.py's trainer process runs them), then from a thread of
+    their own (as an in-process service.Service's trainer thread does: on CPUs that alone was
+    seen to cost ~20-30 %, torch's OpenMP threads; benchmarks.md)."""
     import jobs
     import model as M
     import stepapi
@@ -228,7 +229,7 @@ def report(args, tokens, wall_a, wall_b, fused, local, passes_a, passes_b, alone
     print(f"a fused step of the 4 through the server (a): median {ms(server)} (steps: {', '.join(ms(s) for s in fused)})")
     print(f"the same in process (one Engine.forward_backward + 4 optim_steps), main thread: median {ms(here)} "
           f"(steps: {', '.join(ms(s) for s in local)})")
-    print(f"the same in process from a thread of its own (as the service's trainer): median {ms(thread)} "
+    print(f"the same in process from a thread of its own (as an in-process Service's trainer): median {ms(thread)} "
           f"(steps: {', '.join(ms(s) for s in local_thread)})")
     print(f"API overhead against the main thread: {1000 * (server - here):+.0f} ms a step ({100 * (server / here - 1):+.1f} %); "
           f"against the thread: {1000 * (server - thread):+.0f} ms ({100 * (server / thread - 1):+.1f} %)")
