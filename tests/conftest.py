@@ -313,3 +313,37 @@ def assert_lora_matches_peft(ours, hf, cfg, folder, layers: int = 2):
     assert peft_grads.keys() == ours_grads.keys() and len(ours_grads) == layers * 2 * len(cfg.targets)
     for key in ours_grads:
         torch.testing.assert_close(ours_grads[key], peft_grads[key], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the service
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app (serve.make_app's, guarded) served by uvicorn in a thread on a free localhost
+    port, for a real client: yields its URL."""
+    import threading
+    import time
+    import serve
+    server = serve.uvicorn_server(app)
+    sock = serve.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def count_fused(engine) -> dict[str, list[int]]:
+    """From now on, how many calls each of a stepapi.Engine's forward_backward passes and
+    generations took: {"forward_backward": [...], "sample": [...]}."""
+    sizes = {"forward_backward": [], "sample": []}
+    for name in sizes:
+        real = getattr(engine, name)
+        setattr(engine, name, lambda calls, real=real, name=name: sizes[name].append(len(calls)) or real(calls))
+    return sizes

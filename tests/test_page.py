@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 import serve  # noqa: E402
 import service  # noqa: E402
-from conftest import make_hf_model, run_cfg, save_hf, write_rows  # noqa: E402
+from conftest import make_hf_model, run_cfg, save_hf, serving, write_rows  # noqa: E402
 from tokenizer_util import write_tokenizer_json  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,20 +33,10 @@ def server(tmp_path, monkeypatch):
     base = save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), tmp_path / "base")
     out = tmp_path / "out"
     svc = service.Service(run_cfg(base, out, []))
-    app = serve.guard(serve.make_app(svc), serve.server_token(str(out)), 1 << 20)
-    srv = serve.uvicorn_server(app)
-    sock = serve.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]})
-    thread.start()
     try:
-        deadline = time.time() + 30
-        while not srv.started:
-            assert time.time() < deadline
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", serve.client_token(str(out))
+        with serving(serve.guard(serve.make_app(svc), serve.server_token(str(out)), 1 << 20)) as url:
+            yield url, serve.client_token(str(out))
     finally:
-        srv.should_exit = True
-        thread.join(30)
         svc.close()
 
 

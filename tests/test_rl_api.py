@@ -3,8 +3,6 @@ so that its engine can be watched) on a tiny random model: four clients at once,
 LoRA, learn a reward the random model can learn in a few iterations, and the server fuses their
 calls (more than one call in a forward_backward pass, and in a generation)."""
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch          # noqa: E402
 import serve          # noqa: E402
 import service        # noqa: E402
 import stepclient     # noqa: E402
-from conftest import make_hf_model, run_cfg, save_hf   # noqa: E402
+from conftest import count_fused, make_hf_model, run_cfg, save_hf, serving   # noqa: E402
 from tokenizer_util import write_tokenizer_json   # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -35,21 +33,9 @@ def server(tmp_path_factory):
         hf.get_input_embeddings().weight.mul_(3)
     base = save_hf(hf, folder)
     svc = service.Service(run_cfg(base, tmp_path_factory.mktemp("serve") / "out", []), api_linger=0.02)
-    sizes = {"forward_backward": [], "sample": []}
-    for name in sizes:
-        real = getattr(svc.engine, name)
-        setattr(svc.engine, name, lambda calls, real=real, name=name: sizes[name].append(len(calls)) or real(calls))
-    uvicorn = serve.uvicorn_server(serve.guard(serve.make_app(svc), TOKEN, 1 << 20))
-    sock = serve.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=uvicorn.run, kwargs={"sockets": [sock]})
-    thread.start()
-    deadline = time.time() + 30
-    while not uvicorn.started:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    yield stepclient.ServiceClient(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN), sizes, vocab
-    uvicorn.should_exit = True
-    thread.join(30)
+    sizes = count_fused(svc.engine)
+    with serving(serve.guard(serve.make_app(svc), TOKEN, 1 << 20)) as url:
+        yield stepclient.ServiceClient(url, TOKEN), sizes, vocab
     svc.close()
 
 

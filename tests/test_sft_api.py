@@ -2,8 +2,6 @@
 driven by stepclient) gives the adapter train.py gives it: the same init, rows in the same order,
 loss normalisation, gradient accumulation, lr schedule, AdamW settings and clipping."""
 import importlib.util
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import serve          # noqa: E402
 import service        # noqa: E402
 import stepclient     # noqa: E402
 import train          # noqa: E402
-from conftest import adapter, job, make_hf_model, run_cfg, save_hf, write_rows   # noqa: E402
+from conftest import adapter, job, make_hf_model, run_cfg, save_hf, serving, write_rows   # noqa: E402
 from tokenizer_util import write_tokenizer_json   # noqa: E402
 
 TOKEN = "sft-token"
@@ -43,17 +41,8 @@ def server(base, tmp_path_factory):
     """A service on a free port (uvicorn in a thread), and a client of it."""
     out = tmp_path_factory.mktemp("serve") / "out"
     svc = service.Service(run_cfg(base, out, []), api_linger=0.0)
-    uvicorn = serve.uvicorn_server(serve.guard(serve.make_app(svc), TOKEN, 1 << 20))
-    sock = serve.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=uvicorn.run, kwargs={"sockets": [sock]})
-    thread.start()
-    deadline = time.time() + 30
-    while not uvicorn.started:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    yield stepclient.ServiceClient(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN), out
-    uvicorn.should_exit = True
-    thread.join(30)
+    with serving(serve.guard(serve.make_app(svc), TOKEN, 1 << 20)) as url:
+        yield stepclient.ServiceClient(url, TOKEN), out
     svc.close()
 
 

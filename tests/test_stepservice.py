@@ -4,7 +4,6 @@ different LoRAs whose calls wait together are answered by ONE fused forward_back
 batched generation), each with what its LoRA gets alone: the oracle is stepapi.Engine on a
 fresh copy of the base, each call by itself. A bad call fails alone, in one line."""
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ import serve          # noqa: E402
 import service        # noqa: E402
 import stepapi        # noqa: E402
 import stepclient     # noqa: E402
-from conftest import make_hf_model, run_cfg, save_hf   # noqa: E402
+from conftest import count_fused, make_hf_model, run_cfg, save_hf, serving   # noqa: E402
 from tokenizer_util import write_tokenizer_json   # noqa: E402
 
 TOKEN = "step-token"
@@ -44,22 +43,9 @@ def server(base, tmp_path_factory):
     and sample took."""
     out = tmp_path_factory.mktemp("serve") / "out"
     svc = service.Service(run_cfg(base, out, []), api_linger=0.0)
-    sizes = {"forward_backward": [], "sample": []}
-    for name in sizes:
-        real = getattr(svc.engine, name)
-        setattr(svc.engine, name, lambda calls, real=real, name=name: sizes[name].append(len(calls)) or real(calls))
-    uvicorn = serve.uvicorn_server(serve.guard(serve.make_app(svc), TOKEN, 1 << 20))
-    sock = serve.bind("127.0.0.1", 0)
-    thread = threading.Thread(target=uvicorn.run, kwargs={"sockets": [sock]})
-    thread.start()
-    deadline = time.time() + 30
-    while not uvicorn.started:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    client = stepclient.ServiceClient(f"http://127.0.0.1:{sock.getsockname()[1]}", TOKEN)
-    yield client, svc, sizes, out
-    uvicorn.should_exit = True
-    thread.join(30)
+    sizes = count_fused(svc.engine)
+    with serving(serve.guard(serve.make_app(svc), TOKEN, 1 << 20)) as url:
+        yield stepclient.ServiceClient(url, TOKEN), svc, sizes, out
     svc.close()
 
 
