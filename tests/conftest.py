@@ -347,3 +347,12 @@ def count_fused(engine) -> dict[str, list[int]]:
         real = getattr(engine, name)
         setattr(engine, name, lambda calls, real=real, name=name: sizes[name].append(len(calls)) or real(calls))
     return sizes
+
+
+@pytest.fixture(scope="module")
+def served_base(tmp_path_factory) -> Path:
+    """A tiny LLaMA (tied embeddings) with a tokenizer, as a Hugging Face folder: the base of the
+    service's tests."""
+    folder = tmp_path_factory.mktemp("base")
+    vocab = write_tokenizer_json(folder)
+    return save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), folder)

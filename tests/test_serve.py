@@ -40,8 +40,7 @@ import service_loop   # noqa: E402
 import stepclient     # noqa: E402
 import train          # noqa: E402
 from config import ConfigError   # noqa: E402
-from conftest import adapter, assert_same_adapter, job, make_hf_model, run_cfg, save_hf, write_rows   # noqa: E402
-from tokenizer_util import write_tokenizer_json   # noqa: E402
+from conftest import adapter, assert_same_adapter, job, run_cfg, write_rows  # noqa: E402
 
 TOKEN = "test-token"
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +48,8 @@ MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    vocab = write_tokenizer_json(folder)
-    return save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), folder)
+def base(served_base) -> Path:
+    return served_base
 
 
 def start(base: Path, out: Path, allow=(), **scheduler) -> tuple[service.Service, TestClient]:

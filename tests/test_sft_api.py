@@ -15,8 +15,7 @@ import serve          # noqa: E402
 import service        # noqa: E402
 import stepclient     # noqa: E402
 import train          # noqa: E402
-from conftest import adapter, job, make_hf_model, run_cfg, save_hf, serving, write_rows   # noqa: E402
-from tokenizer_util import write_tokenizer_json   # noqa: E402
+from conftest import adapter, job, run_cfg, serving, write_rows  # noqa: E402
 
 TOKEN = "sft-token"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sft_api.py"
@@ -30,10 +29,8 @@ def load_example():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    vocab = write_tokenizer_json(folder)
-    return save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), folder)
+def base(served_base) -> Path:
+    return served_base
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,7 @@ import serve          # noqa: E402
 import service        # noqa: E402
 import stepapi        # noqa: E402
 import stepclient     # noqa: E402
-from conftest import count_fused, make_hf_model, run_cfg, save_hf, serving   # noqa: E402
-from tokenizer_util import write_tokenizer_json   # noqa: E402
+from conftest import count_fused, run_cfg, serving  # noqa: E402
 
 TOKEN = "step-token"
 CLOSE = dict(atol=1e-5, rtol=1e-4)   # fused against alone: the same rows in other batch shapes
@@ -31,10 +30,8 @@ LORAS = [dict(r=4, alpha=8, targets=["q_proj", "v_proj"], seed=1), dict(r=8, alp
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    vocab = write_tokenizer_json(folder)
-    return save_hf(make_hf_model(vocab_size=max(vocab, 384), tie_word_embeddings=True), folder)
+def base(served_base) -> Path:
+    return served_base
 
 
 @pytest.fixture(scope="module")
