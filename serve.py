@@ -25,6 +25,7 @@ The API, JSON under /v1; every endpoint but the two last needs `Authorization: B
     POST /v1/loras/ID/sample      {"prompt": ids, "n", "temperature", "top_p", "max_tokens", "stop", "seed"}
     POST /v1/base/sample          the same, of the bare base
     POST /v1/loras/ID/save        {"name": NAME}: out_dir/_api/NAME; POST /v1/loras/load {"name": NAME}
+                                  (or {"job": JOB}: an ended job's adapter, to go on from it)
     DELETE /v1/loras/ID;  GET /v1/saved/NAME     a saved LoRA as a .tar.gz
                                   Calls of different LoRAs that wait together run as ONE fused pass.
     GET  /v1/health               is it up

@@ -337,7 +337,13 @@ class Service(Trainer):
         optim_step, sample, save, delete), answered between turns with the calls of other LoRAs
         that wait at the same moment: forward_backward calls in one fused pass, samples in one
         generation (service_loop.answer_steps). Its refusal: a RequestError of one line."""
-        call = StepCall(kind, lora_id, step_arguments(kind, lora_id, body))
+        args = step_arguments(kind, lora_id, body)
+        if kind == "load":   # the folder: a LoRA saved here (its optimizer state too), or an ended job's adapter
+            source, name = args
+            args = self.adapter_folder(name) if source == "job" else self.out_dir / "_api" / name
+            if not (args / "adapter_config.json").is_file():
+                raise RequestError(404, f"request: no saved LoRA {name!r}")
+        call = StepCall(kind, lora_id, args)
         with self.lock:
             self.step_inbox.append(call)
             self.lock.notify_all()

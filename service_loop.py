@@ -300,7 +300,7 @@ def answer_steps(engine, calls: list[StepCall], saved: Path):
             call.error = (404, f"request: no LoRA {call.lora_id!r} (create one: POST /v1/loras)")
     try:
         run_each("create", lambda c: {"lora_id": engine.create_lora(c.args)})
-        run_each("load", lambda c: {"lora_id": engine.load(saved_folder(saved, c.args))})
+        run_each("load", lambda c: {"lora_id": engine.load(c.args)})
         fused("forward_backward", engine.forward_backward, lambda r: {"logprobs": r.logprobs, "loss": r.loss})
         fused("sample", engine.sample, lambda r: {"completions": [dataclasses.asdict(c) for c in r.completions]})
         run_each("optim_step", lambda c: engine.optim_step(c.lora_id, c.args))
@@ -313,12 +313,6 @@ def answer_steps(engine, calls: list[StepCall], saved: Path):
     finally:
         for call in calls:
             call.done.set()
-
-
-def saved_folder(saved: Path, name: str) -> Path:
-    if not (saved / name / "adapter_config.json").is_file():
-        raise ValueError(f"name: no saved LoRA {name!r}")
-    return saved / name
 
 
 def history_lines(record: dict) -> list[tuple[str, dict]]:

@@ -70,9 +70,10 @@ class ServiceClient:
         seed, init_as (stepapi.LORA_CHECKS); waits for its id."""
         return TrainingClient(self, self.post("/v1/loras", config)["lora_id"])
 
-    def load(self, name: str) -> "TrainingClient":
-        """A LoRA saved as `name`, to continue (its optimizer state too)."""
-        return TrainingClient(self, self.post("/v1/loras/load", {"name": name})["lora_id"])
+    def load(self, name: str | None = None, *, job: str | None = None) -> "TrainingClient":
+        """A LoRA saved as `name`, to continue (its optimizer state too); or job=JOB: the adapter a
+        job of the service trained (train.py's, e.g. RL after SFT), with a fresh optimizer."""
+        return TrainingClient(self, self.post("/v1/loras/load", {"job": job} if job else {"name": name})["lora_id"])
 
     def sample_base(self, prompt: list[int], n: int = 1, **params) -> Future:
         """Completions of the bare base model (params: as TrainingClient.sample's)."""

@@ -21,7 +21,7 @@ MAX_GENERATE_ROWS = 256     # prompts x adapters of one request
 MAX_PROMPT_TOKENS = 4096
 MAX_BATCH = 64              # jobs of one submission
 # The step-level API's calls (issue 33; stepapi.Engine's methods) and the fields of each request's body.
-STEP_FIELDS = {"create": tuple(stepapi.LORA_CHECKS), "load": ("name",),
+STEP_FIELDS = {"create": tuple(stepapi.LORA_CHECKS), "load": ("name", "job"),
                "forward_backward": ("data", "loss_fn", "loss_fn_config"), "optim_step": (*stepapi.ADAM_DEFAULTS, "learning_rate"),
                "sample": ("prompt", "n", "temperature", "top_p", "max_tokens", "stop", "seed"), "save": ("name",),
                "delete": ()}
@@ -179,11 +179,14 @@ def step_arguments(kind: str, lora_id: str | None, body) -> object:
     if unknown:
         raise RequestError(422, f"request: {unknown[0]}: unknown key (expected {', '.join(STEP_FIELDS[kind]) or 'none'})")
     if kind in ("load", "save"):
-        name = body.get("name")
+        source = "job" if kind == "load" and "job" in body else "name"
+        name = body.get(source)
+        if kind == "load" and len(body) != 1:
+            raise RequestError(422, "request: load: expected either name (a LoRA saved here) or job (an ended job's adapter)")
         if not isinstance(name, str) or SAFE_NAME.fullmatch(name) is None:
-            raise RequestError(422, f"request: name: expected letters, digits, '_', '.', '-' (a letter or digit first), "
+            raise RequestError(422, f"request: {source}: expected letters, digits, '_', '.', '-' (a letter or digit first), "
                                     f"got {name!r:.80}")
-        return name
+        return (source, name) if kind == "load" else name
     if kind == "forward_backward":
         data = body.get("data")
         if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):

@@ -37,6 +37,7 @@ import remote         # noqa: E402
 import serve          # noqa: E402
 import service        # noqa: E402
 import service_loop   # noqa: E402
+import stepapi        # noqa: E402
 import stepclient     # noqa: E402
 import train          # noqa: E402
 from config import ConfigError   # noqa: E402
@@ -167,6 +168,20 @@ def test_jobs_submitted_together_train_as_train_py_trains_them(base, tmp_path):
         svc.close()
     train.train(run_cfg(base, tmp_path / "train_py", configs, scheduler=dict(max_candidates=2, max_concurrent=2)))
     assert_same_outputs(tmp_path / "out", tmp_path / "train_py", ["b", "c"])
+
+
+def test_a_trained_job_goes_on_through_the_step_api(trained, base):
+    """load {"job": JOB}: an ended job's adapter as a step-API LoRA (e.g. RL after SFT), scoring
+    as the same folder loaded into an engine of its own; a name that is not one, in one line."""
+    loaded = trained.client.post("/v1/loras/load", json={"job": "b"})
+    assert loaded.status_code == 201, loaded.json()
+    datum = {"tokens": [5, 17, 42, 9, 11], "targets": [17, 42, 9, 11, 3]}
+    scored = trained.client.post(f"/v1/loras/{loaded.json()['lora_id']}/forward_backward", json={"data": [datum]}).json()
+    engine = stepapi.Engine(M.load_model(base), None, "cpu", seed=42, prefix="_lora-")   # the service's: the same dropout stream
+    alone = engine.forward_backward([stepapi.Call(engine.load(trained.out / "b"), [stepapi.Datum(**datum)])])[0]
+    torch.testing.assert_close(torch.tensor(scored["logprobs"][0]), torch.tensor(alone.logprobs[0]), atol=1e-5, rtol=1e-4)
+    refused = trained.client.post("/v1/loras/load", json={"job": "../b"})
+    assert refused.status_code == 422 and refused.json()["error"].startswith("request: job: expected letters")
 
 
 def test_metrics_since_a_fused_step(trained):
@@ -367,7 +382,8 @@ def test_kill_9_of_serve_py_and_a_restart(base, tmp_path):
     says the trainer queued them: the same adapters, bitwise, and the same losses."""
     rows = rows_of(write_rows(tmp_path / "r.json", 12, 0, "reverse"))
     bodies = {"a": fields("a", rows, epochs=12), "b": fields("b", rows[:8], epochs=12)}   # long: killed mid-run
-    out, env = tmp_path / "out", {**os.environ, serve.TOKEN_ENV: TOKEN}
+    # One intra-op thread, as this process runs the oracle (conftest.one_thread): the same arithmetic.
+    out, env = tmp_path / "out", {**os.environ, serve.TOKEN_ENV: TOKEN, "OMP_NUM_THREADS": "1"}
 
     def server() -> tuple[subprocess.Popen, str]:
         sock = serve.bind("127.0.0.1", 0)

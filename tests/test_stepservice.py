@@ -153,7 +153,9 @@ def test_a_bad_call_fails_alone_in_one_line(server):
             (lambda: client.post(f"/v1/loras/{good.lora_id}/forward_backward", {"data": [{"tokens": [1]}]}), 422,
              "request: data[0]: targets: expected the fields"),
             (lambda: client.post(f"/v1/loras/{good.lora_id}/save", {"name": "../escape"}), 422, "request: name: expected"),
-            (lambda: client.post("/v1/loras/load", {"name": "never-saved"}), 422, "request: name: no saved LoRA"),
+            (lambda: client.post("/v1/loras/load", {"name": "never-saved"}), 404, "request: no saved LoRA 'never-saved'"),
+            (lambda: client.post("/v1/loras/load", {"job": "nobody"}), 404, "request: no job named 'nobody'"),
+            (lambda: client.post("/v1/loras/load", {"name": "a", "job": "b"}), 422, "request: load: expected either"),
             (lambda: client.post("/v1/loras", {"r": 0}), 422, "request: create_lora: r=0"),
             (lambda: client.post(f"/v1/loras/{good.lora_id}/optim_step", {"momentum": 1}), 422, "request: momentum: unknown key")]:
         with pytest.raises(stepclient.StepError) as e:
