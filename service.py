@@ -40,7 +40,7 @@ import state
 from config import SAFE_NAME, ConfigError, RunConfig, check_inputs, read_job, remove_partial_writes, validate_run
 import stepapi
 from service_loop import Ask, StepCall, Trainer, history_lines, live_state, open_run
-from submission import (MAX_BATCH, RequestError, check_submission, generation_request, generation_rows, one_line,
+from submission import (RequestError, check_submissions, generation_request, generation_rows, one_line,
                         step_arguments, store_inputs)
 
 SERVICE_DIR = "_service"
@@ -184,25 +184,12 @@ class Service(Trainer):
         stored in out_dir, registered and handed to the trainer, several together (queued at the
         same turn, as a config's jobs start); nothing is written unless all of it passes. Returns
         its state, or {"jobs": [their states]}."""
-        many = isinstance(body, dict) and "jobs" in body
-        bodies = body["jobs"] if many else [body]
-        if not isinstance(bodies, list) or not 1 <= len(bodies) <= MAX_BATCH:
-            raise RequestError(422, f"request: jobs: expected a list of 1 to {MAX_BATCH} jobs' fields")
         with tempfile.TemporaryDirectory(prefix="serve-") as staging:
-            checked = []
-            for i, one in enumerate(bodies):
-                try:
-                    (Path(staging) / str(i)).mkdir()
-                    checked.append(check_submission(one, self.cfg, self.allow_dirs, Path(staging) / str(i)))
-                except RequestError as e:
-                    raise RequestError(e.status, f"request: jobs[{i}]: {str(e).removeprefix('request: ')}" if many
-                                       else str(e)) from None
+            many, checked = check_submissions(body, self.cfg, self.allow_dirs, Path(staging))
             names = [job.name.lower() for job, *_ in checked]
             with self.lock:
                 for job, *_ in checked:
                     self.check_new_name(job.name)
-                    if names.count(job.name.lower()) > 1:
-                        raise RequestError(409, f"request: jobs: the name {job.name!r} twice")
                 self.reserved.update(names)
             try:
                 stored = [store_inputs(job, staged, self.home / "data") for job, _, _, staged in checked]
@@ -323,9 +310,7 @@ class Service(Trainer):
         self.asks.put(ask)
         with self.lock:
             self.lock.notify_all()
-        while not ask.done.wait(1.0):
-            if not self.healthy():
-                raise RequestError(503, "request: the trainer has stopped")
+        self.wait_for(ask.done)
         if ask.error is not None:
             raise RequestError(500, f"request: {ask.error}")
         decode = self.run.tokenizer.decode
@@ -347,12 +332,16 @@ class Service(Trainer):
         with self.lock:
             self.step_inbox.append(call)
             self.lock.notify_all()
-        while not call.done.wait(1.0):
-            if not self.healthy():
-                raise RequestError(503, "request: the trainer has stopped")
+        self.wait_for(call.done)
         if call.error is not None:
             raise RequestError(*call.error)
         return call.result
+
+    def wait_for(self, done: threading.Event):
+        """Until the trainer answered (done), or a 503 if it stopped before."""
+        while not done.wait(1.0):
+            if not self.healthy():
+                raise RequestError(503, "request: the trainer has stopped")
 
     def healthy(self) -> bool:
         return not self.loop_ended

@@ -294,32 +294,17 @@ class Engine:
         """A new LoRA (fields: LORA_CHECKS; targets default to all of the family's LORA_TARGETS,
         variant "lora", dropout 0); returns its id. Its init depends on its id (lora.adapter_seed)
         unless init_as names the train.py job whose init it takes."""
-        config = dict(config or {})
-        for name, value in config.items():
-            if name not in LORA_CHECKS:
-                raise ValueError(f"create_lora: unknown field {name!r}; fields: {', '.join(LORA_CHECKS)}")
-            ok, expected = LORA_CHECKS[name]
-            if not ok(value):
-                raise ValueError(f"create_lora: {name}={value!r}: expected {expected}")
+        config = check_lora_fields(config)
         seed, init_as = config.pop("seed", self.seed), config.pop("init_as", None)
         cfg = lora.LoRAConfig(**{"targets": list(self.model.LORA_TARGETS), **config})
         lora_id = self.new_id()
         lora.add_adapters(self.model, {lora_id: cfg}, seed=seed)   # ValueError naming the field (targets, variant)
-        self.loras[lora_id] = (self.new_state(lora_id, cfg, seed) if init_as is None
-                               else self.state_as(lora_id, cfg, seed, init_as))
+        if init_as is not None:   # train.py's job of that name: its weights (before the optimizer holds them)
+            redraw_as(self.model, lora_id, cfg, seed, init_as)
+        s = self.loras[lora_id] = self.new_state(lora_id, cfg, seed)
+        if init_as is not None:   # and its dropout stream (jobs.add_job)
+            s.generator.manual_seed(lora.mix_seed(lora.adapter_seed(seed, init_as), 1))
         return lora_id
-
-    def state_as(self, lora_id: str, cfg: lora.LoRAConfig, seed: int, job_name: str) -> LoRAState:
-        """The new LoRA's weights drawn again as train.py draws those of its job `job_name` with
-        this seed (lora.add_adapters: one generator, layer by layer in the model's order), and
-        its state with that job's dropout stream (jobs.add_job)."""
-        generator = torch.Generator().manual_seed(lora.adapter_seed(seed, job_name))
-        for _, layer in lora.lora_layers(self.model):
-            if lora_id in layer.adapters:
-                layer.add_adapter(lora_id, cfg, generator, torch.float32)   # replaces it (add_adapters' dtype)
-        s = self.new_state(lora_id, cfg, seed)
-        s.generator.manual_seed(lora.mix_seed(lora.adapter_seed(seed, job_name), 1))
-        return s
 
     def new_id(self) -> str:
         self.created += 1
@@ -478,6 +463,28 @@ class Engine:
         s.step = record["step"]
         s.generator.set_state(record["dropout_rng"])
         return lora_id
+
+
+def check_lora_fields(config: dict | None) -> dict:
+    """create_lora's fields checked by LORA_CHECKS (a copy), or ValueError naming the field."""
+    config = dict(config or {})
+    for name, value in config.items():
+        if name not in LORA_CHECKS:
+            raise ValueError(f"create_lora: unknown field {name!r}; fields: {', '.join(LORA_CHECKS)}")
+        ok, expected = LORA_CHECKS[name]
+        if not ok(value):
+            raise ValueError(f"create_lora: {name}={value!r}: expected {expected}")
+    return config
+
+
+def redraw_as(model, lora_id: str, cfg: lora.LoRAConfig, seed: int, job_name: str):
+    """The LoRA's weights drawn again as train.py draws those of its job `job_name` with this seed
+    (lora.add_adapters: one generator, layer by layer in the model's order). A second draw:
+    add_adapters seeds by the adapter's own name, and the core stays as it is."""
+    generator = torch.Generator().manual_seed(lora.adapter_seed(seed, job_name))
+    for _, layer in lora.lora_layers(model):
+        if lora_id in layer.adapters:
+            layer.add_adapter(lora_id, cfg, generator, torch.float32)   # replaces it (add_adapters' dtype)
 
 
 def add_saved_adapter(model, lora_id: str, cfg: lora.LoRAConfig, record: dict, file: Path):

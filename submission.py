@@ -113,6 +113,28 @@ def check_submission(body, cfg: RunConfig, allow_dirs: list[Path], staging: Path
     return job, read, sources, staged
 
 
+def check_submissions(body, cfg: RunConfig, allow_dirs: list[Path], staging: Path) -> tuple[bool, list[tuple]]:
+    """A submission of one job's fields or {"jobs": [...]}: (whether it is several, each one's
+    check_submission, its inputs staged under staging/<i>); a refusal names jobs[i]."""
+    many = isinstance(body, dict) and "jobs" in body
+    bodies = body["jobs"] if many else [body]
+    if not isinstance(bodies, list) or not 1 <= len(bodies) <= MAX_BATCH:
+        raise RequestError(422, f"request: jobs: expected a list of 1 to {MAX_BATCH} jobs' fields")
+    checked = []
+    for i, one in enumerate(bodies):
+        (staging / str(i)).mkdir()
+        try:
+            checked.append(check_submission(one, cfg, allow_dirs, staging / str(i)))
+        except RequestError as e:
+            raise RequestError(e.status, f"request: jobs[{i}]: {str(e).removeprefix('request: ')}" if many
+                               else str(e)) from None
+    names = [job.name.lower() for job, *_ in checked]
+    for job, *_ in checked:
+        if names.count(job.name.lower()) > 1:
+            raise RequestError(409, f"request: jobs: the name {job.name!r} twice")
+    return many, checked
+
+
 def store_inputs(job, staged: dict[str, str], folder: Path):
     """The staged inputs into folder/<job>/, the folder put there in one step (never half written);
     the job, reading them from there."""
